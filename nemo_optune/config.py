@@ -1,0 +1,224 @@
+"""Typed configuration: the schema every YAML recipe is merged onto, and start-up validation.
+
+Unknown keys and wrongly typed values are rejected by OmegaConf when the recipe is merged
+onto this schema (its message names the full key); `validate` then checks values and
+cross-key consistency, raising ConfigError naming the key, before any heavy work starts.
+"""
+
+import dataclasses
+from dataclasses import field
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+METHODS = ("sft", "optune", "online_dpo", "dpo_offline", "hypo")
+SELECTIONS = ("lowest", "random", "smallest_gap", "all")
+SELECTION_KEYS = ("chosen", "mean", "gap")
+LOSS_TYPES = ("dpo", "ipo")
+WEIGHTINGS = ("none", "linear", "exp", "sigmoid")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key."""
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    iterations: int = 8
+    global_batch_size: int = 64  # preference pairs per optimizer step, over all DP ranks
+    micro_batch_size: int = 16  # pairs per forward/backward on one DP rank
+    epochs_per_iteration: int = 1  # passes over the pool per iteration
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 1234
+
+
+@dataclasses.dataclass
+class AdaptiveRhoConfig:
+    enabled: bool = False
+    target: float = 0.9  # regenerate the prompts whose key is still below this
+    rho_min: float = 0.125
+    rho_max: float = 1.0
+
+
+@dataclasses.dataclass
+class OPTuneConfig:
+    rho: float = 0.5  # share of prompts regenerated per iteration
+    selection: str = "lowest"
+    selection_key: str = "chosen"
+    samples_per_prompt: int = 4  # K
+    loss_type: str = "dpo"
+    beta: float = 0.1
+    weighting: str = "exp"
+    weight_beta: float = 1.0
+    weight_cap: Optional[float] = 10.0
+    sft_weight: float = 0.0  # optional NLL term on the chosen response
+    cache_reference_logprobs: bool = True
+    adaptive_rho: AdaptiveRhoConfig = field(default_factory=AdaptiveRhoConfig)
+
+
+@dataclasses.dataclass
+class HyPOConfig:
+    kl_weight: float = 0.05  # lambda
+    samples_per_prompt: int = 4  # k online samples for the RLOO reverse-KL estimate
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    ffn_hidden_size: Optional[int] = None  # default 4 * hidden_size
+    position_embedding_type: str = "rope"
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    precision: str = "fp32"  # fp32 | bf16 (bf16 needs a GPU)
+    restore_from_path: Optional[str] = None  # SFT checkpoint; null = run the SFT warm start first
+    optune: OPTuneConfig = field(default_factory=OPTuneConfig)
+    hypo: HyPOConfig = field(default_factory=HyPOConfig)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    task: str = "sort"
+    min_digits: int = 3
+    max_digits: int = 8
+    num_train_prompts: int = 256
+    num_heldout_prompts: int = 256
+    seed: int = 7
+    offline_path: Optional[str] = None  # NeMo-Aligner preference JSONL for dpo_offline / hypo
+
+
+@dataclasses.dataclass
+class GenerationConfig:
+    engine: str = "megatron"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 10
+    micro_batch_size: int = 256  # sequences per generation forward on one DP rank
+    eval_temperature: float = 1.0  # held-out reward is the mean over samples at this temperature
+    eval_samples_per_prompt: int = 1
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    source: str = "task"  # the embedded task's rule-based scorer
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-3
+    num_demonstrations: int = 8192
+    demonstration_noise: float = 0.6  # share of demonstrations that are corrupted
+    seed: int = 11
+
+
+@dataclasses.dataclass
+class ExpManagerConfig:
+    exp_dir: str = "runs/optune_tiny"
+    tensorboard: bool = True
+    report: bool = True  # write report.png
+
+
+@dataclasses.dataclass
+class RootConfig:
+    method: str = "optune"
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
+
+
+def to_typed(cfg) -> RootConfig:
+    """Merge a (Hydra/OmegaConf) config onto the schema and return the typed object."""
+    if OmegaConf.is_config(cfg):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = {k: v for k, v in cfg.items() if k != "hydra"}
+    merged = OmegaConf.merge(OmegaConf.structured(RootConfig), cfg)
+    typed = OmegaConf.to_object(merged)
+    validate(typed)
+    return typed
+
+
+def as_dict(cfg: RootConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key}: {message}")
+
+
+def _one_of(value, allowed, key: str) -> None:
+    _require(value in allowed, key, f"{value!r} is not one of {', '.join(allowed)}")
+
+
+def validate(cfg: RootConfig, world_size: int = 1) -> None:
+    """Check values and cross-key consistency; raise ConfigError naming the key."""
+    m, t, o, g = cfg.model, cfg.trainer, cfg.model.optune, cfg.generation
+    _one_of(cfg.method, METHODS, "method")
+    _one_of(o.selection, SELECTIONS, "model.optune.selection")
+    _one_of(o.selection_key, SELECTION_KEYS, "model.optune.selection_key")
+    _one_of(o.loss_type, LOSS_TYPES, "model.optune.loss_type")
+    _one_of(o.weighting, WEIGHTINGS, "model.optune.weighting")
+    _one_of(m.precision, ("fp32", "bf16"), "model.precision")
+    _one_of(m.position_embedding_type, ("rope", "learned_absolute"), "model.position_embedding_type")
+    _one_of(g.engine, ("megatron",), "generation.engine")
+    _one_of(cfg.reward.source, ("task",), "reward.source")
+    _one_of(cfg.data.task, ("sort",), "data.task")
+    _require(0.0 < o.rho <= 1.0, "model.optune.rho", f"must be in (0, 1], got {o.rho}")
+    _require(o.samples_per_prompt >= 2, "model.optune.samples_per_prompt", f"K must be >= 2 to form a pair, got {o.samples_per_prompt}")
+    _require(o.beta > 0, "model.optune.beta", f"must be > 0, got {o.beta}")
+    _require(o.weight_cap is None or o.weight_cap > 0, "model.optune.weight_cap", f"must be > 0 or null, got {o.weight_cap}")
+    _require(o.sft_weight >= 0, "model.optune.sft_weight", f"must be >= 0, got {o.sft_weight}")
+    a = o.adaptive_rho
+    _require(0 < a.rho_min <= a.rho_max <= 1, "model.optune.adaptive_rho", f"need 0 < rho_min <= rho_max <= 1, got {a.rho_min}, {a.rho_max}")
+    _require(cfg.model.hypo.samples_per_prompt >= 2, "model.hypo.samples_per_prompt", "the RLOO baseline needs k >= 2")
+    _require(cfg.model.hypo.kl_weight >= 0, "model.hypo.kl_weight", "must be >= 0")
+    _require(t.iterations >= 1, "trainer.iterations", f"must be >= 1, got {t.iterations}")
+    _require(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
+    _require(g.temperature >= 0, "generation.temperature", "must be >= 0 (0 = greedy)")
+    _require(0 < g.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {g.top_p}")
+    _require(g.top_k >= 0, "generation.top_k", "must be >= 0 (0 = off)")
+    _require(g.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
+    d = cfg.data
+    _require(1 <= d.min_digits <= d.max_digits, "data.min_digits", f"need 1 <= min_digits <= max_digits, got {d.min_digits}, {d.max_digits}")
+    _require(d.num_train_prompts >= 1, "data.num_train_prompts", "must be >= 1")
+    _require(d.num_heldout_prompts >= 1, "data.num_heldout_prompts", "must be >= 1")
+    _require(0 <= cfg.sft.demonstration_noise <= 1, "sft.demonstration_noise", "must be in [0, 1]")
+    validate_layout(cfg, world_size)
+
+
+def validate_layout(cfg: RootConfig, world_size: int) -> None:
+    """Parallel sizes against the world size, the model shape and the batch sizes."""
+    m, t = cfg.model, cfg.trainer
+    tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
+    _require(tp >= 1, "model.tensor_model_parallel_size", "must be >= 1")
+    _require(pp >= 1, "model.pipeline_model_parallel_size", "must be >= 1")
+    _require(
+        world_size % (tp * pp) == 0,
+        "model.tensor_model_parallel_size",
+        f"world size {world_size} is not divisible by TP*PP = {tp}*{pp}",
+    )
+    dp = world_size // (tp * pp)
+    _require(m.num_attention_heads % tp == 0, "model.num_attention_heads", f"{m.num_attention_heads} heads are not divisible by TP={tp}")
+    _require(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size", "must be divisible by model.num_attention_heads")
+    _require(m.num_layers % pp == 0, "model.num_layers", f"{m.num_layers} layers are not divisible by PP={pp}")
+    _require(
+        t.global_batch_size % (t.micro_batch_size * dp) == 0,
+        "trainer.global_batch_size",
+        f"{t.global_batch_size} is not divisible by micro_batch_size*DP = {t.micro_batch_size}*{dp}",
+    )
+    if cfg.method in ("optune", "online_dpo", "hypo"):
+        _require(
+            cfg.data.num_train_prompts % t.global_batch_size == 0,
+            "data.num_train_prompts",
+            f"{cfg.data.num_train_prompts} prompts do not fill whole global batches of trainer.global_batch_size={t.global_batch_size}",
+        )

@@ -1,0 +1,342 @@
+"""MegatronGPTOPTuneModel: the policy and its frozen reference on megatron-core.
+
+The model owns weights, log-probs and the train/inference hooks (the NeMo-Aligner split);
+the trainer owns the loop and hands in the loss as a function of per-sequence log-probs.
+Everything runs through megatron-core's pipeline schedules, so one code path serves TP, PP
+and DP on CPU (gloo) and GPU (NCCL). Only the gradient reduction and optimizer differ:
+a plain torch AdamW with an explicit DP all-reduce on CPU, megatron's DDP and distributed
+optimizer on GPU (see `_build_optimizer`).
+"""
+
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from nemo_optune.config import ModelConfig
+from nemo_optune.runtime.distributed import Layout
+
+# A loss over one micro-batch: (micro_batch, per-sequence response log-probs) -> (loss, metrics).
+# The loss must already be scaled by the GLOBAL normaliser, so that summing it over
+# micro-batches and DP ranks gives the global-batch loss (megatron's calculate_per_token_loss).
+MicroBatchLoss = Callable[[dict, torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+def build_gpt(cfg: ModelConfig, vocab_size: int, max_seq_length: int, layout: Layout, seed: int):
+    """A megatron-core GPTModel for this pipeline stage (TE layer spec when installed)."""
+    from megatron.core import tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    bf16 = cfg.precision == "bf16"
+    tcfg = TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        # Initialise full weights on CPU from one seed and slice them: the model is then
+        # identical whatever the TP/PP layout, which the equivalence tests rely on.
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # Losses come back pre-scaled by the global normaliser (no per-micro-batch mean).
+        calculate_per_token_loss=True,
+        # These fusions need CUDA kernels.
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+    )
+    try:
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    except Exception:  # TransformerEngine absent (CPU, CI): megatron's own layers
+        spec = gpt_layer_specs.get_gpt_layer_local_spec()
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not on_gpu)
+    model = GPTModel(
+        tcfg,
+        spec,
+        vocab_size=vocab_size,
+        max_sequence_length=max_seq_length,
+        pre_process=layout.is_first_stage,
+        post_process=layout.is_last_stage,
+        # Untied: a tied output layer under PP needs an extra embedding all-reduce group.
+        share_embeddings_and_output_weights=False,
+        position_embedding_type=cfg.position_embedding_type,
+    )
+    if on_gpu:
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def response_logprobs(token_nll: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log pi(token) over response positions: [B, L] per-token NLL -> [B]."""
+    return -(token_nll.float() * loss_mask).sum(dim=-1)
+
+
+def split_micro_batches(tensors: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict]:
+    """Split along dim 0 into equal micro-batches, zero-padding the last one: pipeline
+    stages exchange activations of one fixed shape for every micro-batch."""
+    rows = next(iter(tensors.values())).shape[0]
+    size = min(micro_batch_size, rows)
+    padded_rows = -(-rows // size) * size
+    padded = {
+        k: torch.cat([v, v.new_zeros((padded_rows - rows, *v.shape[1:]))]) if padded_rows > rows else v
+        for k, v in tensors.items()
+    }
+    return [{k: v[i:i + size] for k, v in padded.items()} for i in range(0, padded_rows, size)]
+
+
+class _CPUOptimizer:
+    """AdamW with an explicit sum-all-reduce of gradients over the DP group."""
+
+    def __init__(self, model, lr: float, weight_decay: float, grad_clip: float):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.torch_opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.grad_clip = grad_clip
+
+    def zero_grad(self) -> None:
+        self.torch_opt.zero_grad(set_to_none=False)
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def step(self) -> float:
+        from megatron.core import parallel_state as mpu
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+        grads = [p.grad for p in self.params]
+        if mpu.get_data_parallel_world_size() > 1:
+            # One flat buffer: a single collective instead of one per parameter.
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=mpu.get_data_parallel_group())
+            for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(new)
+        # Global grad norm over TP and PP shards, counting TP-replicated params once.
+        sq = sum(
+            (p.grad.float() ** 2).sum() for p in self.params if param_is_not_tensor_parallel_duplicate(p)
+        )
+        sq = torch.as_tensor(sq, dtype=torch.float32)
+        dist.all_reduce(sq, group=mpu.get_model_parallel_group())
+        norm = sq.sqrt().item()
+        if self.grad_clip > 0 and norm > self.grad_clip:
+            for g in grads:
+                g.mul_(self.grad_clip / (norm + 1e-6))
+        self.torch_opt.step()
+        return norm
+
+    def state_dict(self) -> dict:
+        return self.torch_opt.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.torch_opt.load_state_dict(state)
+
+
+class _MegatronGPUOptimizer:
+    """megatron DDP (sum over DP, as calculate_per_token_loss asks) + distributed Adam.
+
+    Never executed in this repository's CI (no GPU); see README, 'What has run where'."""
+
+    def __init__(self, model, lr: float, weight_decay: float, grad_clip: float, bf16: bool):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        self.ddp = DistributedDataParallel(
+            model.config,
+            DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True),
+            model,
+        )
+        self.megatron_opt = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, clip_grad=grad_clip, bf16=bf16),
+            [self.ddp],
+        )
+
+    def zero_grad(self) -> None:
+        self.ddp.zero_grad_buffer()
+        self.megatron_opt.zero_grad()
+
+    def step(self) -> float:
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads([self.ddp])
+        _, grad_norm, _ = self.megatron_opt.step()
+        return float(grad_norm or 0.0)
+
+    def state_dict(self) -> dict:
+        return self.megatron_opt.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.megatron_opt.load_state_dict(state)
+
+
+class MegatronGPTOPTuneModel:
+    """Policy + frozen reference; response log-probs; train and inference hooks."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, seq_length: int, layout: Layout, seed: int,
+                 lr: float, weight_decay: float, grad_clip: float, with_reference: bool = True):
+        self.cfg = cfg
+        self.layout = layout
+        self.vocab_size = vocab_size
+        self.seq_length = seq_length
+        self.policy = build_gpt(cfg, vocab_size, seq_length, layout, seed)
+        self.reference = None
+        if with_reference:
+            self.reference = build_gpt(cfg, vocab_size, seq_length, layout, seed)
+            self.reference.requires_grad_(False)
+            self.reference.eval()
+        if torch.cuda.is_available():
+            self.optimizer = _MegatronGPUOptimizer(self.policy, lr, weight_decay, grad_clip, cfg.precision == "bf16")
+            self._train_module = self.optimizer.ddp
+        else:
+            self.optimizer = _CPUOptimizer(self.policy, lr, weight_decay, grad_clip)
+            self._train_module = self.policy
+        self.device = next(self.policy.parameters()).device
+
+    # ----------------------------------------------------------------- weights
+    def sync_reference_to_policy(self) -> None:
+        """Reference := current policy (done once, after loading the SFT checkpoint)."""
+        self.reference.load_state_dict(self.policy.state_dict())
+
+    # ------------------------------------------------------- megatron plumbing
+    def _causal_mask(self, length: int) -> torch.Tensor:
+        # megatron convention: True = masked out. Explicit, so no CUDA default mask is needed.
+        return torch.triu(torch.ones(1, 1, length, length, dtype=torch.bool, device=self.device), diagonal=1)
+
+    def _run_schedule(self, module, micro_batches: list[dict], forward_only: bool,
+                      output_fn: Callable[[dict, torch.Tensor], tuple[torch.Tensor, dict]], with_labels: bool) -> list[dict]:
+        """Run micro-batches through megatron's forward(-backward) schedule for this layout.
+
+        `output_fn(micro_batch, last_stage_output)` -> (loss, metrics) runs on the last stage;
+        returns the metrics dicts (last stage only; other stages get []).
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if not micro_batches:
+            return []
+        length = micro_batches[0]["tokens"].shape[1]
+        mask = self._causal_mask(length)
+        positions = torch.arange(length, device=self.device).unsqueeze(0)
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            tokens = mb["tokens"].to(self.device)
+            labels = torch.roll(tokens, shifts=-1, dims=1) if with_labels else None
+            out = model(tokens, positions.expand_as(tokens), mask, labels=labels)
+
+            def loss_func(output_tensor):
+                loss, metrics = output_fn(mb, output_tensor)
+                # 3-tuple + calculate_per_token_loss: megatron uses the loss unscaled.
+                return loss, torch.tensor(1, dtype=torch.int), metrics
+
+            return out, loss_func
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=module,
+            num_microbatches=len(micro_batches),
+            seq_length=length,
+            micro_batch_size=micro_batches[0]["tokens"].shape[0],
+            forward_only=forward_only,
+        )
+
+    def _from_last_stage(self, tensor: torch.Tensor | None, shape, dtype) -> torch.Tensor:
+        """Broadcast a result computed on the last pipeline stage to every stage."""
+        from megatron.core import parallel_state as mpu
+
+        if self.layout.pp == 1:
+            return tensor
+        if tensor is None:
+            tensor = torch.empty(shape, dtype=dtype, device=self.device)
+        tensor = tensor.contiguous()
+        dist.broadcast(tensor, src=mpu.get_pipeline_model_parallel_last_rank(),
+                       group=mpu.get_pipeline_model_parallel_group())
+        return tensor
+
+    def metrics_from_last_stage(self, values: torch.Tensor) -> torch.Tensor:
+        """Loss metrics exist on the last stage only; give every stage (and rank 0) a copy."""
+        return self._from_last_stage(values if self.layout.is_last_stage else None, values.shape, values.dtype)
+
+    # --------------------------------------------------------------- log-probs
+    @torch.no_grad()
+    def sequence_logprobs(self, which: str, tokens: torch.Tensor, loss_mask: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+        """Summed response log-probs [B] of `which` in {policy, reference}, on every rank.
+
+        Computed from vocab-parallel logits by megatron's vocab-parallel cross entropy:
+        the full vocabulary is never gathered."""
+        module = self.policy if which == "policy" else self.reference
+        was_training = module.training
+        module.eval()
+        batches = split_micro_batches({"tokens": tokens, "loss_mask": loss_mask}, micro_batch_size)
+        outs = self._run_schedule(
+            module, batches, forward_only=True, with_labels=True,
+            output_fn=lambda mb, nll: (nll.sum() * 0, {"logps": response_logprobs(nll, mb["loss_mask"].to(nll.device))}),
+        )
+        module.train(was_training)
+        logps = torch.cat([o["logps"] for o in outs])[:tokens.shape[0]] if outs else None
+        return self._from_last_stage(logps, (tokens.shape[0],), torch.float32).cpu()
+
+    @torch.no_grad()
+    def next_token_logits(self, tokens: torch.Tensor, last_positions: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+        """Full-vocabulary logits [B, V] (float32) at `last_positions`, on every rank.
+
+        Generation samples from the full distribution, so here the TP shards of the
+        vocabulary are gathered (V floats per sequence per step)."""
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        def pick(mb, logits):
+            full = gather_from_tensor_model_parallel_region(logits)  # [b, s, V]
+            rows = torch.arange(full.shape[0], device=full.device)
+            return logits.sum() * 0, {"logits": full[rows, mb["last"].to(full.device)].float()}
+
+        batches = split_micro_batches({"tokens": tokens, "last": last_positions}, micro_batch_size)
+        outs = self._run_schedule(self.policy, batches, forward_only=True, output_fn=pick, with_labels=False)
+        logits = torch.cat([o["logits"] for o in outs])[:tokens.shape[0]] if outs else None
+        return self._from_last_stage(logits, (tokens.shape[0], self.vocab_size), torch.float32).cpu()
+
+    # ------------------------------------------------------------ train hooks
+    def prepare_for_training_step(self) -> None:
+        self.policy.train()
+        self.optimizer.zero_grad()
+
+    def get_loss_and_metrics(self, micro_batches: list[dict], loss_fn: MicroBatchLoss) -> list[dict]:
+        """Forward + backward over this rank's micro-batches of one global batch."""
+
+        def output_fn(mb, nll):
+            return loss_fn(mb, response_logprobs(nll, mb["loss_mask"].to(nll.device)))
+
+        return self._run_schedule(self._train_module, micro_batches, forward_only=False, output_fn=output_fn, with_labels=True)
+
+    def finish_training_step(self) -> float:
+        """Reduce gradients over DP, clip by the global norm, step. Returns the grad norm."""
+        return self.optimizer.step()
+
+    def train_step(self, micro_batches: list[dict], loss_fn: MicroBatchLoss) -> tuple[list[dict], float]:
+        self.prepare_for_training_step()
+        metrics = self.get_loss_and_metrics(micro_batches, loss_fn)
+        return metrics, self.finish_training_step()
+
+    # -------------------------------------------------------- inference hooks
+    def prepare_for_inference(self) -> None:
+        self.policy.eval()
+
+    def finish_inference(self) -> None:
+        self.policy.train()
+
+    # --------------------------------------------------------------- export
+    def export_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """(megatron name, local shard) for this rank's policy parameters.
+
+        The seam for refitting external rollout engines (TensorRT-LLM, vLLM), which take
+        HF-named full tensors: the HF name mapping and TP gather land in a later issue."""
+        for name, tensor in self.policy.state_dict().items():
+            if isinstance(tensor, torch.Tensor):
+                yield name, tensor.detach()

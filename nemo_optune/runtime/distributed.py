@@ -1,0 +1,137 @@
+"""Process-group set-up: single process by default, torchrun/Slurm environment when present."""
+
+import dataclasses
+import datetime
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nemo_optune.runtime.cpu_shim import apply_cpu_shim
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where this process sits in the TP x PP x DP grid."""
+
+    world_size: int
+    rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+    def as_dict(self) -> dict:
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "world_size": self.world_size}
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun or Slurm (srun one task per GPU)."""
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    return rank, local_rank, world
+
+
+def initialize(tp: int, pp: int, seed: int) -> Layout:
+    """Initialise torch.distributed and megatron's parallel state; idempotent per process."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core import tensor_parallel
+
+    on_cpu = apply_cpu_shim()
+    rank, local_rank, world = world_from_env()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if not on_cpu:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(
+            backend="gloo" if on_cpu else "nccl",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(minutes=10),
+        )
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    mpu.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    seed_everything(seed)
+    # The inference tracker avoids forking CUDA RNG state, which does not exist on CPU.
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=on_cpu)
+    return Layout(
+        world_size=world,
+        rank=rank,
+        tp=tp,
+        pp=pp,
+        dp=world // (tp * pp),
+        tp_rank=mpu.get_tensor_model_parallel_rank(),
+        pp_rank=mpu.get_pipeline_model_parallel_rank(),
+        dp_rank=mpu.get_data_parallel_rank(),
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as mpu
+
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_rows_over_dp(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Concatenate each DP rank's rows in rank order; rank r holds counts[r] rows.
+
+    Rows are padded to max(counts) because all_gather needs equal shapes."""
+    from megatron.core import parallel_state as mpu
+
+    group = mpu.get_data_parallel_group()
+    if len(counts) == 1:
+        return local
+    width = max(counts)
+    padded = local.new_zeros((width, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def sum_over_dp(values: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state as mpu
+
+    values = values.clone()
+    if mpu.get_data_parallel_world_size() > 1:
+        dist.all_reduce(values, group=mpu.get_data_parallel_group())
+    return values

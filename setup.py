@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="nemo_optune",
+    version="0.1.0",
+    description="Megatron-scale online preference tuning: OPTune, online DPO, HyPO and baselines",
+    packages=find_packages(include=["nemo_optune", "nemo_optune.*"]),
+    python_requires=">=3.10",
+    # Pinned: what CI installs (Python 3.11, CPU). In an NGC container (Python 3.12) the
+    # container's torch/megatron-core are used instead; see README.
+    install_requires=[
+        "torch==2.13.0",
+        "megatron-core==0.16.1",
+        "psutil==7.2.2",  # megatron dist_checkpointing
+        "tqdm==4.70.1",  # megatron inference utilities
+        "numpy==2.4.6",
+        "hydra-core==1.3.2",
+        "omegaconf==2.3.0",
+        "tensorboard==2.21.0",
+        "matplotlib==3.11.2",
+    ],
+    extras_require={
+        "test": ["pytest==9.2.0"],
+        # GPU-only, imported lazily, never installed in CI. In NGC containers they ship preinstalled.
+        "gpu": ["transformer-engine", "apex"],
+        "trtllm": ["tensorrt-llm"],
+        "vllm": ["vllm"],
+    },
+)
