@@ -222,3 +222,17 @@ def validate_layout(cfg: RootConfig, world_size: int) -> None:
             "data.num_train_prompts",
             f"{cfg.data.num_train_prompts} prompts do not fill whole global batches of trainer.global_batch_size={t.global_batch_size}",
         )
+
+
+def conf_dir() -> str:
+    import os
+
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def load_config(config_name: str, overrides: list[str] = ()) -> RootConfig:
+    """Compose a recipe from conf/ with command-line-style overrides (as the launchers do)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        return to_typed(compose(config_name=config_name, overrides=list(overrides)))
