@@ -4,6 +4,7 @@ import dataclasses
 import datetime
 import os
 import random
+import socket
 
 import numpy as np
 import torch
@@ -65,7 +66,10 @@ def initialize(tp: int, pp: int, seed: int) -> Layout:
     rank, local_rank, world = world_from_env()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_PORT" not in os.environ:
+            if world > 1:
+                raise RuntimeError("MASTER_PORT is not set: launch multi-process runs with torchrun or srun")
+            os.environ["MASTER_PORT"] = str(free_port())
         if not on_cpu:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(
@@ -90,6 +94,12 @@ def initialize(tp: int, pp: int, seed: int) -> Layout:
         pp_rank=mpu.get_pipeline_model_parallel_rank(),
         dp_rank=mpu.get_data_parallel_rank(),
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def seed_everything(seed: int) -> None:

@@ -62,7 +62,7 @@ class OPTuneTrainer:
             self.history.append(record)
             s = record["seconds"]
             self.log.print(
-                f"[iter {it}] heldout {record['heldout_reward']:.4f}  pool {record['pool_mean_reward']:.4f}  "
+                f"[iter {it + 1}/{self.cfg.trainer.iterations}] heldout {record['heldout_reward']:.4f}  pool {record['pool_mean_reward']:.4f}  "
                 f"regen {record['regenerated']:4d}  ties {record['ties_dropped']:3d}  loss {record['train_loss']:.4f}  "
                 f"acc {record['train_accuracy']:.3f}  | gen {s['generation']:.2f}s score {s['scoring']:.2f}s "
                 f"ref {s['reference']:.2f}s train {s['training']:.2f}s total {s['total']:.2f}s eval {s['eval']:.2f}s"
@@ -124,9 +124,9 @@ class OPTuneTrainer:
         eval_start = time.perf_counter()
         heldout = self.evaluate()
         self.responses_generated += len(selected) * K
-        self.log.append_jsonl("selections.jsonl", {"iteration": it, "regenerated": selected.tolist()})
+        self.log.append_jsonl("selections.jsonl", {"iteration": it + 1, "regenerated": selected.tolist()})
         return {
-            "iteration": it,
+            "iteration": it + 1,
             "heldout_reward": heldout,
             "pool_mean_reward": float(self.pool.chosen_rewards.add(self.pool.rejected_rewards).mean() / 2),
             "pool_chosen_reward": float(self.pool.chosen_rewards.mean()),

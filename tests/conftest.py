@@ -1,0 +1,26 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+# Small enough for CI's 2 cores, big enough to exercise every phase.
+TINY = [
+    "sft.steps=40",
+    "sft.num_demonstrations=512",
+    "data.num_train_prompts=64",
+    "data.num_heldout_prompts=32",
+    "trainer.global_batch_size=32",
+    "trainer.micro_batch_size=8",
+    "trainer.iterations=2",
+    "generation.micro_batch_size=64",
+    "exp_manager.tensorboard=false",
+    "exp_manager.report=false",
+]
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    return TINY + [f"exp_manager.exp_dir={tmp_path / 'exp'}"]

@@ -1,0 +1,112 @@
+"""The single-process spine: log-probs, the pool across an iteration, selection, end to end."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from nemo_optune.config import load_config
+from nemo_optune.runtime.experiment import ExperimentLog
+from nemo_optune.trainers.common import build_task_data, setup, sft_checkpoint_dir
+from nemo_optune.trainers.optune import OPTuneTrainer
+from nemo_optune.trainers.sft import run_sft
+from conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    """An OPTune trainer on a briefly SFT-trained policy, after iteration 1 (pool filled)."""
+    exp = tmp_path_factory.mktemp("spine")
+    cfg = load_config("optune_tiny", TINY + [f"exp_manager.exp_dir={exp}"])
+    layout = setup(cfg)
+    data = build_task_data(cfg)
+    run_sft(cfg, layout, data, sft_checkpoint_dir(cfg), log=lambda *_: None)
+    t = OPTuneTrainer(cfg, layout, data, ExperimentLog(str(exp), enabled=False, tensorboard=False))
+    t.load_sft(sft_checkpoint_dir(cfg))
+    t.iteration(0)
+    return t
+
+
+def test_response_logprobs_equal_manual_log_softmax_gather(trainer):
+    model = trainer.model
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(2, trainer.tokenizer.vocab_size, (6, trainer.width), generator=g)
+    mask = torch.zeros(6, trainer.width)
+    mask[:, 4:11] = 1.0
+    mask[2, 11:14] = 1.0
+    got = model.sequence_logprobs("policy", tokens, mask, micro_batch_size=4)
+
+    model.policy.eval()
+    with torch.no_grad():
+        positions = torch.arange(trainer.width).unsqueeze(0).expand_as(tokens)
+        causal = torch.triu(torch.ones(1, 1, trainer.width, trainer.width, dtype=torch.bool), 1)
+        logits = model.policy(tokens, positions, causal)  # [B, L, V] at TP1
+    logp = logits.log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    expected = (logp * mask[:, :-1]).sum(-1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _fresh_reference(trainer):
+    idx = torch.arange(len(trainer.pool))
+    return trainer.reference_logprobs(trainer.train_ids, trainer.pool.rows(idx))
+
+
+def test_cached_reference_logprobs_equal_fresh_ones(trainer):
+    fresh_c, fresh_r = _fresh_reference(trainer)
+    torch.testing.assert_close(trainer.pool.ref_chosen_logps, fresh_c, atol=1e-5, rtol=0)
+    torch.testing.assert_close(trainer.pool.ref_rejected_logps, fresh_r, atol=1e-5, rtol=0)
+
+
+def test_iteration_selects_lowest_keys_and_leaves_the_rest_untouched(trainer):
+    before = trainer.pool.state_dict()
+    keys = before["chosen_rewards"].tolist()
+    count = len(keys) // 2  # rho = 0.5
+    # Independent statement of the rule: the `count` lowest keys, ties to the lower index.
+    expected = sorted(sorted(range(len(keys)), key=lambda i: (keys[i], i))[:count])
+
+    record = trainer.iteration(1)
+    selected = sorted(int(i) for i in torch.nonzero(trainer.pool.refreshed_at == 1).squeeze(1))
+    assert record["regenerated"] == count
+    assert selected == expected
+    untouched = torch.ones(len(keys), dtype=torch.bool)
+    untouched[expected] = False
+    for name, old in before.items():
+        assert torch.equal(getattr(trainer.pool, name)[untouched], old[untouched]), name
+    # Reused pairs kept their cache and it is still exact (the reference is frozen).
+    fresh_c, _ = _fresh_reference(trainer)
+    torch.testing.assert_close(trainer.pool.ref_chosen_logps, fresh_c, atol=1e-5, rtol=0)
+
+
+def test_ties_are_counted_and_carry_no_loss(trainer):
+    pool = trainer.pool
+    tied = pool.chosen_rewards == pool.rejected_rewards
+    assert torch.equal(~tied, pool.valid)
+
+
+def test_end_to_end_two_iterations(tiny_overrides):
+    from nemo_optune.run import run_experiment
+
+    cfg = load_config("optune_tiny", tiny_overrides + ["exp_manager.report=true", "exp_manager.tensorboard=true"])
+    summary = run_experiment(cfg)
+    exp = cfg.exp_manager.exp_dir
+    with open(os.path.join(exp, "summary.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk["method"] == "optune"
+    assert on_disk["layout"] == {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}
+    assert len(on_disk["iterations"]) == 2
+    first, second = on_disk["iterations"]
+    assert first["regenerated"] == 64 and second["regenerated"] == 32
+    assert on_disk["responses_generated"] == (64 + 32) * 4
+    for it in on_disk["iterations"]:
+        for phase in ("generation", "scoring", "reference", "training", "total"):
+            assert it["seconds"][phase] >= 0
+        assert 0 <= it["heldout_reward"] <= 1
+        assert it["train_loss"] > 0
+    assert 0 <= summary["heldout_reward_initial"] <= 1
+    assert on_disk["wall_seconds"] >= on_disk["sft_seconds"] > 0
+    lines = open(os.path.join(exp, "selections.jsonl")).read().splitlines()
+    assert [json.loads(l)["iteration"] for l in lines] == [1, 2]
+    assert len(json.loads(lines[1])["regenerated"]) == 32
+    assert os.path.getsize(os.path.join(exp, "report.png")) > 1000
+    assert os.listdir(os.path.join(exp, "tensorboard"))
