@@ -143,7 +143,9 @@ def to_typed(cfg) -> RootConfig:
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
     merged = OmegaConf.merge(OmegaConf.structured(RootConfig), cfg)
     typed = OmegaConf.to_object(merged)
-    validate(typed)
+    from nemo_optune.runtime.distributed import world_from_env
+
+    validate(typed, world_size=world_from_env()[2])
     return typed
 
 

@@ -8,7 +8,7 @@ a plain torch AdamW with an explicit DP all-reduce on CPU, megatron's DDP and di
 optimizer on GPU (see `_build_optimizer`).
 """
 
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -110,6 +110,12 @@ class _CPUOptimizer:
                 p.grad = torch.zeros_like(p)
 
     def step(self) -> float:
+        norm = self.reduce_and_clip()
+        self.torch_opt.step()
+        return norm
+
+    def reduce_and_clip(self) -> float:
+        """Sum gradients over DP, then clip by the global norm. Returns the norm."""
         from megatron.core import parallel_state as mpu
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
@@ -121,16 +127,15 @@ class _CPUOptimizer:
             for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 g.copy_(new)
         # Global grad norm over TP and PP shards, counting TP-replicated params once.
-        sq = sum(
-            (p.grad.float() ** 2).sum() for p in self.params if param_is_not_tensor_parallel_duplicate(p)
-        )
-        sq = torch.as_tensor(sq, dtype=torch.float32)
+        sq = torch.zeros((), dtype=torch.float32)
+        for p in self.params:
+            if param_is_not_tensor_parallel_duplicate(p):
+                sq += (p.grad.float() ** 2).sum()
         dist.all_reduce(sq, group=mpu.get_model_parallel_group())
         norm = sq.sqrt().item()
         if self.grad_clip > 0 and norm > self.grad_clip:
             for g in grads:
                 g.mul_(self.grad_clip / (norm + 1e-6))
-        self.torch_opt.step()
         return norm
 
     def state_dict(self) -> dict:
@@ -332,11 +337,11 @@ class MegatronGPTOPTuneModel:
         self.policy.train()
 
     # --------------------------------------------------------------- export
-    def export_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
-        """(megatron name, local shard) for this rank's policy parameters.
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """{megatron key: full tensor} of the policy, assembled from every TP/PP shard.
 
         The seam for refitting external rollout engines (TensorRT-LLM, vLLM), which take
-        HF-named full tensors: the HF name mapping and TP gather land in a later issue."""
-        for name, tensor in self.policy.state_dict().items():
-            if isinstance(tensor, torch.Tensor):
-                yield name, tensor.detach()
+        HF-named full tensors; the HF name mapping lands in a later issue. Collective."""
+        from nemo_optune.models.export import gather_full_tensors
+
+        return gather_full_tensors(self.policy, of="param")
