@@ -195,6 +195,10 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _require(d.num_train_prompts >= 1, "data.num_train_prompts", "must be >= 1")
     _require(d.num_heldout_prompts >= 1, "data.num_heldout_prompts", "must be >= 1")
     _require(0 <= cfg.sft.demonstration_noise <= 1, "sft.demonstration_noise", "must be in [0, 1]")
+    if cfg.method == "online_dpo":
+        _require(o.selection == "all", "model.optune.selection", "online_dpo regenerates every prompt: use selection=all (or method=optune)")
+    if cfg.method in ("dpo_offline", "hypo"):
+        _require(bool(d.offline_path), "data.offline_path", f"method {cfg.method} needs a preference JSONL")
     validate_layout(cfg, world_size)
 
 

@@ -2,13 +2,14 @@
 
 import json
 import os
+import sys
 import time
 
 from nemo_optune.config import RootConfig, as_dict
 from nemo_optune.runtime import distributed
 from nemo_optune.runtime.experiment import ExperimentLog, write_report
 from nemo_optune.trainers.common import build_task_data, setup, sft_checkpoint_dir
-from nemo_optune.trainers.optune import OPTuneTrainer
+from nemo_optune.trainers.preference import PreferenceTrainer
 from nemo_optune.trainers.sft import run_sft
 
 
@@ -30,13 +31,13 @@ def run_experiment(cfg: RootConfig) -> dict:
         log.close()
         return summary
 
+    trainer = PreferenceTrainer(cfg, layout, data, log)  # reads and checks its data first
     sft_stats = {}
     restore = cfg.model.restore_from_path
     if restore is None:
         restore = sft_checkpoint_dir(cfg)
         log.print(f"[sft] no model.restore_from_path: SFT warm start into {restore}")
         sft_stats = run_sft(cfg, layout, data, restore, log=log.print)
-    trainer = OPTuneTrainer(cfg, layout, data, log)
     trainer.load_sft(restore)
     result = trainer.fit()
     summary = trainer.summary({**sft_stats, **result, "sft_checkpoint": restore,
@@ -48,12 +49,28 @@ def run_experiment(cfg: RootConfig) -> dict:
     return summary
 
 
-def main(cfg) -> None:
-    """Entry point shared by the example launchers: typed config in, experiment out."""
-    from nemo_optune.config import to_typed
+def one_line(err: BaseException) -> str:
+    """OmegaConf's messages span lines (value, full_key, types): keep the key on one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None)
+    text = lines[0] if lines else type(err).__name__
+    return f"config key {key}: {text}" if key and key not in text else text
 
-    typed = to_typed(cfg)
-    summary = run_experiment(typed)
+
+def main(cfg) -> None:
+    """Entry point shared by the example launchers: typed config in, experiment out.
+    Bad input exits with status 2 and one line naming the key, file or line."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from nemo_optune.config import to_typed
+    from nemo_optune.data.preference_jsonl import DataError
+
+    try:
+        typed = to_typed(cfg)
+        summary = run_experiment(typed)
+    except (ValueError, DataError, OmegaConfBaseException, FileNotFoundError) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if distributed.world_from_env()[0] == 0:
         print(f"[done] held-out reward {summary.get('heldout_reward_initial', float('nan')):.4f} -> "
               f"{summary.get('heldout_reward_final', float('nan')):.4f} in {summary['wall_seconds']:.1f}s, "

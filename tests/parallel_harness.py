@@ -23,11 +23,11 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out_path: st
     from nemo_optune.models.export import gather_full_tensors
     from nemo_optune.run import run_experiment
     from nemo_optune.runtime import distributed
-    from nemo_optune.trainers.optune import OPTuneTrainer
+    from nemo_optune.trainers.preference import PreferenceTrainer
 
     state = {"iteration": -1, "step": 0, "trainer": None}
     captured = {}
-    train_on_pool = OPTuneTrainer.train_on_pool
+    train_on_pool = PreferenceTrainer.train_on_pool
     reduce_and_clip = gpt_optune._CPUOptimizer.reduce_and_clip
 
     def train_hook(self, it):
@@ -43,7 +43,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out_path: st
         state["step"] += 1
         return norm
 
-    OPTuneTrainer.train_on_pool = train_hook
+    PreferenceTrainer.train_on_pool = train_hook
     gpt_optune._CPUOptimizer.reduce_and_clip = grad_hook
     summary = run_experiment(load_config("optune_tiny", overrides))
     weights = state["trainer"].model.export_weights()

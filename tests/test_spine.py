@@ -9,7 +9,7 @@ import torch
 from nemo_optune.config import load_config
 from nemo_optune.runtime.experiment import ExperimentLog
 from nemo_optune.trainers.common import build_task_data, setup, sft_checkpoint_dir
-from nemo_optune.trainers.optune import OPTuneTrainer
+from nemo_optune.trainers.preference import PreferenceTrainer
 from nemo_optune.trainers.sft import run_sft
 from conftest import TINY
 
@@ -22,7 +22,7 @@ def trainer(tmp_path_factory):
     layout = setup(cfg)
     data = build_task_data(cfg)
     run_sft(cfg, layout, data, sft_checkpoint_dir(cfg), log=lambda *_: None)
-    t = OPTuneTrainer(cfg, layout, data, ExperimentLog(str(exp), enabled=False, tensorboard=False))
+    t = PreferenceTrainer(cfg, layout, data, ExperimentLog(str(exp), enabled=False, tensorboard=False))
     t.load_sft(sft_checkpoint_dir(cfg))
     t.iteration(0)
     return t
