@@ -85,7 +85,7 @@ class DataConfig:
     min_digits: int = 3
     max_digits: int = 8
     num_train_prompts: int = 256
-    num_heldout_prompts: int = 256
+    num_heldout_prompts: int = 512
     seed: int = 7
     offline_path: Optional[str] = None  # NeMo-Aligner preference JSONL for dpo_offline / hypo
 
@@ -113,7 +113,7 @@ class SFTConfig:
     batch_size: int = 64
     lr: float = 1e-3
     num_demonstrations: int = 8192
-    demonstration_noise: float = 0.6  # share of demonstrations that are corrupted
+    demonstration_noise: float = 0.9  # share of demonstrations that are corrupted
     seed: int = 11
 
 
@@ -122,6 +122,11 @@ class ExpManagerConfig:
     exp_dir: str = "runs/optune_tiny"
     tensorboard: bool = True
     report: bool = True  # write report.png
+    checkpoint_every: int = 2  # iterations between checkpoints (and always at the end); 0 = end only
+    keep_last: int = 2  # checkpoints kept
+    resume_if_exists: bool = True  # continue from the newest checkpoint in exp_dir
+    resume_from: Optional[str] = None  # or from this checkpoint directory
+    overwrite: bool = False  # allow a config that differs from the run already in exp_dir
 
 
 @dataclasses.dataclass
@@ -195,6 +200,8 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _require(d.num_train_prompts >= 1, "data.num_train_prompts", "must be >= 1")
     _require(d.num_heldout_prompts >= 1, "data.num_heldout_prompts", "must be >= 1")
     _require(0 <= cfg.sft.demonstration_noise <= 1, "sft.demonstration_noise", "must be in [0, 1]")
+    _require(cfg.exp_manager.checkpoint_every >= 0, "exp_manager.checkpoint_every", "must be >= 0")
+    _require(cfg.exp_manager.keep_last >= 1, "exp_manager.keep_last", "must be >= 1")
     if cfg.method == "online_dpo":
         _require(o.selection == "all", "model.optune.selection", "online_dpo regenerates every prompt: use selection=all (or method=optune)")
     if cfg.method in ("dpo_offline", "hypo"):

@@ -1,26 +1,39 @@
 """Run one experiment from a typed config: SFT warm start (unless restoring), then the method."""
 
-import json
 import os
 import sys
 import time
 
 from nemo_optune.config import RootConfig, as_dict
-from nemo_optune.runtime import distributed
+import torch.distributed as dist
+
+from nemo_optune.runtime import distributed, exp_dir
 from nemo_optune.runtime.experiment import ExperimentLog, write_report
 from nemo_optune.trainers.common import build_task_data, setup, sft_checkpoint_dir
 from nemo_optune.trainers.preference import PreferenceTrainer
 from nemo_optune.trainers.sft import run_sft
 
 
+def _prepare_exp_dir(cfg: RootConfig, layout) -> str | None:
+    """Rank 0 checks the experiment directory; every rank gets its verdict (or its error)."""
+    verdict = [None, None]
+    if layout.is_logging_rank:
+        e = cfg.exp_manager
+        try:
+            verdict[0] = exp_dir.prepare(e.exp_dir, as_dict(cfg), e.resume_if_exists, e.resume_from, e.overwrite)
+        except exp_dir.ExperimentDirError as err:
+            verdict[1] = str(err)
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[1]:
+        raise exp_dir.ExperimentDirError(verdict[1])
+    return verdict[0]
+
+
 def run_experiment(cfg: RootConfig) -> dict:
     start = time.perf_counter()
     layout = setup(cfg)
-    exp_dir = cfg.exp_manager.exp_dir
-    log = ExperimentLog(exp_dir, enabled=layout.is_logging_rank, tensorboard=cfg.exp_manager.tensorboard)
-    if layout.is_logging_rank:
-        with open(os.path.join(exp_dir, "config.json"), "w") as f:
-            json.dump(as_dict(cfg), f, indent=2)
+    resume = _prepare_exp_dir(cfg, layout)
+    log = ExperimentLog(cfg.exp_manager.exp_dir, enabled=layout.is_logging_rank, tensorboard=cfg.exp_manager.tensorboard)
     data = build_task_data(cfg)
 
     if cfg.method == "sft":
@@ -36,15 +49,22 @@ def run_experiment(cfg: RootConfig) -> dict:
     restore = cfg.model.restore_from_path
     if restore is None:
         restore = sft_checkpoint_dir(cfg)
-        log.print(f"[sft] no model.restore_from_path: SFT warm start into {restore}")
-        sft_stats = run_sft(cfg, layout, data, restore, log=log.print)
+        if os.path.isdir(restore):  # same config (checked above), deterministic: reuse it
+            log.print(f"[sft] reusing the SFT warm start in {restore}")
+        else:
+            log.print(f"[sft] no model.restore_from_path: SFT warm start into {restore}")
+            sft_stats = run_sft(cfg, layout, data, restore, log=log.print)
     trainer.load_sft(restore)
+    if resume:
+        trainer.resume(resume)
+    if layout.is_logging_rank:  # records of iterations after the checkpoint are redone
+        exp_dir.truncate_jsonl(os.path.join(cfg.exp_manager.exp_dir, "selections.jsonl"), len(trainer.history))
     result = trainer.fit()
-    summary = trainer.summary({**sft_stats, **result, "sft_checkpoint": restore,
+    summary = trainer.summary({**sft_stats, **result, "sft_checkpoint": restore, "resumed_from": resume,
                                "wall_seconds": time.perf_counter() - start})
     log.write_json("summary.json", summary)
     if cfg.exp_manager.report and layout.is_logging_rank:
-        write_report(os.path.join(exp_dir, "report.png"), summary)
+        write_report(os.path.join(cfg.exp_manager.exp_dir, "report.png"), summary)
     log.close()
     return summary
 
@@ -64,11 +84,13 @@ def main(cfg) -> None:
 
     from nemo_optune.config import to_typed
     from nemo_optune.data.preference_jsonl import DataError
+    from nemo_optune.runtime.checkpoint import CheckpointError
 
     try:
         typed = to_typed(cfg)
         summary = run_experiment(typed)
-    except (ValueError, DataError, OmegaConfBaseException, FileNotFoundError) as err:
+    except (ValueError, DataError, OmegaConfBaseException, FileNotFoundError, exp_dir.ExperimentDirError,
+            CheckpointError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(2)
     if distributed.world_from_env()[0] == 0:

@@ -138,10 +138,29 @@ class _CPUOptimizer:
                 g.mul_(self.grad_clip / (norm + 1e-6))
         return norm
 
-    def state_dict(self) -> dict:
-        return self.torch_opt.state_dict()
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+        """Adam moments as ShardedTensors shaped like their parameters, so that the
+        optimizer reshards across TP/PP exactly like the model (megatron's helpers)."""
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map,
+            optim_state_to_sharding_state,
+        )
 
-    def load_state_dict(self, state: dict) -> None:
+        if is_loading:  # a template to load into: zeros where the moments will go
+            for p in self.params:
+                self.torch_opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                           "exp_avg_sq": torch.zeros_like(p)}
+        state = self.torch_opt.state_dict()
+        steps = {float(s["step"]) for s in state["state"].values()}
+        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.params)
+        optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
+        state["adam_step"] = steps.pop() if steps else 0.0  # one step count for every parameter
+        return state
+
+    def load_sharded(self, state: dict) -> None:
+        step = torch.tensor(float(state.pop("adam_step")))
+        for moments in state["state"].values():
+            moments["step"] = step.clone()
         self.torch_opt.load_state_dict(state)
 
 
@@ -175,10 +194,10 @@ class _MegatronGPUOptimizer:
         _, grad_norm, _ = self.megatron_opt.step()
         return float(grad_norm or 0.0)
 
-    def state_dict(self) -> dict:
-        return self.megatron_opt.state_dict()
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+        return self.megatron_opt.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_sharded(self, state: dict) -> None:
         self.megatron_opt.load_state_dict(state)
 
 

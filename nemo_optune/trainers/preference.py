@@ -24,8 +24,15 @@ from nemo_optune.data.preference_jsonl import read_preference_jsonl
 from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 from nemo_optune.rewards.task_reward import TaskReward
-from nemo_optune.runtime.checkpoint import load_model
+from nemo_optune.runtime.checkpoint import (
+    checkpoint_path,
+    load_model,
+    load_training_checkpoint,
+    prune_checkpoints,
+    save_training_checkpoint,
+)
 from nemo_optune.runtime.distributed import Layout, gather_rows_over_dp, sum_over_dp
+from nemo_optune.runtime.exp_dir import checkpoints_root
 from nemo_optune.runtime.experiment import ExperimentLog, PhaseTimer, peak_rss_mb
 from nemo_optune.trainers.common import TaskData, check_vocab, mix_seed, sampling_params, sequence_width
 
@@ -56,6 +63,8 @@ class PreferenceTrainer:
         self.reward = TaskReward(data.task)
         self.history: list[dict] = []
         self.responses_generated = 0
+        self.initial: tuple[float, float] | None = None  # held-out (reward, KL) of the SFT start
+        self.checkpoint_seconds: list[float] = []
 
     def offline_pool(self, path: str) -> tuple[list[str], PromptPool]:
         """A fixed pool from a NeMo-Aligner preference JSONL (pairs, rewards if given)."""
@@ -80,12 +89,47 @@ class PreferenceTrainer:
         load_model(self.model.policy, directory)
         self.model.sync_reference_to_policy()
 
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything besides model and optimizer that the next iteration depends on.
+        (All sampling and data-order randomness is derived from seeds and the iteration.)"""
+        return {
+            "iterations_done": len(self.history),
+            "pool": self.pool.state_dict(),
+            "history": self.history,
+            "responses_generated": self.responses_generated,
+            "initial": self.initial,
+        }
+
+    def save_checkpoint(self) -> str:
+        root = checkpoints_root(self.cfg.exp_manager.exp_dir)
+        path = checkpoint_path(root, len(self.history))
+        start = time.perf_counter()
+        save_training_checkpoint(path, self.model.policy, self.model.optimizer, self.state_dict())
+        prune_checkpoints(root, self.cfg.exp_manager.keep_last)
+        self.checkpoint_seconds.append(time.perf_counter() - start)
+        return path
+
+    def resume(self, path: str) -> None:
+        state = load_training_checkpoint(path, self.model.policy, self.model.optimizer)
+        self.pool.load_state_dict(state["pool"])
+        self.history = state["history"]
+        self.responses_generated = state["responses_generated"]
+        self.initial = state["initial"]
+        self.log.print(f"[resume] from {path}: {len(self.history)} iterations done")
+
+    def checkpoint_due(self, iterations_done: int) -> bool:
+        every = self.cfg.exp_manager.checkpoint_every
+        return iterations_done == self.cfg.trainer.iterations or (every > 0 and iterations_done % every == 0)
+
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
         start = time.perf_counter()
-        initial, initial_kl = self.evaluate()
+        if self.initial is None:
+            self.initial = self.evaluate()
+        initial, initial_kl = self.initial
         self.log.print(f"[{self.cfg.method}] layout={self.layout.as_dict()} held-out reward at start {initial:.4f}")
-        for it in range(self.cfg.trainer.iterations):
+        for it in range(len(self.history), self.cfg.trainer.iterations):
             record = self.iteration(it)
             self.history.append(record)
             s = record["seconds"]
@@ -97,6 +141,8 @@ class PreferenceTrainer:
                 f"train {s['training']:.2f}s total {s['total']:.2f}s eval {s['eval']:.2f}s"
             )
             self.log.scalars(it + 1, record)
+            if self.checkpoint_due(it + 1):
+                self.save_checkpoint()
         return {
             "heldout_reward_initial": initial,
             "heldout_reward_final": self.history[-1]["heldout_reward"],
@@ -104,6 +150,7 @@ class PreferenceTrainer:
             "loop_seconds": time.perf_counter() - start,
             "responses_generated": self.responses_generated,
             "peak_rss_mb": peak_rss_mb(),
+            "checkpoint_save_seconds": self.checkpoint_seconds,
             "iterations": self.history,
         }
 
