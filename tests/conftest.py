@@ -24,3 +24,13 @@ TINY = [
 @pytest.fixture
 def tiny_overrides(tmp_path):
     return TINY + [f"exp_manager.exp_dir={tmp_path / 'exp'}"]
+
+
+@pytest.fixture(scope="session")
+def sft_checkpoint(tmp_path_factory):
+    """One short SFT warm start shared by the multi-process tests (spawned, like them)."""
+    from parallel_harness import run_layout
+
+    exp = tmp_path_factory.mktemp("sft")
+    run_layout(1, TINY + [f"exp_manager.exp_dir={exp}", "method=sft"], str(exp / "result.pt"))
+    return str(exp / "sft_checkpoint")

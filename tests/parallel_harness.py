@@ -1,7 +1,9 @@
-"""Run one experiment under a TP x PP x DP layout in spawned gloo processes and return what
-the equivalence tests compare (rank 0's view)."""
+"""Run experiments under a TP x PP x DP layout in spawned gloo processes and hand rank 0's
+view back to the tests: the pool, exported weights, captured gradients. Can also SIGKILL
+the run at a chosen point, to test resumption."""
 
 import os
+import signal
 import socket
 
 import torch
@@ -14,10 +16,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, overrides: list[str], out_path: str, capture_iteration: int):
+def _env(rank: int, world: int, port: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # 2 cores shared by up to 4 processes
+
+
+def _install_kill(kill_at, state) -> None:
+    """SIGKILL this process at `kill_at` = (point, iteration index), point in
+    generation | training | checkpoint (shards written, not yet published)."""
+    from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
+    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
+    from nemo_optune.runtime import checkpoint
+
+    point, iteration = kill_at
+
+    def die_if(here: str):
+        if here == point and state["iteration"] == iteration:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    generate, train_step, rng_state = MegatronInProcessEngine.generate, MegatronGPTOPTuneModel.train_step, checkpoint._rng_state
+    MegatronInProcessEngine.generate = lambda self, *a, **k: (die_if("generation"), generate(self, *a, **k))[1]
+    MegatronGPTOPTuneModel.train_step = lambda self, *a, **k: (die_if("training"), train_step(self, *a, **k))[1]
+    checkpoint._rng_state = lambda: (die_if("checkpoint"), rng_state())[1]
+
+
+def _worker(rank, world, port, overrides, out_path, capture_iteration, kill_at):
+    _env(rank, world, port)
     from nemo_optune.config import load_config
     from nemo_optune.models import gpt_optune
     from nemo_optune.models.export import gather_full_tensors
@@ -27,12 +52,16 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out_path: st
 
     state = {"iteration": -1, "step": 0, "trainer": None}
     captured = {}
-    train_on_pool = PreferenceTrainer.train_on_pool
+    iteration, train_on_pool = PreferenceTrainer.iteration, PreferenceTrainer.train_on_pool
     reduce_and_clip = gpt_optune._CPUOptimizer.reduce_and_clip
 
-    def train_hook(self, it):
-        state.update(iteration=it, step=0, trainer=self)
-        return train_on_pool(self, it)
+    def iteration_hook(self, it):
+        state.update(iteration=it, trainer=self)
+        return iteration(self, it)
+
+    def train_hook(self, it, timer):
+        state.update(step=0)
+        return train_on_pool(self, it, timer)
 
     def grad_hook(self):
         norm = reduce_and_clip(self)
@@ -43,16 +72,64 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out_path: st
         state["step"] += 1
         return norm
 
+    PreferenceTrainer.iteration = iteration_hook
     PreferenceTrainer.train_on_pool = train_hook
     gpt_optune._CPUOptimizer.reduce_and_clip = grad_hook
+    if kill_at is not None:
+        _install_kill(kill_at, state)
     summary = run_experiment(load_config("optune_tiny", overrides))
-    weights = state["trainer"].model.export_weights()
+    weights = state["trainer"].model.export_weights() if state["trainer"] else {}
     if rank == 0:
-        torch.save({"summary": summary, "pool": state["trainer"].pool.state_dict(), "weights": weights, **captured},
-                   out_path)
+        pool = state["trainer"].pool.state_dict() if state["trainer"] else None
+        torch.save({"summary": summary, "pool": pool, "weights": weights, **captured}, out_path)
     distributed.shutdown()
 
 
-def run_layout(world: int, overrides: list[str], out_path: str, capture_iteration: int = 1) -> dict:
-    mp.spawn(_worker, args=(world, _free_port(), overrides, out_path, capture_iteration), nprocs=world, join=True)
+def run_layout(world: int, overrides: list[str], out_path: str, capture_iteration: int = 1, kill_at=None) -> dict | None:
+    """Run to the end and return rank 0's results; with `kill_at`, expect the SIGKILL and return None."""
+    args = (world, _free_port(), overrides, out_path, capture_iteration, kill_at)
+    if kill_at is None:
+        mp.spawn(_worker, args=args, nprocs=world, join=True)
+        return torch.load(out_path, weights_only=False)
+    try:
+        mp.spawn(_worker, args=args, nprocs=world, join=True)
+    except mp.ProcessExitedException as err:
+        assert err.exit_code == -signal.SIGKILL or err.signal_name == "SIGKILL" or err.exit_code is not None
+        return None
+    raise AssertionError(f"the run was not killed at {kill_at}")
+
+
+def _loss_worker(rank, world, port, overrides, checkpoint, out_path):
+    """Resume `checkpoint` under this layout and compute the preference loss of the pool's
+    first global batch (forward only)."""
+    _env(rank, world, port)
+    from nemo_optune import algorithms as alg
+    from nemo_optune.config import load_config
+    from nemo_optune.runtime import distributed
+    from nemo_optune.runtime.experiment import ExperimentLog
+    from nemo_optune.trainers.common import build_task_data, setup
+    from nemo_optune.trainers.preference import PreferenceTrainer
+
+    cfg = load_config("optune_tiny", overrides)
+    layout = setup(cfg)
+    trainer = PreferenceTrainer(cfg, layout, build_task_data(cfg), ExperimentLog("", enabled=False, tensorboard=False))
+    trainer.load_sft(cfg.model.restore_from_path)
+    trainer.resume(checkpoint)
+    batch = torch.arange(cfg.trainer.global_batch_size)
+    rows = trainer.pool.rows(batch)
+    tokens, mask = trainer.pair_sequences([trainer.train_ids[i] for i in batch.tolist()], rows)
+    logps = trainer.model.sequence_logprobs("policy", tokens, mask, micro_batch_size=16)
+    n = len(batch)
+    margin = alg.dpo_margin(logps[:n], logps[n:], rows["ref_chosen_logps"], rows["ref_rejected_logps"])
+    o = cfg.model.optune
+    weights = alg.reward_gap_weights(rows["chosen_rewards"], rows["rejected_rewards"], o.weighting, o.weight_beta, o.weight_cap)
+    valid = rows["valid"].float()
+    loss = alg.weighted_mean(alg.preference_loss(margin, o.beta, o.loss_type), weights, valid, float((weights * valid).sum()))
+    if rank == 0:
+        torch.save({"loss": float(loss), "logps": logps}, out_path)
+    distributed.shutdown()
+
+
+def loss_at_layout(world: int, overrides: list[str], checkpoint: str, out_path: str) -> dict:
+    mp.spawn(_loss_worker, args=(world, _free_port(), overrides, checkpoint, out_path), nprocs=world, join=True)
     return torch.load(out_path, weights_only=False)

@@ -1,0 +1,59 @@
+"""SIGKILL at several points, resume, and finish bit-for-bit equal to an uninterrupted run;
+resharding a checkpoint across layouts."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import TINY
+from parallel_harness import loss_at_layout, run_layout
+
+RUN = TINY + ["trainer.iterations=3", "exp_manager.checkpoint_every=1", "exp_manager.keep_last=2"]
+TP2 = ["model.tensor_model_parallel_size=2"]
+KILL_POINTS = [("generation", 1), ("training", 2), ("checkpoint", 1)]
+
+
+def _assert_identical(got: dict, ref: dict) -> None:
+    for name, value in ref["pool"].items():
+        assert torch.equal(got["pool"][name], value), f"pool field {name} differs"
+    assert got["weights"].keys() == ref["weights"].keys()
+    for key, value in ref["weights"].items():
+        assert torch.equal(got["weights"][key], value), f"weight {key} differs"
+    assert [i["train_loss"] for i in got["summary"]["iterations"]] == [i["train_loss"] for i in ref["summary"]["iterations"]]
+
+
+@pytest.fixture(scope="module", params=["tp1", "tp2"])
+def uninterrupted(request, sft_checkpoint, tmp_path_factory):
+    layout = [] if request.param == "tp1" else TP2
+    world = 1 if request.param == "tp1" else 2
+    exp = tmp_path_factory.mktemp(f"straight_{request.param}")
+    overrides = RUN + layout + [f"model.restore_from_path={sft_checkpoint}", f"exp_manager.exp_dir={exp}"]
+    return world, layout, run_layout(world, overrides, str(exp / "result.pt")), str(exp)
+
+
+@pytest.mark.parametrize("kill_at", KILL_POINTS, ids=lambda k: f"{k[0]}-iter{k[1] + 1}")
+def test_sigkill_then_resume_is_bit_identical(kill_at, uninterrupted, sft_checkpoint, tmp_path):
+    world, layout, ref, _ = uninterrupted
+    overrides = RUN + layout + [f"model.restore_from_path={sft_checkpoint}", f"exp_manager.exp_dir={tmp_path}"]
+    assert run_layout(world, overrides, str(tmp_path / "killed.pt"), kill_at=kill_at) is None
+    checkpoints = sorted(os.listdir(tmp_path / "checkpoints"))
+    if kill_at[0] == "checkpoint":  # the half-written save is not a checkpoint
+        assert any(name.endswith(".tmp") for name in checkpoints)
+    got = run_layout(world, overrides, str(tmp_path / "resumed.pt"))
+    assert got["summary"]["resumed_from"] is not None
+    _assert_identical(got, ref)
+    lines = (tmp_path / "selections.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # redone iterations are not logged twice
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path / "checkpoints"))
+
+
+@pytest.mark.parametrize("uninterrupted", ["tp2"], indirect=True)
+def test_tp2_checkpoint_resumes_at_tp1_with_the_same_loss(uninterrupted, sft_checkpoint, tmp_path):
+    _, _, _, exp = uninterrupted
+    checkpoint = os.path.join(exp, "checkpoints", "iter_000003")
+    base = RUN + [f"model.restore_from_path={sft_checkpoint}", f"exp_manager.exp_dir={tmp_path}"]
+    at_tp2 = loss_at_layout(2, base + TP2, checkpoint, str(tmp_path / "tp2.pt"))
+    at_tp1 = loss_at_layout(1, base, checkpoint, str(tmp_path / "tp1.pt"))
+    assert at_tp1["loss"] == pytest.approx(at_tp2["loss"], abs=1e-6)
+    torch.testing.assert_close(at_tp1["logps"], at_tp2["logps"], atol=1e-5, rtol=0)
