@@ -88,6 +88,7 @@ class DataConfig:
     num_heldout_prompts: int = 512
     seed: int = 7
     offline_path: Optional[str] = None  # NeMo-Aligner preference JSONL for dpo_offline / hypo
+    long_prompts: str = "error"  # error | skip | truncate (keep the end) offline prompts over the limit
 
 
 @dataclasses.dataclass
@@ -105,6 +106,10 @@ class GenerationConfig:
 @dataclasses.dataclass
 class RewardConfig:
     source: str = "task"  # the embedded task's rule-based scorer
+    retries: int = 3  # attempts after the first failure
+    backoff_seconds: float = 0.5  # doubled at every retry
+    timeout_seconds: float = 60.0  # per scoring call
+    non_finite: str = "error"  # error | drop (a sample with a NaN/inf reward is left out, counted)
 
 
 @dataclasses.dataclass
@@ -179,6 +184,10 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _one_of(m.position_embedding_type, ("rope", "learned_absolute"), "model.position_embedding_type")
     _one_of(g.engine, ("megatron",), "generation.engine")
     _one_of(cfg.reward.source, ("task",), "reward.source")
+    _one_of(cfg.reward.non_finite, ("error", "drop"), "reward.non_finite")
+    _one_of(cfg.data.long_prompts, ("error", "skip", "truncate"), "data.long_prompts")
+    _require(cfg.reward.retries >= 0, "reward.retries", "must be >= 0")
+    _require(cfg.reward.timeout_seconds > 0, "reward.timeout_seconds", "must be > 0")
     _one_of(cfg.data.task, ("sort",), "data.task")
     _require(0.0 < o.rho <= 1.0, "model.optune.rho", f"must be in (0, 1], got {o.rho}")
     _require(o.samples_per_prompt >= 2, "model.optune.samples_per_prompt", f"K must be >= 2 to form a pair, got {o.samples_per_prompt}")

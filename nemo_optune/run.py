@@ -84,13 +84,14 @@ def main(cfg) -> None:
 
     from nemo_optune.config import to_typed
     from nemo_optune.data.preference_jsonl import DataError
+    from nemo_optune.rewards.resilient import RewardSourceError
     from nemo_optune.runtime.checkpoint import CheckpointError
 
     try:
         typed = to_typed(cfg)
         summary = run_experiment(typed)
     except (ValueError, DataError, OmegaConfBaseException, FileNotFoundError, exp_dir.ExperimentDirError,
-            CheckpointError) as err:
+            CheckpointError, RewardSourceError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         sys.exit(2)
     if distributed.world_from_env()[0] == 0:

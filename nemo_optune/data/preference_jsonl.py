@@ -22,6 +22,7 @@ class PreferenceRecord:
     rejected: str
     chosen_reward: float | None
     rejected_reward: float | None
+    line: int = 0  # line number in the source file, for error messages
 
 
 def read_preference_jsonl(path: str) -> list[PreferenceRecord]:
@@ -56,7 +57,8 @@ def read_preference_jsonl(path: str) -> list[PreferenceRecord]:
                 rewards.append(None if value is None else float(value))
             if (rewards[0] is None) != (rewards[1] is None):
                 raise DataError(f"{where}: give both chosen_reward and rejected_reward, or neither")
-            records.append(PreferenceRecord(obj["prompt"], obj["chosen_response"], obj["rejected_response"], *rewards))
+            records.append(PreferenceRecord(obj["prompt"], obj["chosen_response"], obj["rejected_response"], *rewards,
+                                            line=number))
     if not records:
         raise DataError(f"{path}: no preference records")
     return records

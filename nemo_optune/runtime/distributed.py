@@ -145,3 +145,18 @@ def sum_over_dp(values: torch.Tensor) -> torch.Tensor:
     if mpu.get_data_parallel_world_size() > 1:
         dist.all_reduce(values, group=mpu.get_data_parallel_group())
     return values
+
+
+def raise_if_any_rank_failed(error: BaseException | None) -> None:
+    """Collective: if any rank failed, raise the first rank's error on every rank, so no rank
+    is left waiting in a collective the failed one will never join."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, None if error is None else (type(error), str(error)))
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        kind, message = first
+        raise kind(message)

@@ -13,6 +13,7 @@ is a fixed JSONL data set); HyPO is offline DPO plus, per global batch, k policy
 prompt for the RLOO reverse-KL term.
 """
 
+import dataclasses
 import time
 
 import torch
@@ -20,9 +21,10 @@ import torch
 from nemo_optune import algorithms as alg
 from nemo_optune.config import RootConfig, as_dict
 from nemo_optune.data.pool import PromptPool, build_sequences
-from nemo_optune.data.preference_jsonl import read_preference_jsonl
+from nemo_optune.data.preference_jsonl import DataError, read_preference_jsonl
 from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
+from nemo_optune.rewards.resilient import ResilientRewardSource, RewardSourceError
 from nemo_optune.rewards.task_reward import TaskReward
 from nemo_optune.runtime.checkpoint import (
     checkpoint_path,
@@ -31,7 +33,7 @@ from nemo_optune.runtime.checkpoint import (
     prune_checkpoints,
     save_training_checkpoint,
 )
-from nemo_optune.runtime.distributed import Layout, gather_rows_over_dp, sum_over_dp
+from nemo_optune.runtime.distributed import Layout, gather_rows_over_dp, raise_if_any_rank_failed, sum_over_dp
 from nemo_optune.runtime.exp_dir import checkpoints_root
 from nemo_optune.runtime.experiment import ExperimentLog, PhaseTimer, peak_rss_mb
 from nemo_optune.trainers.common import TaskData, check_vocab, mix_seed, sampling_params, sequence_width
@@ -45,6 +47,7 @@ class PreferenceTrainer:
         self.cfg, self.layout, self.data, self.log = cfg, layout, data, log
         self.opt = cfg.model.optune
         self.online = cfg.method in ONLINE_METHODS
+        self.long_prompts = 0  # offline prompts over the length limit (skipped or truncated)
         tok = data.tokenizer
         check_vocab(tok.vocab_size, layout.tp)
         self.tokenizer = tok
@@ -54,36 +57,59 @@ class PreferenceTrainer:
             self.train_prompts = data.train_prompts
             self.pool = PromptPool.empty(len(self.train_prompts), cfg.generation.max_new_tokens)
         else:  # read and check the data set before building any model
-            self.train_prompts, self.pool = self.offline_pool(cfg.data.offline_path)
+            self.train_prompts, self.pool, self.long_prompts = self.offline_pool(cfg.data.offline_path)
         self.train_ids = [tok.encode(p) for p in self.train_prompts]
         t = cfg.trainer
         self.model = MegatronGPTOPTuneModel(cfg.model, tok.vocab_size, self.width, layout, seed=t.seed,
                                             lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
         self.engine = MegatronInProcessEngine(self.model, tok.eos_id, tok.pad_id, cfg.generation.micro_batch_size)
-        self.reward = TaskReward(data.task)
+        r = cfg.reward
+        self.reward = ResilientRewardSource(TaskReward(data.task), r.source, r.retries, r.backoff_seconds, r.timeout_seconds)
         self.history: list[dict] = []
         self.responses_generated = 0
         self.initial: tuple[float, float] | None = None  # held-out (reward, KL) of the SFT start
         self.checkpoint_seconds: list[float] = []
 
-    def offline_pool(self, path: str) -> tuple[list[str], PromptPool]:
-        """A fixed pool from a NeMo-Aligner preference JSONL (pairs, rewards if given)."""
-        records = read_preference_jsonl(path)
-        new_tokens = self.cfg.generation.max_new_tokens
-        pool = PromptPool.empty(len(records), new_tokens)
-        for i, r in enumerate(records):
-            for side, text in (("chosen", r.chosen), ("rejected", r.rejected)):
-                ids = self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+    def offline_pool(self, path: str) -> tuple[list[str], PromptPool, int]:
+        """A fixed pool from a NeMo-Aligner preference JSONL (pairs, rewards if given).
+        Prompts over the task's length limit are handled per data.long_prompts; returns
+        (prompts, pool, how many prompts were over the limit)."""
+        limit, new_tokens = self.data.task.max_prompt_chars, self.cfg.generation.max_new_tokens
+        prompts, rows, long_prompts = [], [], 0
+        for r in read_preference_jsonl(path):
+            where = f"{path}:{r.line}"
+            try:
+                prompt = self.tokenizer.encode(r.prompt)
+                pair = [self.tokenizer.encode(text) + [self.tokenizer.eos_id] for text in (r.chosen, r.rejected)]
+            except ValueError as err:
+                raise DataError(f"{where}: {err}") from None
+            for side, ids in zip(("chosen_response", "rejected_response"), pair):
                 if len(ids) > new_tokens:
-                    raise ValueError(f"{path}: record {i + 1}: {side} response has {len(ids)} tokens with EOS, "
-                                     f"more than generation.max_new_tokens={new_tokens}")
-                getattr(pool, f"{side}_tokens")[i, :len(ids)] = torch.tensor(ids)
-                getattr(pool, f"{side}_lengths")[i] = len(ids)
+                    raise DataError(f"{where}: {side} has {len(ids)} tokens with EOS, more than "
+                                    f"generation.max_new_tokens={new_tokens}")
+            if len(prompt) > limit:
+                long_prompts += 1
+                if self.cfg.data.long_prompts == "error":
+                    raise DataError(f"{where}: prompt has {len(prompt)} tokens, over the limit of {limit} "
+                                    f"(data.long_prompts: skip or truncate)")
+                if self.cfg.data.long_prompts == "skip":
+                    continue
+                r = dataclasses.replace(r, prompt=r.prompt[-limit:])  # keep the end, where the question is
+            prompts.append(r.prompt)
+            rows.append((pair, r))
+        if not rows:
+            raise DataError(f"{path}: no usable preference records (all {long_prompts} prompts were too long)")
+        pool = PromptPool.empty(len(rows), new_tokens)
+        for i, ((chosen, rejected), r) in enumerate(rows):
+            pool.chosen_tokens[i, :len(chosen)] = torch.tensor(chosen)
+            pool.chosen_lengths[i] = len(chosen)
+            pool.rejected_tokens[i, :len(rejected)] = torch.tensor(rejected)
+            pool.rejected_lengths[i] = len(rejected)
             pool.chosen_rewards[i] = 1.0 if r.chosen_reward is None else r.chosen_reward
             pool.rejected_rewards[i] = 0.0 if r.rejected_reward is None else r.rejected_reward
         pool.valid[:] = True
         pool.refreshed_at[:] = 0
-        return [r.prompt for r in records], pool
+        return prompts, pool, long_prompts
 
     def load_sft(self, directory: str) -> None:
         load_model(self.model.policy, directory)
@@ -149,6 +175,8 @@ class PreferenceTrainer:
             "heldout_kl_final": self.history[-1]["heldout_kl"],
             "loop_seconds": time.perf_counter() - start,
             "responses_generated": self.responses_generated,
+            "long_prompts": self.long_prompts,
+            "reward_source_failures": self.reward.failures,
             "peak_rss_mb": peak_rss_mb(),
             "checkpoint_save_seconds": self.checkpoint_seconds,
             "iterations": self.history,
@@ -156,12 +184,12 @@ class PreferenceTrainer:
 
     def iteration(self, it: int) -> dict:
         timer = PhaseTimer()
-        regenerated = ties = 0
+        regenerated = ties = non_finite = 0
         rho = None
         if self.online:
             with timer.phase("selection"):
                 selected, rho = self.select(it)  # identical on every rank
-            ties = self.regenerate(it, selected, timer)
+            ties, non_finite = self.regenerate(it, selected, timer)
             regenerated = len(selected)
             self.log.append_jsonl("selections.jsonl", {"iteration": it + 1, "regenerated": selected.tolist()})
         if it == 0 and not self.online or not self.opt.cache_reference_logprobs:
@@ -181,6 +209,7 @@ class PreferenceTrainer:
             "rho": rho,
             "regenerated": regenerated,
             "ties_dropped": ties,
+            "non_finite_rewards": non_finite,
             "pool_valid_pairs": int(self.pool.valid.sum()),
             **train,
             "seconds": {
@@ -190,8 +219,9 @@ class PreferenceTrainer:
             },
         }
 
-    def regenerate(self, it: int, selected: torch.Tensor, timer: PhaseTimer) -> int:
-        """Steps 2-6 for the selected prompts; returns how many came out all-tied."""
+    def regenerate(self, it: int, selected: torch.Tensor, timer: PhaseTimer) -> tuple[int, int]:
+        """Steps 2-6 for the selected prompts; returns (prompts without a preference,
+        samples left out for a non-finite reward)."""
         mine = alg.balanced_shard(selected, self.layout.dp_rank, self.layout.dp)
         counts = [len(alg.balanced_shard(selected, r, self.layout.dp)) for r in range(self.layout.dp)]
         K = self.opt.samples_per_prompt
@@ -202,8 +232,14 @@ class PreferenceTrainer:
         with timer.phase("scoring"):
             texts = [self.tokenizer.decode(r) for r in rollouts.response_tokens]
             prompt_texts = [self.train_prompts[i] for i in mine.tolist() for _ in range(K)]
-            rewards = torch.tensor(self.reward.score(prompt_texts, texts), dtype=torch.float32).view(-1, K)
-        chosen, rejected, valid = alg.best_worst_pairs(rewards)
+            failure = None
+            try:
+                rewards = torch.tensor(self.reward.score(prompt_texts, texts), dtype=torch.float32).view(-1, K)
+            except RewardSourceError as err:
+                failure, rewards = err, torch.zeros(len(prompts), K)
+            raise_if_any_rank_failed(failure)  # before the pool is touched
+        non_finite = (~torch.isfinite(rewards)).sum(dim=1)
+        chosen, rejected, valid = alg.best_worst_pairs(rewards, drop_non_finite=True)
         rows = torch.arange(len(prompts)) * K
         new = {
             "chosen_tokens": rollouts.response_tokens[rows + chosen],
@@ -216,15 +252,20 @@ class PreferenceTrainer:
             "refreshed_at": torch.full((len(prompts),), it, dtype=torch.long),
             "ref_chosen_logps": torch.zeros(len(prompts)),
             "ref_rejected_logps": torch.zeros(len(prompts)),
+            "non_finite": non_finite,
         }
         if self.opt.cache_reference_logprobs:
             with timer.phase("reference"):
                 new["ref_chosen_logps"], new["ref_rejected_logps"] = self.reference_logprobs(prompts, new)
         with timer.phase("exchange"):
             gathered = {name: gather_rows_over_dp(value, counts) for name, value in new.items()}
-            self.pool.update(selected, gathered)
+        dropped = int(gathered["non_finite"].sum())
+        if dropped and self.cfg.reward.non_finite == "error":
+            raise RewardSourceError(f"the reward source returned {dropped} non-finite rewards at iteration {it + 1} "
+                                    f"(reward.non_finite=error; =drop leaves them out); the prompt pool was not updated")
+        self.pool.update(selected, gathered)
         self.responses_generated += len(selected) * K
-        return int(len(selected) - gathered["valid"].sum())
+        return int(len(selected) - gathered["valid"].sum()), dropped
 
     # -------------------------------------------------------------- 1. select
     def select(self, it: int) -> tuple[torch.Tensor, float]:

@@ -1,0 +1,42 @@
+"""Retries with exponential backoff and a per-call timeout around any reward source.
+
+Remote reward servers fail and stall; the trainer scores a whole batch before touching the
+pool, so a source that finally fails leaves the pool exactly as it was."""
+
+import concurrent.futures
+import time
+
+
+class RewardSourceError(RuntimeError):
+    """The reward source failed on every attempt."""
+
+
+class ResilientRewardSource:
+    def __init__(self, source, name: str, retries: int, backoff_seconds: float, timeout_seconds: float):
+        self.source, self.name = source, name
+        self.retries, self.backoff, self.timeout = retries, backoff_seconds, timeout_seconds
+        # One worker thread: a call that timed out may still be running; it is abandoned.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.failures = 0  # failed attempts so far (logged)
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        last = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            future = self._pool.submit(self.source.score, prompts, responses)
+            try:
+                rewards = future.result(timeout=self.timeout)
+            except concurrent.futures.TimeoutError:
+                last = f"timed out after {self.timeout}s"
+                self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+            except Exception as err:  # any failure of the source is retried
+                last = f"{type(err).__name__}: {err}"
+            else:
+                if len(rewards) != len(prompts):
+                    last = f"returned {len(rewards)} rewards for {len(prompts)} responses"
+                else:
+                    return [float(r) for r in rewards]
+            self.failures += 1
+        raise RewardSourceError(f"reward source {self.name!r} failed {self.retries + 1} times (last: {last}); "
+                                f"the prompt pool was not updated")

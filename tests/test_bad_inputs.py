@@ -1,0 +1,267 @@
+"""Every bad input: a clear one-line error naming the key, file:line or directory, raised
+before heavy work, and nothing already written lost."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY
+from nemo_optune.config import ConfigError, load_config, validate
+from nemo_optune.data.preference_jsonl import DataError, read_preference_jsonl
+from nemo_optune.rewards.resilient import ResilientRewardSource, RewardSourceError
+from nemo_optune.runtime import exp_dir
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.optune.rho=0", "model.optune.rho"),
+    ("model.optune.rho=1.5", "model.optune.rho"),
+    ("model.optune.samples_per_prompt=1", "model.optune.samples_per_prompt"),
+    ("model.optune.beta=0", "model.optune.beta"),
+    ("model.optune.beta=-0.1", "model.optune.beta"),
+    ("model.optune.selection=best", "model.optune.selection"),
+    ("model.optune.weighting=square", "model.optune.weighting"),
+    ("trainer.global_batch_size=60", "trainer.global_batch_size"),
+    ("data.num_train_prompts=100", "data.num_train_prompts"),
+    ("model.hypo.samples_per_prompt=1", "model.hypo.samples_per_prompt"),
+    ("method=online_dpo", "model.optune.selection"),
+    ("reward.non_finite=ignore", "reward.non_finite"),
+])
+def test_invalid_config_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"config key {key}:"):
+        load_config("optune_tiny", [override])
+
+
+@pytest.mark.parametrize("changes,world,key", [
+    ({"tensor_model_parallel_size": 2}, 3, "model.tensor_model_parallel_size"),
+    ({"tensor_model_parallel_size": 2, "num_attention_heads": 3, "hidden_size": 63}, 2, "model.num_attention_heads"),
+    ({"pipeline_model_parallel_size": 2, "num_layers": 3}, 2, "model.num_layers"),
+    ({}, 8, "trainer.global_batch_size"),  # DP8 x micro-batch 16 does not divide 64
+])
+def test_layout_errors_name_the_key(changes, world, key):
+    cfg = load_config("optune_tiny")
+    for name, value in changes.items():
+        setattr(cfg.model, name, value)
+    with pytest.raises(ConfigError, match=f"config key {key}:"):
+        validate(cfg, world_size=world)
+
+
+def test_wrong_type_and_unknown_key_are_rejected():
+    from omegaconf.errors import ValidationError
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ValidationError, match="model.optune.rho"):
+        load_config("optune_tiny", ["model.optune.rho=abc"])
+    with pytest.raises(ConfigCompositionException, match="model.optune.rhoo"):
+        load_config("optune_tiny", ["model.optune.rhoo=0.5"])
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "12>", "chosen_response": "12"', r"bad\.jsonl:2: malformed JSON"),
+    ('{"prompt": "12>", "chosen_response": "12"}', r"bad\.jsonl:2: missing field 'rejected_response'"),
+    ('{"prompt": "  ", "chosen_response": "1", "rejected_response": "2"}', r"bad\.jsonl:2: empty prompt"),
+    ('{"prompt": "21>", "chosen_response": "12", "rejected_response": "2", "chosen_reward": NaN, "rejected_reward": 0}',
+     r"bad\.jsonl:2: field 'chosen_reward' must be a finite number"),
+    ('{"prompt": "21>", "chosen_response": "12", "rejected_response": "2", "chosen_reward": 1}',
+     r"bad\.jsonl:2: give both chosen_reward and rejected_reward"),
+    ('["21>", "12", "2"]', r"bad\.jsonl:2: expected a JSON object"),
+    ('{"prompt": 5, "chosen_response": "12", "rejected_response": "2"}', r"bad\.jsonl:2: field 'prompt' must be a string"),
+])
+def test_malformed_jsonl_names_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "21>", "chosen_response": "12", "rejected_response": "21"}\n' + line + "\n")
+    with pytest.raises(DataError, match=message):
+        read_preference_jsonl(str(path))
+
+
+def test_missing_and_empty_jsonl(tmp_path):
+    with pytest.raises(DataError, match="cannot open preference file"):
+        read_preference_jsonl(str(tmp_path / "absent.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no preference records"):
+        read_preference_jsonl(str(tmp_path / "empty.jsonl"))
+
+
+class Flaky:
+    def __init__(self, failures: int, delay: float = 0.0):
+        self.failures, self.delay, self.calls = failures, delay, 0
+
+    def score(self, prompts, responses):
+        self.calls += 1
+        time.sleep(self.delay)
+        if self.calls <= self.failures:
+            raise ConnectionError("reward server unavailable")
+        return [0.5] * len(prompts)
+
+
+def test_reward_source_retries_with_backoff_then_succeeds():
+    source = ResilientRewardSource(Flaky(2), "remote", retries=3, backoff_seconds=0.01, timeout_seconds=5)
+    assert source.score(["a", "b"], ["x", "y"]) == [0.5, 0.5]
+    assert source.failures == 2
+
+
+def test_reward_source_gives_up_with_a_clear_error():
+    source = ResilientRewardSource(Flaky(10), "remote", retries=2, backoff_seconds=0.0, timeout_seconds=5)
+    with pytest.raises(RewardSourceError, match="'remote' failed 3 times .*ConnectionError: reward server unavailable"):
+        source.score(["a"], ["x"])
+
+
+def test_reward_source_timeout():
+    source = ResilientRewardSource(Flaky(0, delay=0.5), "slow", retries=1, backoff_seconds=0.0, timeout_seconds=0.05)
+    with pytest.raises(RewardSourceError, match="timed out after 0.05s"):
+        source.score(["a"], ["x"])
+
+
+# ---------------------------------------------------------------- in the trainer
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    """A trainer on an untrained policy with its pool filled (iteration 1 done)."""
+    from nemo_optune.runtime.experiment import ExperimentLog
+    from nemo_optune.trainers.common import build_task_data, setup
+    from nemo_optune.trainers.preference import PreferenceTrainer
+
+    cfg = load_config("optune_tiny", TINY + [f"exp_manager.exp_dir={tmp_path_factory.mktemp('bad')}"])
+    t = PreferenceTrainer(cfg, setup(cfg), build_task_data(cfg), ExperimentLog("", enabled=False, tensorboard=False))
+    t.model.sync_reference_to_policy()
+    t.iteration(0)
+    return t
+
+
+class Scripted:
+    def __init__(self, value):
+        self.value = value
+
+    def score(self, prompts, responses):
+        return [self.value(i) for i in range(len(prompts))]
+
+
+def _pool_unchanged_after_failure(trainer, source, error):
+    before = trainer.pool.state_dict()
+    inner = trainer.reward.source
+    trainer.reward.source = source
+    try:
+        with pytest.raises(RewardSourceError, match=error):
+            trainer.iteration(1)
+    finally:
+        trainer.reward.source = inner
+    for name, value in before.items():
+        assert torch.equal(getattr(trainer.pool, name), value), name
+
+
+def test_failing_reward_source_leaves_the_pool_untouched(trainer):
+    trainer.reward.retries, trainer.reward.backoff = 1, 0.0
+    _pool_unchanged_after_failure(trainer, Flaky(100), "failed 2 times")
+
+
+def test_non_finite_rewards_error_leaves_the_pool_untouched(trainer):
+    _pool_unchanged_after_failure(trainer, Scripted(lambda i: float("nan") if i % 5 == 0 else 0.1 * (i % 4)),
+                                  "non-finite rewards")
+
+
+def test_non_finite_rewards_dropped_and_counted(trainer):
+    trainer.cfg.reward.non_finite = "drop"
+    inner = trainer.reward.source
+    trainer.reward.source = Scripted(lambda i: float("inf") if i % 4 == 0 else 0.1 * (i % 4))
+    try:
+        record = trainer.iteration(1)
+    finally:
+        trainer.reward.source, trainer.cfg.reward.non_finite = inner, "error"
+    assert record["non_finite_rewards"] == 32  # 32 selected prompts, sample 0 of each is inf
+    fresh = trainer.pool.refreshed_at == 1
+    # the inf sample is never chosen: best is sample 3 (0.3), worst sample 1 (0.1)
+    assert torch.allclose(trainer.pool.chosen_rewards[fresh], torch.tensor(0.3))
+    assert torch.allclose(trainer.pool.rejected_rewards[fresh], torch.tensor(0.1))
+
+
+@pytest.mark.parametrize("mode", ["error", "skip", "truncate"])
+def test_long_offline_prompts(trainer, tmp_path, mode):
+    path = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": "321>", "chosen_response": "123", "rejected_response": "213"},
+            {"prompt": "98765432101234>", "chosen_response": "1", "rejected_response": "2"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    trainer.cfg.data.long_prompts = mode
+    try:
+        if mode == "error":
+            with pytest.raises(DataError, match=r"prefs\.jsonl:2: prompt has 15 tokens, over the limit of 9"):
+                trainer.offline_pool(str(path))
+            return
+        prompts, pool, too_long = trainer.offline_pool(str(path))
+    finally:
+        trainer.cfg.data.long_prompts = "error"
+    assert too_long == 1
+    assert prompts == (["321>"] if mode == "skip" else ["321>", "32101234>"])  # truncation keeps the end
+    assert len(pool) == len(prompts)
+
+
+def test_characters_outside_the_alphabet_name_file_and_line(trainer, tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps({"prompt": "21>", "chosen_response": "12", "rejected_response": "x1"}) + "\n")
+    with pytest.raises(DataError, match=r"prefs\.jsonl:1: character 'x' is not in the tokenizer alphabet"):
+        trainer.offline_pool(str(path))
+
+
+# ------------------------------------------------------------ experiment dirs
+def test_exp_dir_with_a_different_config_is_refused_and_kept(tmp_path):
+    cfg = {"method": "optune", "model": {"optune": {"rho": 0.5}, "tensor_model_parallel_size": 1}}
+    assert exp_dir.prepare(str(tmp_path), cfg, True, None, False) is None
+    marker = tmp_path / "checkpoints" / "iter_000002"
+    marker.mkdir(parents=True)
+    (marker / "trainer_state.pt").write_text("x")
+    # a layout change is a legal resume
+    moved = {**cfg, "model": {**cfg["model"], "tensor_model_parallel_size": 2}}
+    assert exp_dir.prepare(str(tmp_path), moved, True, None, False) == str(marker)
+    other = {**cfg, "model": {**cfg["model"], "optune": {"rho": 0.25}}}
+    before = (tmp_path / "config.json").read_text()
+    with pytest.raises(exp_dir.ExperimentDirError, match=r"holds a run with a different config \(model\.optune\.rho\)"):
+        exp_dir.prepare(str(tmp_path), other, True, None, False)
+    assert (tmp_path / "config.json").read_text() == before and marker.exists()
+    assert exp_dir.prepare(str(tmp_path), other, True, None, True) is None  # overwrite=true: start over
+    assert not marker.exists()
+
+
+def test_unwritable_exp_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(exp_dir.ExperimentDirError, match="config key exp_manager.exp_dir: .* is not writable"):
+        exp_dir.prepare(str(blocker / "run"), {}, True, None, False)
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_earlier_one(tmp_path, monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    from nemo_optune.run import run_experiment
+    from nemo_optune.runtime.checkpoint import CheckpointError, list_checkpoints
+
+    real_save, calls = dist_checkpointing.save, []
+
+    def save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(dist_checkpointing, "save", save)
+    cfg = load_config("optune_tiny", TINY + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.checkpoint_every=1",
+                                             "sft.steps=5"])
+    with pytest.raises(CheckpointError, match=r"iter_000001 failed \(\[Errno 28\] No space left on device\); earlier"):
+        run_experiment(cfg)  # save 1 = SFT, save 2 = iteration 1 fails
+    monkeypatch.setattr(dist_checkpointing, "save", real_save)
+    assert list_checkpoints(str(tmp_path / "checkpoints")) == []
+    assert not os.path.exists(tmp_path / "checkpoints" / "iter_000001.tmp")
+    assert os.path.isdir(tmp_path / "sft_checkpoint")  # the earlier save is intact and reused
+    summary = run_experiment(cfg)
+    assert len(summary["iterations"]) == 2 and "sft_seconds" not in summary
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_optune.py"),
+                          f"exp_manager.exp_dir={tmp_path}", "model.optune.rho=0"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "error: config key model.optune.rho: must be in (0, 1], got 0.0"
+    assert not os.listdir(tmp_path)  # refused before anything was written
