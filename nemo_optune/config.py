@@ -100,7 +100,7 @@ class GenerationConfig:
     max_new_tokens: int = 10
     micro_batch_size: int = 256  # sequences per generation forward on one DP rank
     eval_temperature: float = 1.0  # held-out reward is the mean over samples at this temperature
-    eval_samples_per_prompt: int = 1
+    eval_samples_per_prompt: int = 2
 
 
 @dataclasses.dataclass

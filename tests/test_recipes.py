@@ -1,0 +1,42 @@
+"""Every recipe in conf/ runs one iteration end to end."""
+
+import glob
+import os
+
+import pytest
+
+from conftest import ROOT, TINY
+from nemo_optune.config import load_config
+
+RECIPES = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "conf", "*.yaml"))
+                 if not p.endswith("base.yaml"))
+
+
+@pytest.fixture(scope="module")
+def offline_jsonl(tmp_path_factory):
+    from nemo_optune.data.make_offline_preferences import main
+
+    path = tmp_path_factory.mktemp("prefs") / "prefs.jsonl"
+    main(["--out", str(path), *TINY])
+    return str(path)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_runs_one_iteration(recipe, sft_checkpoint, offline_jsonl, tmp_path):
+    from nemo_optune.run import run_experiment
+
+    cfg = load_config(recipe, TINY + ["trainer.iterations=1", f"exp_manager.exp_dir={tmp_path}",
+                                      f"model.restore_from_path={sft_checkpoint}", f"data.offline_path={offline_jsonl}"])
+    summary = run_experiment(cfg)
+    assert summary["method"] == cfg.method
+    if cfg.method == "sft":
+        assert os.path.isdir(summary["checkpoint"])
+        return
+    (it,) = summary["iterations"]
+    assert 0 <= it["heldout_reward"] <= 1 and it["train_loss"] > 0 and it["optimizer_steps"] == 2
+    if cfg.method in ("dpo_offline", "hypo"):
+        assert it["regenerated"] == 0
+    else:
+        assert it["regenerated"] == 64
+    if cfg.method == "hypo":
+        assert it["hypo_kl"] != 0 and it["seconds"]["generation"] > 0
