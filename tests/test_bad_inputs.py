@@ -177,6 +177,21 @@ def test_non_finite_rewards_dropped_and_counted(trainer):
     assert torch.allclose(trainer.pool.rejected_rewards[fresh], torch.tensor(0.1))
 
 
+def test_prompts_without_any_finite_reward_keep_finite_pool_keys(trainer):
+    trainer.cfg.reward.non_finite = "drop"
+    inner = trainer.reward.source
+    trainer.reward.source = Scripted(lambda i: float("nan") if i < 8 else 0.1 * (i % 4))  # first 2 prompts: all NaN
+    try:
+        record = trainer.iteration(1)
+    finally:
+        trainer.reward.source, trainer.cfg.reward.non_finite = inner, "error"
+    assert record["non_finite_rewards"] == 8
+    assert torch.isfinite(trainer.pool.chosen_rewards).all() and torch.isfinite(trainer.pool.rejected_rewards).all()
+    first_two = torch.nonzero(trainer.pool.refreshed_at == 1).squeeze(1)[:2]
+    assert not trainer.pool.valid[first_two].any()
+    assert trainer.pool.chosen_rewards[first_two].tolist() == [0.0, 0.0]
+
+
 @pytest.mark.parametrize("mode", ["error", "skip", "truncate"])
 def test_long_offline_prompts(trainer, tmp_path, mode):
     path = tmp_path / "prefs.jsonl"

@@ -4,10 +4,11 @@ The model owns weights, log-probs and the train/inference hooks (the NeMo-Aligne
 the trainer owns the loop and hands in the loss as a function of per-sequence log-probs.
 Everything runs through megatron-core's pipeline schedules, so one code path serves TP, PP
 and DP on CPU (gloo) and GPU (NCCL). Only the gradient reduction and optimizer differ:
-a plain torch AdamW with an explicit DP all-reduce on CPU, megatron's DDP and distributed
-optimizer on GPU (see `_build_optimizer`).
+a plain torch AdamW with an explicit DP all-reduce on CPU (`_CPUOptimizer`), megatron's DDP
+and distributed optimizer on GPU (`_MegatronGPUOptimizer`).
 """
 
+import importlib.util
 from typing import Callable
 
 import torch
@@ -55,9 +56,9 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, max_seq_length: int, layout: La
         masked_softmax_fusion=on_gpu,
         apply_rope_fusion=False,
     )
-    try:
+    if importlib.util.find_spec("transformer_engine") is not None:
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    except Exception:  # TransformerEngine absent (CPU, CI): megatron's own layers
+    else:  # CPU, CI: megatron's own layers
         spec = gpt_layer_specs.get_gpt_layer_local_spec()
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not on_gpu)

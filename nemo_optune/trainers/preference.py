@@ -192,7 +192,7 @@ class PreferenceTrainer:
             ties, non_finite = self.regenerate(it, selected, timer)
             regenerated = len(selected)
             self.log.append_jsonl("selections.jsonl", {"iteration": it + 1, "regenerated": selected.tolist()})
-        if it == 0 and not self.online or not self.opt.cache_reference_logprobs:
+        if (it == 0 and not self.online) or not self.opt.cache_reference_logprobs:
             # Offline pools get their reference log-probs once; without caching, every iteration.
             with timer.phase("reference"):
                 self.refresh_all_reference_logprobs()
@@ -246,8 +246,9 @@ class PreferenceTrainer:
             "chosen_lengths": rollouts.response_lengths[rows + chosen],
             "rejected_tokens": rollouts.response_tokens[rows + rejected],
             "rejected_lengths": rollouts.response_lengths[rows + rejected],
-            "chosen_rewards": rewards.gather(1, chosen[:, None]).squeeze(1),
-            "rejected_rewards": rewards.gather(1, rejected[:, None]).squeeze(1),
+            # A prompt with no finite reward at all keeps key 0: it is regenerated first next time.
+            "chosen_rewards": torch.nan_to_num(rewards.gather(1, chosen[:, None]).squeeze(1), 0.0, 0.0, 0.0),
+            "rejected_rewards": torch.nan_to_num(rewards.gather(1, rejected[:, None]).squeeze(1), 0.0, 0.0, 0.0),
             "valid": valid,
             "refreshed_at": torch.full((len(prompts),), it, dtype=torch.long),
             "ref_chosen_logps": torch.zeros(len(prompts)),
