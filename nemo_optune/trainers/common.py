@@ -27,6 +27,8 @@ def quiet_megatron_warnings() -> None:
     # megatron-core warns once per layer about missing apex/TE; nothing to act on here.
     warnings.filterwarnings("ignore", module=r"megatron\..*")
     warnings.filterwarnings("ignore", message=".*(Apex|apex|Transformer Engine|TransformerEngine).*")
+    # dist_checkpointing still uses torch's ShardedTensor, which torch marks as deprecated.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
 
 
 def setup(cfg: RootConfig):

@@ -219,11 +219,16 @@ class PreferenceTrainer:
             },
         }
 
+    def dp_share(self, indices: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """This rank's balanced part of `indices`, and every rank's part size (for gathers)."""
+        dp = self.layout.dp
+        return (alg.balanced_shard(indices, self.layout.dp_rank, dp),
+                [len(alg.balanced_shard(indices, r, dp)) for r in range(dp)])
+
     def regenerate(self, it: int, selected: torch.Tensor, timer: PhaseTimer) -> tuple[int, int]:
         """Steps 2-6 for the selected prompts; returns (prompts without a preference,
         samples left out for a non-finite reward)."""
-        mine = alg.balanced_shard(selected, self.layout.dp_rank, self.layout.dp)
-        counts = [len(alg.balanced_shard(selected, r, self.layout.dp)) for r in range(self.layout.dp)]
+        mine, counts = self.dp_share(selected)
         K = self.opt.samples_per_prompt
         prompts = [self.train_ids[i] for i in mine.tolist()]
         with timer.phase("generation"):
@@ -298,9 +303,7 @@ class PreferenceTrainer:
         return logps[: len(prompts)], logps[len(prompts):]
 
     def refresh_all_reference_logprobs(self) -> None:
-        everything = torch.arange(len(self.pool))
-        mine = alg.balanced_shard(everything, self.layout.dp_rank, self.layout.dp)
-        counts = [len(alg.balanced_shard(everything, r, self.layout.dp)) for r in range(self.layout.dp)]
+        mine, counts = self.dp_share(torch.arange(len(self.pool)))
         ref_c, ref_r = self.reference_logprobs([self.train_ids[i] for i in mine.tolist()], self.pool.rows(mine))
         self.pool.ref_chosen_logps.copy_(gather_rows_over_dp(ref_c, counts))
         self.pool.ref_rejected_logps.copy_(gather_rows_over_dp(ref_r, counts))
@@ -417,8 +420,7 @@ class PreferenceTrainer:
         KL estimate is the mean of log pi(y) - log ref(y) over those samples (exact in
         expectation when eval_temperature is 1)."""
         g = self.cfg.generation
-        everything = torch.arange(len(self.heldout_ids))
-        mine = alg.balanced_shard(everything, self.layout.dp_rank, self.layout.dp).tolist()
+        mine = self.dp_share(torch.arange(len(self.heldout_ids)))[0].tolist()
         prompts = [self.heldout_ids[i] for i in mine]
         rollouts = self.engine.generate(prompts, g.eval_samples_per_prompt,
                                         sampling_params(self.cfg, g.eval_temperature),
