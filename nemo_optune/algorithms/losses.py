@@ -21,6 +21,7 @@ def ipo_loss(margin: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def preference_loss(margin: torch.Tensor, beta: float, loss_type: str) -> torch.Tensor:
+    """Per-pair loss of the configured type: dpo_loss or ipo_loss."""
     if loss_type == "dpo":
         return dpo_loss(margin, beta)
     if loss_type == "ipo":

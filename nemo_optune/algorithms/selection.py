@@ -28,6 +28,7 @@ def select_lowest(keys: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def select_random(num_prompts: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """A uniform random subset of `count` indices, ascending; reproducible through `generator`."""
     return torch.randperm(num_prompts, generator=generator)[:count].sort().values
 
 
