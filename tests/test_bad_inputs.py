@@ -280,3 +280,11 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == "error: config key model.optune.rho: must be in (0, 1], got 0.0"
     assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+def test_vocabulary_not_divisible_by_tp_names_the_key():
+    from nemo_optune.trainers.common import check_vocab
+
+    check_vocab(16, 4)
+    with pytest.raises(ValueError, match="config key model.tensor_model_parallel_size: vocabulary 16 is not divisible by TP=3"):
+        check_vocab(16, 3)

@@ -81,7 +81,7 @@ def write_report(path: str, summary: dict) -> None:
     iters = summary["iterations"]
     xs = list(range(len(iters) + 1))
     rewards = [summary["heldout_reward_initial"]] + [it["heldout_reward"] for it in iters]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 4))
     left.plot(xs, rewards, marker="o")
     left.set_xlabel("iteration (0 = SFT start)")
     left.set_ylabel("held-out mean reward")
@@ -99,7 +99,7 @@ def write_report(path: str, summary: dict) -> None:
     right.set_xlabel("iteration")
     right.set_ylabel("seconds (held-out eval excluded)")
     right.set_title("time per iteration")
-    right.legend()
+    right.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
