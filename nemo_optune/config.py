@@ -29,6 +29,9 @@ class TrainerConfig:
     micro_batch_size: int = 16  # pairs per forward/backward on one DP rank
     epochs_per_iteration: int = 1  # passes over the pool per iteration
     lr: float = 3e-4
+    lr_warmup_steps: int = 0
+    lr_decay: str = "constant"  # constant | cosine | linear (to min_lr over the run's optimizer steps)
+    min_lr: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 1234
@@ -200,6 +203,9 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _require(cfg.model.hypo.kl_weight >= 0, "model.hypo.kl_weight", "must be >= 0")
     _require(t.iterations >= 1, "trainer.iterations", f"must be >= 1, got {t.iterations}")
     _require(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
+    _one_of(t.lr_decay, ("constant", "cosine", "linear"), "trainer.lr_decay")
+    _require(t.lr_warmup_steps >= 0, "trainer.lr_warmup_steps", "must be >= 0")
+    _require(0 <= t.min_lr <= t.lr, "trainer.min_lr", f"must be in [0, trainer.lr], got {t.min_lr}")
     _require(g.temperature >= 0, "generation.temperature", "must be >= 0 (0 = greedy)")
     _require(0 < g.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {g.top_p}")
     _require(g.top_k >= 0, "generation.top_k", "must be >= 0 (0 = off)")

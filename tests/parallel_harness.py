@@ -17,6 +17,9 @@ def _free_port() -> int:
 
 
 def _env(rank: int, world: int, port: int) -> None:
+    # Own process group: megatron's checkpoint writer starts a multiprocessing Manager
+    # process, which a SIGKILLed rank would leave behind; the harness kills the whole group.
+    os.setsid()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # 2 cores shared by up to 4 processes
@@ -89,14 +92,28 @@ def run_layout(world: int, overrides: list[str], out_path: str, capture_iteratio
     """Run to the end and return rank 0's results; with `kill_at`, expect the SIGKILL and return None."""
     args = (world, _free_port(), overrides, out_path, capture_iteration, kill_at)
     if kill_at is None:
-        mp.spawn(_worker, args=args, nprocs=world, join=True)
+        _spawn(_worker, args, world)
         return torch.load(out_path, weights_only=False)
     try:
-        mp.spawn(_worker, args=args, nprocs=world, join=True)
+        _spawn(_worker, args, world)
     except mp.ProcessExitedException as err:
-        assert err.exit_code == -signal.SIGKILL or err.signal_name == "SIGKILL" or err.exit_code is not None
+        assert err.signal_name == "SIGKILL", err
         return None
     raise AssertionError(f"the run was not killed at {kill_at}")
+
+
+def _spawn(fn, args, world: int) -> None:
+    """mp.spawn, then kill whatever the ranks left behind (each rank leads its own group)."""
+    context = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
+    try:
+        while not context.join():
+            pass
+    finally:
+        for process in context.processes:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def _loss_worker(rank, world, port, overrides, checkpoint, out_path):
@@ -131,5 +148,5 @@ def _loss_worker(rank, world, port, overrides, checkpoint, out_path):
 
 
 def loss_at_layout(world: int, overrides: list[str], checkpoint: str, out_path: str) -> dict:
-    mp.spawn(_loss_worker, args=(world, _free_port(), overrides, checkpoint, out_path), nprocs=world, join=True)
+    _spawn(_loss_worker, (world, _free_port(), overrides, checkpoint, out_path), world)
     return torch.load(out_path, weights_only=False)

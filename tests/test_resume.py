@@ -9,7 +9,9 @@ import torch
 from conftest import TINY
 from parallel_harness import loss_at_layout, run_layout
 
-RUN = TINY + ["trainer.iterations=3", "exp_manager.checkpoint_every=1", "exp_manager.keep_last=2"]
+# Warm-up + cosine decay: a resumed run must also pick the learning-rate schedule up where it was.
+RUN = TINY + ["trainer.iterations=3", "exp_manager.checkpoint_every=1", "exp_manager.keep_last=2",
+              "trainer.lr_warmup_steps=2", "trainer.lr_decay=cosine", "trainer.min_lr=3e-5"]
 TP2 = ["model.tensor_model_parallel_size=2"]
 KILL_POINTS = [("generation", 1), ("training", 2), ("checkpoint", 1)]
 
@@ -20,7 +22,8 @@ def _assert_identical(got: dict, ref: dict) -> None:
     assert got["weights"].keys() == ref["weights"].keys()
     for key, value in ref["weights"].items():
         assert torch.equal(got["weights"][key], value), f"weight {key} differs"
-    assert [i["train_loss"] for i in got["summary"]["iterations"]] == [i["train_loss"] for i in ref["summary"]["iterations"]]
+    for key in ("train_loss", "lr"):
+        assert [i[key] for i in got["summary"]["iterations"]] == [i[key] for i in ref["summary"]["iterations"]], key
 
 
 @pytest.fixture(scope="module", params=["tp1", "tp2"])

@@ -104,6 +104,10 @@ class _CPUOptimizer:
         self.torch_opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.grad_clip = grad_clip
 
+    def set_lr(self, lr: float) -> None:
+        for group in self.torch_opt.param_groups:
+            group["lr"] = lr
+
     def zero_grad(self) -> None:
         self.torch_opt.zero_grad(set_to_none=False)
         for p in self.params:
@@ -184,6 +188,10 @@ class _MegatronGPUOptimizer:
             [self.ddp],
         )
 
+    def set_lr(self, lr: float) -> None:
+        for group in self.megatron_opt.param_groups:
+            group["lr"] = lr
+
     def zero_grad(self) -> None:
         self.ddp.zero_grad_buffer()
         self.megatron_opt.zero_grad()
@@ -206,7 +214,8 @@ class MegatronGPTOPTuneModel:
     """Policy + frozen reference; response log-probs; train and inference hooks."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, seq_length: int, layout: Layout, seed: int,
-                 lr: float, weight_decay: float, grad_clip: float, with_reference: bool = True):
+                 lr: float, weight_decay: float, grad_clip: float, with_reference: bool = True,
+                 lr_schedule: Callable[[int], float] | None = None):
         self.cfg = cfg
         self.layout = layout
         self.vocab_size = vocab_size
@@ -224,6 +233,8 @@ class MegatronGPTOPTuneModel:
             self.optimizer = _CPUOptimizer(self.policy, lr, weight_decay, grad_clip)
             self._train_module = self.policy
         self.device = next(self.policy.parameters()).device
+        self.lr_schedule = lr_schedule or (lambda step: lr)
+        self.optimizer_steps = 0  # the schedule's position; checkpointed with the trainer state
 
     # ----------------------------------------------------------------- weights
     def sync_reference_to_policy(self) -> None:
@@ -341,8 +352,12 @@ class MegatronGPTOPTuneModel:
         return self._run_schedule(self._train_module, micro_batches, forward_only=False, output_fn=output_fn, with_labels=True)
 
     def finish_training_step(self) -> float:
-        """Reduce gradients over DP, clip by the global norm, step. Returns the grad norm."""
-        return self.optimizer.step()
+        """Reduce gradients over DP, clip by the global norm, step at the scheduled learning
+        rate. Returns the grad norm."""
+        self.optimizer.set_lr(self.lr_schedule(self.optimizer_steps))
+        norm = self.optimizer.step()
+        self.optimizer_steps += 1
+        return norm
 
     def train_step(self, micro_batches: list[dict], loss_fn: MicroBatchLoss) -> tuple[list[dict], float]:
         self.prepare_for_training_step()

@@ -14,6 +14,7 @@ prompt for the RLOO reverse-KL term.
 """
 
 import dataclasses
+import functools
 import time
 
 import torch
@@ -36,6 +37,7 @@ from nemo_optune.runtime.checkpoint import (
 from nemo_optune.runtime.distributed import Layout, gather_rows_over_dp, raise_if_any_rank_failed, sum_over_dp
 from nemo_optune.runtime.exp_dir import checkpoints_root
 from nemo_optune.runtime.experiment import ExperimentLog, PhaseTimer, peak_rss_mb
+from nemo_optune.runtime.lr_schedule import learning_rate
 from nemo_optune.trainers.common import TaskData, check_vocab, mix_seed, sampling_params, sequence_width
 
 TIMED_PHASES = ("selection", "generation", "scoring", "reference", "exchange", "training")
@@ -60,8 +62,11 @@ class PreferenceTrainer:
             self.train_prompts, self.pool, self.long_prompts = self.offline_pool(cfg.data.offline_path)
         self.train_ids = [tok.encode(p) for p in self.train_prompts]
         t = cfg.trainer
-        self.model = MegatronGPTOPTuneModel(cfg.model, tok.vocab_size, self.width, layout, seed=t.seed,
-                                            lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
+        total_steps = t.iterations * t.epochs_per_iteration * (len(self.pool) // t.global_batch_size)
+        schedule = functools.partial(learning_rate, base_lr=t.lr, warmup_steps=t.lr_warmup_steps,
+                                     total_steps=total_steps, decay=t.lr_decay, min_lr=t.min_lr)
+        self.model = MegatronGPTOPTuneModel(cfg.model, tok.vocab_size, self.width, layout, seed=t.seed, lr=t.lr,
+                                            weight_decay=t.weight_decay, grad_clip=t.grad_clip, lr_schedule=schedule)
         self.engine = MegatronInProcessEngine(self.model, tok.eos_id, tok.pad_id, cfg.generation.micro_batch_size)
         r = cfg.reward
         self.reward = ResilientRewardSource(TaskReward(data.task), r.source, r.retries, r.backoff_seconds, r.timeout_seconds)
@@ -125,6 +130,8 @@ class PreferenceTrainer:
             "history": self.history,
             "responses_generated": self.responses_generated,
             "initial": self.initial,
+            "optimizer_steps": self.model.optimizer_steps,  # the LR schedule's position
+            "config": as_dict(self.cfg),
         }
 
     def save_checkpoint(self) -> str:
@@ -142,6 +149,7 @@ class PreferenceTrainer:
         self.history = state["history"]
         self.responses_generated = state["responses_generated"]
         self.initial = state["initial"]
+        self.model.optimizer_steps = state["optimizer_steps"]
         self.log.print(f"[resume] from {path}: {len(self.history)} iterations done")
 
     def checkpoint_due(self, iterations_done: int) -> bool:
@@ -345,6 +353,7 @@ class PreferenceTrainer:
             "train_margin": float(totals[3]) / pairs,
             "hypo_kl": float(totals[4]) / steps,
             "grad_norm": sum(grad_norms) / steps,
+            "lr": self.model.lr_schedule(max(0, self.model.optimizer_steps - 1)),
             "optimizer_steps": len(grad_norms),
         }
 
