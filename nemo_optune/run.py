@@ -4,9 +4,9 @@ import os
 import sys
 import time
 
-from nemo_optune.config import RootConfig, as_dict
 import torch.distributed as dist
 
+from nemo_optune.config import RootConfig, as_dict
 from nemo_optune.runtime import distributed, exp_dir
 from nemo_optune.runtime.experiment import ExperimentLog, write_report
 from nemo_optune.trainers.common import build_task_data, setup, sft_checkpoint_dir
