@@ -92,6 +92,13 @@ def run_all(args) -> dict:
     return {"sft": sft, "runs": runs}
 
 
+def rho_label(cfg: dict):
+    """The configured rho, "adaptive", or None for the offline methods."""
+    if cfg["method"] not in ("optune", "online_dpo"):
+        return None
+    return "adaptive" if cfg["model"]["optune"]["adaptive_rho"]["enabled"] else cfg["model"]["optune"]["rho"]
+
+
 def summarise(runs: dict, slack: float) -> tuple[list[dict], float]:
     target = median(s["heldout_reward_final"] for s in runs["online_dpo"]) - slack
     online_seconds = median(sum(i["seconds"]["total"] for i in s["iterations"]) for s in runs["online_dpo"])
@@ -105,7 +112,7 @@ def summarise(runs: dict, slack: float) -> tuple[list[dict], float]:
         rows.append({
             "method": name,
             "recipe_method": cfg["method"],
-            "rho": cfg["model"]["optune"]["rho"] if cfg["method"] in ("optune", "online_dpo") else None,
+            "rho": rho_label(cfg),
             "heldout_reward_initial": median(s["heldout_reward_initial"] for s in summaries),
             "heldout_reward_final": median(s["heldout_reward_final"] for s in summaries),
             "heldout_reward_best": median(max(i["heldout_reward"] for i in s["iterations"]) for s in summaries),
@@ -140,7 +147,7 @@ def markdown(rows: list[dict], target: float, args) -> str:
     for r in rows:
         s = r["seconds_split"]
         lines.append(
-            f"| {r['method']} | {fmt(r['rho'], '.2f')} | {fmt(r['heldout_reward_final'], '.4f')} | "
+            f"| {r['method']} | {r['rho'] if isinstance(r['rho'], str) else fmt(r['rho'], '.2f')} | {fmt(r['heldout_reward_final'], '.4f')} | "
             f"{fmt(r['heldout_reward_best'], '.4f')} | {fmt(r['heldout_kl_final'])} | {fmt(r['train_seconds'], '.2f')} | "
             f"{fmt(r['seconds_to_target'], '.2f')} ({r['seeds_reaching_target']}/{args.seeds}) | "
             f"{fmt(r['speedup_to_target_vs_online_dpo'], '.2f')} | {r['responses_generated']:.0f} | "
