@@ -54,3 +54,30 @@ def test_layout_matches_single_process(name, single, tmp_path):
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
     for key, w in ref["weights"].items():
         assert _relative_error(got["weights"][key], w) < 1e-5, key
+
+
+@pytest.fixture(scope="module")
+def hypo_single(sft_checkpoint, tmp_path_factory):
+    """HyPO (offline pairs + online samples for the KL term) in one process."""
+    from nemo_optune.data.make_offline_preferences import main as make_preferences
+
+    root = tmp_path_factory.mktemp("hypo")
+    make_preferences(["--out", str(root / "prefs.jsonl"), *TINY])
+    base = TINY + ["method=hypo", f"data.offline_path={root / 'prefs.jsonl'}", "model.optune.weighting=none",
+                   f"model.restore_from_path={sft_checkpoint}"]
+    return base, run_layout(1, base + [f"exp_manager.exp_dir={root / 'run'}"], str(root / "result.pt"))
+
+
+@pytest.mark.parametrize("name", ["tp2", "pp2"])
+def test_hypo_layout_matches_single_process(name, hypo_single, tmp_path):
+    base, ref = hypo_single
+    world, layout_overrides = LAYOUTS[name]
+    got = run_layout(world, base + layout_overrides + [f"exp_manager.exp_dir={tmp_path / 'run'}"],
+                     str(tmp_path / "result.pt"))
+    for it_ref, it_got in zip(ref["summary"]["iterations"], got["summary"]["iterations"]):
+        for key in ("train_loss", "hypo_kl", "heldout_kl"):
+            assert it_got[key] == pytest.approx(it_ref[key], rel=1e-5), key
+    for key, g in ref["grads"].items():
+        assert _relative_error(got["grads"][key], g) < 1e-5, key
+    for key, w in ref["weights"].items():
+        assert _relative_error(got["weights"][key], w) < 1e-5, key
