@@ -78,7 +78,7 @@ def test_iteration_selects_lowest_keys_and_leaves_the_rest_untouched(trainer):
     torch.testing.assert_close(trainer.pool.ref_chosen_logps, fresh_c, atol=1e-5, rtol=0)
 
 
-def test_ties_are_counted_and_carry_no_loss(trainer):
+def test_pool_pairs_are_valid_exactly_when_their_rewards_differ(trainer):
     pool = trainer.pool
     tied = pool.chosen_rewards == pool.rejected_rewards
     assert torch.equal(~tied, pool.valid)

@@ -68,7 +68,10 @@ def prepare(exp_dir: str, config: dict, resume_if_exists: bool, resume_from: str
         if changed:  # overwrite asked for: the old run's outputs go
             for name in ("checkpoints", "sft_checkpoint", "selections.jsonl", "summary.json"):
                 path = os.path.join(exp_dir, name)
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
 
     resume = resume_from
     if resume is None and resume_if_exists:
