@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_optune.config import ModelConfig
-from nemo_optune.runtime.distributed import Layout
+from nemo_optune.runtime.distributed import Layout, sum_over_dp
 
 # A loss over one micro-batch: (micro_batch, per-sequence response log-probs) -> (loss, metrics).
 # The loss must already be scaled by the GLOBAL normaliser, so that summing it over
@@ -297,9 +297,11 @@ class MegatronGPTOPTuneModel:
                        group=mpu.get_pipeline_model_parallel_group())
         return tensor
 
-    def metrics_from_last_stage(self, values: torch.Tensor) -> torch.Tensor:
-        """Loss metrics exist on the last stage only; give every stage (and rank 0) a copy."""
-        return self._from_last_stage(values if self.layout.is_last_stage else None, values.shape, values.dtype)
+    def global_metric_sums(self, values: torch.Tensor) -> torch.Tensor:
+        """Loss metrics exist on the last stage only: sum them over DP there, then give every
+        stage (rank 0 logs) a copy."""
+        summed = sum_over_dp(values) if self.layout.is_last_stage else None
+        return self._from_last_stage(summed, values.shape, values.dtype)
 
     # --------------------------------------------------------------- log-probs
     @torch.no_grad()

@@ -344,7 +344,7 @@ class PreferenceTrainer:
                 grad_norms.append(grad_norm)
                 for m in metrics:
                     totals += torch.stack([m["loss"], m["pairs"], m["correct"], m["margin"], m["kl"]]).float()
-        totals = self.model.metrics_from_last_stage(sum_over_dp(totals) if self.layout.is_last_stage else totals)
+        totals = self.model.global_metric_sums(totals)
         steps = max(1, len(grad_norms))
         pairs = max(1.0, float(totals[1]))
         return {

@@ -9,7 +9,7 @@ from nemo_optune.config import RootConfig
 from nemo_optune.data.pool import build_sequences
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 from nemo_optune.runtime.checkpoint import save_model
-from nemo_optune.runtime.distributed import Layout, sum_over_dp
+from nemo_optune.runtime.distributed import Layout
 from nemo_optune.trainers.common import TaskData, check_vocab, mix_seed, sequence_width
 
 
@@ -68,7 +68,7 @@ def run_sft(cfg: RootConfig, layout: Layout, data: TaskData, out_dir: str, log=p
         metrics, _ = model.train_step(micro_batches, token_nll_loss(total_tokens))
         if (step + 1) % max(1, s.steps // 5) == 0 or step + 1 == s.steps:
             local = torch.stack([m["loss"] for m in metrics]).sum() if metrics else torch.zeros(())
-            loss_value = float(model.metrics_from_last_stage(sum_over_dp(local) if layout.is_last_stage else local))
+            loss_value = float(model.global_metric_sums(local))
             log(f"[sft] step {step + 1}/{s.steps}  token NLL {loss_value:.4f}")
     save_model(model.policy, out_dir)
     return {"sft_seconds": time.perf_counter() - start, "sft_steps": s.steps, "sft_final_loss": loss_value}
