@@ -3,15 +3,7 @@
   python examples/train_sft.py --config-name sft_tiny exp_manager.exp_dir=/tmp/sft
 """
 
-import hydra
-
 from nemo_optune.run import main
 
-
-@hydra.main(config_path="../conf", config_name="sft_tiny", version_base=None)
-def train(cfg) -> None:
-    main(cfg)
-
-
 if __name__ == "__main__":
-    train()
+    main(default_config="sft_tiny")

@@ -77,6 +77,7 @@ class ModelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     precision: str = "fp32"  # fp32 | bf16 (bf16 needs a GPU)
+    distributed_optimizer: bool = True  # GPU: shard optimizer state over DP (megatron DDP + optimizer)
     restore_from_path: Optional[str] = None  # SFT checkpoint; null = run the SFT warm start first
     optune: OPTuneConfig = field(default_factory=OPTuneConfig)
     hypo: HyPOConfig = field(default_factory=HyPOConfig)
@@ -102,7 +103,8 @@ class GenerationConfig:
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 10
     micro_batch_size: int = 256  # sequences per generation forward on one DP rank
-    eval_temperature: float = 1.0  # held-out reward is the mean over samples at this temperature
+    # Held-out evaluation samples from the policy itself (temperature 1, no top-p/top-k), so
+    # its reverse-KL estimate is unbiased; this many samples per held-out prompt.
     eval_samples_per_prompt: int = 2
 
 
@@ -197,6 +199,8 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _require(o.beta > 0, "model.optune.beta", f"must be > 0, got {o.beta}")
     _require(o.weight_cap is None or o.weight_cap > 0, "model.optune.weight_cap", f"must be > 0 or null, got {o.weight_cap}")
     _require(o.sft_weight >= 0, "model.optune.sft_weight", f"must be >= 0, got {o.sft_weight}")
+    _require(o.weight_beta >= 0, "model.optune.weight_beta",
+             f"must be >= 0 (a negative value weighs the least reliable pairs most), got {o.weight_beta}")
     a = o.adaptive_rho
     _require(0 < a.rho_min <= a.rho_max <= 1, "model.optune.adaptive_rho", f"need 0 < rho_min <= rho_max <= 1, got {a.rho_min}, {a.rho_max}")
     _require(cfg.model.hypo.samples_per_prompt >= 2, "model.hypo.samples_per_prompt", "the RLOO baseline needs k >= 2")
@@ -210,8 +214,11 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _require(0 < g.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {g.top_p}")
     _require(g.top_k >= 0, "generation.top_k", "must be >= 0 (0 = off)")
     _require(g.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
+    _require(g.eval_samples_per_prompt >= 1, "generation.eval_samples_per_prompt", "must be >= 1")
     d = cfg.data
     _require(1 <= d.min_digits <= d.max_digits, "data.min_digits", f"need 1 <= min_digits <= max_digits, got {d.min_digits}, {d.max_digits}")
+    _require(g.max_new_tokens >= d.max_digits + 1, "generation.max_new_tokens",
+             f"{g.max_new_tokens} cannot hold the task's longest answer ({d.max_digits} digits of data.max_digits + EOS)")
     _require(d.num_train_prompts >= 1, "data.num_train_prompts", "must be >= 1")
     _require(d.num_heldout_prompts >= 1, "data.num_heldout_prompts", "must be >= 1")
     _require(0 <= cfg.sft.demonstration_noise <= 1, "sft.demonstration_noise", "must be in [0, 1]")
@@ -221,6 +228,10 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
         _require(o.selection == "all", "model.optune.selection", "online_dpo regenerates every prompt: use selection=all (or method=optune)")
     if cfg.method in ("dpo_offline", "hypo"):
         _require(bool(d.offline_path), "data.offline_path", f"method {cfg.method} needs a preference JSONL")
+    if cfg.method == "hypo":  # RLOO estimates KL(pi || ref) only from samples of pi itself
+        _require(g.temperature == 1.0, "generation.temperature", f"HyPO's KL samples must come from the policy: 1.0, got {g.temperature}")
+        _require(g.top_p == 1.0, "generation.top_p", f"HyPO's KL samples must come from the policy: 1.0, got {g.top_p}")
+        _require(g.top_k == 0, "generation.top_k", f"HyPO's KL samples must come from the policy: 0, got {g.top_k}")
     validate_layout(cfg, world_size)
 
 
@@ -260,7 +271,12 @@ def conf_dir() -> str:
 
 def load_config(config_name: str, overrides: list[str] = ()) -> RootConfig:
     """Compose a recipe from conf/ with command-line-style overrides (as the launchers do)."""
+    import os
+
     from hydra import compose, initialize_config_dir
 
+    if not os.path.exists(os.path.join(conf_dir(), f"{config_name}.yaml")):
+        recipes = sorted(n[:-5] for n in os.listdir(conf_dir()) if n.endswith(".yaml") and n != "base.yaml")
+        raise ConfigError(f"--config-name {config_name}: no recipe conf/{config_name}.yaml (recipes: {', '.join(recipes)})")
     with initialize_config_dir(config_dir=conf_dir(), version_base=None):
         return to_typed(compose(config_name=config_name, overrides=list(overrides)))

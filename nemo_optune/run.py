@@ -7,41 +7,56 @@ import time
 import torch.distributed as dist
 
 from nemo_optune.config import RootConfig, as_dict
+from nemo_optune.data.task_data import build_task_data
 from nemo_optune.runtime import distributed, exp_dir
+from nemo_optune.runtime.checkpoint import newest_intact_checkpoint
 from nemo_optune.runtime.experiment import ExperimentLog, write_report
-from nemo_optune.trainers.common import build_task_data, setup, sft_checkpoint_dir
+from nemo_optune.trainers.common import setup, sft_checkpoint_dir
 from nemo_optune.trainers.preference import PreferenceTrainer
 from nemo_optune.trainers.sft import run_sft
 
 
-def _prepare_exp_dir(cfg: RootConfig, layout) -> str | None:
-    """Rank 0 checks the experiment directory; every rank gets its verdict (or its error)."""
-    verdict = [None, None]
+def _claim_exp_dir(cfg: RootConfig, layout):
+    """Rank 0 checks, locks and prepares the experiment directory; every rank gets its
+    verdict (the checkpoint to resume, AUTO or None) or its error. Returns (verdict, lock)."""
+    verdict, handle = [None, None], None
     if layout.is_logging_rank:
         e = cfg.exp_manager
         try:
+            exp_dir.check_writable(e.exp_dir)
+            handle = exp_dir.lock(e.exp_dir)
             verdict[0] = exp_dir.prepare(e.exp_dir, as_dict(cfg), e.resume_if_exists, e.resume_from, e.overwrite)
         except exp_dir.ExperimentDirError as err:
             verdict[1] = str(err)
     dist.broadcast_object_list(verdict, src=0)
     if verdict[1]:
         raise exp_dir.ExperimentDirError(verdict[1])
-    return verdict[0]
+    return verdict[0], handle
 
 
 def run_experiment(cfg: RootConfig) -> dict:
     start = time.perf_counter()
     layout = setup(cfg)
-    resume = _prepare_exp_dir(cfg, layout)
-    log = ExperimentLog(cfg.exp_manager.exp_dir, enabled=layout.is_logging_rank, tensorboard=cfg.exp_manager.tensorboard)
-    data = build_task_data(cfg)
+    resume, lock = _claim_exp_dir(cfg, layout)
+    try:
+        log = ExperimentLog(cfg.exp_manager.exp_dir, enabled=layout.is_logging_rank,
+                            tensorboard=cfg.exp_manager.tensorboard)
+        try:
+            return _run(cfg, layout, log, resume, start)
+        finally:
+            log.close()
+    finally:
+        if lock is not None:
+            lock.close()
 
+
+def _run(cfg: RootConfig, layout, log: ExperimentLog, resume: str | None, start: float) -> dict:
+    data = build_task_data(cfg.data)
     if cfg.method == "sft":
         stats = run_sft(cfg, layout, data, sft_checkpoint_dir(cfg), log=log.print)
         summary = {"method": "sft", "config": as_dict(cfg), "layout": layout.as_dict(), **stats,
                    "checkpoint": sft_checkpoint_dir(cfg), "wall_seconds": time.perf_counter() - start}
         log.write_json("summary.json", summary)
-        log.close()
         return summary
 
     trainer = PreferenceTrainer(cfg, layout, data, log)  # reads and checks its data first
@@ -54,7 +69,10 @@ def run_experiment(cfg: RootConfig) -> dict:
         else:
             log.print(f"[sft] no model.restore_from_path: SFT warm start into {restore}")
             sft_stats = run_sft(cfg, layout, data, restore, log=log.print)
-    trainer.load_sft(restore)
+    trainer.model.load_policy(restore)
+    trainer.model.sync_reference_to_policy()
+    if resume == exp_dir.AUTO:
+        resume = newest_intact_checkpoint(cfg.exp_manager.exp_dir, trainer.model.architecture(), warn=log.print)
     if resume:
         trainer.resume(resume)
     if layout.is_logging_rank:  # records of iterations after the checkpoint are redone
@@ -65,7 +83,6 @@ def run_experiment(cfg: RootConfig) -> dict:
     log.write_json("summary.json", summary)
     if cfg.exp_manager.report and layout.is_logging_rank:
         write_report(os.path.join(cfg.exp_manager.exp_dir, "report.png"), summary)
-    log.close()
     return summary
 
 
@@ -77,26 +94,56 @@ def one_line(err: BaseException) -> str:
     return f"config key {key}: {text}" if key and key not in text else text
 
 
-def main(cfg) -> None:
-    """Entry point shared by the example launchers: typed config in, experiment out.
-    Bad input exits with status 2 and one line naming the key, file or line."""
+def fail(message: str) -> None:
+    """The one-line error and exit status 2; with several ranks, rank 0 prints it."""
+    if distributed.world_from_env()[0] == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def parse_args(argv: list[str], default_config: str) -> tuple[str, list[str]]:
+    """(recipe name, overrides) from `[--config-name NAME | -cn NAME] key=value ...`."""
+    name, overrides, args = default_config, [], list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("--config-name", "-cn"):
+            if not args:
+                raise ValueError(f"{arg} needs a recipe name")
+            name = args.pop(0)
+        elif arg.startswith("--config-name="):
+            name = arg.split("=", 1)[1]
+        elif arg.startswith("-") or "=" not in arg:
+            raise ValueError(f"unknown argument {arg!r}: expected --config-name NAME and key=value overrides")
+        else:
+            overrides.append(arg)
+    return name, overrides
+
+
+def main(argv: list[str] | None = None, default_config: str = "optune_tiny") -> None:
+    """Entry point of the launchers: a recipe from conf/ plus key=value overrides (Hydra
+    syntax), experiment out. Bad input exits with status 2 and one line naming the key,
+    file or line (rank 0 prints it)."""
+    from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from nemo_optune.config import to_typed
+    from nemo_optune.config import load_config
     from nemo_optune.data.preference_jsonl import DataError
     from nemo_optune.rewards.resilient import RewardSourceError
     from nemo_optune.runtime.checkpoint import CheckpointError
 
     try:
-        typed = to_typed(cfg)
+        name, overrides = parse_args(sys.argv[1:] if argv is None else argv, default_config)
+        typed = load_config(name, overrides)
         summary = run_experiment(typed)
-    except (ValueError, DataError, OmegaConfBaseException, FileNotFoundError, exp_dir.ExperimentDirError,
-            CheckpointError, RewardSourceError) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    except (ValueError, DataError, OmegaConfBaseException, HydraException, exp_dir.ExperimentDirError,
+            CheckpointError, RewardSourceError, OSError) as err:  # OSError: e.g. a full disk while writing outputs
+        fail(one_line(err))
     if distributed.world_from_env()[0] == 0:
-        print(f"[done] held-out reward {summary.get('heldout_reward_initial', float('nan')):.4f} -> "
-              f"{summary.get('heldout_reward_final', float('nan')):.4f} in {summary['wall_seconds']:.1f}s, "
-              f"peak RSS {summary.get('peak_rss_mb', 0):.0f} MB")
+        if "heldout_reward_final" in summary:
+            print(f"[done] held-out reward {summary['heldout_reward_initial']:.4f} -> "
+                  f"{summary['heldout_reward_final']:.4f} in {summary['wall_seconds']:.1f}s, "
+                  f"peak RSS {summary['peak_rss_mb']:.0f} MB")
+        else:
+            print(f"[done] {summary['method']} in {summary['wall_seconds']:.1f}s")
         print(os.path.abspath(typed.exp_manager.exp_dir))
     distributed.shutdown()

@@ -83,7 +83,7 @@ def _worker(rank, world, port, overrides, out_path, capture_iteration, kill_at):
     summary = run_experiment(load_config("optune_tiny", overrides))
     weights = state["trainer"].model.export_weights() if state["trainer"] else {}
     if rank == 0:
-        pool = state["trainer"].pool.state_dict() if state["trainer"] else None
+        pool = state["trainer"].pool.pool.state_dict() if state["trainer"] else None
         torch.save({"summary": summary, "pool": pool, "weights": weights, **captured}, out_path)
     distributed.shutdown()
 
@@ -117,33 +117,31 @@ def _spawn(fn, args, world: int) -> None:
 
 
 def _loss_worker(rank, world, port, overrides, checkpoint, out_path):
-    """Resume `checkpoint` under this layout and compute the preference loss of the pool's
-    first global batch (forward only)."""
+    """Resume `checkpoint` under this layout and compute, forward only, the preference loss
+    of the pool's first global batch through the trainer's own batch and loss assembly."""
     _env(rank, world, port)
-    from nemo_optune import algorithms as alg
     from nemo_optune.config import load_config
+    from nemo_optune.data.task_data import build_task_data
     from nemo_optune.runtime import distributed
     from nemo_optune.runtime.experiment import ExperimentLog
-    from nemo_optune.trainers.common import build_task_data, setup
+    from nemo_optune.trainers.common import setup
     from nemo_optune.trainers.preference import PreferenceTrainer
+    from nemo_optune.trainers.preference_loss import pair_sequences
 
     cfg = load_config("optune_tiny", overrides)
     layout = setup(cfg)
-    trainer = PreferenceTrainer(cfg, layout, build_task_data(cfg), ExperimentLog("", enabled=False, tensorboard=False))
-    trainer.load_sft(cfg.model.restore_from_path)
+    trainer = PreferenceTrainer(cfg, layout, build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False))
+    trainer.model.load_policy(cfg.model.restore_from_path)
+    trainer.model.sync_reference_to_policy()
     trainer.resume(checkpoint)
     batch = torch.arange(cfg.trainer.global_batch_size)
-    rows = trainer.pool.rows(batch)
-    tokens, mask = trainer.pair_sequences([trainer.train_ids[i] for i in batch.tolist()], rows)
+    loss = trainer.batch_loss(batch)["loss"]
+    pool = trainer.pool
+    tokens, mask = pair_sequences([pool.prompt_ids[i] for i in batch.tolist()], pool.pool.rows(batch), trainer.width,
+                                  trainer.tokenizer.pad_id)
     logps = trainer.model.sequence_logprobs("policy", tokens, mask, micro_batch_size=16)
-    n = len(batch)
-    margin = alg.dpo_margin(logps[:n], logps[n:], rows["ref_chosen_logps"], rows["ref_rejected_logps"])
-    o = cfg.model.optune
-    weights = alg.reward_gap_weights(rows["chosen_rewards"], rows["rejected_rewards"], o.weighting, o.weight_beta, o.weight_cap)
-    valid = rows["valid"].float()
-    loss = alg.weighted_mean(alg.preference_loss(margin, o.beta, o.loss_type), weights, valid, float((weights * valid).sum()))
     if rank == 0:
-        torch.save({"loss": float(loss), "logps": logps}, out_path)
+        torch.save({"loss": loss, "logps": logps}, out_path)
     distributed.shutdown()
 
 

@@ -120,12 +120,13 @@ def test_reward_source_timeout():
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     """A trainer on an untrained policy with its pool filled (iteration 1 done)."""
+    from nemo_optune.data.task_data import build_task_data
     from nemo_optune.runtime.experiment import ExperimentLog
-    from nemo_optune.trainers.common import build_task_data, setup
+    from nemo_optune.trainers.common import setup
     from nemo_optune.trainers.preference import PreferenceTrainer
 
     cfg = load_config("optune_tiny", TINY + [f"exp_manager.exp_dir={tmp_path_factory.mktemp('bad')}"])
-    t = PreferenceTrainer(cfg, setup(cfg), build_task_data(cfg), ExperimentLog("", enabled=False, tensorboard=False))
+    t = PreferenceTrainer(cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False))
     t.model.sync_reference_to_policy()
     t.iteration(0)
     return t
@@ -140,7 +141,7 @@ class Scripted:
 
 
 def _pool_unchanged_after_failure(trainer, source, error):
-    before = trainer.pool.state_dict()
+    before = trainer.pool.pool.state_dict()
     inner = trainer.reward.source
     trainer.reward.source = source
     try:
@@ -149,7 +150,7 @@ def _pool_unchanged_after_failure(trainer, source, error):
     finally:
         trainer.reward.source = inner
     for name, value in before.items():
-        assert torch.equal(getattr(trainer.pool, name), value), name
+        assert torch.equal(getattr(trainer.pool.pool, name), value), name
 
 
 def test_failing_reward_source_leaves_the_pool_untouched(trainer):
@@ -171,10 +172,11 @@ def test_non_finite_rewards_dropped_and_counted(trainer):
     finally:
         trainer.reward.source, trainer.cfg.reward.non_finite = inner, "error"
     assert record["non_finite_rewards"] == 32  # 32 selected prompts, sample 0 of each is inf
-    fresh = trainer.pool.refreshed_at == 1
+    pool = trainer.pool.pool
+    fresh = pool.refreshed_at == 1
     # the inf sample is never chosen: best is sample 3 (0.3), worst sample 1 (0.1)
-    assert torch.allclose(trainer.pool.chosen_rewards[fresh], torch.tensor(0.3))
-    assert torch.allclose(trainer.pool.rejected_rewards[fresh], torch.tensor(0.1))
+    assert torch.allclose(pool.chosen_rewards[fresh], torch.tensor(0.3))
+    assert torch.allclose(pool.rejected_rewards[fresh], torch.tensor(0.1))
 
 
 def test_prompts_without_any_finite_reward_keep_finite_pool_keys(trainer):
@@ -186,49 +188,78 @@ def test_prompts_without_any_finite_reward_keep_finite_pool_keys(trainer):
     finally:
         trainer.reward.source, trainer.cfg.reward.non_finite = inner, "error"
     assert record["non_finite_rewards"] == 8
-    assert torch.isfinite(trainer.pool.chosen_rewards).all() and torch.isfinite(trainer.pool.rejected_rewards).all()
-    first_two = torch.nonzero(trainer.pool.refreshed_at == 1).squeeze(1)[:2]
-    assert not trainer.pool.valid[first_two].any()
-    assert trainer.pool.chosen_rewards[first_two].tolist() == [0.0, 0.0]
+    pool = trainer.pool.pool
+    assert torch.isfinite(pool.chosen_rewards).all() and torch.isfinite(pool.rejected_rewards).all()
+    first_two = torch.nonzero(pool.refreshed_at == 1).squeeze(1)[:2]
+    assert not pool.valid[first_two].any()
+    assert pool.chosen_rewards[first_two].tolist() == [0.0, 0.0]
+
+
+def _offline(path, long_prompts="error", min_records=1):
+    from nemo_optune.data.offline_pool import build_offline_pool
+    from nemo_optune.data.sort_task import SortTask
+
+    task = SortTask()
+    return build_offline_pool(str(path), task.tokenizer, task.max_prompt_chars, 10, long_prompts, min_records)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
 
 
 @pytest.mark.parametrize("mode", ["error", "skip", "truncate"])
-def test_long_offline_prompts(trainer, tmp_path, mode):
-    path = tmp_path / "prefs.jsonl"
-    rows = [{"prompt": "321>", "chosen_response": "123", "rejected_response": "213"},
-            {"prompt": "98765432101234>", "chosen_response": "1", "rejected_response": "2"}]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    trainer.cfg.data.long_prompts = mode
-    try:
-        if mode == "error":
-            with pytest.raises(DataError, match=r"prefs\.jsonl:2: prompt has 15 tokens, over the limit of 9"):
-                trainer.offline_pool(str(path))
-            return
-        prompts, pool, too_long = trainer.offline_pool(str(path))
-    finally:
-        trainer.cfg.data.long_prompts = "error"
-    assert too_long == 1
-    assert prompts == (["321>"] if mode == "skip" else ["321>", "32101234>"])  # truncation keeps the end
-    assert len(pool) == len(prompts)
+def test_long_offline_prompts(tmp_path, mode):
+    path = _write_jsonl(tmp_path / "prefs.jsonl", [
+        {"prompt": "321>", "chosen_response": "123", "rejected_response": "213"},
+        {"prompt": "98765432101234>", "chosen_response": "1", "rejected_response": "2"}])
+    if mode == "error":
+        with pytest.raises(DataError, match=r"prefs\.jsonl:2: prompt has 15 tokens, over the limit of 9"):
+            _offline(path, mode)
+        return
+    offline = _offline(path, mode)
+    assert offline.long_prompts == 1
+    assert offline.prompts == (["321>"] if mode == "skip" else ["321>", "32101234>"])  # truncation keeps the end
+    assert len(offline.pool) == len(offline.prompts)
 
 
-def test_characters_outside_the_alphabet_name_file_and_line(trainer, tmp_path):
-    path = tmp_path / "prefs.jsonl"
-    path.write_text(json.dumps({"prompt": "21>", "chosen_response": "12", "rejected_response": "x1"}) + "\n")
+def test_characters_outside_the_alphabet_name_file_and_line(tmp_path):
+    path = _write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "21>", "chosen_response": "12", "rejected_response": "x1"}])
     with pytest.raises(DataError, match=r"prefs\.jsonl:1: character 'x' is not in the tokenizer alphabet"):
-        trainer.offline_pool(str(path))
+        _offline(path)
+
+
+def test_non_utf8_byte_names_file_and_line(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_bytes(b'{"prompt": "21>", "chosen_response": "12", "rejected_response": "21"}\n'
+                     b'{"prompt": "21>", "chosen_response": "1\xff", "rejected_response": "21"}\n')
+    with pytest.raises(DataError, match=r"prefs\.jsonl:2: not valid UTF-8 \(byte 0xff at column 40\)"):
+        read_preference_jsonl(str(path))
+
+
+def test_identical_pairs_are_counted_and_kept_out_of_the_loss(tmp_path):
+    path = _write_jsonl(tmp_path / "prefs.jsonl", [
+        {"prompt": "321>", "chosen_response": "123", "rejected_response": "213"},
+        {"prompt": "21>", "chosen_response": "12", "rejected_response": "12"},
+        {"prompt": "31>", "chosen_response": "13", "rejected_response": "31"}])
+    offline = _offline(path, min_records=2)
+    assert offline.identical_pairs == 1
+    assert offline.pool.valid.tolist() == [True, False, True]
+    with pytest.raises(DataError, match=r"prefs\.jsonl: 2 usable preference records .*1 with identical responses.*"
+                                        r"fewer than one global batch \(trainer.global_batch_size=3\)"):
+        _offline(path, min_records=3)
 
 
 # ------------------------------------------------------------ experiment dirs
 def test_exp_dir_with_a_different_config_is_refused_and_kept(tmp_path):
-    cfg = {"method": "optune", "model": {"optune": {"rho": 0.5}, "tensor_model_parallel_size": 1}}
+    cfg = {"method": "optune", "trainer": {"iterations": 4},
+           "model": {"optune": {"rho": 0.5}, "tensor_model_parallel_size": 1}}
     assert exp_dir.prepare(str(tmp_path), cfg, True, None, False) is None
     marker = tmp_path / "checkpoints" / "iter_000002"
     marker.mkdir(parents=True)
-    (marker / "trainer_state.pt").write_text("x")
-    # a layout change is a legal resume
+    # a layout change is a legal resume (the newest intact checkpoint is found once the model exists)
     moved = {**cfg, "model": {**cfg["model"], "tensor_model_parallel_size": 2}}
-    assert exp_dir.prepare(str(tmp_path), moved, True, None, False) == str(marker)
+    assert exp_dir.prepare(str(tmp_path), moved, True, None, False) == exp_dir.AUTO
     other = {**cfg, "model": {**cfg["model"], "optune": {"rho": 0.25}}}
     before = (tmp_path / "config.json").read_text()
     with pytest.raises(exp_dir.ExperimentDirError, match=r"holds a run with a different config \(model\.optune\.rho\)"):
@@ -238,11 +269,38 @@ def test_exp_dir_with_a_different_config_is_refused_and_kept(tmp_path):
     assert not marker.exists()
 
 
+def test_fewer_iterations_than_a_checkpoint_has_done_are_refused(tmp_path):
+    cfg = {"method": "optune", "trainer": {"iterations": 4}}
+    exp_dir.prepare(str(tmp_path), cfg, True, None, False)
+    (tmp_path / "checkpoints" / "iter_000004").mkdir(parents=True)
+    before = (tmp_path / "config.json").read_text()
+    fewer = {**cfg, "trainer": {"iterations": 2}}
+    with pytest.raises(exp_dir.ExperimentDirError,
+                       match=r"config key trainer.iterations: 2, but .*iter_000004 has 4 iterations done"):
+        exp_dir.prepare(str(tmp_path), fewer, True, None, False)
+    assert (tmp_path / "config.json").read_text() == before  # the record of the run is not rewritten
+    assert exp_dir.prepare(str(tmp_path), {**cfg, "trainer": {"iterations": 6}}, True, None, False) == exp_dir.AUTO
+
+
 def test_unwritable_exp_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(exp_dir.ExperimentDirError, match="config key exp_manager.exp_dir: .* is not writable"):
-        exp_dir.prepare(str(blocker / "run"), {}, True, None, False)
+        exp_dir.check_writable(str(blocker / "run"))
+
+
+def test_a_second_run_on_a_locked_exp_dir_is_refused_naming_the_holder(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nemo_optune.runtime import exp_dir; "
+                               f"h = exp_dir.lock({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(exp_dir.ExperimentDirError, match=rf"is in use by another run \(pid {holder.pid} on "):
+            exp_dir.lock(str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    exp_dir.lock(str(tmp_path)).close()  # released when the holder died
 
 
 def test_full_disk_during_a_checkpoint_keeps_the_earlier_one(tmp_path, monkeypatch):

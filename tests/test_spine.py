@@ -8,7 +8,8 @@ import torch
 
 from nemo_optune.config import load_config
 from nemo_optune.runtime.experiment import ExperimentLog
-from nemo_optune.trainers.common import build_task_data, setup, sft_checkpoint_dir
+from nemo_optune.data.task_data import build_task_data
+from nemo_optune.trainers.common import setup, sft_checkpoint_dir
 from nemo_optune.trainers.preference import PreferenceTrainer
 from nemo_optune.trainers.sft import run_sft
 from conftest import TINY
@@ -20,10 +21,11 @@ def trainer(tmp_path_factory):
     exp = tmp_path_factory.mktemp("spine")
     cfg = load_config("optune_tiny", TINY + [f"exp_manager.exp_dir={exp}"])
     layout = setup(cfg)
-    data = build_task_data(cfg)
+    data = build_task_data(cfg.data)
     run_sft(cfg, layout, data, sft_checkpoint_dir(cfg), log=lambda *_: None)
     t = PreferenceTrainer(cfg, layout, data, ExperimentLog(str(exp), enabled=False, tensorboard=False))
-    t.load_sft(sft_checkpoint_dir(cfg))
+    t.model.load_policy(sft_checkpoint_dir(cfg))
+    t.model.sync_reference_to_policy()
     t.iteration(0)
     return t
 
@@ -48,38 +50,39 @@ def test_response_logprobs_equal_manual_log_softmax_gather(trainer):
 
 
 def _fresh_reference(trainer):
-    idx = torch.arange(len(trainer.pool))
-    return trainer.reference_logprobs(trainer.train_ids, trainer.pool.rows(idx))
+    pool = trainer.pool
+    return pool.reference_logprobs(pool.prompt_ids, pool.pool.rows(torch.arange(len(pool.pool))))
 
 
 def test_cached_reference_logprobs_equal_fresh_ones(trainer):
     fresh_c, fresh_r = _fresh_reference(trainer)
-    torch.testing.assert_close(trainer.pool.ref_chosen_logps, fresh_c, atol=1e-5, rtol=0)
-    torch.testing.assert_close(trainer.pool.ref_rejected_logps, fresh_r, atol=1e-5, rtol=0)
+    torch.testing.assert_close(trainer.pool.pool.ref_chosen_logps, fresh_c, atol=1e-5, rtol=0)
+    torch.testing.assert_close(trainer.pool.pool.ref_rejected_logps, fresh_r, atol=1e-5, rtol=0)
 
 
 def test_iteration_selects_lowest_keys_and_leaves_the_rest_untouched(trainer):
-    before = trainer.pool.state_dict()
+    pool = trainer.pool.pool
+    before = pool.state_dict()
     keys = before["chosen_rewards"].tolist()
     count = len(keys) // 2  # rho = 0.5
     # Independent statement of the rule: the `count` lowest keys, ties to the lower index.
     expected = sorted(sorted(range(len(keys)), key=lambda i: (keys[i], i))[:count])
 
     record = trainer.iteration(1)
-    selected = sorted(int(i) for i in torch.nonzero(trainer.pool.refreshed_at == 1).squeeze(1))
+    selected = sorted(int(i) for i in torch.nonzero(pool.refreshed_at == 1).squeeze(1))
     assert record["regenerated"] == count
     assert selected == expected
     untouched = torch.ones(len(keys), dtype=torch.bool)
     untouched[expected] = False
     for name, old in before.items():
-        assert torch.equal(getattr(trainer.pool, name)[untouched], old[untouched]), name
+        assert torch.equal(getattr(pool, name)[untouched], old[untouched]), name
     # Reused pairs kept their cache and it is still exact (the reference is frozen).
     fresh_c, _ = _fresh_reference(trainer)
-    torch.testing.assert_close(trainer.pool.ref_chosen_logps, fresh_c, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pool.ref_chosen_logps, fresh_c, atol=1e-5, rtol=0)
 
 
 def test_pool_pairs_are_valid_exactly_when_their_rewards_differ(trainer):
-    pool = trainer.pool
+    pool = trainer.pool.pool
     tied = pool.chosen_rewards == pool.rejected_rewards
     assert torch.equal(~tied, pool.valid)
 

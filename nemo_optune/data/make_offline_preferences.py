@@ -8,7 +8,7 @@ import argparse
 
 from nemo_optune.config import load_config
 from nemo_optune.data.preference_jsonl import sort_task_preferences, write_preference_jsonl
-from nemo_optune.trainers.common import build_task_data
+from nemo_optune.data.task_data import build_task_data
 
 
 def main(argv=None) -> None:
@@ -20,7 +20,7 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.num_train_prompts=128")
     args = parser.parse_args(argv)
     cfg = load_config(args.config_name, args.overrides)
-    data = build_task_data(cfg)
+    data = build_task_data(cfg.data)
     noise = cfg.sft.demonstration_noise if args.noise is None else args.noise
     records = sort_task_preferences(data.task, data.train_prompts, noise, args.seed)
     write_preference_jsonl(args.out, records)

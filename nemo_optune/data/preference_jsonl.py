@@ -27,15 +27,19 @@ class PreferenceRecord:
 
 def read_preference_jsonl(path: str) -> list[PreferenceRecord]:
     try:
-        f = open(path)
+        f = open(path, "rb")  # decoded line by line, so a bad byte is reported with its line
     except OSError as err:
         raise DataError(f"{path}: cannot open preference file ({err.strerror})") from None
     records = []
     with f:
-        for number, line in enumerate(f, start=1):
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:

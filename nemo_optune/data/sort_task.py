@@ -31,11 +31,6 @@ class SortTask:
     def max_prompt_chars(self) -> int:
         return self.max_digits + 1
 
-    @property
-    def max_response_tokens(self) -> int:
-        """Longest correct answer plus its EOS."""
-        return self.max_digits + 1
-
     def sample_prompt(self, rng: random.Random) -> str:
         n = rng.randint(self.min_digits, self.max_digits)
         return "".join(rng.choice("0123456789") for _ in range(n)) + PROMPT_END

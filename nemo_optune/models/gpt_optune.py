@@ -5,7 +5,7 @@ the trainer owns the loop and hands in the loss as a function of per-sequence lo
 Everything runs through megatron-core's pipeline schedules, so one code path serves TP, PP
 and DP on CPU (gloo) and GPU (NCCL). Only the gradient reduction and optimizer differ:
 a plain torch AdamW with an explicit DP all-reduce on CPU (`_CPUOptimizer`), megatron's DDP
-and distributed optimizer on GPU (`_MegatronGPUOptimizer`).
+and (distributed) optimizer on GPU (`_MegatronGPUOptimizer`).
 """
 
 import importlib.util
@@ -73,6 +73,10 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, max_seq_length: int, layout: La
         share_embeddings_and_output_weights=False,
         position_embedding_type=cfg.position_embedding_type,
     )
+    if bf16:
+        # megatron's local layer spec builds its norms in fp32 (TE's follow params_dtype);
+        # megatron's Float16Optimizer checkpoints only all-bf16 models, so cast them too.
+        model.bfloat16()
     if on_gpu:
         model.cuda(torch.cuda.current_device())
     return model
@@ -94,6 +98,30 @@ def split_micro_batches(tensors: dict[str, torch.Tensor], micro_batch_size: int)
         for k, v in tensors.items()
     }
     return [{k: v[i:i + size] for k, v in padded.items()} for i in range(0, padded_rows, size)]
+
+
+def use_megatron_optimizer() -> bool:
+    """megatron's optimizers hard-code CUDA devices: on CPU the model uses `_CPUOptimizer`."""
+    return torch.cuda.is_available()
+
+
+def megatron_optimizer_configs(cfg: ModelConfig, lr: float, weight_decay: float, grad_clip: float):
+    """(DistributedDataParallelConfig, OptimizerConfig) for megatron's DDP and optimizer.
+
+    One switch, model.distributed_optimizer, sets both: DDP reduce-scatters gradients exactly
+    when the optimizer is sharded to consume them (otherwise it all-reduces)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+
+    sharded = cfg.distributed_optimizer
+    bf16 = cfg.precision == "bf16"
+    ddp = DistributedDataParallelConfig(use_distributed_optimizer=sharded, grad_reduce_in_fp32=True)
+    opt = OptimizerConfig(
+        optimizer="adam", lr=lr, weight_decay=weight_decay, clip_grad=grad_clip,
+        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=sharded,
+    )
+    return ddp, opt
 
 
 class _CPUOptimizer:
@@ -118,6 +146,9 @@ class _CPUOptimizer:
         norm = self.reduce_and_clip()
         self.torch_opt.step()
         return norm
+
+    def reload_model_params(self) -> None:
+        """Nothing to do: AdamW updates the model's own parameters."""
 
     def reduce_and_clip(self) -> float:
         """Sum gradients over DP, then clip by the global norm. Returns the norm."""
@@ -170,23 +201,19 @@ class _CPUOptimizer:
 
 
 class _MegatronGPUOptimizer:
-    """megatron DDP (sum over DP, as calculate_per_token_loss asks) + distributed Adam.
+    """megatron DDP (sum over DP, as calculate_per_token_loss asks) + megatron Adam, sharded
+    over DP when model.distributed_optimizer.
 
-    Never executed in this repository's CI (no GPU); see README, 'What has run where'."""
+    Not run end to end in this repository's CI (no GPU); tests/test_gpu_optimizer.py runs
+    its bf16 optimizer on CPU. See README, 'What has run where'."""
 
-    def __init__(self, model, lr: float, weight_decay: float, grad_clip: float, bf16: bool):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    def __init__(self, model, cfg: ModelConfig, lr: float, weight_decay: float, grad_clip: float):
+        from megatron.core.distributed import DistributedDataParallel
+        from megatron.core.optimizer import get_megatron_optimizer
 
-        self.ddp = DistributedDataParallel(
-            model.config,
-            DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True),
-            model,
-        )
-        self.megatron_opt = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, clip_grad=grad_clip, bf16=bf16),
-            [self.ddp],
-        )
+        ddp_config, opt_config = megatron_optimizer_configs(cfg, lr, weight_decay, grad_clip)
+        self.ddp = DistributedDataParallel(model.config, ddp_config, model)
+        self.megatron_opt = get_megatron_optimizer(opt_config, [self.ddp])
 
     def set_lr(self, lr: float) -> None:
         for group in self.megatron_opt.param_groups:
@@ -204,10 +231,20 @@ class _MegatronGPUOptimizer:
         return float(grad_norm or 0.0)
 
     def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
-        return self.megatron_opt.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading)
+        # The distributed optimizer's default format (fully_sharded_model_space) fails to save
+        # in megatron-core 0.16.1; fully_reshardable also reshards across TP/PP/DP.
+        return self.megatron_opt.sharded_state_dict(
+            model_sharded_state_dict, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
 
     def load_sharded(self, state: dict) -> None:
+        # Restores the fp32 main params too (saved with the moments), so no reload is needed.
         self.megatron_opt.load_state_dict(state)
+
+    def reload_model_params(self) -> None:
+        """Re-copy the fp32 main params from the model's (bf16) params; without it the first
+        step would write back the weights the optimizer copied at construction."""
+        self.megatron_opt.reload_model_params()
 
 
 class MegatronGPTOPTuneModel:
@@ -226,8 +263,8 @@ class MegatronGPTOPTuneModel:
             self.reference = build_gpt(cfg, vocab_size, seq_length, layout, seed)
             self.reference.requires_grad_(False)
             self.reference.eval()
-        if torch.cuda.is_available():
-            self.optimizer = _MegatronGPUOptimizer(self.policy, lr, weight_decay, grad_clip, cfg.precision == "bf16")
+        if use_megatron_optimizer():
+            self.optimizer = _MegatronGPUOptimizer(self.policy, cfg, lr, weight_decay, grad_clip)
             self._train_module = self.optimizer.ddp
         else:
             self.optimizer = _CPUOptimizer(self.policy, lr, weight_decay, grad_clip)
@@ -237,6 +274,23 @@ class MegatronGPTOPTuneModel:
         self.optimizer_steps = 0  # the schedule's position; checkpointed with the trainer state
 
     # ----------------------------------------------------------------- weights
+    def load_policy(self, directory: str) -> None:
+        """Load policy weights (the SFT checkpoint) into the already built optimizer's model."""
+        from nemo_optune.runtime.checkpoint import load_model
+
+        load_model(directory, self)
+        self.optimizer.reload_model_params()
+
+    def architecture(self) -> dict:
+        """What a checkpoint must match to load into this model (stored in its manifest)."""
+        c = self.cfg
+        arch = {"num_layers": c.num_layers, "hidden_size": c.hidden_size, "num_attention_heads": c.num_attention_heads,
+                "ffn_hidden_size": c.ffn_hidden_size or 4 * c.hidden_size, "vocab_size": self.vocab_size,
+                "position_embedding_type": c.position_embedding_type}
+        if c.position_embedding_type == "learned_absolute":  # a table with one row per position
+            arch["max_sequence_length"] = self.seq_length
+        return arch
+
     def sync_reference_to_policy(self) -> None:
         """Reference := current policy (done once, after loading the SFT checkpoint)."""
         self.reference.load_state_dict(self.policy.state_dict())
@@ -345,13 +399,25 @@ class MegatronGPTOPTuneModel:
         self.policy.train()
         self.optimizer.zero_grad()
 
-    def get_loss_and_metrics(self, micro_batches: list[dict], loss_fn: MicroBatchLoss) -> list[dict]:
-        """Forward + backward over this rank's micro-batches of one global batch."""
+    def get_loss_and_metrics(self, micro_batches: list[dict], loss_fn: MicroBatchLoss,
+                             forward_only: bool = False) -> list[dict]:
+        """Forward + backward over this rank's micro-batches of one global batch; with
+        `forward_only`, the loss metrics alone (eval mode, no gradients). Metrics: last stage."""
 
         def output_fn(mb, nll):
             return loss_fn(mb, response_logprobs(nll, mb["loss_mask"].to(nll.device)))
 
-        return self._run_schedule(self._train_module, micro_batches, forward_only=False, output_fn=output_fn, with_labels=True)
+        if not forward_only:
+            return self._run_schedule(self._train_module, micro_batches, forward_only=False, output_fn=output_fn,
+                                      with_labels=True)
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with torch.no_grad():
+                return self._run_schedule(self.policy, micro_batches, forward_only=True, output_fn=output_fn,
+                                          with_labels=True)
+        finally:
+            self.policy.train(was_training)
 
     def finish_training_step(self) -> float:
         """Reduce gradients over DP, clip by the global norm, step at the scheduled learning

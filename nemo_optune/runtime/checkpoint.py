@@ -1,12 +1,19 @@
-"""Checkpoints through megatron dist_checkpointing (reshardable across TP/PP).
+"""Checkpoints through megatron dist_checkpointing (reshardable across TP/PP), with integrity.
 
-Layout of a training checkpoint directory `iter_000004/`:
-  model + optimizer shards (dist_checkpointing), trainer_state.pt (pool, counters, history;
-  written by rank 0: the pool is replicated), rng_rank{N}.pt (every rank's RNG states).
-Every save goes to `<name>.tmp` and is renamed into place only after every rank finished,
-so a crash mid-save leaves the previous checkpoint intact and the partial one is ignored.
+A checkpoint directory holds the dist_checkpointing shards, and for training checkpoints
+`trainer_state.pt` (pool, counters, history; rank 0: the pool is replicated) and
+`rng_rank{N}.pt` (every rank's RNG states). `manifest.json` is written LAST: the kind
+(model | training), the model's architecture, and every file's size and SHA-256.
+
+Publishing: every save goes to `<name>.tmp`; once every rank reports its write done, the
+files are hashed (split over ranks), rank 0 writes the manifest, and only then renames the
+directory into place. A crash or a failed write on any rank leaves no published checkpoint.
+Loading verifies the manifest first (split over ranks): bit rot, a truncated or missing file,
+another architecture or the wrong kind of checkpoint is one CheckpointError naming the path.
 """
 
+import hashlib
+import json
 import os
 import random
 import re
@@ -16,11 +23,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
 _ITER_DIR = re.compile(r"^iter_(\d{6})$")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read; the message names the directory."""
+    """A checkpoint cannot be written or read; the message names the path and what is wrong."""
 
 
 def _agree_ok(ok: bool) -> bool:
@@ -30,8 +39,45 @@ def _agree_ok(ok: bool) -> bool:
     return int(flag) == 0
 
 
-def _atomic_save(directory: str, write) -> None:
-    """Run write(tmp_dir) on every rank, then publish tmp_dir as `directory`."""
+def _first_error(error: str | None) -> str | None:
+    """Collective: the first rank's error message, or None if every rank succeeded."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+    out = []
+    for root, _, names in os.walk(directory):
+        out += [os.path.relpath(os.path.join(root, n), directory) for n in names]
+    return sorted(n for n in out if n != MANIFEST)
+
+
+def _my_share(items: list) -> list:
+    """This rank's share of a list (hashing is split over ranks: big checkpoints hash in parallel)."""
+    return items[dist.get_rank()::dist.get_world_size()]
+
+
+def _hash_files(directory: str) -> dict:
+    """{relative path: {size, sha256}} of every file, each rank hashing its share. Collective."""
+    mine = {name: {"size": os.path.getsize(os.path.join(directory, name)), "sha256": _sha256(os.path.join(directory, name))}
+            for name in _my_share(_files(directory))}
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return {name: entry for part in parts for name, entry in sorted(part.items())}
+
+
+def _publish(directory: str, write, kind: str, architecture: dict) -> None:
+    """Run write(tmp_dir) on every rank; once every rank reports success, write the manifest
+    and rename tmp_dir to `directory`. Collective."""
     tmp = directory.rstrip("/") + ".tmp"
     error = None
     if dist.get_rank() == 0:
@@ -46,6 +92,16 @@ def _atomic_save(directory: str, write) -> None:
         write(tmp)
     except Exception as err:  # disk full, permissions, a failing writer: every rank must hear of it
         error = err
+    if _agree_ok(error is None):  # every rank's shards are on disk: describe them, then publish
+        try:
+            files = _hash_files(tmp)
+            if dist.get_rank() == 0:
+                manifest = {"format": MANIFEST_FORMAT, "kind": kind, "architecture": architecture, "files": files}
+                with open(os.path.join(tmp, MANIFEST + ".tmp"), "w") as f:
+                    json.dump(manifest, f, indent=1)
+                os.replace(os.path.join(tmp, MANIFEST + ".tmp"), os.path.join(tmp, MANIFEST))
+        except OSError as err:
+            error = err
     if not _agree_ok(error is None):
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -58,20 +114,77 @@ def _atomic_save(directory: str, write) -> None:
     dist.barrier()
 
 
-def save_model(module, directory: str) -> None:
-    from megatron.core import dist_checkpointing
-
-    _atomic_save(directory, lambda tmp: dist_checkpointing.save(module.sharded_state_dict(), tmp))
-
-
-def load_model(module, directory: str) -> None:
-    from megatron.core import dist_checkpointing
-
+def read_manifest(directory: str) -> dict:
+    """The manifest of a published checkpoint, or CheckpointError saying why there is none."""
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"model checkpoint directory {directory} does not exist")
-    module.load_state_dict(dist_checkpointing.load(module.sharded_state_dict(), directory))
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        what = "is empty" if not os.listdir(directory) else f"has no {MANIFEST}"
+        raise CheckpointError(f"{directory}: not a nemo_optune checkpoint ({what}; an unfinished save or another format)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        manifest["kind"], manifest["architecture"], manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: unreadable manifest ({err})") from None
+    return manifest
 
 
+def _check_file(directory: str, name: str, entry: dict) -> str | None:
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        return f"{path}: file missing from the checkpoint"
+    size = os.path.getsize(path)
+    if size != entry["size"]:
+        return f"{path}: {size} bytes, the manifest says {entry['size']} (truncated or overwritten)"
+    if _sha256(path) != entry["sha256"]:
+        return f"{path}: checksum mismatch (the file is corrupted)"
+    return None
+
+
+def verify_checkpoint(directory: str, kind: str, architecture: dict) -> dict:
+    """Check kind, architecture and every file's size and checksum (split over ranks) before
+    anything is loaded; the same CheckpointError on every rank. Collective. Returns the manifest."""
+    error, manifest = None, None
+    try:
+        manifest = read_manifest(directory)
+        if manifest["kind"] != kind:
+            hint = ("pass it as exp_manager.resume_from" if manifest["kind"] == "training"
+                    else "pass it as model.restore_from_path")
+            raise CheckpointError(f"{directory}: a {manifest['kind']} checkpoint where a {kind} checkpoint is needed ({hint})")
+        differences = [f"{k} {manifest['architecture'].get(k)} in the checkpoint, {v} in the config"
+                       for k, v in architecture.items() if manifest["architecture"].get(k) != v]
+        if differences:
+            raise CheckpointError(f"{directory}: another model architecture ({'; '.join(differences)})")
+        for name in _my_share(sorted(manifest["files"])):
+            error = error or _check_file(directory, name, manifest["files"][name])
+    except CheckpointError as err:
+        error = str(err)
+    error = _first_error(error)
+    if error:
+        raise CheckpointError(error)
+    return manifest
+
+
+# ------------------------------------------------------------------ model checkpoints
+def save_model(directory: str, model) -> None:
+    """The policy's weights (e.g. the SFT warm start) as a model checkpoint. Collective."""
+    from megatron.core import dist_checkpointing
+
+    _publish(directory, lambda tmp: dist_checkpointing.save(model.policy.sharded_state_dict(), tmp),
+             "model", model.architecture())
+
+
+def load_model(directory: str, model) -> None:
+    """Verify, then load a model checkpoint into the policy (resharded to this layout). Collective."""
+    from megatron.core import dist_checkpointing
+
+    verify_checkpoint(directory, "model", model.architecture())
+    model.policy.load_state_dict(dist_checkpointing.load(model.policy.sharded_state_dict(), directory))
+
+
+# --------------------------------------------------------------- training checkpoints
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -82,45 +195,66 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save_training_checkpoint(directory: str, policy, optimizer, trainer_state: dict) -> None:
+def checkpoints_root(exp_dir: str) -> str:
+    return os.path.join(exp_dir, "checkpoints")
+
+
+def checkpoint_path(exp_dir: str, iteration: int) -> str:
+    return os.path.join(checkpoints_root(exp_dir), f"iter_{iteration:06d}")
+
+
+def save_training_checkpoint(exp_dir: str, iteration: int, model, trainer_state: dict, keep_last: int) -> str:
+    """Model, optimizer, RNG and trainer state after `iteration`; then keep the newest
+    `keep_last` checkpoints. Collective. Returns the published path."""
     from megatron.core import dist_checkpointing
 
     def write(tmp: str) -> None:
-        model_sd = policy.sharded_state_dict()
-        dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}, tmp)
+        model_sd = model.policy.sharded_state_dict()
+        dist_checkpointing.save({"model": model_sd, "optimizer": model.optimizer.sharded_state_dict(model_sd)}, tmp)
         torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{dist.get_rank()}.pt"))
         if dist.get_rank() == 0:
             torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
 
-    _atomic_save(directory, write)
+    path = checkpoint_path(exp_dir, iteration)
+    _publish(path, write, "training", model.architecture())
+    prune_checkpoints(checkpoints_root(exp_dir), keep_last)
+    return path
 
 
-def load_training_checkpoint(directory: str, policy, optimizer) -> dict:
-    """Load model and optimizer (resharded to this layout) and this rank's RNG states;
-    return the trainer state."""
+def load_training_checkpoint(directory: str, model) -> dict:
+    """Verify, then load model and optimizer (resharded to this layout) and this rank's RNG
+    states; return the trainer state. Collective."""
     from megatron.core import dist_checkpointing
 
-    model_sd = policy.sharded_state_dict()
+    verify_checkpoint(directory, "training", model.architecture())
+    model_sd = model.policy.sharded_state_dict()
     loaded = dist_checkpointing.load(
-        {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}, directory)
-    policy.load_state_dict(loaded["model"])
-    optimizer.load_sharded(loaded["optimizer"])
+        {"model": model_sd, "optimizer": model.optimizer.sharded_state_dict(model_sd, is_loading=True)}, directory)
+    model.policy.load_state_dict(loaded["model"])
+    model.optimizer.load_sharded(loaded["optimizer"])
     rng_file = os.path.join(directory, f"rng_rank{dist.get_rank()}.pt")
     if os.path.exists(rng_file):  # absent when resuming on more ranks than saved
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return torch.load(os.path.join(directory, "trainer_state.pt"), weights_only=False)
 
 
-def checkpoint_path(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:06d}")
-
-
 def list_checkpoints(root: str) -> list[str]:
-    """Complete checkpoints under `root`, oldest first (`.tmp` leftovers are not complete)."""
+    """Published training checkpoints under `root`, oldest first (`.tmp` leftovers are not)."""
     if not os.path.isdir(root):
         return []
-    names = sorted(n for n in os.listdir(root) if _ITER_DIR.match(n))
-    return [os.path.join(root, n) for n in names]
+    return [os.path.join(root, n) for n in sorted(os.listdir(root)) if _ITER_DIR.match(n)]
+
+
+def newest_intact_checkpoint(exp_dir: str, architecture: dict, warn) -> str | None:
+    """The newest training checkpoint of `exp_dir` that verifies; each newer one that does
+    not is reported through `warn` and skipped (kept on disk for inspection). Collective."""
+    for path in reversed(list_checkpoints(checkpoints_root(exp_dir))):
+        try:
+            verify_checkpoint(path, "training", architecture)
+            return path
+        except CheckpointError as err:
+            warn(f"[resume] skipping a damaged checkpoint: {err}")
+    return None
 
 
 def prune_checkpoints(root: str, keep_last: int) -> None:

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_optune.runtime.cpu_shim import apply_cpu_shim
+from nemo_optune.runtime.launcher_watchdog import watch_launcher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,7 @@ def world_from_env() -> tuple[int, int, int]:
 
 def initialize(tp: int, pp: int, seed: int) -> Layout:
     """Initialise torch.distributed and megatron's parallel state; idempotent per process."""
+    watch_launcher()  # a rank whose torchrun/srun died stops instead of finishing the run
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
 
@@ -106,10 +108,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def shutdown() -> None:

@@ -1,11 +1,14 @@
 """What an experiment directory already holds decides how a run starts: fresh, resumed from
-its newest checkpoint, or refused because it holds a different run."""
+its newest checkpoint, or refused because it holds a different run or another run holds it."""
 
+import fcntl
 import json
 import os
+import re
 import shutil
+import socket
 
-from nemo_optune.runtime.checkpoint import list_checkpoints
+from nemo_optune.runtime.checkpoint import checkpoints_root, list_checkpoints
 
 # Keys that may change between a run and its resumption (layout, length, bookkeeping).
 RESUMABLE_CHANGES = (
@@ -15,6 +18,8 @@ RESUMABLE_CHANGES = (
     "generation.micro_batch_size",
     "exp_manager.",
 )
+LOCK_FILE = ".lock"
+AUTO = "newest intact checkpoint"  # prepare's verdict when the newest checkpoint is to be found
 
 
 class ExperimentDirError(RuntimeError):
@@ -37,24 +42,38 @@ def config_differences(old: dict, new: dict) -> list[str]:
                   if a.get(k) != b.get(k) and not any(k.startswith(p) for p in RESUMABLE_CHANGES))
 
 
-def checkpoints_root(exp_dir: str) -> str:
-    return os.path.join(exp_dir, "checkpoints")
+def lock(exp_dir: str):
+    """Hold `exp_dir` for this process until it exits (or the returned file is closed): a
+    second run on the same directory is refused, naming the holder. Call after the
+    directory is known to be writable."""
+    handle = open(os.path.join(exp_dir, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown pid"
+        handle.close()
+        raise ExperimentDirError(f"config key exp_manager.exp_dir: {exp_dir} is in use by another run ({holder}); "
+                                 f"wait for it to end or use another exp_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def _iterations_done(checkpoint: str) -> int | None:
+    match = re.match(r"^iter_(\d{6})$", os.path.basename(os.path.normpath(checkpoint)))
+    return int(match.group(1)) if match else None
 
 
 def prepare(exp_dir: str, config: dict, resume_if_exists: bool, resume_from: str | None, overwrite: bool) -> str | None:
-    """Check and prepare `exp_dir` (rank 0 only); return the checkpoint to resume from, or None.
+    """Check and prepare `exp_dir` (rank 0 only, after `lock`); return the checkpoint to
+    resume from, AUTO (find the newest intact one once the model exists), or None.
 
-    Refuses, before any heavy work, a directory that holds a run with a different config
-    unless `overwrite`, and an unwritable directory. Never deletes a checkpoint it may resume."""
-    try:
-        os.makedirs(exp_dir, exist_ok=True)
-        probe = os.path.join(exp_dir, ".write_probe")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as err:
-        raise ExperimentDirError(f"config key exp_manager.exp_dir: {exp_dir} is not writable ({err.strerror})") from None
-
+    Refuses, before any heavy work: a directory that holds a run with a different config
+    unless `overwrite`; fewer trainer.iterations than a checkpoint already has done. Never
+    deletes a checkpoint it may resume."""
     config_file = os.path.join(exp_dir, "config.json")
     if os.path.exists(config_file):
         with open(config_file) as f:
@@ -66,7 +85,7 @@ def prepare(exp_dir: str, config: dict, resume_if_exists: bool, resume_from: str
                 f"({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}); use another exp_dir, "
                 f"or exp_manager.overwrite=true to start over")
         if changed:  # overwrite asked for: the old run's outputs go
-            for name in ("checkpoints", "sft_checkpoint", "selections.jsonl", "summary.json"):
+            for name in ("checkpoints", "sft_checkpoint", "selections.jsonl", "summary.json", "report.png"):
                 path = os.path.join(exp_dir, name)
                 if os.path.isdir(path):
                     shutil.rmtree(path)
@@ -74,16 +93,30 @@ def prepare(exp_dir: str, config: dict, resume_if_exists: bool, resume_from: str
                     os.remove(path)
 
     resume = resume_from
-    if resume is None and resume_if_exists:
-        found = list_checkpoints(checkpoints_root(exp_dir))
-        resume = found[-1] if found else None
-    if resume is not None and not os.path.exists(os.path.join(resume, "trainer_state.pt")):
-        raise ExperimentDirError(f"config key exp_manager.resume_from: {resume} is not a complete training checkpoint")
+    if resume is None and resume_if_exists and list_checkpoints(checkpoints_root(exp_dir)):
+        resume = AUTO
+    newest = resume if resume not in (None, AUTO) else (list_checkpoints(checkpoints_root(exp_dir)) or [None])[-1]
+    done = _iterations_done(newest) if newest else None
+    asked = config["trainer"]["iterations"]
+    if resume is not None and done is not None and asked < done:
+        raise ExperimentDirError(f"config key trainer.iterations: {asked}, but {newest} has {done} iterations done; "
+                                 f"ask for at least {done}, or use another exp_manager.exp_dir")
     tmp = config_file + ".tmp"
     with open(tmp, "w") as f:
         json.dump(config, f, indent=2)
     os.replace(tmp, config_file)
     return resume
+
+
+def check_writable(exp_dir: str) -> None:
+    try:
+        os.makedirs(exp_dir, exist_ok=True)
+        probe = os.path.join(exp_dir, ".write_probe")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ExperimentDirError(f"config key exp_manager.exp_dir: {exp_dir} is not writable ({err.strerror})") from None
 
 
 def truncate_jsonl(path: str, keep_iterations: int) -> None:

@@ -13,6 +13,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+@contextlib.contextmanager
+def atomic_output(path: str):
+    """Yield a temporary path to write; rename it over `path` on success, remove it on
+    failure (a full disk leaves the previous file, not a truncated one). OSError names the file."""
+    tmp = path + ".tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(err.errno, f"cannot write {path} ({err.strerror or err}); checkpoints are intact") from None
+
+
 class PhaseTimer:
     """Accumulates wall seconds per named phase."""
 
@@ -59,12 +73,10 @@ class ExperimentLog:
                 f.write(json.dumps(record) + "\n")
 
     def write_json(self, name: str, data: dict) -> None:
-        """Atomic: write a temporary file, then rename over the old one."""
+        """Atomic: the old file stays whole until the new one is complete."""
         if self.enabled:
-            path = os.path.join(self.exp_dir, name)
-            with open(path + ".tmp", "w") as f:
+            with atomic_output(os.path.join(self.exp_dir, name)) as tmp, open(tmp, "w") as f:
                 json.dump(data, f, indent=2)
-            os.replace(path + ".tmp", path)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -101,5 +113,8 @@ def write_report(path: str, summary: dict) -> None:
     right.set_title("time per iteration")
     right.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)

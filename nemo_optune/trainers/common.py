@@ -1,6 +1,5 @@
-"""What every recipe builds the same way: layout, task data, model, engine, reward."""
+"""What every recipe builds the same way: validated layout, sequence width, sampling."""
 
-import dataclasses
 import os
 import warnings
 
@@ -10,17 +9,6 @@ from nemo_optune.config import RootConfig, validate
 from nemo_optune.data.sort_task import SortTask
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.runtime import distributed
-
-
-@dataclasses.dataclass
-class TaskData:
-    task: SortTask
-    train_prompts: list[str]
-    heldout_prompts: list[str]
-
-    @property
-    def tokenizer(self):
-        return self.task.tokenizer
 
 
 def quiet_megatron_warnings() -> None:
@@ -41,14 +29,6 @@ def setup(cfg: RootConfig):
     return distributed.initialize(cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size, cfg.trainer.seed)
 
 
-def build_task_data(cfg: RootConfig) -> TaskData:
-    d = cfg.data
-    task = SortTask(min_digits=d.min_digits, max_digits=d.max_digits)
-    train = task.prompts(d.num_train_prompts, seed=d.seed)
-    heldout = task.prompts(d.num_heldout_prompts, seed=d.seed + 1, exclude=frozenset(train))
-    return TaskData(task, train, heldout)
-
-
 def check_vocab(vocab_size: int, tp: int) -> None:
     if vocab_size % tp:
         raise ValueError(f"config key model.tensor_model_parallel_size: vocabulary {vocab_size} is not divisible by TP={tp}")
@@ -58,20 +38,10 @@ def sequence_width(cfg: RootConfig, task: SortTask) -> int:
     return task.max_prompt_chars + cfg.generation.max_new_tokens
 
 
-def sampling_params(cfg: RootConfig, temperature: float | None = None) -> SamplingParams:
+def sampling_params(cfg: RootConfig) -> SamplingParams:
+    """Sampling for OPTune / online DPO rollouts, as configured."""
     g = cfg.generation
-    return SamplingParams(
-        temperature=g.temperature if temperature is None else temperature,
-        top_p=g.top_p, top_k=g.top_k, max_new_tokens=g.max_new_tokens,
-    )
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across runs and processes, unlike hash())."""
-    x = 0x9E3779B97F4A7C15
-    for p in parts:
-        x = (x ^ (int(p) + 0x9E3779B97F4A7C15 + (x << 6) + (x >> 2))) & 0xFFFFFFFFFFFFFFFF
-    return x & 0x7FFFFFFFFFFFFFFF
+    return SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, max_new_tokens=g.max_new_tokens)
 
 
 def sft_checkpoint_dir(cfg: RootConfig) -> str:

@@ -10,7 +10,9 @@ from nemo_optune.data.pool import build_sequences
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 from nemo_optune.runtime.checkpoint import save_model
 from nemo_optune.runtime.distributed import Layout
-from nemo_optune.trainers.common import TaskData, check_vocab, mix_seed, sequence_width
+from nemo_optune.data.task_data import TaskData
+from nemo_optune.runtime.seeds import mix_seed
+from nemo_optune.trainers.common import check_vocab, sequence_width
 
 
 def demonstrations(cfg: RootConfig, data: TaskData) -> list[tuple[str, str]]:
@@ -70,5 +72,5 @@ def run_sft(cfg: RootConfig, layout: Layout, data: TaskData, out_dir: str, log=p
             local = torch.stack([m["loss"] for m in metrics]).sum() if metrics else torch.zeros(())
             loss_value = float(model.global_metric_sums(local))
             log(f"[sft] step {step + 1}/{s.steps}  token NLL {loss_value:.4f}")
-    save_model(model.policy, out_dir)
+    save_model(out_dir, model)
     return {"sft_seconds": time.perf_counter() - start, "sft_steps": s.steps, "sft_final_loss": loss_value}

@@ -1,0 +1,32 @@
+"""Which pool records form each global batch: an endless stream of shuffled epochs.
+
+Iteration `it` trains `epochs_per_iteration` epochs' worth of records as whole global
+batches; a remainder that does not fill a batch is carried into the next iteration's first
+batch, so no record is left out for good (a 40-record set with batches of 32 trains records
+0-31 of epoch 0, then 32-39 of epoch 0 with 24 of epoch 1, ...). Pure function of the seed
+and the iteration: a resumed run draws the same batches."""
+
+import torch
+
+from nemo_optune.runtime.seeds import mix_seed
+
+
+def iteration_batches(num_records: int, global_batch_size: int, epochs_per_iteration: int, iteration: int,
+                      seed: int) -> list[torch.Tensor]:
+    """The global batches (pool indices) of one iteration: the batches whose last record falls
+    in this iteration's share of the stream."""
+    per_iteration = epochs_per_iteration * num_records
+    first = iteration * per_iteration // global_batch_size
+    stop = (iteration + 1) * per_iteration // global_batch_size
+    epochs = {}
+
+    def order(epoch: int) -> torch.Tensor:
+        if epoch not in epochs:
+            epochs[epoch] = torch.randperm(num_records, generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 7)))
+        return epochs[epoch]
+
+    batches = []
+    for b in range(first, stop):
+        positions = torch.arange(b * global_batch_size, (b + 1) * global_batch_size)
+        batches.append(torch.stack([order(int(p) // num_records)[int(p) % num_records] for p in positions]))
+    return batches

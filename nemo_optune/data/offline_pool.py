@@ -1,0 +1,68 @@
+"""A fixed prompt pool from an offline preference data set (offline DPO, HyPO).
+
+Checked record by record before any model is built; every problem names FILE:LINE."""
+
+import dataclasses
+
+import torch
+
+from nemo_optune.data.pool import PromptPool
+from nemo_optune.data.preference_jsonl import DataError, read_preference_jsonl
+
+
+@dataclasses.dataclass
+class OfflinePool:
+    prompts: list[str]
+    pool: PromptPool
+    long_prompts: int  # prompts over the length limit (skipped or truncated per data.long_prompts)
+    identical_pairs: int  # records whose chosen and rejected responses are the same: kept out of the loss
+
+
+def build_offline_pool(path: str, tokenizer, max_prompt_tokens: int, max_new_tokens: int, long_prompts: str,
+                       min_records: int) -> OfflinePool:
+    """Pairs (and rewards, when the file gives them; else 1 / 0) from a NeMo-Aligner JSONL.
+
+    Prompts over `max_prompt_tokens` follow `long_prompts` (error | skip | truncate, keeping
+    the end, where the question is). A pair with identical responses carries no preference:
+    it is counted and marked invalid. Fewer than `min_records` usable records (one global
+    batch) is an error: nothing could be trained."""
+    prompts, pairs, records, too_long, identical = [], [], [], 0, 0
+    for r in read_preference_jsonl(path):
+        where = f"{path}:{r.line}"
+        try:
+            prompt = tokenizer.encode(r.prompt)
+            pair = [tokenizer.encode(text) + [tokenizer.eos_id] for text in (r.chosen, r.rejected)]
+        except ValueError as err:
+            raise DataError(f"{where}: {err}") from None
+        for side, ids in zip(("chosen_response", "rejected_response"), pair):
+            if len(ids) > max_new_tokens:
+                raise DataError(f"{where}: {side} has {len(ids)} tokens with EOS, more than "
+                                f"generation.max_new_tokens={max_new_tokens}")
+        if len(prompt) > max_prompt_tokens:
+            too_long += 1
+            if long_prompts == "error":
+                raise DataError(f"{where}: prompt has {len(prompt)} tokens, over the limit of {max_prompt_tokens} "
+                                f"(data.long_prompts: skip or truncate)")
+            if long_prompts == "skip":
+                continue
+            r = dataclasses.replace(r, prompt=r.prompt[-max_prompt_tokens:])
+        identical += r.chosen == r.rejected
+        prompts.append(r.prompt)
+        pairs.append(pair)
+        records.append(r)
+    usable = len(records) - identical
+    if usable < min_records:
+        raise DataError(f"{path}: {usable} usable preference records ({too_long} over the length limit, "
+                        f"{identical} with identical responses), fewer than one global batch "
+                        f"(trainer.global_batch_size={min_records})")
+    pool = PromptPool.empty(len(records), max_new_tokens)
+    for i, ((chosen, rejected), r) in enumerate(zip(pairs, records)):
+        pool.chosen_tokens[i, :len(chosen)] = torch.tensor(chosen)
+        pool.chosen_lengths[i] = len(chosen)
+        pool.rejected_tokens[i, :len(rejected)] = torch.tensor(rejected)
+        pool.rejected_lengths[i] = len(rejected)
+        pool.chosen_rewards[i] = 1.0 if r.chosen_reward is None else r.chosen_reward
+        pool.rejected_rewards[i] = 0.0 if r.rejected_reward is None else r.rejected_reward
+        pool.valid[i] = r.chosen != r.rejected
+    pool.refreshed_at[:] = 0
+    return OfflinePool(prompts, pool, too_long, identical)

@@ -1,0 +1,81 @@
+"""From pool records to the loss: a global batch's weights, its micro-batches (pair
+sequences), and the per-micro-batch loss function the model's schedule calls.
+
+Pure torch, no megatron: the trainer, the tests and the parallel harness all go through
+these functions, so what is tested is what trains."""
+
+import torch
+
+from nemo_optune import algorithms as alg
+from nemo_optune.data.pool import PromptPool, build_sequences
+
+
+def global_batch_weights(pool: PromptPool, batch: torch.Tensor, weighting: str, weight_beta: float,
+                         weight_cap: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(raw weights [B], valid [B] as float, sum of valid weights) over the WHOLE global batch.
+
+    The sum is the normaliser every micro-batch on every DP rank divides by, so the loss is
+    the global weighted mean whatever the micro-batch split (every rank holds the pool)."""
+    weights = alg.reward_gap_weights(pool.chosen_rewards[batch], pool.rejected_rewards[batch],
+                                     weighting, weight_beta, weight_cap)
+    valid = pool.valid[batch].float()
+    return weights, valid, float((weights * valid).sum())
+
+
+def pair_sequences(prompts: list[list[int]], rows: dict, width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen rows, then rejected rows: tokens [2B, width] and loss mask [2B, width]."""
+    c_tok, c_mask = build_sequences(prompts, rows["chosen_tokens"], rows["chosen_lengths"], width, pad_id)
+    r_tok, r_mask = build_sequences(prompts, rows["rejected_tokens"], rows["rejected_lengths"], width, pad_id)
+    return torch.cat([c_tok, r_tok]), torch.cat([c_mask, r_mask])
+
+
+def preference_micro_batches(pool: PromptPool, prompt_ids: list[list[int]], indices: torch.Tensor,
+                             weights: torch.Tensor, valid: torch.Tensor, weight_total: float,
+                             micro_batch_size: int, width: int, pad_id: int) -> list[dict]:
+    """This rank's share of a global batch (`indices` with their weights) as micro-batches of
+    `micro_batch_size` pairs; each carries the global normaliser `weight_total`."""
+    out = []
+    for s in range(0, len(indices), micro_batch_size):
+        idx = indices[s:s + micro_batch_size]
+        rows = pool.rows(idx)
+        tokens, mask = pair_sequences([prompt_ids[i] for i in idx.tolist()], rows, width, pad_id)
+        out.append({
+            "indices": idx, "tokens": tokens, "loss_mask": mask,
+            "ref_chosen_logps": rows["ref_chosen_logps"], "ref_rejected_logps": rows["ref_rejected_logps"],
+            "chosen_lengths": rows["chosen_lengths"].float(),
+            "weights": weights[s:s + micro_batch_size], "valid": valid[s:s + micro_batch_size],
+            "weight_total": weight_total,
+        })
+    return out
+
+
+def preference_loss_fn(beta: float, loss_type: str, sft_weight: float, kl_weight: float, kl_prompts_total: int):
+    """The loss of one micro-batch from its per-sequence policy log-probs (rows: chosen,
+    rejected, then HyPO's k samples per prompt when the micro-batch has them):
+    weighted DPO/IPO (+ sft_weight * NLL of the chosen) + kl_weight * RLOO reverse KL.
+    Every term is pre-scaled by a global normaliser, so micro-batches and DP ranks add up."""
+
+    def loss_fn(mb: dict, sequence_logps: torch.Tensor):
+        n = mb["weights"].shape[0]
+        policy_chosen, policy_rejected = sequence_logps[:n], sequence_logps[n:2 * n]
+        margin = alg.dpo_margin(policy_chosen, policy_rejected, mb["ref_chosen_logps"], mb["ref_rejected_logps"])
+        per_pair = alg.preference_loss(margin, beta, loss_type)
+        if sft_weight > 0:
+            per_pair = per_pair + sft_weight * alg.sft_nll(policy_chosen, mb["chosen_lengths"])
+        loss = alg.weighted_mean(per_pair, mb["weights"], mb["valid"], mb["weight_total"])
+        kl = torch.zeros(())
+        if "sample_ref_logps" in mb:
+            k = mb["sample_ref_logps"].shape[0] // n
+            kl_loss, kl = alg.rloo_kl_loss_sum(sequence_logps[2 * n:].view(n, k), mb["sample_ref_logps"].view(n, k),
+                                               kl_prompts_total)
+            loss = loss + kl_weight * kl_loss
+        valid = mb["valid"]
+        return loss, {
+            "loss": loss.detach(),
+            "pairs": valid.sum(),
+            "correct": ((margin.detach() > 0).float() * valid).sum(),
+            "margin": (margin.detach() * valid).sum(),
+            "kl": kl.detach(),
+        }
+
+    return loss_fn

@@ -1,0 +1,115 @@
+"""The pool a preference trainer trains on, and how OPTune keeps it fresh: select the worst
+prompts, regenerate them, score, pair, cache their reference log-probs, and replace them in
+every rank's pool copy. Online DPO selects every prompt every iteration; offline pools are
+never regenerated, only given their reference log-probs."""
+
+import dataclasses
+
+import torch
+
+from nemo_optune import algorithms as alg
+from nemo_optune.data.pool import PromptPool
+from nemo_optune.generation.base import SamplingParams
+from nemo_optune.rewards.resilient import RewardSourceError
+from nemo_optune.runtime.distributed import gather_rows_over_dp
+from nemo_optune.runtime.experiment import PhaseTimer
+from nemo_optune.runtime.seeds import mix_seed
+from nemo_optune.trainers.preference_loss import pair_sequences
+
+
+@dataclasses.dataclass
+class RefreshStats:
+    regenerated: int = 0  # prompts regenerated
+    ties_dropped: int = 0  # of them, prompts whose K rewards all tied (no pair, left out of the loss)
+    non_finite_rewards: int = 0  # samples left out for a NaN/inf reward (reward.non_finite=drop)
+    responses: int = 0  # responses generated, all ranks
+
+
+class PreferencePool:
+    """The pool (replicated on every rank), the prompts it is for, and how to refresh it."""
+
+    def __init__(self, pool: PromptPool, prompt_ids: list[list[int]], prompt_texts: list[str], *, model, engine,
+                 reward, tokenizer, layout, cfg, width: int):
+        self.pool, self.prompt_ids, self.prompt_texts = pool, prompt_ids, prompt_texts
+        self.model, self.engine, self.reward, self.tokenizer = model, engine, reward, tokenizer
+        self.layout, self.cfg, self.width = layout, cfg, width
+        self.opt = cfg.model.optune
+
+    # ---------------------------------------------------------------- select
+    def select(self, it: int) -> tuple[torch.Tensor, float]:
+        """(pool indices to regenerate, the rho used); identical on every rank (replicated pool).
+        Iteration 0 fills the whole pool."""
+        n = len(self.pool)
+        if it == 0:
+            return torch.arange(n), 1.0
+        rho, a = self.opt.rho, self.opt.adaptive_rho
+        if a.enabled:
+            keys = alg.selection_keys(self.pool.chosen_rewards, self.pool.rejected_rewards, self.opt.selection_key)
+            rho = alg.adaptive_rho(keys, a.target, a.rho_min, a.rho_max)
+        generator = torch.Generator().manual_seed(mix_seed(self.cfg.trainer.seed, it, 0xC0FFEE))
+        selected = alg.select_prompts(self.opt.selection, alg.num_selected(n, rho), self.pool.chosen_rewards,
+                                      self.pool.rejected_rewards, self.opt.selection_key, generator)
+        return selected, rho
+
+    # ------------------------------------------- generate, score, pair, replace
+    def regenerate(self, it: int, selected: torch.Tensor, sampling: SamplingParams, timer: PhaseTimer) -> RefreshStats:
+        """K samples per selected prompt (balanced over DP ranks), scored, paired best vs
+        worst, reference log-probs cached, then every rank's pool copy gets every new pair.
+        Scoring and its checks come before any pool write: a failure leaves the pool as it was."""
+        mine, counts = self.dp_share(selected)
+        K = self.opt.samples_per_prompt
+        prompts = [self.prompt_ids[i] for i in mine.tolist()]
+        with timer.phase("generation"):
+            rollouts = self.engine.generate(prompts, K, sampling, [mix_seed(self.cfg.trainer.seed, it, i) for i in mine.tolist()])
+        with timer.phase("scoring"):
+            texts = [self.tokenizer.decode(r) for r in rollouts.response_tokens]
+            rewards = self.reward.score_on_every_rank([self.prompt_texts[i] for i in mine.tolist() for _ in range(K)], texts)
+            rewards = rewards.view(-1, K)
+        chosen, rejected, valid = alg.best_worst_pairs(rewards, drop_non_finite=True)
+        rows = torch.arange(len(prompts)) * K
+        new = {
+            "chosen_tokens": rollouts.response_tokens[rows + chosen],
+            "chosen_lengths": rollouts.response_lengths[rows + chosen],
+            "rejected_tokens": rollouts.response_tokens[rows + rejected],
+            "rejected_lengths": rollouts.response_lengths[rows + rejected],
+            # A prompt with no finite reward at all gets key 0: it is regenerated first next time.
+            "chosen_rewards": torch.nan_to_num(rewards.gather(1, chosen[:, None]).squeeze(1), 0.0, 0.0, 0.0),
+            "rejected_rewards": torch.nan_to_num(rewards.gather(1, rejected[:, None]).squeeze(1), 0.0, 0.0, 0.0),
+            "valid": valid,
+            "refreshed_at": torch.full((len(prompts),), it, dtype=torch.long),
+            "ref_chosen_logps": torch.zeros(len(prompts)),
+            "ref_rejected_logps": torch.zeros(len(prompts)),
+            "non_finite": (~torch.isfinite(rewards)).sum(dim=1),
+        }
+        if self.opt.cache_reference_logprobs:
+            with timer.phase("reference"):
+                new["ref_chosen_logps"], new["ref_rejected_logps"] = self.reference_logprobs(prompts, new)
+        with timer.phase("exchange"):
+            gathered = {name: gather_rows_over_dp(value, counts) for name, value in new.items()}
+        dropped = int(gathered.pop("non_finite").sum())
+        if dropped and self.cfg.reward.non_finite == "error":
+            raise RewardSourceError(f"the reward source returned {dropped} non-finite rewards at iteration {it + 1} "
+                                    f"(reward.non_finite=error; =drop leaves them out); the prompt pool was not updated")
+        self.pool.update(selected, gathered)
+        return RefreshStats(regenerated=len(selected), ties_dropped=int(len(selected) - gathered["valid"].sum()),
+                            non_finite_rewards=dropped, responses=len(selected) * K)
+
+    # -------------------------------------------------------------- reference
+    def reference_logprobs(self, prompts: list[list[int]], rows: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, mask = pair_sequences(prompts, rows, self.width, self.tokenizer.pad_id)
+        logps = self.model.sequence_logprobs("reference", tokens, mask, self.cfg.generation.micro_batch_size)
+        return logps[: len(prompts)], logps[len(prompts):]
+
+    def refresh_all_reference_logprobs(self) -> None:
+        """Recompute every entry's reference log-probs (offline pools once; every iteration
+        when caching is off), balanced over DP ranks."""
+        mine, counts = self.dp_share(torch.arange(len(self.pool)))
+        ref_c, ref_r = self.reference_logprobs([self.prompt_ids[i] for i in mine.tolist()], self.pool.rows(mine))
+        self.pool.ref_chosen_logps.copy_(gather_rows_over_dp(ref_c, counts))
+        self.pool.ref_rejected_logps.copy_(gather_rows_over_dp(ref_r, counts))
+
+    def dp_share(self, indices: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """This rank's balanced part of `indices`, and every rank's part size (for gathers)."""
+        dp = self.layout.dp
+        return (alg.balanced_shard(indices, self.layout.dp_rank, dp),
+                [len(alg.balanced_shard(indices, r, dp)) for r in range(dp)])
