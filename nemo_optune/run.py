@@ -26,7 +26,7 @@ def _claim_exp_dir(cfg: RootConfig, layout):
             exp_dir.check_writable(e.exp_dir)
             handle = exp_dir.lock(e.exp_dir)
             verdict[0] = exp_dir.prepare(e.exp_dir, as_dict(cfg), e.resume_if_exists, e.resume_from, e.overwrite)
-        except exp_dir.ExperimentDirError as err:
+        except (exp_dir.ExperimentDirError, OSError) as err:  # every rank must hear of it, or they hang
             verdict[1] = str(err)
     dist.broadcast_object_list(verdict, src=0)
     if verdict[1]:
@@ -87,10 +87,13 @@ def _run(cfg: RootConfig, layout, log: ExperimentLog, resume: str | None, start:
 
 
 def one_line(err: BaseException) -> str:
-    """OmegaConf's messages span lines (value, full_key, types): keep the key on one line."""
+    """OmegaConf's messages span lines (value, full_key, types): keep the key on one line.
+    Hydra's override errors say what failed; their cause says why (e.g. an unknown key)."""
+    if err.__cause__ is not None and type(err).__name__ == "ConfigCompositionException":
+        err = err.__cause__
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None)
-    text = lines[0] if lines else type(err).__name__
+    text = (lines[0] if lines else type(err).__name__).replace("is not in struct", "is not a config key")
     return f"config key {key}: {text}" if key and key not in text else text
 
 

@@ -320,7 +320,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_earlier_one(tmp_path, monkeypat
     monkeypatch.setattr(dist_checkpointing, "save", save)
     cfg = load_config("optune_tiny", TINY + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.checkpoint_every=1",
                                              "sft.steps=5"])
-    with pytest.raises(CheckpointError, match=r"iter_000001 failed \(\[Errno 28\] No space left on device\); earlier"):
+    with pytest.raises(CheckpointError, match=r"iter_000001 failed on rank 0: \[Errno 28\] No space left on device; earlier"):
         run_experiment(cfg)  # save 1 = SFT, save 2 = iteration 1 fails
     monkeypatch.setattr(dist_checkpointing, "save", real_save)
     assert list_checkpoints(str(tmp_path / "checkpoints")) == []

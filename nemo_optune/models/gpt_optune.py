@@ -275,7 +275,8 @@ class MegatronGPTOPTuneModel:
 
     # ----------------------------------------------------------------- weights
     def load_policy(self, directory: str) -> None:
-        """Load policy weights (the SFT checkpoint) into the already built optimizer's model."""
+        """Load policy weights (the SFT checkpoint), then refresh the optimizer's fp32 main
+        params, which were copied from the random init when the optimizer was built."""
         from nemo_optune.runtime.checkpoint import load_model
 
         load_model(directory, self)

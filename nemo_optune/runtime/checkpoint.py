@@ -32,18 +32,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message names the path and what is wrong."""
 
 
-def _agree_ok(ok: bool) -> bool:
-    """True only if every rank's step succeeded (so all ranks raise together, none hangs)."""
-    flag = torch.tensor([0 if ok else 1])
-    dist.all_reduce(flag)
-    return int(flag) == 0
-
-
-def _first_error(error: str | None) -> str | None:
-    """Collective: the first rank's error message, or None if every rank succeeded."""
+def _first_error(error: BaseException | str | None, name_rank: bool = True) -> str | None:
+    """Collective: the first failed rank's message ("rank R: ..."), or None if none failed, on
+    every rank (so all ranks raise together, none hangs, and each names the real cause)."""
     errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e is not None), None)
+    dist.all_gather_object(errors, None if error is None else str(error))
+    return next((f"rank {r}: {e}" if name_rank else e for r, e in enumerate(errors) if e is not None), None)
 
 
 def _sha256(path: str) -> str:
@@ -86,13 +80,15 @@ def _publish(directory: str, write, kind: str, architecture: dict) -> None:
             os.makedirs(tmp)
         except OSError as err:
             error = err
-    if not _agree_ok(error is None):
-        raise CheckpointError(f"cannot create checkpoint directory {tmp}: {error or 'failed on another rank'}")
+    error = _first_error(error)
+    if error:
+        raise CheckpointError(f"cannot create checkpoint directory {tmp} ({error})")
     try:
         write(tmp)
     except Exception as err:  # disk full, permissions, a failing writer: every rank must hear of it
         error = err
-    if _agree_ok(error is None):  # every rank's shards are on disk: describe them, then publish
+    error = _first_error(error)
+    if not error:  # every rank's shards are on disk: describe them, then publish
         try:
             files = _hash_files(tmp)
             if dist.get_rank() == 0:
@@ -102,11 +98,11 @@ def _publish(directory: str, write, kind: str, architecture: dict) -> None:
                 os.replace(os.path.join(tmp, MANIFEST + ".tmp"), os.path.join(tmp, MANIFEST))
         except OSError as err:
             error = err
-    if not _agree_ok(error is None):
+        error = _first_error(error)
+    if error:
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"writing checkpoint {directory} failed ({error or 'on another rank'}); "
-                              f"earlier checkpoints are untouched")
+        raise CheckpointError(f"writing checkpoint {directory} failed on {error}; earlier checkpoints are untouched")
     if dist.get_rank() == 0:
         if os.path.exists(directory):
             shutil.rmtree(directory)
@@ -161,7 +157,7 @@ def verify_checkpoint(directory: str, kind: str, architecture: dict) -> dict:
             error = error or _check_file(directory, name, manifest["files"][name])
     except CheckpointError as err:
         error = str(err)
-    error = _first_error(error)
+    error = _first_error(error, name_rank=False)  # the message names the path already
     if error:
         raise CheckpointError(error)
     return manifest
