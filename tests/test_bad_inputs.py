@@ -30,6 +30,9 @@ from nemo_optune.runtime import exp_dir
     ("model.hypo.samples_per_prompt=1", "model.hypo.samples_per_prompt"),
     ("method=online_dpo", "model.optune.selection"),
     ("reward.non_finite=ignore", "reward.non_finite"),
+    ("model.optune.weight_beta=-1", "model.optune.weight_beta"),
+    ("data.max_digits=12", "generation.max_new_tokens"),  # the longest answer + EOS needs 13 tokens
+    ("generation.eval_samples_per_prompt=0", "generation.eval_samples_per_prompt"),
 ])
 def test_invalid_config_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=f"config key {key}:"):
@@ -48,6 +51,16 @@ def test_layout_errors_name_the_key(changes, world, key):
         setattr(cfg.model, name, value)
     with pytest.raises(ConfigError, match=f"config key {key}:"):
         validate(cfg, world_size=world)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("generation.temperature=0.7", "generation.temperature"),
+    ("generation.top_p=0.9", "generation.top_p"),
+    ("generation.top_k=5", "generation.top_k"),
+])
+def test_hypo_needs_samples_from_the_policy_itself(override, key):
+    with pytest.raises(ConfigError, match=f"config key {key}: HyPO's KL samples must come from the policy"):
+        load_config("hypo", ["data.offline_path=x.jsonl", override])
 
 
 def test_wrong_type_and_unknown_key_are_rejected():
@@ -330,14 +343,49 @@ def test_full_disk_during_a_checkpoint_keeps_the_earlier_one(tmp_path, monkeypat
     assert len(summary["iterations"]) == 2 and "sft_seconds" not in summary
 
 
-def test_cli_prints_one_line_and_exits_2(tmp_path):
+@pytest.mark.parametrize("args,line", [
+    (["model.optune.rho=0"], "error: config key model.optune.rho: must be in (0, 1], got 0.0"),
+    (["--config-name", "optune_tinyy"], "error: --config-name optune_tinyy: no recipe conf/optune_tinyy.yaml (recipes: "
+                                        "dpo_offline, hypo, online_dpo, optune, optune_adaptive, optune_random, optune_tiny, sft_tiny)"),
+    (["model.optune.rhoo=0.5"], "error: config key model.optune.rhoo: Key 'rhoo' is not a config key"),
+    (["generation.eval_temperature=0.5"], "error: config key generation.eval_temperature: Key 'eval_temperature' is not a config key"),
+    (["model.optune.rho=abc"], "error: config key model.optune.rho: Value 'abc' of type 'str' could not be converted to Float"),
+    (["--seed", "3"], "error: unknown argument '--seed': expected --config-name NAME and key=value overrides"),
+])
+def test_cli_prints_one_line_and_exits_2(tmp_path, args, line):
+    """The launcher itself, as a user runs it: exactly one line on stderr, status 2."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_optune.py"),
-                          f"exp_manager.exp_dir={tmp_path}", "model.optune.rho=0"],
+                          f"exp_manager.exp_dir={tmp_path}", *args],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1] == "error: config key model.optune.rho: must be in (0, 1], got 0.0"
+    assert (out.returncode, out.stderr.strip().splitlines()) == (2, [line])
     assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+def _score_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    source = ResilientRewardSource(Flaky(100 if rank == 1 else 0), "remote", retries=0, backoff_seconds=0,
+                                   timeout_seconds=5)
+    try:
+        source.score_on_every_rank(["a"], ["x"])
+        outcome = "scored"
+    except RewardSourceError as err:
+        outcome = str(err)
+    (out_dir / f"rank{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+def test_a_reward_failure_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+    """Training and held-out scoring go through score_on_every_rank: rank 1's source fails,
+    rank 0's works, both raise rank 1's error (neither waits in a later collective)."""
+    import torch.multiprocessing as mp
+    from parallel_harness import _free_port
+
+    mp.spawn(_score_worker, args=(2, _free_port(), tmp_path), nprocs=2)
+    outcomes = {(tmp_path / f"rank{r}.txt").read_text() for r in range(2)}
+    assert len(outcomes) == 1 and outcomes.pop().startswith("reward source 'remote' failed 1 times (last: ConnectionError")
 
 
 def test_vocabulary_not_divisible_by_tp_names_the_key():
@@ -346,3 +394,12 @@ def test_vocabulary_not_divisible_by_tp_names_the_key():
     check_vocab(16, 4)
     with pytest.raises(ValueError, match="config key model.tensor_model_parallel_size: vocabulary 16 is not divisible by TP=3"):
         check_vocab(16, 3)
+
+
+def test_an_sft_only_run_reports_what_it_did(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_sft.py"), f"exp_manager.exp_dir={tmp_path}",
+                          *TINY], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    done = [line for line in out.stdout.splitlines() if line.startswith("[done]")]
+    assert len(done) == 1 and done[0].startswith("[done] sft in ") and "nan" not in out.stdout and "RSS 0" not in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == str(tmp_path)

@@ -60,3 +60,17 @@ def test_tp2_checkpoint_resumes_at_tp1_with_the_same_loss(uninterrupted, sft_che
     at_tp1 = loss_at_layout(1, base, checkpoint, str(tmp_path / "tp1.pt"))
     assert at_tp1["loss"] == pytest.approx(at_tp2["loss"], abs=1e-6)
     torch.testing.assert_close(at_tp1["logps"], at_tp2["logps"], atol=1e-5, rtol=0)
+
+
+def test_more_iterations_on_resume_keep_the_schedule_horizon(sft_checkpoint, tmp_path):
+    """A cosine run of 2 iterations extended to 3: the first two iterations' learning rates are
+    those of the original run (no jump), and the added iteration trains at min_lr."""
+    from nemo_optune.config import load_config
+    from nemo_optune.run import run_experiment
+
+    base = TINY + [f"model.restore_from_path={sft_checkpoint}", f"exp_manager.exp_dir={tmp_path}", "trainer.lr_decay=cosine",
+                   "trainer.min_lr=3e-5", "exp_manager.checkpoint_every=1"]
+    first = run_experiment(load_config("optune_tiny", base + ["trainer.iterations=2"]))
+    extended = run_experiment(load_config("optune_tiny", base + ["trainer.iterations=3"]))
+    assert [i["lr"] for i in extended["iterations"][:2]] == [i["lr"] for i in first["iterations"]]
+    assert extended["iterations"][2]["lr"] == pytest.approx(3e-5)  # past the original horizon of 4 steps

@@ -67,11 +67,11 @@ def initialize(tp: int, pp: int, seed: int) -> Layout:
     on_cpu = apply_cpu_shim()
     rank, local_rank, world = world_from_env()
     if not dist.is_initialized():
+        if world == 1:  # a rendezvous with nobody: a fresh local port, never one inherited from a parent job
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        elif "MASTER_PORT" not in os.environ:
+            raise RuntimeError("MASTER_PORT is not set: launch multi-process runs with torchrun or srun")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if world > 1:
-                raise RuntimeError("MASTER_PORT is not set: launch multi-process runs with torchrun or srun")
-            os.environ["MASTER_PORT"] = str(free_port())
         if not on_cpu:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(
