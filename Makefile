@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench mutation clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,16 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/compare_methods.py --out bench_out $(ARGS)
+
+# Mutation testing of nemo_optune/algorithms and trainers/preference_loss.py against the fast
+# pure tests (setup.cfg [mutmut]). OMP_NUM_THREADS=1: mutmut forks after torch has started its
+# OpenMP pool, and a forked child that enters a parallel kernel hangs (reported as a timeout).
+# Results are cached in mutants/; `$(VENV)/bin/mutmut show NAME` prints a mutant's diff.
+mutation: $(STAMP)
+	$(PY) -m pip install -q -e '.[mutation]'
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 $(ARGS)
+	$(VENV)/bin/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json && echo
+	$(VENV)/bin/mutmut results
 
 clean:
 	rm -rf runs bench_out

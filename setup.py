@@ -21,6 +21,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest==9.2.0"],
+        # make mutation: mutation testing of the pure loss math (config: setup.cfg [mutmut]).
+        "mutation": ["pytest==9.2.0", "mutmut==3.8.1"],
         # GPU-only, imported lazily, never installed in CI. In NGC containers they ship preinstalled.
         "gpu": ["transformer-engine", "apex"],
         "trtllm": ["tensorrt-llm"],

@@ -193,3 +193,23 @@ def test_adaptive_rho():
     assert alg.adaptive_rho(keys, target=0.9, rho_min=0.1, rho_max=1.0) == pytest.approx(0.5)
     assert alg.adaptive_rho(keys, target=0.05, rho_min=0.125, rho_max=1.0) == pytest.approx(0.125)
     assert alg.adaptive_rho(keys, target=2.0, rho_min=0.1, rho_max=0.75) == pytest.approx(0.75)
+
+
+def test_select_lowest_ties_beyond_small_sizes():
+    """Ties go to the lower index also where torch's default CPU sort is unstable (n > ~16)."""
+    keys = (torch.arange(100) % 2).float()  # 50 tied zeros at the even indices
+    assert alg.select_lowest(keys, 25).tolist() == list(range(0, 50, 2))
+
+
+def test_best_worst_pairs_counts_bad_prompts_and_pairs_two_finite_samples():
+    nan, inf = float("nan"), float("inf")
+    with pytest.raises(ValueError, match="2 of 3 prompts have non-finite"):
+        alg.best_worst_pairs(torch.tensor([[nan, 0.1], [0.1, 0.2], [0.3, inf]]))
+    # exactly two finite, different samples are enough for a pair
+    chosen, rejected, valid = alg.best_worst_pairs(torch.tensor([[nan, 0.2, 0.5, inf]]), drop_non_finite=True)
+    assert chosen.tolist() == [2] and rejected.tolist() == [1] and valid.tolist() == [True]
+
+
+def test_adaptive_rho_counts_keys_strictly_below_target():
+    keys = torch.tensor([0.5, 0.9, 0.9, 1.0])  # keys equal to the target are not below it
+    assert alg.adaptive_rho(keys, target=0.9, rho_min=0.0, rho_max=1.0) == pytest.approx(0.25)

@@ -81,6 +81,8 @@ def test_wrong_type_and_unknown_key_are_rejected():
      r"bad\.jsonl:2: field 'chosen_reward' must be a finite number"),
     ('{"prompt": "21>", "chosen_response": "12", "rejected_response": "2", "chosen_reward": 1}',
      r"bad\.jsonl:2: give both chosen_reward and rejected_reward"),
+    ('{"prompt": "21>", "chosen_response": "2", "rejected_response": "12", "chosen_reward": 0.1, "rejected_reward": 1}',
+     r"bad\.jsonl:2: chosen_reward 0.1 is below rejected_reward 1.0"),
     ('["21>", "12", "2"]', r"bad\.jsonl:2: expected a JSON object"),
     ('{"prompt": 5, "chosen_response": "12", "rejected_response": "2"}', r"bad\.jsonl:2: field 'prompt' must be a string"),
 ])

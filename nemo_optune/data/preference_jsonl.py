@@ -61,6 +61,8 @@ def read_preference_jsonl(path: str) -> list[PreferenceRecord]:
                 rewards.append(None if value is None else float(value))
             if (rewards[0] is None) != (rewards[1] is None):
                 raise DataError(f"{where}: give both chosen_reward and rejected_reward, or neither")
+            if rewards[0] is not None and rewards[0] < rewards[1]:  # a reward-gap weight would turn negative
+                raise DataError(f"{where}: chosen_reward {rewards[0]} is below rejected_reward {rewards[1]}")
             records.append(PreferenceRecord(obj["prompt"], obj["chosen_response"], obj["rejected_response"], *rewards,
                                             line=number))
     if not records:

@@ -48,9 +48,9 @@ class ResilientRewardSource:
     def score_on_every_rank(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """Collective `score`: every rank scores its share; if one rank's source fails, every
         rank raises that error together (none is left waiting in a later collective)."""
-        failure, rewards = None, torch.zeros(len(prompts))
+        failure, rewards = None, torch.zeros(len(prompts), dtype=torch.float64)
         try:
-            rewards = torch.tensor(self.score(prompts, responses), dtype=torch.float32)
+            rewards = torch.tensor(self.score(prompts, responses), dtype=torch.float64)
         except RewardSourceError as err:
             failure = err
         raise_if_any_rank_failed(failure)

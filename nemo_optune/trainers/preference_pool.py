@@ -73,8 +73,8 @@ class PreferencePool:
             "rejected_tokens": rollouts.response_tokens[rows + rejected],
             "rejected_lengths": rollouts.response_lengths[rows + rejected],
             # A prompt with no finite reward at all gets key 0: it is regenerated first next time.
-            "chosen_rewards": torch.nan_to_num(rewards.gather(1, chosen[:, None]).squeeze(1), 0.0, 0.0, 0.0),
-            "rejected_rewards": torch.nan_to_num(rewards.gather(1, rejected[:, None]).squeeze(1), 0.0, 0.0, 0.0),
+            "chosen_rewards": torch.nan_to_num(rewards.gather(1, chosen[:, None]).squeeze(1), 0.0, 0.0, 0.0).float(),
+            "rejected_rewards": torch.nan_to_num(rewards.gather(1, rejected[:, None]).squeeze(1), 0.0, 0.0, 0.0).float(),
             "valid": valid,
             "refreshed_at": torch.full((len(prompts),), it, dtype=torch.long),
             "ref_chosen_logps": torch.zeros(len(prompts)),

@@ -1,0 +1,232 @@
+"""From pool records to the loss (trainers/preference_loss.py, data/batching.py), against
+hand-computed values. Pure torch: no megatron import."""
+
+import math
+
+import pytest
+import torch
+
+from nemo_optune.data.batching import iteration_batches
+from nemo_optune.data.pool import PromptPool
+from nemo_optune.trainers.preference_loss import (
+    global_batch_weights,
+    preference_loss_fn,
+    preference_micro_batches,
+)
+
+PAD = 99
+PROMPTS = [[1, 2], [3], [4, 5, 6]]
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def make_pool() -> PromptPool:
+    """Three records; record 2 is invalid (its rewards tie)."""
+    return PromptPool(
+        chosen_tokens=torch.tensor([[11, 12, 13], [21, 22, 0], [31, 0, 0]]),
+        chosen_lengths=torch.tensor([3, 2, 1]),
+        rejected_tokens=torch.tensor([[14, 15, 0], [24, 0, 0], [34, 35, 36]]),
+        rejected_lengths=torch.tensor([2, 1, 3]),
+        chosen_rewards=torch.tensor([1.0, 0.5, 0.3]),
+        rejected_rewards=torch.tensor([0.2, 0.3, 0.3]),
+        valid=torch.tensor([True, True, False]),
+        ref_chosen_logps=torch.tensor([-4.0, -2.0, -1.0]),
+        ref_rejected_logps=torch.tensor([-5.0, -3.0, -6.0]),
+        refreshed_at=torch.tensor([0, 0, 0]),
+    )
+
+
+# Batch order [2, 0, 1]: gaps 0, 0.8, 0.2; with beta_w = 0.5 the weight inputs are 0, 0.4, 0.1.
+@pytest.mark.parametrize("scheme,beta_w,cap,weights", [
+    ("none", 0.5, None, [1.0, 1.0, 1.0]),
+    ("linear", 0.5, None, [0.0, 0.4, 0.1]),
+    ("exp", 0.5, None, [1.0, math.exp(0.4), math.exp(0.1)]),
+    ("sigmoid", 0.5, None, [0.5, sigmoid(0.4), sigmoid(0.1)]),
+    ("exp", 5.0, 3.0, [1.0, 3.0, math.e]),  # e^4 = 54.6 capped at 3; e^1 = 2.72 under the cap
+])
+def test_global_batch_weights(scheme, beta_w, cap, weights):
+    w, valid, total = global_batch_weights(make_pool(), torch.tensor([2, 0, 1]), scheme, beta_w, cap)
+    assert w.tolist() == pytest.approx(weights, rel=1e-6)
+    assert valid.dtype == torch.float32 and valid.tolist() == [0.0, 1.0, 1.0]
+    assert isinstance(total, float)
+    assert total == pytest.approx(weights[1] + weights[2], rel=1e-6)  # invalid record 2 left out
+
+
+# Prompt + response, right-padded to width 6; the mask marks positions whose NEXT token is a response token.
+CHOSEN_ROWS = {0: [1, 2, 11, 12, 13, PAD], 1: [3, 21, 22, PAD, PAD, PAD], 2: [4, 5, 6, 31, PAD, PAD]}
+CHOSEN_MASK = {0: [0, 1, 1, 1, 0, 0], 1: [1, 1, 0, 0, 0, 0], 2: [0, 0, 1, 0, 0, 0]}
+REJECTED_ROWS = {0: [1, 2, 14, 15, PAD, PAD], 1: [3, 24, PAD, PAD, PAD, PAD], 2: [4, 5, 6, 34, 35, 36]}
+REJECTED_MASK = {0: [0, 1, 1, 0, 0, 0], 1: [1, 0, 0, 0, 0, 0], 2: [0, 0, 1, 1, 1, 0]}
+
+
+@pytest.mark.parametrize("micro_batch_size,sizes", [(3, [3]), (2, [2, 1]), (1, [1, 1, 1])])
+def test_preference_micro_batches_rows_and_split(micro_batch_size, sizes):
+    pool = make_pool()
+    order = [2, 0, 1]
+    weights, valid = torch.tensor([5.0, 6.0, 7.0]), torch.tensor([0.0, 1.0, 1.0])
+    mbs = preference_micro_batches(pool, PROMPTS, torch.tensor(order), weights, valid, weight_total=13.0,
+                                   micro_batch_size=micro_batch_size, width=6, pad_id=PAD)
+    assert [len(mb["indices"]) for mb in mbs] == sizes
+    start = 0
+    for mb, size in zip(mbs, sizes):
+        ids = order[start:start + size]
+        assert mb["indices"].tolist() == ids
+        # rows 0..B-1: prompt + chosen, rows B..2B-1: prompt + rejected
+        assert mb["tokens"].tolist() == [CHOSEN_ROWS[i] for i in ids] + [REJECTED_ROWS[i] for i in ids]
+        assert mb["loss_mask"].tolist() == [CHOSEN_MASK[i] for i in ids] + [REJECTED_MASK[i] for i in ids]
+        assert mb["ref_chosen_logps"].tolist() == [[-4.0, -2.0, -1.0][i] for i in ids]
+        assert mb["ref_rejected_logps"].tolist() == [[-5.0, -3.0, -6.0][i] for i in ids]
+        assert mb["chosen_lengths"].dtype == torch.float32
+        assert mb["chosen_lengths"].tolist() == [[3, 2, 1][i] for i in ids]
+        assert mb["weights"].tolist() == weights[start:start + size].tolist()
+        assert mb["valid"].tolist() == valid[start:start + size].tolist()
+        assert mb["weight_total"] == 13.0  # the GLOBAL normaliser, not this micro-batch's sum
+        start += size
+
+
+def pair_mb(weights, valid, total, ref_chosen, ref_rejected, chosen_lengths):
+    return {"weights": torch.tensor(weights), "valid": torch.tensor(valid), "weight_total": total,
+            "ref_chosen_logps": torch.tensor(ref_chosen), "ref_rejected_logps": torch.tensor(ref_rejected),
+            "chosen_lengths": torch.tensor(chosen_lengths)}
+
+
+# Policy chosen [-3, -2.5], rejected [-5.5, -3.5]; reference chosen [-4, -2], rejected [-5, -3]
+# -> margins 1.5 and 0.0; chosen lengths 3 and 2 -> length-normalised NLLs 1.0 and 1.25.
+DPO0, DPO1 = -math.log(sigmoid(0.15)), math.log(2)  # beta = 0.1
+IPO0, IPO1 = (1.5 - 5) ** 2, (0.0 - 5) ** 2  # target 1 / (2 beta) = 5
+
+
+@pytest.mark.parametrize("loss_type,sft_weight,valid,total,expected", [
+    ("dpo", 0.0, [1.0, 1.0], 4.0, (1 * DPO0 + 3 * DPO1) / 4),
+    ("ipo", 0.0, [1.0, 1.0], 4.0, (1 * IPO0 + 3 * IPO1) / 4),
+    ("dpo", 0.5, [1.0, 1.0], 4.0, (1 * (DPO0 + 0.5 * 1.0) + 3 * (DPO1 + 0.5 * 1.25)) / 4),
+    ("dpo", 0.0, [0.0, 1.0], 3.0, DPO1),  # the invalid pair contributes nothing
+    ("dpo", 0.0, [1.0, 1.0], 8.0, (1 * DPO0 + 3 * DPO1) / 8),  # part of a larger global batch
+    ("dpo", 0.0, [0.0, 0.0], 0.0, 0.0),  # nothing valid anywhere: zero, not nan
+])
+def test_preference_loss_fn_hand_computed(loss_type, sft_weight, valid, total, expected):
+    mb = pair_mb([1.0, 3.0], valid, total, [-4.0, -2.0], [-5.0, -3.0], [3.0, 2.0])
+    loss, metrics = preference_loss_fn(0.1, loss_type, sft_weight, kl_weight=0.0, kl_prompts_total=1)(
+        mb, torch.tensor([-3.0, -2.5, -5.5, -3.5]))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert metrics["loss"].item() == pytest.approx(expected, rel=1e-6)
+    assert metrics["pairs"].item() == sum(valid)
+    assert metrics["correct"].item() == valid[0]  # margin 1.5 > 0 counts, margin 0.0 does not
+    assert metrics["margin"].item() == pytest.approx(1.5 * valid[0])
+    assert metrics["kl"].item() == 0.0
+
+
+def test_dpo_orientation():
+    """A policy that raised the chosen log-prob over the reference has margin > 0, loss < log 2,
+    and descent raises chosen further (negative gradient) and lowers rejected (positive)."""
+    logps = torch.tensor([-3.5, -5.0], requires_grad=True)  # reference: chosen -4, rejected -5
+    mb = pair_mb([1.0], [1.0], 1.0, [-4.0], [-5.0], [1.0])
+    loss, metrics = preference_loss_fn(0.1, "dpo", 0.0, 0.0, 1)(mb, logps)
+    assert metrics["margin"].item() == pytest.approx(0.5) and metrics["correct"].item() == 1
+    assert loss.item() == pytest.approx(-math.log(sigmoid(0.05))) and loss.item() < math.log(2)
+    loss.backward()
+    g = 0.1 * sigmoid(-0.05)  # d/dDelta of -log sigma(beta Delta) is -beta sigma(-beta Delta)
+    assert logps.grad.tolist() == pytest.approx([-g, g])
+
+
+# HyPO samples, k = 3 per prompt, prompt-major rows. c = policy - ref:
+#   prompt 0: policy [-1, -2, -3], ref [-1.5, -1, -3] -> c [0.5, -1, 0], LOO means [-0.5, 0.25, -0.25]
+#             -> c - b = [1, -1.25, 0.25], term (1*-1 - 1.25*-2 + 0.25*-3) / 3 = 0.25
+#   prompt 1: policy [-2, -1, -4], ref [-3, -2, -2] -> c [1, 1, -2], LOO means [-0.5, -0.5, 1]
+#             -> c - b = [1.5, 1.5, -3], term (1.5*-2 + 1.5*-1 - 3*-4) / 3 = 2.5
+SAMPLE_POLICY = [-1.0, -2.0, -3.0, -2.0, -1.0, -4.0]
+SAMPLE_REF = [-1.5, -1.0, -3.0, -3.0, -2.0, -2.0]
+C_MINUS_B = [1.0, -1.25, 0.25, 1.5, 1.5, -3.0]
+KL_LOSS = (0.25 + 2.5) / 2  # divided by the global prompt count
+MEAN_C = (0.5 - 1 + 0 + 1 + 1 - 2) / 6
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.5, 2.0])
+def test_hypo_rloo_kl_term(kl_weight):
+    # Both pairs have margin 0 (DPO log 2 each, weights 1): the pair part of the loss is log 2.
+    mb = pair_mb([1.0, 1.0], [1.0, 1.0], 2.0, [-4.0, -2.0], [-5.0, -3.0], [1.0, 1.0])
+    mb["sample_ref_logps"] = torch.tensor(SAMPLE_REF)
+    logps = torch.tensor([-4.0, -2.0, -5.0, -3.0] + SAMPLE_POLICY, requires_grad=True)
+    loss, metrics = preference_loss_fn(0.1, "dpo", 0.0, kl_weight, kl_prompts_total=2)(mb, logps)
+    assert loss.item() == pytest.approx(math.log(2) + kl_weight * KL_LOSS)
+    assert metrics["kl"].item() == pytest.approx(MEAN_C)  # reported whatever kl_weight
+    loss.backward()
+    sample_grad = logps.grad[4:]
+    assert sample_grad.tolist() == pytest.approx([kl_weight * cb / 3 / 2 for cb in C_MINUS_B])
+    if kl_weight > 0:
+        # samples the policy favours more than the reference (c_j above the leave-one-out mean)
+        # get a positive gradient: descent lowers them, pulling the policy towards the reference
+        assert ((sample_grad > 0) == (torch.tensor(C_MINUS_B) > 0)).all()
+
+
+def test_loss_and_gradient_invariant_to_micro_batch_split():
+    """One global batch of 8 pairs (with HyPO samples, k = 2) split into 1, 2 or 4 micro-batches:
+    summed losses, metrics and gradients w.r.t. the log-probs agree, and equal the global formula."""
+    g = torch.Generator().manual_seed(0)
+    n, k, beta = 8, 2, 0.1
+    chosen, rejected = -torch.rand(n, generator=g) * 5, -torch.rand(n, generator=g) * 5
+    ref_c, ref_r = -torch.rand(n, generator=g) * 5, -torch.rand(n, generator=g) * 5
+    samples, sample_ref = -torch.rand(n * k, generator=g) * 5, -torch.rand(n * k, generator=g) * 5
+    weights = torch.rand(n, generator=g) + 0.5
+    valid = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    total = float((weights * valid).sum())
+    lengths = torch.arange(1.0, n + 1)
+    loss_fn = preference_loss_fn(beta, "dpo", 0.3, 0.5, kl_prompts_total=n)
+
+    margin = (chosen - ref_c) - (rejected - ref_r)
+    per_pair = -torch.nn.functional.logsigmoid(beta * margin) + 0.3 * (-chosen / lengths)
+    c = (samples - sample_ref).view(n, k)
+    kl_loss = ((c - c.flip(-1)) * samples.view(n, k)).mean(-1).sum() / n  # k = 2: b_j is the other sample
+    expected = (per_pair * weights * valid).sum() / total + 0.5 * kl_loss
+
+    results = []
+    for parts in (1, 2, 4):
+        leaves = [t.clone().requires_grad_() for t in (chosen, rejected, samples)]
+        size = n // parts
+        sums = {}
+        for s in range(0, n, size):
+            sl, ss = slice(s, s + size), slice(s * k, (s + size) * k)
+            mb = {"weights": weights[sl], "valid": valid[sl], "weight_total": total,
+                  "ref_chosen_logps": ref_c[sl], "ref_rejected_logps": ref_r[sl], "chosen_lengths": lengths[sl],
+                  "sample_ref_logps": sample_ref[ss]}
+            loss, metrics = loss_fn(mb, torch.cat([leaves[0][sl], leaves[1][sl], leaves[2][ss]]))
+            loss.backward()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value.item()
+        results.append((sums, [leaf.grad for leaf in leaves]))
+
+    assert results[0][0]["loss"] == pytest.approx(expected.item(), rel=1e-6)
+    assert results[0][0]["pairs"] == 6 and results[0][0]["kl"] == pytest.approx(c.mean().item(), rel=1e-6)
+    for sums, grads in results[1:]:
+        assert sums == pytest.approx(results[0][0], rel=1e-6)
+        for grad, ref_grad in zip(grads, results[0][1]):
+            torch.testing.assert_close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("num_records,batch,epochs", [(64, 32, 1), (64, 16, 2), (8, 8, 3)])
+def test_iteration_batches_whole_epochs(num_records, batch, epochs):
+    for it in range(3):
+        batches = iteration_batches(num_records, batch, epochs, it, seed=1)
+        assert len(batches) == epochs * num_records // batch
+        assert all(b.shape == (batch,) for b in batches)
+        stream = torch.cat(batches)
+        for e in range(epochs):  # each epoch, in order, is a permutation of all records
+            assert sorted(stream[e * num_records:(e + 1) * num_records].tolist()) == list(range(num_records))
+
+
+def test_iteration_batches_carry_remainder():
+    """40 records, batches of 32: iterations 0, 1, 2, 3 hold 1, 1, 1, 2 batches; the 160 = 5 * 32
+    records they draw are epochs 0..3 back to back, each record exactly 4 times."""
+    per_iteration = [iteration_batches(40, 32, 1, it, seed=3) for it in range(4)]
+    assert [len(b) for b in per_iteration] == [1, 1, 1, 2]
+    stream = torch.cat([b for batches in per_iteration for b in batches])
+    assert stream.shape == (160,) and torch.bincount(stream, minlength=40).tolist() == [4] * 40
+    for e in range(4):
+        assert sorted(stream[e * 40:(e + 1) * 40].tolist()) == list(range(40))
+    # deterministic for a seed, different for another
+    again = torch.cat([b for it in range(4) for b in iteration_batches(40, 32, 1, it, seed=3)])
+    assert again.tolist() == stream.tolist()
+    other = torch.cat([b for it in range(4) for b in iteration_batches(40, 32, 1, it, seed=4)])
+    assert other.tolist() != stream.tolist()
