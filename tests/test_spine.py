@@ -113,3 +113,15 @@ def test_end_to_end_two_iterations(tiny_overrides):
     assert len(json.loads(lines[1])["regenerated"]) == 32
     assert os.path.getsize(os.path.join(exp, "report.png")) > 1000
     assert os.listdir(os.path.join(exp, "tensorboard"))
+
+
+def test_stored_pairs_are_the_best_and_worst_samples_with_their_own_rewards(trainer):
+    """Rescoring each stored response gives the stored reward, and the chosen one is the better:
+    the pool's pairs are oriented (a swap of tokens or of rewards anywhere in the refresh fails)."""
+    pool, tok, task = trainer.pool.pool, trainer.tokenizer, trainer.data.task
+    for i, prompt in enumerate(trainer.pool.prompt_texts):
+        chosen = task.reward(prompt, tok.decode(pool.chosen_tokens[i, :pool.chosen_lengths[i]]))
+        rejected = task.reward(prompt, tok.decode(pool.rejected_tokens[i, :pool.rejected_lengths[i]]))
+        assert (chosen, rejected) == pytest.approx((float(pool.chosen_rewards[i]), float(pool.rejected_rewards[i])))
+        assert chosen >= rejected
+    assert (pool.chosen_rewards > pool.rejected_rewards).sum() > len(pool) // 2
