@@ -83,7 +83,7 @@ def _worker(rank, world, port, overrides, out_path, capture_iteration, kill_at):
     summary = run_experiment(load_config("optune_tiny", overrides))
     weights = state["trainer"].model.export_weights() if state["trainer"] else {}
     if rank == 0:
-        pool = state["trainer"].pool.pool.state_dict() if state["trainer"] else None
+        pool = state["trainer"].pool.store.state_dict() if state["trainer"] else None
         torch.save({"summary": summary, "pool": pool, "weights": weights, **captured}, out_path)
     distributed.shutdown()
 
@@ -137,7 +137,7 @@ def _loss_worker(rank, world, port, overrides, checkpoint, out_path):
     batch = torch.arange(cfg.trainer.global_batch_size)
     loss = trainer.batch_loss(batch)["loss"]
     pool = trainer.pool
-    tokens, mask = pair_sequences([pool.prompt_ids[i] for i in batch.tolist()], pool.pool.rows(batch), trainer.width,
+    tokens, mask = pair_sequences([pool.prompt_ids[i] for i in batch.tolist()], pool.store.rows(batch), trainer.width,
                                   trainer.tokenizer.pad_id)
     logps = trainer.model.sequence_logprobs("policy", tokens, mask, micro_batch_size=16)
     if rank == 0:

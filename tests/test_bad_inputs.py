@@ -156,7 +156,7 @@ class Scripted:
 
 
 def _pool_unchanged_after_failure(trainer, source, error):
-    before = trainer.pool.pool.state_dict()
+    before = trainer.pool.store.state_dict()
     inner = trainer.reward.source
     trainer.reward.source = source
     try:
@@ -165,7 +165,7 @@ def _pool_unchanged_after_failure(trainer, source, error):
     finally:
         trainer.reward.source = inner
     for name, value in before.items():
-        assert torch.equal(getattr(trainer.pool.pool, name), value), name
+        assert torch.equal(getattr(trainer.pool.store, name), value), name
 
 
 def test_failing_reward_source_leaves_the_pool_untouched(trainer):
@@ -187,7 +187,7 @@ def test_non_finite_rewards_dropped_and_counted(trainer):
     finally:
         trainer.reward.source, trainer.cfg.reward.non_finite = inner, "error"
     assert record["non_finite_rewards"] == 32  # 32 selected prompts, sample 0 of each is inf
-    pool = trainer.pool.pool
+    pool = trainer.pool.store
     fresh = pool.refreshed_at == 1
     # the inf sample is never chosen: best is sample 3 (0.3), worst sample 1 (0.1)
     assert torch.allclose(pool.chosen_rewards[fresh], torch.tensor(0.3))
@@ -203,7 +203,7 @@ def test_prompts_without_any_finite_reward_keep_finite_pool_keys(trainer):
     finally:
         trainer.reward.source, trainer.cfg.reward.non_finite = inner, "error"
     assert record["non_finite_rewards"] == 8
-    pool = trainer.pool.pool
+    pool = trainer.pool.store
     assert torch.isfinite(pool.chosen_rewards).all() and torch.isfinite(pool.rejected_rewards).all()
     first_two = torch.nonzero(pool.refreshed_at == 1).squeeze(1)[:2]
     assert not pool.valid[first_two].any()

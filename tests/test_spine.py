@@ -51,17 +51,17 @@ def test_response_logprobs_equal_manual_log_softmax_gather(trainer):
 
 def _fresh_reference(trainer):
     pool = trainer.pool
-    return pool.reference_logprobs(pool.prompt_ids, pool.pool.rows(torch.arange(len(pool.pool))))
+    return pool.reference_logprobs(pool.prompt_ids, pool.store.rows(torch.arange(len(pool.store))))
 
 
 def test_cached_reference_logprobs_equal_fresh_ones(trainer):
     fresh_c, fresh_r = _fresh_reference(trainer)
-    torch.testing.assert_close(trainer.pool.pool.ref_chosen_logps, fresh_c, atol=1e-5, rtol=0)
-    torch.testing.assert_close(trainer.pool.pool.ref_rejected_logps, fresh_r, atol=1e-5, rtol=0)
+    torch.testing.assert_close(trainer.pool.store.ref_chosen_logps, fresh_c, atol=1e-5, rtol=0)
+    torch.testing.assert_close(trainer.pool.store.ref_rejected_logps, fresh_r, atol=1e-5, rtol=0)
 
 
 def test_iteration_selects_lowest_keys_and_leaves_the_rest_untouched(trainer):
-    pool = trainer.pool.pool
+    pool = trainer.pool.store
     before = pool.state_dict()
     keys = before["chosen_rewards"].tolist()
     count = len(keys) // 2  # rho = 0.5
@@ -82,7 +82,7 @@ def test_iteration_selects_lowest_keys_and_leaves_the_rest_untouched(trainer):
 
 
 def test_pool_pairs_are_valid_exactly_when_their_rewards_differ(trainer):
-    pool = trainer.pool.pool
+    pool = trainer.pool.store
     tied = pool.chosen_rewards == pool.rejected_rewards
     assert torch.equal(~tied, pool.valid)
 
@@ -118,7 +118,7 @@ def test_end_to_end_two_iterations(tiny_overrides):
 def test_stored_pairs_are_the_best_and_worst_samples_with_their_own_rewards(trainer):
     """Rescoring each stored response gives the stored reward, and the chosen one is the better:
     the pool's pairs are oriented (a swap of tokens or of rewards anywhere in the refresh fails)."""
-    pool, tok, task = trainer.pool.pool, trainer.tokenizer, trainer.data.task
+    pool, tok, task = trainer.pool.store, trainer.tokenizer, trainer.data.task
     for i, prompt in enumerate(trainer.pool.prompt_texts):
         chosen = task.reward(prompt, tok.decode(pool.chosen_tokens[i, :pool.chosen_lengths[i]]))
         rejected = task.reward(prompt, tok.decode(pool.rejected_tokens[i, :pool.rejected_lengths[i]]))

@@ -49,7 +49,7 @@ def independent_logps(module, prompt: list[int], response: torch.Tensor) -> floa
 
 def pair_margins(trainer, batch: torch.Tensor) -> torch.Tensor:
     """Delta_i for each pair of the batch, from independent forward passes of policy and reference."""
-    pool, prompts, out = trainer.pool.pool, trainer.pool.prompt_ids, []
+    pool, prompts, out = trainer.pool.store, trainer.pool.prompt_ids, []
     for i in batch.tolist():
         chosen = pool.chosen_tokens[i, :pool.chosen_lengths[i]]
         rejected = pool.rejected_tokens[i, :pool.rejected_lengths[i]]
@@ -62,7 +62,7 @@ def pair_margins(trainer, batch: torch.Tensor) -> torch.Tensor:
 def hand_computed_loss(trainer, batch: torch.Tensor) -> float:
     """Weighted DPO as the design defines it: w_i = min(exp(beta_w (r_w - r_l)), cap) over the
     valid pairs of the whole global batch, L = sum w_i (-log sigmoid(beta Delta_i)) / sum w_i."""
-    o, pool = trainer.cfg.model.optune, trainer.pool.pool
+    o, pool = trainer.cfg.model.optune, trainer.pool.store
     assert (o.weighting, o.loss_type) == ("exp", "dpo")
     margins = pair_margins(trainer, batch)
     numerator = denominator = 0.0
@@ -77,12 +77,12 @@ def hand_computed_loss(trainer, batch: torch.Tensor) -> float:
 
 def first_batch(trainer) -> torch.Tensor:
     t = trainer.cfg.trainer
-    return iteration_batches(len(trainer.pool.pool), t.global_batch_size, t.epochs_per_iteration, 1, t.seed)[0]
+    return iteration_batches(len(trainer.pool.store), t.global_batch_size, t.epochs_per_iteration, 1, t.seed)[0]
 
 
 def test_batch_loss_equals_the_hand_computed_weighted_dpo_loss(trainer):
     batch = first_batch(trainer)
-    pool = trainer.pool.pool
+    pool = trainer.pool.store
     rewards_differ = pool.chosen_rewards[batch] != pool.rejected_rewards[batch]
     assert rewards_differ.any() and (pool.chosen_rewards[batch] - pool.rejected_rewards[batch]).unique().numel() > 2
     assert pair_margins(trainer, batch).abs().max() > 1e-3  # the policy has moved: a real test of orientation
@@ -115,7 +115,7 @@ def test_a_step_moves_the_policy_towards_the_chosen_responses(trainer):
     measured by independent forward passes (a swap of chosen and rejected anywhere in the
     assembly would lower it)."""
     batch = first_batch(trainer)
-    valid = trainer.pool.pool.valid[batch]
+    valid = trainer.pool.store.valid[batch]
     before = pair_margins(trainer, batch)[valid]
     loss_before = trainer.batch_loss(batch)["loss"]
     for _ in range(3):
@@ -167,9 +167,9 @@ def test_hypo_kl_term_alone_moves_the_policy_towards_the_reference(tmp_path, sft
             p.add_(0.5 * p.abs().mean() * torch.randn(p.shape, generator=generator))
     _, kl_before = trainer.evaluate()
     assert kl_before > 0.2
-    trainer.pool.pool.valid[:] = False  # no preference signal: the KL term is the whole loss
+    trainer.pool.store.valid[:] = False  # no preference signal: the KL term is the whole loss
     gradient = [torch.zeros_like(p) for p in params]
-    for b, batch in enumerate(iteration_batches(len(trainer.pool.pool), 32, 1, 0, seed=3)):
+    for b, batch in enumerate(iteration_batches(len(trainer.pool.store), 32, 1, 0, seed=3)):
         micro_batches, weight_total = trainer.micro_batches(batch)
         assert weight_total == 0
         trainer.online_kl.add_to(micro_batches, batch, seed=b, max_new_tokens=10, timer=PhaseTimer())

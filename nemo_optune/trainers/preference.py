@@ -133,7 +133,7 @@ class PreferenceTrainer:
         iteration_seconds = sum(timer.seconds[p] for p in TIMED_PHASES)
         eval_start = time.perf_counter()
         heldout, heldout_kl = self.evaluate()  # 4.
-        pool = self.pool.pool
+        pool = self.pool.store
         return {
             "iteration": it + 1,
             "heldout_reward": heldout,
@@ -155,7 +155,7 @@ class PreferenceTrainer:
         t = self.cfg.trainer
         totals = torch.zeros(5)  # loss, pairs, correct, margin sum, HyPO KL sum
         grad_norms, skipped = [], 0
-        batches = iteration_batches(len(self.pool.pool), t.global_batch_size, t.epochs_per_iteration, it, t.seed)
+        batches = iteration_batches(len(self.pool.store), t.global_batch_size, t.epochs_per_iteration, it, t.seed)
         for b, batch in enumerate(batches):
             micro_batches, weight_total = self.micro_batches(batch)
             if weight_total == 0 and self.online_kl is None:
@@ -188,10 +188,10 @@ class PreferenceTrainer:
         """This rank's micro-batches of a global batch, and the batch's weight total (the
         normaliser every micro-batch of every rank divides by)."""
         o, t, dp = self.cfg.model.optune, self.cfg.trainer, self.layout.dp
-        weights, valid, weight_total = global_batch_weights(self.pool.pool, batch, o.weighting, o.weight_beta, o.weight_cap)
+        weights, valid, weight_total = global_batch_weights(self.pool.store, batch, o.weighting, o.weight_beta, o.weight_cap)
         per_rank = len(batch) // dp
         mine = slice(self.layout.dp_rank * per_rank, (self.layout.dp_rank + 1) * per_rank)
-        return preference_micro_batches(self.pool.pool, self.pool.prompt_ids, batch[mine], weights[mine], valid[mine],
+        return preference_micro_batches(self.pool.store, self.pool.prompt_ids, batch[mine], weights[mine], valid[mine],
                                         weight_total, t.micro_batch_size, self.width, self.tokenizer.pad_id), weight_total
 
     def batch_loss(self, batch: torch.Tensor) -> dict:
@@ -236,7 +236,7 @@ class PreferenceTrainer:
         """Everything besides model and optimizer that the next iteration depends on.
         (All sampling and data-order randomness is derived from seeds and the iteration.)"""
         return {
-            "pool": self.pool.pool.state_dict(),
+            "pool": self.pool.store.state_dict(),
             "history": self.history,
             "responses_generated": self.responses_generated,
             "initial": self.initial,
@@ -257,7 +257,7 @@ class PreferenceTrainer:
         if asked < done:
             raise ValueError(f"config key trainer.iterations: {asked}, but the checkpoint {path} has {done} iterations "
                              f"done; ask for at least {done}, or use another exp_manager.exp_dir")
-        self.pool.pool.load_state_dict(state["pool"])
+        self.pool.store.load_state_dict(state["pool"])
         self.history = state["history"]
         self.responses_generated = state["responses_generated"]
         self.initial = state["initial"]

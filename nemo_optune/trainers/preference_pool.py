@@ -26,11 +26,12 @@ class RefreshStats:
 
 
 class PreferencePool:
-    """The pool (replicated on every rank), the prompts it is for, and how to refresh it."""
+    """The pool's entries (`store`, replicated on every rank), the prompts they are for, and
+    how to refresh them."""
 
-    def __init__(self, pool: PromptPool, prompt_ids: list[list[int]], prompt_texts: list[str], *, model, engine,
+    def __init__(self, store: PromptPool, prompt_ids: list[list[int]], prompt_texts: list[str], *, model, engine,
                  reward, tokenizer, layout, cfg, width: int):
-        self.pool, self.prompt_ids, self.prompt_texts = pool, prompt_ids, prompt_texts
+        self.store, self.prompt_ids, self.prompt_texts = store, prompt_ids, prompt_texts
         self.model, self.engine, self.reward, self.tokenizer = model, engine, reward, tokenizer
         self.layout, self.cfg, self.width = layout, cfg, width
         self.opt = cfg.model.optune
@@ -39,16 +40,16 @@ class PreferencePool:
     def select(self, it: int) -> tuple[torch.Tensor, float]:
         """(pool indices to regenerate, the rho used); identical on every rank (replicated pool).
         Iteration 0 fills the whole pool."""
-        n = len(self.pool)
+        n = len(self.store)
         if it == 0:
             return torch.arange(n), 1.0
         rho, a = self.opt.rho, self.opt.adaptive_rho
         if a.enabled:
-            keys = alg.selection_keys(self.pool.chosen_rewards, self.pool.rejected_rewards, self.opt.selection_key)
+            keys = alg.selection_keys(self.store.chosen_rewards, self.store.rejected_rewards, self.opt.selection_key)
             rho = alg.adaptive_rho(keys, a.target, a.rho_min, a.rho_max)
         generator = torch.Generator().manual_seed(mix_seed(self.cfg.trainer.seed, it, 0xC0FFEE))
-        selected = alg.select_prompts(self.opt.selection, alg.num_selected(n, rho), self.pool.chosen_rewards,
-                                      self.pool.rejected_rewards, self.opt.selection_key, generator)
+        selected = alg.select_prompts(self.opt.selection, alg.num_selected(n, rho), self.store.chosen_rewards,
+                                      self.store.rejected_rewards, self.opt.selection_key, generator)
         return selected, rho
 
     # ------------------------------------------- generate, score, pair, replace
@@ -90,7 +91,7 @@ class PreferencePool:
         if dropped and self.cfg.reward.non_finite == "error":
             raise RewardSourceError(f"the reward source returned {dropped} non-finite rewards at iteration {it + 1} "
                                     f"(reward.non_finite=error; =drop leaves them out); the prompt pool was not updated")
-        self.pool.update(selected, gathered)
+        self.store.update(selected, gathered)
         return RefreshStats(regenerated=len(selected), ties_dropped=int(len(selected) - gathered["valid"].sum()),
                             non_finite_rewards=dropped, responses=len(selected) * K)
 
@@ -103,10 +104,10 @@ class PreferencePool:
     def refresh_all_reference_logprobs(self) -> None:
         """Recompute every entry's reference log-probs (offline pools once; every iteration
         when caching is off), balanced over DP ranks."""
-        mine, counts = self.dp_share(torch.arange(len(self.pool)))
-        ref_c, ref_r = self.reference_logprobs([self.prompt_ids[i] for i in mine.tolist()], self.pool.rows(mine))
-        self.pool.ref_chosen_logps.copy_(gather_rows_over_dp(ref_c, counts))
-        self.pool.ref_rejected_logps.copy_(gather_rows_over_dp(ref_r, counts))
+        mine, counts = self.dp_share(torch.arange(len(self.store)))
+        ref_c, ref_r = self.reference_logprobs([self.prompt_ids[i] for i in mine.tolist()], self.store.rows(mine))
+        self.store.ref_chosen_logps.copy_(gather_rows_over_dp(ref_c, counts))
+        self.store.ref_rejected_logps.copy_(gather_rows_over_dp(ref_r, counts))
 
     def dp_share(self, indices: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """This rank's balanced part of `indices`, and every rank's part size (for gathers)."""
