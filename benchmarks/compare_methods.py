@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 
 from nemo_optune.config import load_config  # noqa: E402
 from nemo_optune.data.preference_jsonl import sort_task_preferences, write_preference_jsonl  # noqa: E402
-from nemo_optune.trainers.common import build_task_data  # noqa: E402
+from nemo_optune.data.task_data import build_task_data  # noqa: E402
 
 OFFLINE = "offline"  # placeholder for the generated JSONL path
 METHODS = {  # row name: (recipe, overrides)
@@ -74,7 +74,8 @@ def run_all(args) -> dict:
     sft = run("sft_tiny", ["exp_manager.overwrite=true"], os.path.join(args.out, "sft"))
     cfg = load_config("optune")
     prefs = os.path.join(args.out, "offline_prefs.jsonl")
-    write_preference_jsonl(prefs, sort_task_preferences(build_task_data(cfg).task, build_task_data(cfg).train_prompts,
+    data = build_task_data(cfg.data)
+    write_preference_jsonl(prefs, sort_task_preferences(data.task, data.train_prompts,
                                                         cfg.sft.demonstration_noise, seed=101))
     runs = {name: [] for name in METHODS}
     for seed in range(1, args.seeds + 1):  # methods interleaved, so machine drift hits all alike

@@ -40,3 +40,12 @@ def test_recipe_runs_one_iteration(recipe, sft_checkpoint, offline_jsonl, tmp_pa
         assert it["regenerated"] == 64
     if cfg.method == "hypo":
         assert it["hypo_kl"] != 0 and it["seconds"]["generation"] > 0
+
+
+@pytest.mark.parametrize("script", ["compare_methods", "layout_timing"])
+def test_benchmark_scripts_import(script):
+    """The benchmarks run outside the suite; at least their imports must follow the code."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(script, os.path.join(ROOT, "benchmarks", f"{script}.py"))
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
