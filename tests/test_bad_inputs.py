@@ -405,3 +405,15 @@ def test_an_sft_only_run_reports_what_it_did(tmp_path):
     done = [line for line in out.stdout.splitlines() if line.startswith("[done]")]
     assert len(done) == 1 and done[0].startswith("[done] sft in ") and "nan" not in out.stdout and "RSS 0" not in out.stdout
     assert out.stdout.strip().splitlines()[-1] == str(tmp_path)
+
+
+def test_torchrun_with_one_process_initialises_and_reports(tmp_path):
+    """Under torchrun even one process rendezvouses at torchrun's store (MASTER_PORT): the run
+    gets past process-group set-up and stops on the unwritable directory with one line."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node", "1",
+                          os.path.join(ROOT, "examples", "train_optune.py"), f"exp_manager.exp_dir={blocker / 'run'}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: config key exp_manager.exp_dir: {blocker / 'run'} is not writable (Not a directory)"], out.stderr[-2000:]

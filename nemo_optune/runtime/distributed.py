@@ -67,7 +67,9 @@ def initialize(tp: int, pp: int, seed: int) -> Layout:
     on_cpu = apply_cpu_shim()
     rank, local_rank, world = world_from_env()
     if not dist.is_initialized():
-        if world == 1:  # a rendezvous with nobody: a fresh local port, never one inherited from a parent job
+        if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+            # A rendezvous with nobody: a fresh local port, never one inherited from a parent
+            # job. (Under torchrun, even with one process, its agent's store is at MASTER_PORT.)
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         elif "MASTER_PORT" not in os.environ:
             raise RuntimeError("MASTER_PORT is not set: launch multi-process runs with torchrun or srun")
