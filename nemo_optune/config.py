@@ -110,7 +110,8 @@ class GenerationConfig:
 
 @dataclasses.dataclass
 class RewardConfig:
-    source: str = "task"  # the embedded task's rule-based scorer
+    source: str = "task"  # task: the embedded task's rule-based scorer | python: reward.function
+    function: Optional[str] = None  # python: "package.module:function" scoring (prompts, responses) -> floats
     retries: int = 3  # attempts after the first failure
     backoff_seconds: float = 0.5  # doubled at every retry
     timeout_seconds: float = 60.0  # per scoring call
@@ -188,7 +189,9 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _one_of(m.precision, ("fp32", "bf16"), "model.precision")
     _one_of(m.position_embedding_type, ("rope", "learned_absolute"), "model.position_embedding_type")
     _one_of(g.engine, ("megatron",), "generation.engine")
-    _one_of(cfg.reward.source, ("task",), "reward.source")
+    _one_of(cfg.reward.source, ("task", "python"), "reward.source")
+    if cfg.reward.source == "python":
+        _require(bool(cfg.reward.function), "reward.function", "reward.source=python needs package.module:function")
     _one_of(cfg.reward.non_finite, ("error", "drop"), "reward.non_finite")
     _one_of(cfg.data.long_prompts, ("error", "skip", "truncate"), "data.long_prompts")
     _require(cfg.reward.retries >= 0, "reward.retries", "must be >= 0")

@@ -27,6 +27,7 @@ from nemo_optune.data.task_data import TaskData
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
+from nemo_optune.rewards.python_function import PythonFunctionReward
 from nemo_optune.rewards.resilient import ResilientRewardSource, RewardSourceError
 from nemo_optune.rewards.task_reward import TaskReward
 from nemo_optune.runtime.checkpoint import load_training_checkpoint, save_training_checkpoint
@@ -60,14 +61,16 @@ class PreferenceTrainer:
                                          cfg.data.long_prompts, min_records=t.global_batch_size)
             prompts, pool = offline.prompts, offline.pool
             self.offline_stats = {"long_prompts": offline.long_prompts, "identical_pairs": offline.identical_pairs}
+        r = cfg.reward  # imported before any model is built: a bad reward.function fails fast
+        source = PythonFunctionReward(r.function) if r.source == "python" else TaskReward(data.task)
+        self.reward = ResilientRewardSource(source, r.function or r.source, r.retries, r.backoff_seconds,
+                                            r.timeout_seconds)
         # The LR schedule's horizon is fixed when the run starts; a resumed run keeps it (see resume).
         self.lr_total_steps = t.iterations * t.epochs_per_iteration * len(pool) // t.global_batch_size
         self.model = MegatronGPTOPTuneModel(cfg.model, tok.vocab_size, self.width, layout, seed=t.seed, lr=t.lr,
                                             weight_decay=t.weight_decay, grad_clip=t.grad_clip,
                                             lr_schedule=self.lr_at_step)
         self.engine = MegatronInProcessEngine(self.model, tok.eos_id, tok.pad_id, g.micro_batch_size)
-        r = cfg.reward
-        self.reward = ResilientRewardSource(TaskReward(data.task), r.source, r.retries, r.backoff_seconds, r.timeout_seconds)
         prompt_ids = [tok.encode(p) for p in prompts]
         self.pool = PreferencePool(pool, prompt_ids, prompts, model=self.model, engine=self.engine, reward=self.reward,
                                    tokenizer=tok, layout=layout, cfg=cfg, width=self.width)
