@@ -18,6 +18,7 @@ setup(
         "omegaconf==2.3.0",
         "tensorboard==2.21.0",
         "matplotlib==3.11.2",
+        "pyarrow==26.0.1",  # parquet prompt and preference sets
     ],
     extras_require={
         "test": ["pytest==9.2.0"],

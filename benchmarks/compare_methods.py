@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from nemo_optune.config import load_config  # noqa: E402
-from nemo_optune.data.preference_jsonl import sort_task_preferences, write_preference_jsonl  # noqa: E402
+from nemo_optune.data.preferences import sort_task_preferences, write_preference_jsonl  # noqa: E402
 from nemo_optune.data.task_data import build_task_data  # noqa: E402
 
 OFFLINE = "offline"  # placeholder for the generated JSONL path

@@ -91,7 +91,14 @@ class DataConfig:
     num_train_prompts: int = 256
     num_heldout_prompts: int = 512
     seed: int = 7
-    offline_path: Optional[str] = None  # NeMo-Aligner preference JSONL for dpo_offline / hypo
+    offline_path: Optional[str] = None  # preference JSONL/parquet (NeMo-Aligner or HF/TRL schema) for dpo_offline / hypo
+    # Prompt files (JSONL/parquet) for online methods and evaluation, instead of the task's generated prompts.
+    train_prompts_path: Optional[str] = None
+    heldout_prompts_path: Optional[str] = None
+    prompt_field: str = "prompt"  # a string prompt per row ...
+    messages_field: str = "messages"  # ... or a chat: the prompt is every turn up to the last user turn
+    apply_chat_template: bool = False  # text prompts through the tokenizer's chat template (chats always are)
+    max_prompt_tokens: Optional[int] = None  # null: the task's limit (data.max_digits + 1)
     long_prompts: str = "error"  # error | skip | truncate (keep the end) offline prompts over the limit
 
 
@@ -224,6 +231,7 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
              f"{g.max_new_tokens} cannot hold the task's longest answer ({d.max_digits} digits of data.max_digits + EOS)")
     _require(d.num_train_prompts >= 1, "data.num_train_prompts", "must be >= 1")
     _require(d.num_heldout_prompts >= 1, "data.num_heldout_prompts", "must be >= 1")
+    _require(d.max_prompt_tokens is None or d.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1 or null")
     _require(0 <= cfg.sft.demonstration_noise <= 1, "sft.demonstration_noise", "must be in [0, 1]")
     _require(cfg.exp_manager.checkpoint_every >= 0, "exp_manager.checkpoint_every", "must be >= 0")
     _require(cfg.exp_manager.keep_last >= 1, "exp_manager.keep_last", "must be >= 1")
@@ -258,7 +266,7 @@ def validate_layout(cfg: RootConfig, world_size: int) -> None:
         "trainer.global_batch_size",
         f"{t.global_batch_size} is not divisible by micro_batch_size*DP = {t.micro_batch_size}*{dp}",
     )
-    if cfg.method in ("optune", "online_dpo", "hypo"):
+    if cfg.method in ("optune", "online_dpo", "hypo") and not cfg.data.train_prompts_path:  # files: remainders carry
         _require(
             cfg.data.num_train_prompts % t.global_batch_size == 0,
             "data.num_train_prompts",

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None, default_config: str = "optune_tiny") -> 
     from omegaconf.errors import OmegaConfBaseException
 
     from nemo_optune.config import load_config
-    from nemo_optune.data.preference_jsonl import DataError
+    from nemo_optune.data.records import DataError
     from nemo_optune.rewards.resilient import RewardSourceError
     from nemo_optune.runtime.checkpoint import CheckpointError
 

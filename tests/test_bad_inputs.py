@@ -12,7 +12,8 @@ import torch
 
 from conftest import ROOT, TINY
 from nemo_optune.config import ConfigError, load_config, validate
-from nemo_optune.data.preference_jsonl import DataError, read_preference_jsonl
+from nemo_optune.data.preferences import read_preferences
+from nemo_optune.data.records import DataError
 from nemo_optune.rewards.resilient import ResilientRewardSource, RewardSourceError
 from nemo_optune.runtime import exp_dir
 
@@ -90,15 +91,15 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "21>", "chosen_response": "12", "rejected_response": "21"}\n' + line + "\n")
     with pytest.raises(DataError, match=message):
-        read_preference_jsonl(str(path))
+        read_preferences(str(path))
 
 
 def test_missing_and_empty_jsonl(tmp_path):
-    with pytest.raises(DataError, match="cannot open preference file"):
-        read_preference_jsonl(str(tmp_path / "absent.jsonl"))
+    with pytest.raises(DataError, match="cannot open data file"):
+        read_preferences(str(tmp_path / "absent.jsonl"))
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="no preference records"):
-        read_preference_jsonl(str(tmp_path / "empty.jsonl"))
+        read_preferences(str(tmp_path / "empty.jsonl"))
 
 
 class Flaky:
@@ -249,7 +250,7 @@ def test_non_utf8_byte_names_file_and_line(tmp_path):
     path.write_bytes(b'{"prompt": "21>", "chosen_response": "12", "rejected_response": "21"}\n'
                      b'{"prompt": "21>", "chosen_response": "1\xff", "rejected_response": "21"}\n')
     with pytest.raises(DataError, match=r"prefs\.jsonl:2: not valid UTF-8 \(byte 0xff at column 40\)"):
-        read_preference_jsonl(str(path))
+        read_preferences(str(path))
 
 
 def test_identical_pairs_are_counted_and_kept_out_of_the_loss(tmp_path):

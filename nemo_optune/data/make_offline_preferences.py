@@ -7,7 +7,7 @@ Prompts are the recipe's training prompts, so offline and online methods see the
 import argparse
 
 from nemo_optune.config import load_config
-from nemo_optune.data.preference_jsonl import sort_task_preferences, write_preference_jsonl
+from nemo_optune.data.preferences import sort_task_preferences, write_preference_jsonl
 from nemo_optune.data.task_data import build_task_data
 
 

@@ -7,47 +7,45 @@ import dataclasses
 import torch
 
 from nemo_optune.data.pool import PromptPool
-from nemo_optune.data.preference_jsonl import DataError, read_preference_jsonl
+from nemo_optune.data.preferences import read_preferences
+from nemo_optune.data.prompts import encode_prompt, fit_prompt
+from nemo_optune.data.records import DataError
 
 
 @dataclasses.dataclass
 class OfflinePool:
-    prompts: list[str]
+    prompts: list[str]  # as text (a chat rendered by the tokenizer), for reward sources
+    prompt_ids: list[list[int]]
     pool: PromptPool
     long_prompts: int  # prompts over the length limit (skipped or truncated per data.long_prompts)
     identical_pairs: int  # records whose chosen and rejected responses are the same: kept out of the loss
 
 
 def build_offline_pool(path: str, tokenizer, max_prompt_tokens: int, max_new_tokens: int, long_prompts: str,
-                       min_records: int) -> OfflinePool:
-    """Pairs (and rewards, when the file gives them; else 1 / 0) from a NeMo-Aligner JSONL.
+                       min_records: int, apply_chat_template: bool = False) -> OfflinePool:
+    """Pairs (and rewards, when the file gives them; else 1 / 0) from a preference file.
 
     Prompts over `max_prompt_tokens` follow `long_prompts` (error | skip | truncate, keeping
     the end, where the question is). A pair with identical responses carries no preference:
     it is counted and marked invalid. Fewer than `min_records` usable records (one global
     batch) is an error: nothing could be trained."""
-    prompts, pairs, records, too_long, identical = [], [], [], 0, 0
-    for r in read_preference_jsonl(path):
-        where = f"{path}:{r.line}"
+    prompt_ids, pairs, records, too_long, identical = [], [], [], 0, 0
+    for r in read_preferences(path):
         try:
-            prompt = tokenizer.encode(r.prompt)
+            prompt = encode_prompt(r.prompt, tokenizer, apply_chat_template, r.where)
             pair = [tokenizer.encode(text) + [tokenizer.eos_id] for text in (r.chosen, r.rejected)]
         except ValueError as err:
-            raise DataError(f"{where}: {err}") from None
-        for side, ids in zip(("chosen_response", "rejected_response"), pair):
+            raise DataError(err if str(err).startswith(r.where) else f"{r.where}: {err}") from None
+        for side, ids in zip(("chosen", "rejected"), pair):
             if len(ids) > max_new_tokens:
-                raise DataError(f"{where}: {side} has {len(ids)} tokens with EOS, more than "
+                raise DataError(f"{r.where}: {side} response has {len(ids)} tokens with EOS, more than "
                                 f"generation.max_new_tokens={max_new_tokens}")
-        if len(prompt) > max_prompt_tokens:
-            too_long += 1
-            if long_prompts == "error":
-                raise DataError(f"{where}: prompt has {len(prompt)} tokens, over the limit of {max_prompt_tokens} "
-                                f"(data.long_prompts: skip or truncate)")
-            if long_prompts == "skip":
-                continue
-            r = dataclasses.replace(r, prompt=r.prompt[-max_prompt_tokens:])
+        fitted = fit_prompt(prompt, max_prompt_tokens, long_prompts, r.where)
+        too_long += fitted is not prompt
+        if fitted is None:
+            continue
         identical += r.chosen == r.rejected
-        prompts.append(r.prompt)
+        prompt_ids.append(fitted)
         pairs.append(pair)
         records.append(r)
     usable = len(records) - identical
@@ -65,4 +63,5 @@ def build_offline_pool(path: str, tokenizer, max_prompt_tokens: int, max_new_tok
         pool.rejected_rewards[i] = 0.0 if r.rejected_reward is None else r.rejected_reward
         pool.valid[i] = r.chosen != r.rejected
     pool.refreshed_at[:] = 0
-    return OfflinePool(prompts, pool, too_long, identical)
+    prompts = [tokenizer.decode(ids) for ids in prompt_ids]
+    return OfflinePool(prompts, prompt_ids, pool, too_long, identical)

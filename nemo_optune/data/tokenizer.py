@@ -11,6 +11,7 @@ class CharTokenizer:
 
     pad_id = 0
     eos_id = 1
+    chat_template = None  # a character vocabulary has no chat format
 
     def __init__(self, alphabet: str, pad_vocab_to: int = 16):
         if len(set(alphabet)) != len(alphabet):

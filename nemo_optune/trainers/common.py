@@ -34,8 +34,12 @@ def check_vocab(vocab_size: int, tp: int) -> None:
         raise ValueError(f"config key model.tensor_model_parallel_size: vocabulary {vocab_size} is not divisible by TP={tp}")
 
 
+def max_prompt_tokens(cfg: RootConfig, task: SortTask) -> int:
+    return cfg.data.max_prompt_tokens or task.max_prompt_chars
+
+
 def sequence_width(cfg: RootConfig, task: SortTask) -> int:
-    return task.max_prompt_chars + cfg.generation.max_new_tokens
+    return max_prompt_tokens(cfg, task) + cfg.generation.max_new_tokens
 
 
 def sampling_params(cfg: RootConfig) -> SamplingParams:

@@ -23,6 +23,7 @@ from nemo_optune.config import RootConfig, as_dict
 from nemo_optune.data.batching import iteration_batches
 from nemo_optune.data.offline_pool import build_offline_pool
 from nemo_optune.data.pool import PromptPool, build_sequences
+from nemo_optune.data.prompts import encode_prompt_set, read_prompts
 from nemo_optune.data.task_data import TaskData
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
@@ -35,7 +36,7 @@ from nemo_optune.runtime.distributed import Layout, sum_over_dp
 from nemo_optune.runtime.experiment import ExperimentLog, PhaseTimer, peak_rss_mb
 from nemo_optune.runtime.lr_schedule import learning_rate
 from nemo_optune.runtime.seeds import mix_seed
-from nemo_optune.trainers.common import check_vocab, sampling_params, sequence_width
+from nemo_optune.trainers.common import check_vocab, max_prompt_tokens, sampling_params, sequence_width
 from nemo_optune.trainers.hypo_kl import OnlineKLSamples
 from nemo_optune.trainers.preference_loss import global_batch_weights, preference_loss_fn, preference_micro_batches
 from nemo_optune.trainers.preference_pool import PreferencePool, RefreshStats
@@ -53,14 +54,18 @@ class PreferenceTrainer:
         check_vocab(tok.vocab_size, layout.tp)
         self.width = sequence_width(cfg, data.task)
         t, g = cfg.trainer, cfg.generation
-        self.offline_stats = {}
+        limit = max_prompt_tokens(cfg, data.task)
+        # Read and check every data set before building any model.
         if self.online:
-            prompts, pool = data.train_prompts, PromptPool.empty(len(data.train_prompts), g.max_new_tokens)
-        else:  # read and check the data set before building any model
-            offline = build_offline_pool(cfg.data.offline_path, tok, data.task.max_prompt_chars, g.max_new_tokens,
-                                         cfg.data.long_prompts, min_records=t.global_batch_size)
-            prompts, pool = offline.prompts, offline.pool
-            self.offline_stats = {"long_prompts": offline.long_prompts, "identical_pairs": offline.identical_pairs}
+            prompts, prompt_ids, long_prompts = self.prompt_set(cfg.data.train_prompts_path, data.train_prompts, limit)
+            pool = PromptPool.empty(len(prompt_ids), g.max_new_tokens)
+            self.data_stats = {"long_prompts": long_prompts}
+        else:
+            offline = build_offline_pool(cfg.data.offline_path, tok, limit, g.max_new_tokens, cfg.data.long_prompts,
+                                         min_records=t.global_batch_size, apply_chat_template=cfg.data.apply_chat_template)
+            prompts, prompt_ids, pool = offline.prompts, offline.prompt_ids, offline.pool
+            self.data_stats = {"long_prompts": offline.long_prompts, "identical_pairs": offline.identical_pairs}
+        self.heldout_prompts, self.heldout_ids, _ = self.prompt_set(cfg.data.heldout_prompts_path, data.heldout_prompts, limit)
         r = cfg.reward  # imported before any model is built: a bad reward.function fails fast
         source = PythonFunctionReward(r.function) if r.source == "python" else TaskReward(data.task)
         self.reward = ResilientRewardSource(source, r.function or r.source, r.retries, r.backoff_seconds,
@@ -71,7 +76,6 @@ class PreferenceTrainer:
                                             weight_decay=t.weight_decay, grad_clip=t.grad_clip,
                                             lr_schedule=self.lr_at_step)
         self.engine = MegatronInProcessEngine(self.model, tok.eos_id, tok.pad_id, g.micro_batch_size)
-        prompt_ids = [tok.encode(p) for p in prompts]
         self.pool = PreferencePool(pool, prompt_ids, prompts, model=self.model, engine=self.engine, reward=self.reward,
                                    tokenizer=tok, layout=layout, cfg=cfg, width=self.width)
         self.online_kl = None
@@ -81,11 +85,16 @@ class PreferenceTrainer:
                                              pad_id=tok.pad_id, reference_micro_batch_size=g.micro_batch_size)
         o = cfg.model.optune
         self.loss_fn = preference_loss_fn(o.beta, o.loss_type, o.sft_weight, cfg.model.hypo.kl_weight, t.global_batch_size)
-        self.heldout_ids = [tok.encode(p) for p in data.heldout_prompts]
         self.history: list[dict] = []
         self.responses_generated = 0
         self.initial: tuple[float, float] | None = None  # held-out (reward, KL) of the SFT start
         self.checkpoint_seconds: list[float] = []
+
+    def prompt_set(self, path: str | None, task_prompts: list[str], limit: int) -> tuple[list[str], list[list[int]], int]:
+        """(texts, token ids, how many were over the limit) of a prompt file, or of the task's prompts."""
+        d = self.cfg.data
+        prompts, where = read_prompts(path, d.prompt_field, d.messages_field) if path else (task_prompts, ["task"] * len(task_prompts))
+        return encode_prompt_set(prompts, where, self.tokenizer, d, limit)
 
     def lr_at_step(self, step: int) -> float:
         t = self.cfg.trainer
@@ -113,7 +122,7 @@ class PreferenceTrainer:
             "heldout_kl_final": last["heldout_kl"],
             "loop_seconds": time.perf_counter() - start,
             "responses_generated": self.responses_generated,
-            **self.offline_stats,
+            **self.data_stats,
             "reward_source_failures": self.reward.failures,
             "peak_rss_mb": peak_rss_mb(),
             "checkpoint_save_seconds": self.checkpoint_seconds,
@@ -221,7 +230,7 @@ class PreferenceTrainer:
         rollouts = self.engine.generate(prompts, n, SamplingParams(max_new_tokens=g.max_new_tokens),
                                         [mix_seed(self.cfg.data.seed, HELD_OUT_SEED, i) for i in mine])
         texts = [self.tokenizer.decode(r) for r in rollouts.response_tokens]
-        rewards = self.reward.score_on_every_rank([self.data.heldout_prompts[i] for i in mine for _ in range(n)], texts)
+        rewards = self.reward.score_on_every_rank([self.heldout_prompts[i] for i in mine for _ in range(n)], texts)
         tokens, mask = build_sequences([p for p in prompts for _ in range(n)], rollouts.response_tokens,
                                        rollouts.response_lengths, self.width, self.tokenizer.pad_id)
         ref = self.model.sequence_logprobs("reference", tokens, mask, g.micro_batch_size)

@@ -1,0 +1,69 @@
+"""Prompt sets from files (JSONL or parquet): a `prompt` string or a `messages` list per row
+(UltraChat's schema: the prompt is the conversation up to its last user turn; field names
+configurable), and how a prompt becomes token ids (a chat template where asked for)."""
+
+from nemo_optune.data.records import DataError, check_messages, prompt_messages, read_records
+
+Prompt = str | tuple[dict, ...]  # text, or chat messages ending with a user turn
+
+
+def read_prompts(path: str, prompt_field: str = "prompt", messages_field: str = "messages"
+                 ) -> tuple[list[Prompt], list[str]]:
+    """(prompts, where each came from)."""
+    prompts, wheres = [], []
+    for where, row in read_records(path):
+        wheres.append(where)
+        if isinstance(row.get(prompt_field), str):
+            if not row[prompt_field].strip():
+                raise DataError(f"{where}: empty prompt")
+            prompts.append(row[prompt_field])
+        elif messages_field in row:
+            prompts.append(prompt_messages(check_messages(row[messages_field], where, messages_field), where, messages_field))
+        else:
+            raise DataError(f"{where}: needs a string field {prompt_field!r} or a list field {messages_field!r} "
+                            f"(data.prompt_field / data.messages_field)")
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts, wheres
+
+
+def encode_prompt(prompt: Prompt, tokenizer, apply_chat_template: bool, where: str) -> list[int]:
+    """Token ids of a prompt: chat messages (and, with `apply_chat_template`, text as one user
+    turn) go through the tokenizer's chat template with the generation prompt appended."""
+    if isinstance(prompt, str) and not apply_chat_template:
+        return tokenizer.encode(prompt)
+    if getattr(tokenizer, "chat_template", None) is None:
+        why = "data.apply_chat_template=true" if isinstance(prompt, str) else "chat-message prompts"
+        raise DataError(f"{where}: {why} need a tokenizer with a chat template; this tokenizer has none")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def fit_prompt(ids: list[int], limit: int, policy: str, where: str) -> list[int] | None:
+    """A prompt over `limit` tokens under data.long_prompts: error, skip (None) or truncate
+    (keep the end, where the question is)."""
+    if len(ids) <= limit:
+        return ids
+    if policy == "error":
+        raise DataError(f"{where}: prompt has {len(ids)} tokens, over the limit of {limit} "
+                        f"(data.long_prompts: skip or truncate)")
+    return None if policy == "skip" else ids[-limit:]
+
+
+def encode_prompt_set(prompts: list[Prompt], where: list[str], tokenizer, data_cfg, limit: int
+                      ) -> tuple[list[str], list[list[int]], int]:
+    """(prompt texts for reward sources, token ids, how many were over the limit)."""
+    texts, ids, too_long = [], [], 0
+    for prompt, at in zip(prompts, where):
+        try:
+            encoded = encode_prompt(prompt, tokenizer, data_cfg.apply_chat_template, at)
+        except ValueError as err:
+            raise DataError(err if str(err).startswith(at) else f"{at}: {err}") from None
+        fitted = fit_prompt(encoded, limit, data_cfg.long_prompts, at)
+        too_long += fitted is not encoded
+        if fitted is not None:
+            ids.append(fitted)
+            texts.append(prompt if isinstance(prompt, str) and fitted is encoded else tokenizer.decode(fitted))
+    if not ids:
+        raise DataError(f"{where[0].rsplit(':', 1)[0]}: no usable prompts (all {too_long} over the length limit)")
+    return texts, ids, too_long
