@@ -19,6 +19,9 @@ setup(
         "tensorboard==2.21.0",
         "matplotlib==3.11.2",
         "pyarrow==26.0.1",  # parquet prompt and preference sets
+        # Hugging Face checkpoints in and out (models/hf_io.py); the tests compare with transformers.
+        "transformers==5.24.0",
+        "safetensors==0.8.0",
     ],
     extras_require={
         "test": ["pytest==9.2.0"],

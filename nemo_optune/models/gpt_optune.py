@@ -13,8 +13,11 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from nemo_optune.config import ModelConfig
+from nemo_optune.models.hf_spec import ModelSpec, spec_from_model_config
+from nemo_optune.runtime.cpu_shim import cuda_moves_stay_on_cpu
 from nemo_optune.runtime.distributed import Layout, sum_over_dp
 
 # A loss over one micro-batch: (micro_batch, per-sequence response log-probs) -> (loss, metrics).
@@ -23,20 +26,29 @@ from nemo_optune.runtime.distributed import Layout, sum_over_dp
 MicroBatchLoss = Callable[[dict, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
-def build_gpt(cfg: ModelConfig, vocab_size: int, max_seq_length: int, layout: Layout, seed: int):
-    """A megatron-core GPTModel for this pipeline stage (TE layer spec when installed)."""
+def build_gpt(spec: ModelSpec, layout: Layout, seed: int, precision: str = "fp32"):
+    """A megatron-core GPTModel of `spec` for this pipeline stage (TE layer spec when installed)."""
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer import TransformerConfig
 
+    if spec.padded_vocab_size % layout.tp:
+        raise ValueError(f"a vocabulary of {spec.padded_vocab_size} rows cannot be split over TP={layout.tp}")
     on_gpu = torch.cuda.is_available()
-    bf16 = cfg.precision == "bf16"
+    bf16 = precision == "bf16"
     tcfg = TransformerConfig(
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        normalization=spec.normalization,
+        layernorm_epsilon=spec.norm_epsilon,
+        gated_linear_unit=spec.gated_linear_unit,
+        activation_func=_ACTIVATIONS[spec.activation],
+        add_bias_linear=spec.add_bias_linear,
+        add_qkv_bias=spec.add_qkv_bias,
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
@@ -57,22 +69,28 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, max_seq_length: int, layout: La
         apply_rope_fusion=False,
     )
     if importlib.util.find_spec("transformer_engine") is not None:
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    else:  # CPU, CI: megatron's own layers
-        spec = gpt_layer_specs.get_gpt_layer_local_spec()
+        layer_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    else:  # CPU, CI: megatron's own layers (torch.nn.LayerNorm / torch.nn.RMSNorm without apex)
+        layer_spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=spec.normalization)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not on_gpu)
-    model = GPTModel(
-        tcfg,
-        spec,
-        vocab_size=vocab_size,
-        max_sequence_length=max_seq_length,
-        pre_process=layout.is_first_stage,
-        post_process=layout.is_last_stage,
-        # Untied: a tied output layer under PP needs an extra embedding all-reduce group.
-        share_embeddings_and_output_weights=False,
-        position_embedding_type=cfg.position_embedding_type,
-    )
+    with cuda_moves_stay_on_cpu():
+        model = GPTModel(
+            tcfg,
+            layer_spec,
+            vocab_size=spec.padded_vocab_size,
+            max_sequence_length=spec.max_position_embeddings,
+            pre_process=layout.is_first_stage,
+            post_process=layout.is_last_stage,
+            # Tied at PP>1: megatron keeps a copy on the last stage; the optimizers sum the two
+            # copies' gradients over the embedding group.
+            share_embeddings_and_output_weights=spec.tie_word_embeddings,
+            position_embedding_type=spec.position_embedding_type,
+            rotary_base=spec.rotary_base,
+            rope_scaling=spec.rope_scaling_factor is not None,
+            rope_scaling_factor=spec.rope_scaling_factor or 8.0,
+        )
+    _mask_padded_vocab(model, spec, layout)
     if bf16:
         # megatron's local layer spec builds its norms in fp32 (TE's follow params_dtype);
         # megatron's Float16Optimizer checkpoints only all-bf16 models, so cast them too.
@@ -80,6 +98,24 @@ def build_gpt(cfg: ModelConfig, vocab_size: int, max_seq_length: int, layout: La
     if on_gpu:
         model.cuda(torch.cuda.current_device())
     return model
+
+
+_ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu}
+
+
+def _mask_padded_vocab(model, spec: ModelSpec, layout: Layout) -> None:
+    """Logits of the padding rows are -inf: the softmax (log-probs, sampling) then runs over
+    the real vocabulary only, as in the unpadded model."""
+    local = spec.padded_vocab_size // layout.tp
+    padding = torch.arange(layout.tp_rank * local, (layout.tp_rank + 1) * local) >= spec.vocab_size
+    if not (model.post_process and padding.any()):
+        return
+
+    def hook(_module, _inputs, output):
+        logits, bias = output
+        return logits.masked_fill(padding.to(logits.device), float("-inf")), bias
+
+    model.output_layer.register_forward_hook(hook)
 
 
 def response_logprobs(token_nll: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -128,9 +164,17 @@ class _CPUOptimizer:
     """AdamW with an explicit sum-all-reduce of gradients over the DP group."""
 
     def __init__(self, model, lr: float, weight_decay: float, grad_clip: float):
+        from megatron.core import parallel_state as mpu
+
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.torch_opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.grad_clip = grad_clip
+        # Tied embeddings at PP>1: the first stage's word embedding and the last stage's output
+        # weight are copies of one parameter, each with part of its gradient.
+        self.tied_copy = None
+        if (model.share_embeddings_and_output_weights and mpu.get_pipeline_model_parallel_world_size() > 1
+                and mpu.is_rank_in_embedding_group()):
+            self.tied_copy = model.shared_embedding_or_output_weight()
 
     def set_lr(self, lr: float) -> None:
         for group in self.torch_opt.param_groups:
@@ -151,9 +195,11 @@ class _CPUOptimizer:
         """Nothing to do: AdamW updates the model's own parameters."""
 
     def reduce_and_clip(self) -> float:
-        """Sum gradients over DP, then clip by the global norm. Returns the norm."""
+        """Sum gradients over DP (and over the tied embedding's two copies), then clip by the
+        global norm. Returns the norm."""
         from megatron.core import parallel_state as mpu
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+        from megatron.core.transformer.module import param_is_not_shared
 
         grads = [p.grad for p in self.params]
         if mpu.get_data_parallel_world_size() > 1:
@@ -162,10 +208,13 @@ class _CPUOptimizer:
             dist.all_reduce(flat, group=mpu.get_data_parallel_group())
             for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 g.copy_(new)
-        # Global grad norm over TP and PP shards, counting TP-replicated params once.
+        if self.tied_copy is not None:  # megatron's _allreduce_word_embedding_grads
+            dist.all_reduce(self.tied_copy.grad, group=mpu.get_embedding_group())
+        # Global grad norm over TP and PP shards, counting TP-replicated params and the last
+        # stage's copy of a tied embedding once.
         sq = torch.zeros((), dtype=torch.float32)
         for p in self.params:
-            if param_is_not_tensor_parallel_duplicate(p):
+            if param_is_not_tensor_parallel_duplicate(p) and param_is_not_shared(p):
                 sq += (p.grad.float() ** 2).sum()
         dist.all_reduce(sq, group=mpu.get_model_parallel_group())
         norm = sq.sqrt().item()
@@ -252,15 +301,18 @@ class MegatronGPTOPTuneModel:
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, seq_length: int, layout: Layout, seed: int,
                  lr: float, weight_decay: float, grad_clip: float, with_reference: bool = True,
-                 lr_schedule: Callable[[int], float] | None = None):
+                 lr_schedule: Callable[[int], float] | None = None, spec: ModelSpec | None = None):
+        """`spec` describes the network (e.g. a Hugging Face model's); without it, the tiny
+        model of cfg's shape fields. cfg always gives precision and the optimizer settings."""
         self.cfg = cfg
         self.layout = layout
-        self.vocab_size = vocab_size
+        self.spec = spec or spec_from_model_config(cfg, vocab_size, seq_length)
+        self.vocab_size = self.spec.vocab_size
         self.seq_length = seq_length
-        self.policy = build_gpt(cfg, vocab_size, seq_length, layout, seed)
+        self.policy = build_gpt(self.spec, layout, seed, cfg.precision)
         self.reference = None
         if with_reference:
-            self.reference = build_gpt(cfg, vocab_size, seq_length, layout, seed)
+            self.reference = build_gpt(self.spec, layout, seed, cfg.precision)
             self.reference.requires_grad_(False)
             self.reference.eval()
         if use_megatron_optimizer():
@@ -283,13 +335,19 @@ class MegatronGPTOPTuneModel:
         self.optimizer.reload_model_params()
 
     def architecture(self) -> dict:
-        """What a checkpoint must match to load into this model (stored in its manifest)."""
-        c = self.cfg
-        arch = {"num_layers": c.num_layers, "hidden_size": c.hidden_size, "num_attention_heads": c.num_attention_heads,
-                "ffn_hidden_size": c.ffn_hidden_size or 4 * c.hidden_size, "vocab_size": self.vocab_size,
-                "position_embedding_type": c.position_embedding_type}
-        if c.position_embedding_type == "learned_absolute":  # a table with one row per position
-            arch["max_sequence_length"] = self.seq_length
+        """What a checkpoint must match to load into this model (stored in its manifest).
+
+        The tiny model keeps the keys it always had (its other spec fields are fixed), so
+        earlier checkpoints still verify; a Hugging Face family stores its whole spec, which is
+        also what exporting the checkpoint back to Hugging Face needs."""
+        s = self.spec
+        if s.family != "gpt":
+            return s.as_json()
+        arch = {"num_layers": s.num_layers, "hidden_size": s.hidden_size, "num_attention_heads": s.num_attention_heads,
+                "ffn_hidden_size": s.ffn_hidden_size, "vocab_size": s.vocab_size,
+                "position_embedding_type": s.position_embedding_type}
+        if s.position_embedding_type == "learned_absolute":  # a table with one row per position
+            arch["max_sequence_length"] = s.max_position_embeddings
         return arch
 
     def sync_reference_to_policy(self) -> None:
@@ -388,7 +446,8 @@ class MegatronGPTOPTuneModel:
         def pick(mb, logits):
             full = gather_from_tensor_model_parallel_region(logits)  # [b, s, V]
             rows = torch.arange(full.shape[0], device=full.device)
-            return logits.sum() * 0, {"logits": full[rows, mb["last"].to(full.device)].float()}
+            # Padding rows of the vocabulary (logits -inf) are not part of the model's output.
+            return logits.sum() * 0, {"logits": full[rows, mb["last"].to(full.device), :self.vocab_size].float()}
 
         batches = split_micro_batches({"tokens": tokens, "last": last_positions}, micro_batch_size)
         outs = self._run_schedule(self.policy, batches, forward_only=True, output_fn=pick, with_labels=False)
@@ -444,8 +503,8 @@ class MegatronGPTOPTuneModel:
     def export_weights(self) -> dict[str, torch.Tensor]:
         """{megatron key: full tensor} of the policy, assembled from every TP/PP shard.
 
-        The seam for refitting external rollout engines (TensorRT-LLM, vLLM), which take
-        HF-named full tensors; the HF name mapping lands in a later issue. Collective."""
+        Used by the cross-layout tests. Rollout engines take HF-named tensors instead, one at a
+        time: models/hf_io.stream_hf_weights. Collective."""
         from nemo_optune.models.export import gather_full_tensors
 
         return gather_full_tensors(self.policy, of="param")

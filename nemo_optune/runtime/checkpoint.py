@@ -149,8 +149,11 @@ def verify_checkpoint(directory: str, kind: str, architecture: dict) -> dict:
             hint = ("pass it as exp_manager.resume_from" if manifest["kind"] == "training"
                     else "pass it as model.restore_from_path")
             raise CheckpointError(f"{directory}: a {manifest['kind']} checkpoint where a {kind} checkpoint is needed ({hint})")
-        differences = [f"{k} {manifest['architecture'].get(k)} in the checkpoint, {v} in the config"
-                       for k, v in architecture.items() if manifest["architecture"].get(k) != v]
+        # Keys of either side: a key the config lacks (a field of another model family) differs too.
+        saved = manifest["architecture"]
+        keys = list(architecture) + [k for k in saved if k not in architecture]
+        differences = [f"{k} {saved.get(k)} in the checkpoint, {architecture.get(k)} in the config"
+                       for k in keys if saved.get(k) != architecture.get(k)]
         if differences:
             raise CheckpointError(f"{directory}: another model architecture ({'; '.join(differences)})")
         for name in _my_share(sorted(manifest["files"])):

@@ -6,9 +6,11 @@ those places to the CPU; with CUDA present this module does nothing, so GPU runs
 unmodified megatron-core code.
 """
 
+import contextlib
 import types
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 _applied = False
 
@@ -66,3 +68,17 @@ def apply_cpu_shim() -> bool:
     schedules.torch = _CpuTorch()
     _applied = True
     return True
+
+
+class _CudaMovesStayOnCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cuda:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def cuda_moves_stay_on_cpu():
+    """A scope in which `tensor.cuda()` is a no-op when CUDA is absent. megatron's GPTModel
+    moves a tied output weight with .cuda() at PP>1 before copying the first stage's
+    embedding into it; a scope, not a global patch of torch.Tensor."""
+    return contextlib.nullcontext() if torch.cuda.is_available() else _CudaMovesStayOnCpu()
