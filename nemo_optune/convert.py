@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nemo_optune.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--to", choices=("megatron", "hf"), required=True)
     p.add_argument("--hf", help="Hugging Face checkpoint directory to import (--to megatron)")
-    p.add_argument("--checkpoint", help="model checkpoint to export (--to hf)")
+    p.add_argument("--checkpoint", help="model or training checkpoint to export (--to hf)")
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer", help="copy the tokenizer files of this directory (--to hf)")
     p.add_argument("--tp", type=int, default=1)
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
             import_hf(args.hf, model)
             save_model(args.out, model)
         else:
-            load_model(args.checkpoint, model)
+            load_model(args.checkpoint, model, from_training=True)  # an SFT/converted or a training checkpoint
             export_hf(model, args.out, args.tokenizer)
     except (ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -21,3 +21,11 @@ def one_short(prompts, responses):
 
 
 not_callable = 3
+
+
+def chat_sort_reward(prompts, responses):
+    """The sort reward for prompts rendered through a chat template: the digits before '>'."""
+    import re
+
+    task = SortTask()
+    return [task.reward(re.search(r"(\d+)>", p).group(0), r) for p, r in zip(prompts, responses)]

@@ -31,7 +31,7 @@ def encode_prompt(prompt: Prompt, tokenizer, apply_chat_template: bool, where: s
     """Token ids of a prompt: chat messages (and, with `apply_chat_template`, text as one user
     turn) go through the tokenizer's chat template with the generation prompt appended."""
     if isinstance(prompt, str) and not apply_chat_template:
-        return tokenizer.encode(prompt)
+        return tokenizer.encode(prompt, add_special_tokens=True)  # e.g. a BOS token
     if getattr(tokenizer, "chat_template", None) is None:
         why = "data.apply_chat_template=true" if isinstance(prompt, str) else "chat-message prompts"
         raise DataError(f"{where}: {why} need a tokenizer with a chat template; this tokenizer has none")

@@ -21,7 +21,11 @@ class CharTokenizer:
         used = len(alphabet) + 2
         self.vocab_size = -(-used // pad_vocab_to) * pad_vocab_to
 
-    def encode(self, text: str) -> list[int]:
+    @property
+    def eos_ids(self) -> frozenset:
+        return frozenset({self.eos_id})
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         try:
             return [self._to_id[ch] for ch in text]
         except KeyError as err:
@@ -38,3 +42,42 @@ class CharTokenizer:
             if i - 2 < len(self.alphabet):
                 chars.append(self.alphabet[i - 2])
         return "".join(chars)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer directory (tokenizer.json, or a SentencePiece model that
+    transformers loads) behind the same interface as CharTokenizer, plus its chat template
+    and every end-of-sequence id (Llama 3 has several: generation stops on any of them)."""
+
+    def __init__(self, directory: str, extra_eos_ids=()):
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        try:  # AutoTokenizer picks a class from config.json; a bare tokenizer.json needs the fast class
+            self.tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        except Exception:
+            try:
+                self.tok = PreTrainedTokenizerFast.from_pretrained(directory, local_files_only=True)
+            except Exception as err:
+                raise ValueError(f"{directory}: cannot load a tokenizer ({type(err).__name__}: {err})") from None
+        eos = {self.tok.eos_token_id, *extra_eos_ids} - {None}
+        if not eos:
+            raise ValueError(f"{directory}: the tokenizer has no end-of-sequence token (eos_token)")
+        self.eos_ids = frozenset(eos)
+        self.eos_id = self.tok.eos_token_id if self.tok.eos_token_id is not None else min(eos)
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self.vocab_size = len(self.tok)
+        self.chat_template = self.tok.chat_template
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return list(self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=True, return_dict=False))
+
+    def decode(self, ids) -> str:
+        """Decode up to (not including) the first end-of-sequence or padding token."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        stop = next((i for i, t in enumerate(ids) if t in self.eos_ids or t == self.pad_id), len(ids))
+        return self.tok.decode(ids[:stop], skip_special_tokens=True)

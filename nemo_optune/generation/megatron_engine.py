@@ -13,9 +13,9 @@ from nemo_optune.generation.sampling import sample_tokens
 
 
 class MegatronInProcessEngine:
-    def __init__(self, model, eos_id: int, pad_id: int, micro_batch_size: int):
+    def __init__(self, model, stop_ids, pad_id: int, micro_batch_size: int):
         self.model = model
-        self.eos_id = eos_id
+        self.stop_ids = torch.tensor(sorted(set(stop_ids) | {pad_id}))  # any end-of-sequence id, or padding
         self.pad_id = pad_id
         self.micro_batch_size = micro_batch_size
 
@@ -65,7 +65,7 @@ class MegatronInProcessEngine:
                 tokens[active, lengths[active]] = chosen
                 lengths[active] += 1
                 response_lengths[active] += 1
-                finished[active] = (chosen == self.eos_id) | (chosen == self.pad_id)
+                finished[active] = torch.isin(chosen, self.stop_ids)
         finally:
             self.model.finish_inference()
         return Rollouts(response, response_lengths, logprobs)

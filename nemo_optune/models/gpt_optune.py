@@ -329,9 +329,13 @@ class MegatronGPTOPTuneModel:
     def load_policy(self, directory: str) -> None:
         """Load policy weights (the SFT checkpoint), then refresh the optimizer's fp32 main
         params, which were copied from the random init when the optimizer was built."""
+        from nemo_optune.models.hf_io import import_hf, is_hf_checkpoint
         from nemo_optune.runtime.checkpoint import load_model
 
-        load_model(directory, self)
+        if is_hf_checkpoint(directory):
+            import_hf(directory, self)
+        else:
+            load_model(directory, self)
         self.optimizer.reload_model_params()
 
     def architecture(self) -> dict:

@@ -29,6 +29,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
+def is_hf_checkpoint(path: str) -> bool:
+    """A Hugging Face model directory: config.json and safetensors weights (single or sharded)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        os.path.isfile(os.path.join(path, name)) for name in ("model.safetensors", "model.safetensors.index.json"))
+
+
 def read_hf_spec(hf_dir: str) -> ModelSpec:
     path = os.path.join(hf_dir, "config.json")
     try:

@@ -139,13 +139,14 @@ def _check_file(directory: str, name: str, entry: dict) -> str | None:
     return None
 
 
-def verify_checkpoint(directory: str, kind: str, architecture: dict) -> dict:
-    """Check kind, architecture and every file's size and checksum (split over ranks) before
-    anything is loaded; the same CheckpointError on every rank. Collective. Returns the manifest."""
+def verify_checkpoint(directory: str, kind: str, architecture: dict, also: tuple[str, ...] = ()) -> dict:
+    """Check kind (`kind`, or one of `also`), architecture and every file's size and checksum
+    (split over ranks) before anything is loaded; the same CheckpointError on every rank.
+    Collective. Returns the manifest."""
     error, manifest = None, None
     try:
         manifest = read_manifest(directory)
-        if manifest["kind"] != kind:
+        if manifest["kind"] != kind and manifest["kind"] not in also:
             hint = ("pass it as exp_manager.resume_from" if manifest["kind"] == "training"
                     else "pass it as model.restore_from_path")
             raise CheckpointError(f"{directory}: a {manifest['kind']} checkpoint where a {kind} checkpoint is needed ({hint})")
@@ -175,12 +176,16 @@ def save_model(directory: str, model) -> None:
              "model", model.architecture())
 
 
-def load_model(directory: str, model) -> None:
-    """Verify, then load a model checkpoint into the policy (resharded to this layout). Collective."""
+def load_model(directory: str, model, from_training: bool = False) -> None:
+    """Verify, then load a model checkpoint (with `from_training`, also a training checkpoint's
+    weights) into the policy, resharded to this layout. Collective."""
     from megatron.core import dist_checkpointing
 
-    verify_checkpoint(directory, "model", model.architecture())
-    model.policy.load_state_dict(dist_checkpointing.load(model.policy.sharded_state_dict(), directory))
+    verify_checkpoint(directory, "model", model.architecture(), also=("training",) if from_training else ())
+    request = model.policy.sharded_state_dict()
+    loaded = dist_checkpointing.load(request, directory)
+    # A training checkpoint's common state also holds the optimizer's: take the model's keys.
+    model.policy.load_state_dict({key: loaded[key] for key in request})
 
 
 # --------------------------------------------------------------- training checkpoints

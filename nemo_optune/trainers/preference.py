@@ -12,8 +12,8 @@ for the RLOO reverse-KL term. The pieces: trainers/preference_pool.py (select, r
 trainers/preference_loss.py (batches and loss), trainers/hypo_kl.py (online KL samples).
 """
 
-import dataclasses
-import functools
+import json
+import os
 import time
 
 import torch
@@ -25,9 +25,11 @@ from nemo_optune.data.offline_pool import build_offline_pool
 from nemo_optune.data.pool import PromptPool, build_sequences
 from nemo_optune.data.prompts import encode_prompt_set, read_prompts
 from nemo_optune.data.task_data import TaskData
+from nemo_optune.data.tokenizer import HFTokenizer
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
+from nemo_optune.models.hf_io import is_hf_checkpoint, read_hf_spec
 from nemo_optune.rewards.python_function import PythonFunctionReward
 from nemo_optune.rewards.resilient import ResilientRewardSource, RewardSourceError
 from nemo_optune.rewards.task_reward import TaskReward
@@ -46,14 +48,39 @@ ONLINE_METHODS = ("optune", "online_dpo")
 HELD_OUT_SEED = 0xE7A1
 
 
+def hf_model_and_tokenizer(restore: str | None):
+    """(ModelSpec, HFTokenizer) of a Hugging Face model directory, or (None, None) otherwise."""
+    if not restore or not is_hf_checkpoint(restore):
+        return None, None
+    spec = read_hf_spec(restore)
+    eos = [spec.eos_token_id]
+    generation_config = os.path.join(restore, "generation_config.json")
+    if os.path.isfile(generation_config):  # Llama 3 lists its end-of-turn ids here
+        with open(generation_config) as f:
+            eos.append(json.load(f).get("eos_token_id"))
+    eos_ids = [i for e in eos for i in (e if isinstance(e, (list, tuple)) else [e]) if isinstance(i, int)]
+    tokenizer = HFTokenizer(restore, extra_eos_ids=eos_ids)
+    if tokenizer.vocab_size > spec.vocab_size:
+        raise ValueError(f"{restore}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary "
+                         f"{spec.vocab_size} (config.json vocab_size)")
+    return spec, tokenizer
+
+
 class PreferenceTrainer:
     def __init__(self, cfg: RootConfig, layout: Layout, data: TaskData, log: ExperimentLog):
         self.cfg, self.layout, self.data, self.log = cfg, layout, data, log
         self.online = cfg.method in ONLINE_METHODS
-        tok = self.tokenizer = data.tokenizer
-        check_vocab(tok.vocab_size, layout.tp)
-        self.width = sequence_width(cfg, data.task)
         t, g = cfg.trainer, cfg.generation
+        # A Hugging Face directory as model.restore_from_path brings its architecture and tokenizer.
+        spec, tok = hf_model_and_tokenizer(cfg.model.restore_from_path)
+        tok = self.tokenizer = tok or data.tokenizer
+        self.width = sequence_width(cfg, data.task)
+        if spec is None:
+            check_vocab(tok.vocab_size, layout.tp)
+        elif self.width > spec.max_position_embeddings:
+            raise ValueError(f"config key generation.max_new_tokens: prompts of data.max_prompt_tokens plus "
+                             f"{g.max_new_tokens} new tokens need {self.width} positions; the model has "
+                             f"{spec.max_position_embeddings}")
         limit = max_prompt_tokens(cfg, data.task)
         # Read and check every data set before building any model.
         if self.online:
@@ -74,8 +101,8 @@ class PreferenceTrainer:
         self.lr_total_steps = t.iterations * t.epochs_per_iteration * len(pool) // t.global_batch_size
         self.model = MegatronGPTOPTuneModel(cfg.model, tok.vocab_size, self.width, layout, seed=t.seed, lr=t.lr,
                                             weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-                                            lr_schedule=self.lr_at_step)
-        self.engine = MegatronInProcessEngine(self.model, tok.eos_id, tok.pad_id, g.micro_batch_size)
+                                            lr_schedule=self.lr_at_step, spec=spec)
+        self.engine = MegatronInProcessEngine(self.model, tok.eos_ids, tok.pad_id, g.micro_batch_size)
         self.pool = PreferencePool(pool, prompt_ids, prompts, model=self.model, engine=self.engine, reward=self.reward,
                                    tokenizer=tok, layout=layout, cfg=cfg, width=self.width)
         self.online_kl = None
