@@ -136,6 +136,15 @@ class SFTConfig:
 
 
 @dataclasses.dataclass
+class GenerateConfig:
+    """python -m nemo_optune.generate: prompts in, responses out (see README)."""
+    input_path: Optional[str] = None  # prompts, JSONL/parquet (data.prompt_field / data.messages_field)
+    output_path: Optional[str] = None  # JSONL: prompt, response, token ids, per-token log-probs
+    samples_per_prompt: int = 1
+    seed: int = 0
+
+
+@dataclasses.dataclass
 class ExpManagerConfig:
     exp_dir: str = "runs/optune_tiny"
     tensorboard: bool = True
@@ -157,6 +166,7 @@ class RootConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
 def to_typed(cfg) -> RootConfig:

@@ -122,24 +122,30 @@ def parse_args(argv: list[str], default_config: str) -> tuple[str, list[str]]:
     return name, overrides
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises: reported as one line, exit status 2 (anything else is a bug and
+    keeps its traceback). OSError: e.g. a full disk while writing outputs."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from nemo_optune.rewards.resilient import RewardSourceError
+    from nemo_optune.runtime.checkpoint import CheckpointError
+
+    return (ValueError, OmegaConfBaseException, HydraException, exp_dir.ExperimentDirError, CheckpointError,
+            RewardSourceError, OSError)
+
+
 def main(argv: list[str] | None = None, default_config: str = "optune_tiny") -> None:
     """Entry point of the launchers: a recipe from conf/ plus key=value overrides (Hydra
     syntax), experiment out. Bad input exits with status 2 and one line naming the key,
     file or line (rank 0 prints it)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     from nemo_optune.config import load_config
-    from nemo_optune.data.records import DataError
-    from nemo_optune.rewards.resilient import RewardSourceError
-    from nemo_optune.runtime.checkpoint import CheckpointError
 
     try:
         name, overrides = parse_args(sys.argv[1:] if argv is None else argv, default_config)
         typed = load_config(name, overrides)
         summary = run_experiment(typed)
-    except (ValueError, DataError, OmegaConfBaseException, HydraException, exp_dir.ExperimentDirError,
-            CheckpointError, RewardSourceError, OSError) as err:  # OSError: e.g. a full disk while writing outputs
+    except user_errors() as err:
         fail(one_line(err))
     if distributed.world_from_env()[0] == 0:
         if "heldout_reward_final" in summary:

@@ -1,0 +1,84 @@
+"""Generate from any supported checkpoint at any TP/PP layout: prompts in, JSONL out.
+
+    python -m nemo_optune.generate model.restore_from_path=HF_DIR_OR_CHECKPOINT \\
+        generate.input_path=prompts.jsonl generate.output_path=out.jsonl [generation.temperature=0]
+    torchrun --nproc-per-node 2 -m nemo_optune.generate model.tensor_model_parallel_size=2 ...
+
+Each output row: the prompt (text, or the chat as rendered), the response text, its token ids
+and the policy's log-prob of each token (temperature 1). How a user checks a converted
+checkpoint; rows follow the input order. Bad input: one line, exit status 2."""
+
+import json
+import os
+import sys
+
+import torch
+
+from nemo_optune.config import RootConfig
+from nemo_optune.data.prompts import encode_prompt_set, read_prompts
+from nemo_optune.data.task_data import build_task_data
+from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
+from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
+from nemo_optune.runtime.distributed import gather_rows_over_dp
+from nemo_optune.runtime.seeds import mix_seed
+from nemo_optune.trainers.common import max_prompt_tokens, sampling_params, sequence_width, setup
+from nemo_optune.trainers.preference import hf_model_and_tokenizer
+from nemo_optune import algorithms as alg
+
+
+def generate(cfg: RootConfig) -> int:
+    """Write cfg.generate.output_path; returns the number of rows written."""
+    gen, d = cfg.generate, cfg.data
+    for key, value in (("model.restore_from_path", cfg.model.restore_from_path),
+                       ("generate.input_path", gen.input_path), ("generate.output_path", gen.output_path)):
+        if not value:
+            raise ValueError(f"config key {key}: needed by the generate command")
+    task = build_task_data(d).task
+    spec, tokenizer = hf_model_and_tokenizer(cfg.model.restore_from_path)
+    tokenizer = tokenizer or task.tokenizer
+    prompts, where = read_prompts(gen.input_path, d.prompt_field, d.messages_field)
+    texts, prompt_ids, _ = encode_prompt_set(prompts, where, tokenizer, d, max_prompt_tokens(cfg, task))
+    layout = setup(cfg)
+    model = MegatronGPTOPTuneModel(cfg.model, tokenizer.vocab_size, sequence_width(cfg, task), layout, seed=gen.seed,
+                                   lr=1.0, weight_decay=0.0, grad_clip=0.0, with_reference=False, spec=spec)
+    model.load_policy(cfg.model.restore_from_path)
+    engine = MegatronInProcessEngine(model, tokenizer.eos_ids, tokenizer.pad_id, cfg.generation.micro_batch_size)
+    k = gen.samples_per_prompt
+    everything = torch.arange(len(prompt_ids))
+    mine = alg.balanced_shard(everything, layout.dp_rank, layout.dp)
+    counts = [len(alg.balanced_shard(everything, r, layout.dp)) * k for r in range(layout.dp)]
+    rollouts = engine.generate([prompt_ids[i] for i in mine.tolist()], k, sampling_params(cfg),
+                               [mix_seed(gen.seed, i) for i in mine.tolist()])
+    tokens, lengths, logprobs = (gather_rows_over_dp(t, counts) for t in
+                                 (rollouts.response_tokens, rollouts.response_lengths, rollouts.logprobs))
+    if layout.is_logging_rank:
+        os.makedirs(os.path.dirname(os.path.abspath(gen.output_path)), exist_ok=True)
+        with open(gen.output_path + ".tmp", "w") as f:
+            for row in range(len(tokens)):
+                n, prompt = int(lengths[row]), row // k
+                f.write(json.dumps({"prompt": texts[prompt], "sample": row % k,
+                                    "response": tokenizer.decode(tokens[row, :n]),
+                                    "token_ids": tokens[row, :n].tolist(),
+                                    "logprobs": logprobs[row, :n].tolist()}) + "\n")
+        os.replace(gen.output_path + ".tmp", gen.output_path)
+    return len(tokens)
+
+
+def main(argv=None) -> None:
+    from nemo_optune.config import load_config
+    from nemo_optune.run import fail, one_line, parse_args, user_errors
+    from nemo_optune.runtime import distributed
+
+    try:
+        name, overrides = parse_args(sys.argv[1:] if argv is None else argv, "optune_tiny")
+        cfg = load_config(name, overrides)
+        rows = generate(cfg)
+    except user_errors() as err:
+        fail(one_line(err))
+    if distributed.world_from_env()[0] == 0:
+        print(f"[generate] {rows} responses -> {cfg.generate.output_path}")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":  # dist_checkpointing spawns workers: keep the guard
+    main()
