@@ -35,6 +35,7 @@ class TrainerConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 1234
+    dry_run: bool = False  # validate config and layout, print a per-GPU memory estimate, load nothing
 
 
 @dataclasses.dataclass

@@ -34,7 +34,37 @@ def _claim_exp_dir(cfg: RootConfig, layout):
     return verdict[0], handle
 
 
+def dry_run(cfg: RootConfig) -> dict:
+    """The config is valid (checked by now); the model's spec comes from config.json for a
+    Hugging Face directory, else from model.*; nothing is loaded, no process group is made."""
+    from nemo_optune.models.hf_io import read_hf_spec
+    from nemo_optune.models.hf_spec import spec_from_model_config
+    from nemo_optune.models.memory import per_gpu_estimate, print_estimate
+    from nemo_optune.trainers.common import quiet_megatron_warnings, sequence_width
+
+    quiet_megatron_warnings()
+
+    m, t, g = cfg.model, cfg.trainer, cfg.generation
+    task = build_task_data(cfg.data).task
+    width = sequence_width(cfg, task)
+    restore = m.restore_from_path
+    spec = (read_hf_spec(restore) if restore and os.path.isfile(os.path.join(restore, "config.json"))  # no weights needed
+            else spec_from_model_config(m, task.tokenizer.vocab_size, width))
+    world = distributed.world_from_env()[2]
+    tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
+    dp = world // (tp * pp)
+    rows = per_gpu_estimate(spec, tp, pp, dp, bf16=m.precision == "bf16", distributed_optimizer=m.distributed_optimizer,
+                            micro_batch_pairs=t.micro_batch_size, micro_batches=t.global_batch_size // (t.micro_batch_size * dp),
+                            sequence_length=width, generation_batch=g.micro_batch_size)
+    if distributed.world_from_env()[0] == 0:
+        print(print_estimate(rows, f"[dry run] {spec.family} model, TP={tp} PP={pp} DP={dp} (world {world}), "
+                                   f"{width} positions, per GPU on the most loaded pipeline stage:"), flush=True)
+    return {"method": cfg.method, "dry_run": rows, "wall_seconds": 0.0}
+
+
 def run_experiment(cfg: RootConfig) -> dict:
+    if cfg.trainer.dry_run:
+        return dry_run(cfg)
     start = time.perf_counter()
     layout = setup(cfg)
     resume, lock = _claim_exp_dir(cfg, layout)
@@ -152,7 +182,8 @@ def main(argv: list[str] | None = None, default_config: str = "optune_tiny") -> 
             print(f"[done] held-out reward {summary['heldout_reward_initial']:.4f} -> "
                   f"{summary['heldout_reward_final']:.4f} in {summary['wall_seconds']:.1f}s, "
                   f"peak RSS {summary['peak_rss_mb']:.0f} MB")
-        else:
+        elif "dry_run" not in summary:
             print(f"[done] {summary['method']} in {summary['wall_seconds']:.1f}s")
-        print(os.path.abspath(typed.exp_manager.exp_dir))
+        if "dry_run" not in summary:
+            print(os.path.abspath(typed.exp_manager.exp_dir))
     distributed.shutdown()
