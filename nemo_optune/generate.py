@@ -19,6 +19,7 @@ from nemo_optune.data.prompts import encode_prompt_set, read_prompts
 from nemo_optune.data.task_data import build_task_data
 from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
+from nemo_optune.models.hf_spec import check_sequence_length
 from nemo_optune.runtime.distributed import gather_rows_over_dp
 from nemo_optune.runtime.seeds import mix_seed
 from nemo_optune.trainers.common import max_prompt_tokens, sampling_params, sequence_width, setup
@@ -36,6 +37,8 @@ def generate(cfg: RootConfig) -> int:
     task = build_task_data(d).task
     spec, tokenizer = hf_model_and_tokenizer(cfg.model.restore_from_path)
     tokenizer = tokenizer or task.tokenizer
+    if spec is not None:
+        check_sequence_length(spec, sequence_width(cfg, task), "generation.max_new_tokens")
     prompts, where = read_prompts(gen.input_path, d.prompt_field, d.messages_field)
     texts, prompt_ids, _ = encode_prompt_set(prompts, where, tokenizer, d, max_prompt_tokens(cfg, task))
     layout = setup(cfg)

@@ -90,8 +90,6 @@ def test_spec_round_trips_through_config_json_and_a_manifest():
     ({"mlp_bias": True}, "field mlp_bias=True is not supported (false)"),
     ({"hidden_act": "gelu"}, "field hidden_act='gelu' is not supported (silu)"),
     ({"head_dim": 32}, "field head_dim=32 is not supported (16 = hidden_size / num_attention_heads)"),
-    ({"model_type": "mistral", "sliding_window": 16}, "field sliding_window=16 is not supported (null or >= max_position_embeddings)"),
-    ({"model_type": "mistral", "max_position_embeddings": 8192}, "field sliding_window=4096 is not supported"),  # transformers' default
     ({"model_type": "qwen2", "use_sliding_window": True}, "field use_sliding_window=True is not supported (false)"),
     ({"quantization_config": {"quant_method": "gptq"}}, "field quantization_config={'quant_method': 'gptq'} is not supported"),
     ({"hidden_size": None}, "field hidden_size missing"),
@@ -100,6 +98,27 @@ def test_unsupported_configs_are_refused_with_one_line(changes, message):
     with pytest.raises(ValueError) as err:
         _spec(**changes)
     assert str(err.value).startswith(f"config.json: {message}") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("changes,window", [
+    ({"model_type": "mistral", "sliding_window": 16}, 16),
+    ({"model_type": "mistral", "max_position_embeddings": 8192}, 4096),  # transformers' default window
+    ({"model_type": "mistral", "sliding_window": None}, None),
+    ({"model_type": "mistral", "sliding_window": 9000, "max_position_embeddings": 8192}, None),
+])
+def test_a_sliding_window_bounds_the_sequences_a_run_may_use(changes, window):
+    """zephyr-7b-sft-full (Mistral v0.1) has a 4096-token window and 32768 positions: it loads,
+    and only sequences longer than the window are refused."""
+    from nemo_optune.models.hf_spec import check_sequence_length, hf_config_from_spec
+
+    spec = _spec(**changes)
+    assert spec.attention_window == window
+    assert hf_config_from_spec(spec)["sliding_window"] == window  # exported as it came
+    check_sequence_length(spec, 16, "generation.max_new_tokens")
+    if window is not None:
+        with pytest.raises(ValueError, match=f"config key generation.max_new_tokens: sequences of {window + 1} "
+                                             f"positions exceed the model's sliding attention window of {window}"):
+            check_sequence_length(spec, window + 1, "generation.max_new_tokens")
 
 
 # -------------------------------------------------------------- transformers models

@@ -44,6 +44,9 @@ class ModelSpec:
     dtype: str  # the HF checkpoint's dtype, written back on export
     bos_token_id: int | None
     eos_token_id: int | tuple[int, ...] | None
+    # Mistral's sliding attention window when it is shorter than max_position_embeddings: megatron
+    # attends over the whole causal prefix, so runs must keep their sequences within it.
+    attention_window: int | None = None
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):  # JSON has lists only
@@ -79,7 +82,8 @@ def spec_from_architecture(architecture: dict, where: str) -> ModelSpec:
     if architecture.get("family") not in HF_FAMILIES:
         raise ValueError(f"{where}: not a checkpoint of a Hugging Face model family "
                          f"(family {architecture.get('family')!r}; {', '.join(HF_FAMILIES)} can be exported)")
-    return ModelSpec(**{f.name: architecture[f.name] for f in dataclasses.fields(ModelSpec)})
+    return ModelSpec(**{f.name: architecture[f.name] if f.name in architecture else f.default
+                        for f in dataclasses.fields(ModelSpec)})
 
 
 def _refuse(where: str, field: str, value, supported: str):
@@ -129,10 +133,6 @@ def _spec_from_hf_config(config: dict, where: str) -> ModelSpec:
         ("attention_dropout", config.get("attention_dropout", 0.0), lambda v: v == 0, "0.0"),
         ("quantization_config", config.get("quantization_config"), lambda v: v is None, "unquantized weights only"),
         ("use_sliding_window", config.get("use_sliding_window", False), lambda v: not v, "false"),
-        # Megatron attends over the whole causal prefix: a window shorter than the longest
-        # sequence the model accepts would change the result.
-        ("sliding_window", config.get("sliding_window", 4096) if family == "mistral" else None,  # transformers' default
-         lambda v: v is None or v >= config["max_position_embeddings"], "null or >= max_position_embeddings"),
         ("layer_types", config.get("layer_types"), lambda v: v is None or set(v) == {"full_attention"}, "full_attention only"),
         ("torch_dtype", dtype, lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
     ]
@@ -140,6 +140,7 @@ def _spec_from_hf_config(config: dict, where: str) -> ModelSpec:
         if not ok(value):
             _refuse(where, field, value, supported)
     rotary_base, scaling = _rope(config, where)
+    window = config.get("sliding_window", 4096) if family == "mistral" else None  # transformers' default
     return ModelSpec(
         family=family, num_layers=config["num_hidden_layers"], hidden_size=hidden,
         ffn_hidden_size=config["intermediate_size"], num_attention_heads=heads,
@@ -150,7 +151,18 @@ def _spec_from_hf_config(config: dict, where: str) -> ModelSpec:
         rotary_base=rotary_base, rope_scaling_factor=scaling,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)), vocab_multiple=128,
         dtype=dtype,
-        bos_token_id=config.get("bos_token_id"), eos_token_id=config.get("eos_token_id"))
+        bos_token_id=config.get("bos_token_id"), eos_token_id=config.get("eos_token_id"),
+        attention_window=window if window is not None and window < config["max_position_embeddings"] else None)
+
+
+def check_sequence_length(spec: ModelSpec, positions: int, key: str) -> None:
+    """Refuse, naming `key`, sequences the model would compute differently from its original."""
+    if positions > spec.max_position_embeddings:
+        raise ValueError(f"config key {key}: sequences of {positions} positions exceed the model's "
+                         f"max_position_embeddings={spec.max_position_embeddings}")
+    if spec.attention_window is not None and positions > spec.attention_window:
+        raise ValueError(f"config key {key}: sequences of {positions} positions exceed the model's sliding attention "
+                         f"window of {spec.attention_window} (megatron attends over the whole prefix)")
 
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -175,8 +187,8 @@ def hf_config_from_spec(spec: ModelSpec) -> dict:
     }
     if spec.family == "llama":
         config.update(attention_bias=False, mlp_bias=False)
-    else:  # mistral, qwen2: full attention everywhere
-        config.update(sliding_window=None)
+    else:  # mistral: its window (None: full attention); qwen2: full attention everywhere
+        config.update(sliding_window=spec.attention_window)
     if spec.family == "qwen2":
         config.update(use_sliding_window=False)
     return config

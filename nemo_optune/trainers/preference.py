@@ -30,6 +30,7 @@ from nemo_optune.generation.base import SamplingParams
 from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 from nemo_optune.models.hf_io import is_hf_checkpoint, read_hf_spec
+from nemo_optune.models.hf_spec import check_sequence_length
 from nemo_optune.rewards.python_function import PythonFunctionReward
 from nemo_optune.rewards.resilient import ResilientRewardSource, RewardSourceError
 from nemo_optune.rewards.task_reward import TaskReward
@@ -77,10 +78,8 @@ class PreferenceTrainer:
         self.width = sequence_width(cfg, data.task)
         if spec is None:
             check_vocab(tok.vocab_size, layout.tp)
-        elif self.width > spec.max_position_embeddings:
-            raise ValueError(f"config key generation.max_new_tokens: prompts of data.max_prompt_tokens plus "
-                             f"{g.max_new_tokens} new tokens need {self.width} positions; the model has "
-                             f"{spec.max_position_embeddings}")
+        else:  # data.max_prompt_tokens + generation.max_new_tokens positions
+            check_sequence_length(spec, self.width, "generation.max_new_tokens")
         limit = max_prompt_tokens(cfg, data.task)
         # Read and check every data set before building any model.
         if self.online:
