@@ -15,16 +15,13 @@ import sys
 import torch
 
 from nemo_optune.config import RootConfig
-from nemo_optune.data.prompts import encode_prompt_set, read_prompts
+from nemo_optune.data.prompts import encode_prompt_file
 from nemo_optune.data.task_data import build_task_data
 from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
-from nemo_optune.models.hf_spec import check_sequence_length
-from nemo_optune.runtime.distributed import gather_rows_over_dp
+from nemo_optune.runtime.distributed import dp_share, gather_rows_over_dp
 from nemo_optune.runtime.seeds import mix_seed
-from nemo_optune.trainers.common import max_prompt_tokens, sampling_params, sequence_width, setup
-from nemo_optune.trainers.preference import hf_model_and_tokenizer
-from nemo_optune import algorithms as alg
+from nemo_optune.trainers.common import max_prompt_tokens, model_and_tokenizer, sampling_params, setup
 
 
 def generate(cfg: RootConfig) -> int:
@@ -35,24 +32,18 @@ def generate(cfg: RootConfig) -> int:
         if not value:
             raise ValueError(f"config key {key}: needed by the generate command")
     task = build_task_data(d).task
-    spec, tokenizer = hf_model_and_tokenizer(cfg.model.restore_from_path)
-    tokenizer = tokenizer or task.tokenizer
-    if spec is not None:
-        check_sequence_length(spec, sequence_width(cfg, task), "generation.max_new_tokens")
-    prompts, where = read_prompts(gen.input_path, d.prompt_field, d.messages_field)
-    texts, prompt_ids, _ = encode_prompt_set(prompts, where, tokenizer, d, max_prompt_tokens(cfg, task))
+    spec, tokenizer, width = model_and_tokenizer(cfg, task, cfg.model.tensor_model_parallel_size)
+    texts, prompt_ids, _ = encode_prompt_file(gen.input_path, tokenizer, d, max_prompt_tokens(cfg, task))
     layout = setup(cfg)
-    model = MegatronGPTOPTuneModel(cfg.model, tokenizer.vocab_size, sequence_width(cfg, task), layout, seed=gen.seed,
+    model = MegatronGPTOPTuneModel(cfg.model, tokenizer.vocab_size, width, layout, seed=gen.seed,
                                    lr=1.0, weight_decay=0.0, grad_clip=0.0, with_reference=False, spec=spec)
     model.load_policy(cfg.model.restore_from_path)
     engine = MegatronInProcessEngine(model, tokenizer.eos_ids, tokenizer.pad_id, cfg.generation.micro_batch_size)
     k = gen.samples_per_prompt
-    everything = torch.arange(len(prompt_ids))
-    mine = alg.balanced_shard(everything, layout.dp_rank, layout.dp)
-    counts = [len(alg.balanced_shard(everything, r, layout.dp)) * k for r in range(layout.dp)]
+    mine, counts = dp_share(torch.arange(len(prompt_ids)), layout)
     rollouts = engine.generate([prompt_ids[i] for i in mine.tolist()], k, sampling_params(cfg),
                                [mix_seed(gen.seed, i) for i in mine.tolist()])
-    tokens, lengths, logprobs = (gather_rows_over_dp(t, counts) for t in
+    tokens, lengths, logprobs = (gather_rows_over_dp(t, [c * k for c in counts]) for t in
                                  (rollouts.response_tokens, rollouts.response_lengths, rollouts.logprobs))
     if layout.is_logging_rank:
         os.makedirs(os.path.dirname(os.path.abspath(gen.output_path)), exist_ok=True)

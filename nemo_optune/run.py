@@ -50,13 +50,13 @@ def dry_run(cfg: RootConfig) -> dict:
     restore = m.restore_from_path
     spec = (read_hf_spec(restore) if restore and os.path.isfile(os.path.join(restore, "config.json"))  # no weights needed
             else spec_from_model_config(m, task.tokenizer.vocab_size, width))
-    world = distributed.world_from_env()[2]
+    rank, _, world = distributed.world_from_env()
     tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
     dp = world // (tp * pp)
     rows = per_gpu_estimate(spec, tp, pp, dp, bf16=m.precision == "bf16", distributed_optimizer=m.distributed_optimizer,
                             micro_batch_pairs=t.micro_batch_size, micro_batches=t.global_batch_size // (t.micro_batch_size * dp),
                             sequence_length=width, generation_batch=g.micro_batch_size)
-    if distributed.world_from_env()[0] == 0:
+    if rank == 0:
         print(print_estimate(rows, f"[dry run] {spec.family} model, TP={tp} PP={pp} DP={dp} (world {world}), "
                                    f"{width} positions, per GPU on the most loaded pipeline stage:"), flush=True)
     return {"method": cfg.method, "dry_run": rows, "wall_seconds": 0.0}

@@ -79,7 +79,7 @@ def test_optune_from_a_hugging_face_directory_and_back(tmp_path):
 
 
 def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
-    from nemo_optune.trainers.preference import hf_model_and_tokenizer
+    from nemo_optune.models.hf_io import hf_model_and_tokenizer
 
     hf = str(tmp_path / "hf")
     make_hf_model(hf, ["123>123"] * 10)

@@ -31,11 +31,11 @@ def build_offline_pool(path: str, tokenizer, max_prompt_tokens: int, max_new_tok
     batch) is an error: nothing could be trained."""
     prompt_ids, pairs, records, too_long, identical = [], [], [], 0, 0
     for r in read_preferences(path):
+        prompt = encode_prompt(r.prompt, tokenizer, apply_chat_template, r.where)
         try:
-            prompt = encode_prompt(r.prompt, tokenizer, apply_chat_template, r.where)
             pair = [tokenizer.encode(text) + [tokenizer.eos_id] for text in (r.chosen, r.rejected)]
-        except ValueError as err:
-            raise DataError(err if str(err).startswith(r.where) else f"{r.where}: {err}") from None
+        except ValueError as err:  # e.g. a character outside a character tokenizer's alphabet
+            raise DataError(f"{r.where}: {err}") from None
         for side, ids in zip(("chosen", "rejected"), pair):
             if len(ids) > max_new_tokens:
                 raise DataError(f"{r.where}: {side} response has {len(ids)} tokens with EOS, more than "

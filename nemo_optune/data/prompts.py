@@ -31,7 +31,10 @@ def encode_prompt(prompt: Prompt, tokenizer, apply_chat_template: bool, where: s
     """Token ids of a prompt: chat messages (and, with `apply_chat_template`, text as one user
     turn) go through the tokenizer's chat template with the generation prompt appended."""
     if isinstance(prompt, str) and not apply_chat_template:
-        return tokenizer.encode(prompt, add_special_tokens=True)  # e.g. a BOS token
+        try:
+            return tokenizer.encode(prompt, add_special_tokens=True)  # e.g. a BOS token
+        except ValueError as err:  # e.g. a character outside a character tokenizer's alphabet
+            raise DataError(f"{where}: {err}") from None
     if getattr(tokenizer, "chat_template", None) is None:
         why = "data.apply_chat_template=true" if isinstance(prompt, str) else "chat-message prompts"
         raise DataError(f"{where}: {why} need a tokenizer with a chat template; this tokenizer has none")
@@ -50,15 +53,18 @@ def fit_prompt(ids: list[int], limit: int, policy: str, where: str) -> list[int]
     return None if policy == "skip" else ids[-limit:]
 
 
+def encode_prompt_file(path: str, tokenizer, data_cfg, limit: int) -> tuple[list[str], list[list[int]], int]:
+    """A prompt file read (data.prompt_field / data.messages_field) and encoded: see encode_prompt_set."""
+    prompts, where = read_prompts(path, data_cfg.prompt_field, data_cfg.messages_field)
+    return encode_prompt_set(prompts, where, tokenizer, data_cfg, limit)
+
+
 def encode_prompt_set(prompts: list[Prompt], where: list[str], tokenizer, data_cfg, limit: int
                       ) -> tuple[list[str], list[list[int]], int]:
     """(prompt texts for reward sources, token ids, how many were over the limit)."""
     texts, ids, too_long = [], [], 0
     for prompt, at in zip(prompts, where):
-        try:
-            encoded = encode_prompt(prompt, tokenizer, data_cfg.apply_chat_template, at)
-        except ValueError as err:
-            raise DataError(err if str(err).startswith(at) else f"{at}: {err}") from None
+        encoded = encode_prompt(prompt, tokenizer, data_cfg.apply_chat_template, at)
         fitted = fit_prompt(encoded, limit, data_cfg.long_prompts, at)
         too_long += fitted is not encoded
         if fitted is not None:

@@ -19,6 +19,7 @@ from contextlib import ExitStack
 import torch
 import torch.distributed as dist
 
+from nemo_optune.data.tokenizer import HFTokenizer
 from nemo_optune.models.export import is_main_replica, local_shards, shard_region
 from nemo_optune.models.hf_mapping import hf_names, hf_to_megatron, megatron_name, megatron_to_hf
 from nemo_optune.models.hf_spec import ModelSpec, hf_config_from_spec, spec_from_hf_config
@@ -45,6 +46,24 @@ def read_hf_spec(hf_dir: str) -> ModelSpec:
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: unreadable ({err})") from None
     return spec_from_hf_config(config, path)
+
+
+def hf_model_and_tokenizer(restore: str | None):
+    """(ModelSpec, HFTokenizer) of a Hugging Face model directory, or (None, None) otherwise."""
+    if not restore or not is_hf_checkpoint(restore):
+        return None, None
+    spec = read_hf_spec(restore)
+    eos = [spec.eos_token_id]
+    generation_config = os.path.join(restore, "generation_config.json")
+    if os.path.isfile(generation_config):  # Llama 3 lists its end-of-turn ids here
+        with open(generation_config) as f:
+            eos.append(json.load(f).get("eos_token_id"))
+    eos_ids = [i for e in eos for i in (e if isinstance(e, (list, tuple)) else [e]) if isinstance(i, int)]
+    tokenizer = HFTokenizer(restore, extra_eos_ids=eos_ids)
+    if tokenizer.vocab_size > spec.vocab_size:
+        raise ValueError(f"{restore}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary "
+                         f"{spec.vocab_size} (config.json vocab_size)")
+    return spec, tokenizer
 
 
 def build_hf_model(spec: ModelSpec, layout, seed: int = 0):

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nemo_optune.runtime.distributed import first_failure
+
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 _ITER_DIR = re.compile(r"^iter_(\d{6})$")
@@ -35,9 +37,11 @@ class CheckpointError(RuntimeError):
 def _first_error(error: BaseException | str | None, name_rank: bool = True) -> str | None:
     """Collective: the first failed rank's message ("rank R: ..."), or None if none failed, on
     every rank (so all ranks raise together, none hangs, and each names the real cause)."""
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, None if error is None else str(error))
-    return next((f"rank {r}: {e}" if name_rank else e for r, e in enumerate(errors) if e is not None), None)
+    first = first_failure(error)
+    if first is None:
+        return None
+    rank, _, message = first
+    return f"rank {rank}: {message}" if name_rank else message
 
 
 def _sha256(path: str) -> str:
@@ -240,6 +244,12 @@ def load_training_checkpoint(directory: str, model) -> dict:
     if os.path.exists(rng_file):  # absent when resuming on more ranks than saved
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return torch.load(os.path.join(directory, "trainer_state.pt"), weights_only=False)
+
+
+def iterations_done(checkpoint: str) -> int | None:
+    """N of a training checkpoint directory iter_NNNNNN, None for other names."""
+    match = _ITER_DIR.match(os.path.basename(os.path.normpath(checkpoint)))
+    return int(match.group(1)) if match else None
 
 
 def list_checkpoints(root: str) -> list[str]:

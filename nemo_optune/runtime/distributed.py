@@ -138,6 +138,15 @@ def gather_rows_over_dp(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
+def dp_share(indices: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, list[int]]:
+    """This DP rank's balanced part of `indices`, and every DP rank's part size (for
+    gather_rows_over_dp)."""
+    from nemo_optune.algorithms import balanced_shard
+
+    return (balanced_shard(indices, layout.dp_rank, layout.dp),
+            [len(balanced_shard(indices, r, layout.dp)) for r in range(layout.dp)])
+
+
 def sum_over_dp(values: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state as mpu
 
@@ -147,16 +156,22 @@ def sum_over_dp(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def raise_if_any_rank_failed(error: BaseException | None) -> None:
-    """Collective: if any rank failed, raise the first rank's error on every rank, so no rank
-    is left waiting in a collective the failed one will never join."""
+def first_failure(error: BaseException | str | None) -> tuple[int, type, str] | None:
+    """Collective: (rank, error type, message) of the lowest rank that failed, or None if no
+    rank did, the same on every rank (so all ranks act together and none is left waiting in a
+    collective the failed one will never join)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        if error is not None:
-            raise error
-        return
+        return None if error is None else (0, type(error), str(error))
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, None if error is None else (type(error), str(error)))
-    first = next((e for e in errors if e is not None), None)
+    return next(((rank, *e) for rank, e in enumerate(errors) if e is not None), None)
+
+
+def raise_if_any_rank_failed(error: BaseException | None) -> None:
+    """Collective: if any rank failed, raise the first failed rank's error on every rank."""
+    first = first_failure(error)
     if first is not None:
-        kind, message = first
+        failed_rank, kind, message = first
+        if failed_rank == (dist.get_rank() if dist.is_initialized() else 0):
+            raise error  # this rank's own error, with its traceback
         raise kind(message)

@@ -4,11 +4,10 @@ its newest checkpoint, or refused because it holds a different run or another ru
 import fcntl
 import json
 import os
-import re
 import shutil
 import socket
 
-from nemo_optune.runtime.checkpoint import checkpoints_root, list_checkpoints
+from nemo_optune.runtime.checkpoint import checkpoints_root, iterations_done, list_checkpoints
 
 # Keys that may change between a run and its resumption (layout, length, bookkeeping).
 RESUMABLE_CHANGES = (
@@ -62,11 +61,6 @@ def lock(exp_dir: str):
     return handle
 
 
-def _iterations_done(checkpoint: str) -> int | None:
-    match = re.match(r"^iter_(\d{6})$", os.path.basename(os.path.normpath(checkpoint)))
-    return int(match.group(1)) if match else None
-
-
 def prepare(exp_dir: str, config: dict, resume_if_exists: bool, resume_from: str | None, overwrite: bool) -> str | None:
     """Check and prepare `exp_dir` (rank 0 only, after `lock`); return the checkpoint to
     resume from, AUTO (find the newest intact one once the model exists), or None.
@@ -96,7 +90,7 @@ def prepare(exp_dir: str, config: dict, resume_if_exists: bool, resume_from: str
     if resume is None and resume_if_exists and list_checkpoints(checkpoints_root(exp_dir)):
         resume = AUTO
     newest = resume if resume not in (None, AUTO) else (list_checkpoints(checkpoints_root(exp_dir)) or [None])[-1]
-    done = _iterations_done(newest) if newest else None
+    done = iterations_done(newest) if newest else None
     asked = config["trainer"]["iterations"]
     if resume is not None and done is not None and asked < done:
         raise ExperimentDirError(f"config key trainer.iterations: {asked}, but {newest} has {done} iterations done; "

@@ -34,6 +34,23 @@ def check_vocab(vocab_size: int, tp: int) -> None:
         raise ValueError(f"config key model.tensor_model_parallel_size: vocabulary {vocab_size} is not divisible by TP={tp}")
 
 
+def model_and_tokenizer(cfg: RootConfig, task: SortTask, tp: int):
+    """(spec, tokenizer, sequence width): a Hugging Face directory as model.restore_from_path
+    brings its architecture and tokenizer; otherwise spec is None (the tiny model of model.*)
+    with the task's tokenizer. Checked against TP and the sequence width before any model exists."""
+    from nemo_optune.models.hf_io import hf_model_and_tokenizer
+    from nemo_optune.models.hf_spec import check_sequence_length
+
+    spec, tokenizer = hf_model_and_tokenizer(cfg.model.restore_from_path)
+    width = sequence_width(cfg, task)
+    if spec is None:
+        tokenizer = task.tokenizer
+        check_vocab(tokenizer.vocab_size, tp)
+    else:  # data.max_prompt_tokens + generation.max_new_tokens positions
+        check_sequence_length(spec, width, "generation.max_new_tokens")
+    return spec, tokenizer, width
+
+
 def max_prompt_tokens(cfg: RootConfig, task: SortTask) -> int:
     return cfg.data.max_prompt_tokens or task.max_prompt_chars
 

@@ -12,34 +12,28 @@ for the RLOO reverse-KL term. The pieces: trainers/preference_pool.py (select, r
 trainers/preference_loss.py (batches and loss), trainers/hypo_kl.py (online KL samples).
 """
 
-import json
-import os
 import time
 
 import torch
 
-from nemo_optune import algorithms as alg
 from nemo_optune.config import RootConfig, as_dict
 from nemo_optune.data.batching import iteration_batches
 from nemo_optune.data.offline_pool import build_offline_pool
 from nemo_optune.data.pool import PromptPool, build_sequences
-from nemo_optune.data.prompts import encode_prompt_set, read_prompts
+from nemo_optune.data.prompts import encode_prompt_file, encode_prompt_set
 from nemo_optune.data.task_data import TaskData
-from nemo_optune.data.tokenizer import HFTokenizer
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
-from nemo_optune.models.hf_io import is_hf_checkpoint, read_hf_spec
-from nemo_optune.models.hf_spec import check_sequence_length
 from nemo_optune.rewards.python_function import PythonFunctionReward
 from nemo_optune.rewards.resilient import ResilientRewardSource, RewardSourceError
 from nemo_optune.rewards.task_reward import TaskReward
 from nemo_optune.runtime.checkpoint import load_training_checkpoint, save_training_checkpoint
-from nemo_optune.runtime.distributed import Layout, sum_over_dp
+from nemo_optune.runtime.distributed import Layout, dp_share, sum_over_dp
 from nemo_optune.runtime.experiment import ExperimentLog, PhaseTimer, peak_rss_mb
 from nemo_optune.runtime.lr_schedule import learning_rate
 from nemo_optune.runtime.seeds import mix_seed
-from nemo_optune.trainers.common import check_vocab, max_prompt_tokens, sampling_params, sequence_width
+from nemo_optune.trainers.common import max_prompt_tokens, model_and_tokenizer, sampling_params
 from nemo_optune.trainers.hypo_kl import OnlineKLSamples
 from nemo_optune.trainers.preference_loss import global_batch_weights, preference_loss_fn, preference_micro_batches
 from nemo_optune.trainers.preference_pool import PreferencePool, RefreshStats
@@ -49,37 +43,13 @@ ONLINE_METHODS = ("optune", "online_dpo")
 HELD_OUT_SEED = 0xE7A1
 
 
-def hf_model_and_tokenizer(restore: str | None):
-    """(ModelSpec, HFTokenizer) of a Hugging Face model directory, or (None, None) otherwise."""
-    if not restore or not is_hf_checkpoint(restore):
-        return None, None
-    spec = read_hf_spec(restore)
-    eos = [spec.eos_token_id]
-    generation_config = os.path.join(restore, "generation_config.json")
-    if os.path.isfile(generation_config):  # Llama 3 lists its end-of-turn ids here
-        with open(generation_config) as f:
-            eos.append(json.load(f).get("eos_token_id"))
-    eos_ids = [i for e in eos for i in (e if isinstance(e, (list, tuple)) else [e]) if isinstance(i, int)]
-    tokenizer = HFTokenizer(restore, extra_eos_ids=eos_ids)
-    if tokenizer.vocab_size > spec.vocab_size:
-        raise ValueError(f"{restore}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary "
-                         f"{spec.vocab_size} (config.json vocab_size)")
-    return spec, tokenizer
-
-
 class PreferenceTrainer:
     def __init__(self, cfg: RootConfig, layout: Layout, data: TaskData, log: ExperimentLog):
         self.cfg, self.layout, self.data, self.log = cfg, layout, data, log
         self.online = cfg.method in ONLINE_METHODS
         t, g = cfg.trainer, cfg.generation
-        # A Hugging Face directory as model.restore_from_path brings its architecture and tokenizer.
-        spec, tok = hf_model_and_tokenizer(cfg.model.restore_from_path)
-        tok = self.tokenizer = tok or data.tokenizer
-        self.width = sequence_width(cfg, data.task)
-        if spec is None:
-            check_vocab(tok.vocab_size, layout.tp)
-        else:  # data.max_prompt_tokens + generation.max_new_tokens positions
-            check_sequence_length(spec, self.width, "generation.max_new_tokens")
+        spec, tok, self.width = model_and_tokenizer(cfg, data.task, layout.tp)
+        self.tokenizer = tok
         limit = max_prompt_tokens(cfg, data.task)
         # Read and check every data set before building any model.
         if self.online:
@@ -118,9 +88,9 @@ class PreferenceTrainer:
 
     def prompt_set(self, path: str | None, task_prompts: list[str], limit: int) -> tuple[list[str], list[list[int]], int]:
         """(texts, token ids, how many were over the limit) of a prompt file, or of the task's prompts."""
-        d = self.cfg.data
-        prompts, where = read_prompts(path, d.prompt_field, d.messages_field) if path else (task_prompts, ["task"] * len(task_prompts))
-        return encode_prompt_set(prompts, where, self.tokenizer, d, limit)
+        if path:
+            return encode_prompt_file(path, self.tokenizer, self.cfg.data, limit)
+        return encode_prompt_set(task_prompts, ["task"] * len(task_prompts), self.tokenizer, self.cfg.data, limit)
 
     def lr_at_step(self, step: int) -> float:
         t = self.cfg.trainer
@@ -250,7 +220,7 @@ class PreferenceTrainer:
         (temperature 1, no truncation), which makes the mean of log pi(y) - log ref(y) an
         unbiased estimate of KL(pi || ref)."""
         g = self.cfg.generation
-        mine = alg.balanced_shard(torch.arange(len(self.heldout_ids)), self.layout.dp_rank, self.layout.dp).tolist()
+        mine = dp_share(torch.arange(len(self.heldout_ids)), self.layout)[0].tolist()
         prompts = [self.heldout_ids[i] for i in mine]
         n = g.eval_samples_per_prompt
         rollouts = self.engine.generate(prompts, n, SamplingParams(max_new_tokens=g.max_new_tokens),

@@ -11,7 +11,7 @@ from nemo_optune import algorithms as alg
 from nemo_optune.data.pool import PromptPool
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.rewards.resilient import RewardSourceError
-from nemo_optune.runtime.distributed import gather_rows_over_dp
+from nemo_optune.runtime.distributed import dp_share, gather_rows_over_dp
 from nemo_optune.runtime.experiment import PhaseTimer
 from nemo_optune.runtime.seeds import mix_seed
 from nemo_optune.trainers.preference_loss import pair_sequences
@@ -57,7 +57,7 @@ class PreferencePool:
         """K samples per selected prompt (balanced over DP ranks), scored, paired best vs
         worst, reference log-probs cached, then every rank's pool copy gets every new pair.
         Scoring and its checks come before any pool write: a failure leaves the pool as it was."""
-        mine, counts = self.dp_share(selected)
+        mine, counts = dp_share(selected, self.layout)
         K = self.opt.samples_per_prompt
         prompts = [self.prompt_ids[i] for i in mine.tolist()]
         with timer.phase("generation"):
@@ -104,13 +104,7 @@ class PreferencePool:
     def refresh_all_reference_logprobs(self) -> None:
         """Recompute every entry's reference log-probs (offline pools once; every iteration
         when caching is off), balanced over DP ranks."""
-        mine, counts = self.dp_share(torch.arange(len(self.store)))
+        mine, counts = dp_share(torch.arange(len(self.store)), self.layout)
         ref_c, ref_r = self.reference_logprobs([self.prompt_ids[i] for i in mine.tolist()], self.store.rows(mine))
         self.store.ref_chosen_logps.copy_(gather_rows_over_dp(ref_c, counts))
         self.store.ref_rejected_logps.copy_(gather_rows_over_dp(ref_r, counts))
-
-    def dp_share(self, indices: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """This rank's balanced part of `indices`, and every rank's part size (for gathers)."""
-        dp = self.layout.dp
-        return (alg.balanced_shard(indices, self.layout.dp_rank, dp),
-                [len(alg.balanced_shard(indices, r, dp)) for r in range(dp)])
