@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="nemo_optune",
-    version="0.1.0",
+    version="0.2.0",
     description="Megatron-scale online preference tuning: OPTune, online DPO, HyPO and baselines",
     packages=find_packages(include=["nemo_optune", "nemo_optune.*"]),
     python_requires=">=3.10",

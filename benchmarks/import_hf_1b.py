@@ -13,11 +13,14 @@ A measurement, not a test. It
    tree (torchrun, its workers = the ranks, and their children: dist-checkpointing's forked
    writers) from /proc every --interval seconds: VmRSS, RssAnon, RssFile, and VmHWM (the
    kernel's per-process peak RSS, anon + file-backed mapped pages). Each rank's samples are
-   split into phases: `build` (start-up and the model's random init, until the rank first maps
-   a safetensors file), `import` (while it has one mapped: import_hf's reader keeps its
-   files open for the whole import) and `save` (dist_checkpointing.save + manifest hashing);
+   split into phases afterwards: `build` (start-up and the model's random init, until the rank
+   first maps a safetensors file), `import` (until the last sample that saw one mapped:
+   import_hf's reader opens the files it needs for each megatron tensor and closes them after
+   it, so the maps come and go) and `save` (dist_checkpointing.save + manifest hashing);
 3. prints JSON and a Markdown table next to the sizes the claim "no rank holds more than its
-   shard plus one tensor" is to be judged against.
+   shard plus the slices of one tensor" is to be judged against, and where each rank's peak
+   RSS came from: the phase of its highest sample, anon vs file-backed (mapped safetensors
+   pages), and how much of it the model's build (random init) had already allocated.
 
 By default WORK/hf and WORK/ckpt are deleted at the end (--keep keeps them).
 """
@@ -152,8 +155,8 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.root, self.hf_dir, self.interval = root_pid, os.path.realpath(hf_dir), interval
         self.t0 = time.monotonic()
-        self.ranks = {}  # pid -> {"rank", "phase", "phases": {phase: {...}}, "vmhwm", "t": {phase: start}}
-        self.children = {}  # pid (descendant of a rank) -> {"rank", "vmhwm", "max_rss", "max_anon"}
+        self.ranks = {}  # pid -> {"rank", "samples": [(t, mapped, VmRSS, RssAnon, RssFile, VmHWM) in kB]}
+        self.children = {}  # pid (descendant of a rank) -> {"rank", "t", "vmhwm", "max_rss", "max_anon"}
         self.agent = {"vmhwm": 0}
         self.min_available, self.available0 = None, psutil.virtual_memory().available
         self._halt = threading.Event()
@@ -181,30 +184,13 @@ class Sampler(threading.Thread):
                 rank = _rank(w.pid)
                 if rank is None:
                     continue
-                self.ranks[w.pid] = {"rank": rank, "phase": "build", "t": {"build": now}, "phases": {}, "vmhwm": 0,
-                                     "timeline": []}
+                self.ranks[w.pid] = {"rank": rank, "samples": []}
             r = self.ranks[w.pid]
             st = _status(w.pid)
             if not st:
                 continue
             mapped = _maps_safetensors(w.pid, self.hf_dir)
-            if r["phase"] == "build" and mapped:
-                r["phase"] = "import"
-                r["t"]["import"] = now
-                r["rss_anon_at_import_start_mb"] = r["last_anon"] / 1024 if "last_anon" in r else None
-            elif r["phase"] == "import" and not mapped:
-                r["phase"] = "save"
-                r["t"]["save"] = now
-                r["rss_anon_at_save_start_mb"] = st["RssAnon"] / 1024
-                r["vmhwm_at_save_start_mb"] = st.get("VmHWM", 0) / 1024  # exact peak of build + import
-            r["t"]["end"] = now
-            r["timeline"].append((round(now, 2), r["phase"], st["RssAnon"] // 1024, st["RssFile"] // 1024))
-            r["last_anon"] = st["RssAnon"]
-            r["vmhwm"] = max(r["vmhwm"], st.get("VmHWM", 0))
-            ph = r["phases"].setdefault(r["phase"], {"max_rss": 0, "max_anon": 0, "max_file": 0})
-            ph["max_rss"] = max(ph["max_rss"], st["VmRSS"])
-            ph["max_anon"] = max(ph["max_anon"], st["RssAnon"])
-            ph["max_file"] = max(ph["max_file"], st["RssFile"])
+            r["samples"].append((now, mapped, st["VmRSS"], st["RssAnon"], st["RssFile"], st.get("VmHWM", 0)))
             try:
                 descendants = w.children(recursive=True)
             except psutil.NoSuchProcess:
@@ -213,11 +199,49 @@ class Sampler(threading.Thread):
                 cst = _status(c.pid)
                 if not cst:
                     continue
-                cr = self.children.setdefault(c.pid, {"rank": r["rank"], "phase": r["phase"], "vmhwm": 0, "max_rss": 0,
+                cr = self.children.setdefault(c.pid, {"rank": r["rank"], "t": now, "vmhwm": 0, "max_rss": 0,
                                                       "max_anon": 0})
                 cr["vmhwm"] = max(cr["vmhwm"], cst.get("VmHWM", 0))
                 cr["max_rss"] = max(cr["max_rss"], cst["VmRSS"])
                 cr["max_anon"] = max(cr["max_anon"], cst["RssAnon"])
+
+
+# ------------------------------------------------------------------ phases
+def rank_row(r: dict, kids: list[dict]) -> dict:
+    """One rank's figures (MB, s) from its samples, split into build | import | save."""
+    samples = r["samples"]
+    mapped = [i for i, s in enumerate(samples) if s[1]]
+    i_import = mapped[0] if mapped else len(samples)
+    i_save = mapped[-1] + 1 if mapped else len(samples)
+    bounds = {"build": (0, i_import), "import": (i_import, i_save), "save": (i_save, len(samples))}
+    phase_of = lambda i: next(p for p, (lo, hi) in bounds.items() if lo <= i < hi)  # noqa: E731
+    r["timeline"] = [(s[0], phase_of(i), s[3], s[4]) for i, s in enumerate(samples)]
+    row = {"rank": r["rank"], "peak_rss_mb_vmhwm": round(max((s[5] for s in samples), default=0) / 1024)}
+    end = samples[-1][0] if samples else 0.0
+    for phase, (lo, hi) in bounds.items():
+        if lo < hi:
+            part = samples[lo:hi]
+            row[phase] = {"peak_rss_mb": round(max(s[2] for s in part) / 1024),
+                          "peak_anon_mb": round(max(s[3] for s in part) / 1024),
+                          "peak_file_mb": round(max(s[4] for s in part) / 1024),
+                          "seconds": round((samples[hi][0] if hi < len(samples) else end) - part[0][0], 1)}
+    if 0 < i_import < len(samples):
+        row["rss_anon_at_import_start_mb"] = round(samples[i_import - 1][3] / 1024)  # the build's result
+        row["import_anon_increase_mb"] = row["import"]["peak_anon_mb"] - row["rss_anon_at_import_start_mb"]
+    if mapped and i_save < len(samples):
+        row["rss_anon_at_save_start_mb"] = round(samples[i_save][3] / 1024)
+        row["vmhwm_at_save_start_mb"] = round(samples[i_save][5] / 1024)  # exact peak of build + import
+        row["save_anon_increase_mb"] = row["save"]["peak_anon_mb"] - row["rss_anon_at_save_start_mb"]
+    if samples:  # the highest sample: where the peak RSS comes from
+        i = max(range(len(samples)), key=lambda i: samples[i][2])
+        row["highest_sample"] = {"phase": phase_of(i), "t": round(samples[i][0], 1), "rss_mb": round(samples[i][2] / 1024),
+                                 "anon_mb": round(samples[i][3] / 1024), "file_mb": round(samples[i][4] / 1024)}
+    if kids:
+        row["children"] = {"count": len(kids), "phases": sorted({phase_of(min(
+                               range(len(samples)), key=lambda i: abs(samples[i][0] - c["t"]))) for c in kids}),
+                           "max_peak_rss_mb_vmhwm": round(max(c["vmhwm"] for c in kids) / 1024),
+                           "max_peak_anon_mb": round(max(c["max_anon"] for c in kids) / 1024)}
+    return row
 
 
 # ------------------------------------------------------------------ main
@@ -288,29 +312,10 @@ def main() -> int:
     if proc.returncode == 0:
         result["megatron_checkpoint_bytes"] = dir_bytes(ckpt)
 
-    ranks, timelines = [], {}
-    for pid, r in sorted(sampler.ranks.items(), key=lambda kv: kv[1]["rank"]):
-        t_ = r["t"]
-        row = {"rank": r["rank"], "peak_rss_mb_vmhwm": round(r["vmhwm"] / 1024)}
-        for phase, ph in r["phases"].items():
-            row[phase] = {k.replace("max_", "peak_") + "_mb": round(v / 1024) for k, v in ph.items()}
-        for phase, nxt in (("build", "import"), ("import", "save"), ("save", "end")):
-            if phase in t_ and nxt in t_:
-                row.setdefault(phase, {})["seconds"] = round(t_[nxt] - t_[phase], 1)
-        for key in ("rss_anon_at_import_start_mb", "rss_anon_at_save_start_mb", "vmhwm_at_save_start_mb"):
-            if r.get(key) is not None:
-                row[key] = round(r[key])
-        if "import" in row and row.get("rss_anon_at_import_start_mb"):
-            row["import_anon_increase_mb"] = row["import"]["peak_anon_mb"] - row["rss_anon_at_import_start_mb"]
-        if "save" in row and row.get("rss_anon_at_save_start_mb"):
-            row["save_anon_increase_mb"] = row["save"]["peak_anon_mb"] - row["rss_anon_at_save_start_mb"]
-        kids = [c for c in sampler.children.values() if c["rank"] == r["rank"]]
-        if kids:
-            row["children"] = {"count": len(kids), "phases": sorted({c["phase"] for c in kids}),
-                               "max_peak_rss_mb_vmhwm": round(max(c["vmhwm"] for c in kids) / 1024),
-                               "max_peak_anon_mb": round(max(c["max_anon"] for c in kids) / 1024)}
-        ranks.append(row)
-        timelines[r["rank"]] = r["timeline"]
+    ranks = [rank_row(r, [c for c in sampler.children.values() if c["rank"] == r["rank"]])
+             for r in sorted(sampler.ranks.values(), key=lambda r: r["rank"])]
+    timelines = {r["rank"]: [(round(t, 2), phase, anon // 1024, file // 1024) for t, phase, anon, file in r["timeline"]]
+                 for r in sampler.ranks.values()}
     result["ranks"] = ranks
     result["torchrun_agent_peak_rss_mb"] = round(sampler.agent["vmhwm"] / 1024)
     result["machine_available_drop_mb"] = round((sampler.available0 - (sampler.min_available or sampler.available0)) / MB)
@@ -335,16 +340,27 @@ def main() -> int:
     ref = result["reference_sizes_mb"]
     print(f"\n{n_params / 1e9:.3f}B params, HF checkpoint {result['hf_checkpoint_bytes'] / 1e9:.2f} GB ({a.dtype}), "
           f"convert wall {wall:.0f} s, rc {proc.returncode}")
-    print("| rank | VmHWM MB | VmHWM at save start | build peak anon | anon at import start | import peak anon (file) | import +anon | "
-          "save peak anon | save +anon | writer children VmHWM | build/import/save s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| rank | VmHWM MB | VmHWM at save start | highest sample: phase, anon + file | build peak anon | "
+          "anon at import start | import peak anon (file) | import +anon | save peak anon | save +anon | "
+          "writer children VmHWM | build/import/save s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in ranks:
         g = lambda ph, k: r.get(ph, {}).get(k, "")  # noqa: E731
-        print(f"| {r['rank']} | {r['peak_rss_mb_vmhwm']} | {r.get('vmhwm_at_save_start_mb', '')} | {g('build', 'peak_anon_mb')} | {r.get('rss_anon_at_import_start_mb', '')} | "
+        hs = r.get("highest_sample", {})
+        print(f"| {r['rank']} | {r['peak_rss_mb_vmhwm']} | {r.get('vmhwm_at_save_start_mb', '')} | "
+              f"{hs.get('phase', '')}, {hs.get('anon_mb', '')} + {hs.get('file_mb', '')} | {g('build', 'peak_anon_mb')} | "
+              f"{r.get('rss_anon_at_import_start_mb', '')} | "
               f"{g('import', 'peak_anon_mb')} ({g('import', 'peak_file_mb')}) | {r.get('import_anon_increase_mb', '')} | "
               f"{g('save', 'peak_anon_mb')} | {r.get('save_anon_increase_mb', '')} | "
               f"{r.get('children', {}).get('max_peak_rss_mb_vmhwm', '')} | "
               f"{g('build', 'seconds')}/{g('import', 'seconds')}/{g('save', 'seconds')} |")
+    shard = ref["rank_shard_fp32_mb (the model the CLI builds is fp32)"]
+    for r in ranks:  # how much of the peak the model's build (random init) had already allocated
+        if r.get("rss_anon_at_import_start_mb") and r.get("vmhwm_at_save_start_mb"):
+            built, peak = r["rss_anon_at_import_start_mb"], r["vmhwm_at_save_start_mb"]
+            print(f"rank {r['rank']}: peak RSS of build + import {peak} MB; the build (start-up + megatron's random "
+                  f"init) left {built} MB anon = {100 * built / peak:.0f}% of it ({shard} MB of it the fp32 shard); "
+                  f"build-phase peak anon {r['build']['peak_anon_mb']} MB")
     print("\nfor comparison (MB): " + "; ".join(f"{k} = {v}" for k, v in ref.items() if k != "rank_shard_params"))
     if a.json:  # with every rank's samples: (seconds, phase, RssAnon MB, RssFile MB)
         with open(a.json, "w") as f:

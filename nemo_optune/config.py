@@ -70,11 +70,13 @@ class HyPOConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
+    # The built-in model (a tiny Llama: RMSNorm, SwiGLU, GQA, RoPE) that the SFT warm start trains
+    # when restore_from_path is null; a restored model brings its own architecture.
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
-    ffn_hidden_size: Optional[int] = None  # default 4 * hidden_size
-    position_embedding_type: str = "rope"
+    num_query_groups: Optional[int] = 2  # key/value heads (GQA); null = num_attention_heads
+    ffn_hidden_size: Optional[int] = None  # default 3 * hidden_size
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     precision: str = "fp32"  # fp32 | bf16 (bf16 needs a GPU)
@@ -205,7 +207,6 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _one_of(o.loss_type, LOSS_TYPES, "model.optune.loss_type")
     _one_of(o.weighting, WEIGHTINGS, "model.optune.weighting")
     _one_of(m.precision, ("fp32", "bf16"), "model.precision")
-    _one_of(m.position_embedding_type, ("rope", "learned_absolute"), "model.position_embedding_type")
     _one_of(g.engine, ("megatron",), "generation.engine")
     _one_of(cfg.reward.source, ("task", "python"), "reward.source")
     if cfg.reward.source == "python":
@@ -269,9 +270,13 @@ def validate_layout(cfg: RootConfig, world_size: int) -> None:
         f"world size {world_size} is not divisible by TP*PP = {tp}*{pp}",
     )
     dp = world_size // (tp * pp)
-    _require(m.num_attention_heads % tp == 0, "model.num_attention_heads", f"{m.num_attention_heads} heads are not divisible by TP={tp}")
-    _require(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size", "must be divisible by model.num_attention_heads")
-    _require(m.num_layers % pp == 0, "model.num_layers", f"{m.num_layers} layers are not divisible by PP={pp}")
+    if m.restore_from_path is None:  # the built-in model's shape (a restored one is checked when read)
+        groups = m.num_query_groups or m.num_attention_heads
+        _require(m.num_attention_heads % tp == 0, "model.num_attention_heads", f"{m.num_attention_heads} heads are not divisible by TP={tp}")
+        _require(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size", "must be divisible by model.num_attention_heads")
+        _require(m.num_attention_heads % groups == 0, "model.num_query_groups", f"{m.num_attention_heads} heads are not divisible into {groups} groups")
+        _require(groups % tp == 0, "model.num_query_groups", f"{groups} query groups are not divisible by TP={tp}")
+        _require(m.num_layers % pp == 0, "model.num_layers", f"{m.num_layers} layers are not divisible by PP={pp}")
     _require(
         t.global_batch_size % (t.micro_batch_size * dp) == 0,
         "trainer.global_batch_size",

@@ -1,28 +1,31 @@
-"""Hugging Face checkpoints <-> nemo_optune model checkpoints (megatron dist-checkpointing).
+"""Hugging Face or NeMo 2 checkpoints <-> nemo_optune model checkpoints (megatron dist-checkpointing).
 
-    python -m nemo_optune.convert --to megatron --hf HF_DIR --out CKPT [--tp N] [--pp N]
+    python -m nemo_optune.convert --to megatron --from HF_OR_NEMO2_DIR --out CKPT [--tp N] [--pp N]
     python -m nemo_optune.convert --to hf --checkpoint CKPT --out HF_DIR [--tokenizer DIR] [--tp N] [--pp N]
 
 Runs under torchrun for TP/PP > 1 (world size divisible by TP*PP). The model checkpoint's
-manifest stores the model spec, which `--to hf` reads back. Bad input: one line, exit code 2.
+manifest stores the model spec and its tokenizer/ the tokenizer, which `--to hf` writes back
+(--tokenizer: another directory's tokenizer files instead). Bad input: one line, exit code 2.
 """
 
 import argparse
 import sys
 
-from nemo_optune.models.hf_io import build_hf_model, export_hf, import_hf, read_hf_spec
-from nemo_optune.models.hf_spec import spec_from_architecture
+import os
+
+from nemo_optune.models import sources
+from nemo_optune.models.hf_io import build_hf_model, export_hf
 from nemo_optune.runtime import distributed
-from nemo_optune.runtime.checkpoint import CheckpointError, load_model, read_manifest, save_model
+from nemo_optune.runtime.checkpoint import TOKENIZER_DIR, CheckpointError, load_model, save_model
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nemo_optune.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--to", choices=("megatron", "hf"), required=True)
-    p.add_argument("--hf", help="Hugging Face checkpoint directory to import (--to megatron)")
+    p.add_argument("--from", "--hf", dest="source", help="Hugging Face or NeMo 2 directory to import (--to megatron)")
     p.add_argument("--checkpoint", help="model or training checkpoint to export (--to hf)")
     p.add_argument("--out", required=True)
-    p.add_argument("--tokenizer", help="copy the tokenizer files of this directory (--to hf)")
+    p.add_argument("--tokenizer", help="write the tokenizer files of this directory, not the checkpoint's (--to hf)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     return p
@@ -30,26 +33,31 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    source = args.hf if args.to == "megatron" else args.checkpoint
+    source = args.source if args.to == "megatron" else args.checkpoint
     if source is None:
-        _parser().error(f"--to {args.to} needs --{'hf' if args.to == 'megatron' else 'checkpoint'}")
+        _parser().error(f"--to {args.to} needs --{'from' if args.to == 'megatron' else 'checkpoint'}")
     try:
         # The spec first: a missing or unsupported model fails before any process group.
-        spec = read_hf_spec(args.hf) if args.to == "megatron" else spec_from_architecture(
-            read_manifest(args.checkpoint)["architecture"], args.checkpoint)
+        if args.to == "megatron":
+            if sources.source_kind(source, "--from") == "checkpoint":
+                raise ValueError(f"--from {source}: already a nemo_optune checkpoint")
+            spec, tokenizer = sources.model_and_tokenizer(source)
+        else:
+            spec, tokenizer = sources.checkpoint_spec(source), None
         from nemo_optune.trainers.common import quiet_megatron_warnings
 
         quiet_megatron_warnings()
         _, _, world = distributed.world_from_env()
         if world % (args.tp * args.pp):
             raise ValueError(f"world size {world} is not divisible by TP*PP = {args.tp}*{args.pp}")
-        model = build_hf_model(spec, distributed.initialize(args.tp, args.pp, seed=0))
+        model = build_hf_model(spec, distributed.initialize(args.tp, args.pp, seed=0), tokenizer=tokenizer)
         if args.to == "megatron":
-            import_hf(args.hf, model)
+            sources.load_weights(source, model)
             save_model(args.out, model)
         else:
-            load_model(args.checkpoint, model, from_training=True)  # an SFT/converted or a training checkpoint
-            export_hf(model, args.out, args.tokenizer)
+            load_model(source, model, from_training=True)  # an SFT/converted or a training checkpoint
+            tokenizer_dir = args.tokenizer or os.path.join(source, TOKENIZER_DIR)
+            export_hf(model, args.out, tokenizer_dir if args.tokenizer or os.path.isdir(tokenizer_dir) else None)
     except (ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

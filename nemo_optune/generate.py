@@ -35,8 +35,8 @@ def generate(cfg: RootConfig) -> int:
     spec, tokenizer, width = model_and_tokenizer(cfg, task, cfg.model.tensor_model_parallel_size)
     texts, prompt_ids, _ = encode_prompt_file(gen.input_path, tokenizer, d, max_prompt_tokens(cfg, task))
     layout = setup(cfg)
-    model = MegatronGPTOPTuneModel(cfg.model, tokenizer.vocab_size, width, layout, seed=gen.seed,
-                                   lr=1.0, weight_decay=0.0, grad_clip=0.0, with_reference=False, spec=spec)
+    model = MegatronGPTOPTuneModel(cfg.model, spec, layout, seed=gen.seed, lr=1.0, weight_decay=0.0, grad_clip=0.0,
+                                   with_reference=False, tokenizer=tokenizer)
     model.load_policy(cfg.model.restore_from_path)
     engine = MegatronInProcessEngine(model, tokenizer.eos_ids, tokenizer.pad_id, cfg.generation.micro_batch_size)
     k = gen.samples_per_prompt

@@ -35,12 +35,13 @@ def _claim_exp_dir(cfg: RootConfig, layout):
 
 
 def dry_run(cfg: RootConfig) -> dict:
-    """The config is valid (checked by now); the model's spec comes from config.json for a
-    Hugging Face directory, else from model.*; nothing is loaded, no process group is made."""
-    from nemo_optune.models.hf_io import read_hf_spec
-    from nemo_optune.models.hf_spec import spec_from_model_config
+    """The config is valid (checked by now); the model's spec comes from model.restore_from_path
+    (a directory with just config.json will do), else from model.*; it is checked against the
+    layout and sequence width; nothing is loaded, no process group is made."""
+    from nemo_optune.models.hf_spec import check_sequence_length
     from nemo_optune.models.memory import per_gpu_estimate, print_estimate
-    from nemo_optune.trainers.common import quiet_megatron_warnings, sequence_width
+    from nemo_optune.models.sources import dry_run_spec
+    from nemo_optune.trainers.common import builtin_spec, check_layout, quiet_megatron_warnings, sequence_width
 
     quiet_megatron_warnings()
 
@@ -48,10 +49,11 @@ def dry_run(cfg: RootConfig) -> dict:
     task = build_task_data(cfg.data).task
     width = sequence_width(cfg, task)
     restore = m.restore_from_path
-    spec = (read_hf_spec(restore) if restore and os.path.isfile(os.path.join(restore, "config.json"))  # no weights needed
-            else spec_from_model_config(m, task.tokenizer.vocab_size, width))
+    spec = dry_run_spec(restore) if restore else builtin_spec(cfg, task)
     rank, _, world = distributed.world_from_env()
     tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
+    check_layout(spec, tp, pp, restore or "the built-in model")
+    check_sequence_length(spec, width, "generation.max_new_tokens")
     dp = world // (tp * pp)
     rows = per_gpu_estimate(spec, tp, pp, dp, bf16=m.precision == "bf16", distributed_optimizer=m.distributed_optimizer,
                             micro_batch_pairs=t.micro_batch_size, micro_batches=t.global_batch_size // (t.micro_batch_size * dp),

@@ -349,7 +349,8 @@ def test_full_disk_during_a_checkpoint_keeps_the_earlier_one(tmp_path, monkeypat
 @pytest.mark.parametrize("args,line", [
     (["model.optune.rho=0"], "error: config key model.optune.rho: must be in (0, 1], got 0.0"),
     (["--config-name", "optune_tinyy"], "error: --config-name optune_tinyy: no recipe conf/optune_tinyy.yaml (recipes: "
-                                        "dpo_offline, hypo, online_dpo, optune, optune_adaptive, optune_random, optune_tiny, sft_tiny)"),
+                                        "dpo_offline, hypo, online_dpo, optune, optune_adaptive, optune_llama3_8b, optune_random, "
+                                        "optune_tiny, optune_zephyr_7b, sft_tiny)"),
     (["model.optune.rhoo=0.5"], "error: config key model.optune.rhoo: Key 'rhoo' is not a config key"),
     (["generation.eval_temperature=0.5"], "error: config key generation.eval_temperature: Key 'eval_temperature' is not a config key"),
     (["model.optune.rho=abc"], "error: config key model.optune.rho: Value 'abc' of type 'str' could not be converted to Float"),
@@ -391,12 +392,22 @@ def test_a_reward_failure_on_one_rank_stops_every_rank_with_its_message(tmp_path
     assert len(outcomes) == 1 and outcomes.pop().startswith("reward source 'remote' failed 1 times (last: ConnectionError")
 
 
-def test_vocabulary_not_divisible_by_tp_names_the_key():
-    from nemo_optune.trainers.common import check_vocab
+def test_a_shape_not_divisible_by_the_layout_names_the_key():
+    import dataclasses
 
-    check_vocab(16, 4)
-    with pytest.raises(ValueError, match="config key model.tensor_model_parallel_size: vocabulary 16 is not divisible by TP=3"):
-        check_vocab(16, 3)
+    from nemo_optune.config import ModelConfig
+    from nemo_optune.models.hf_spec import tiny_llama_spec
+    from nemo_optune.trainers.common import check_layout
+
+    spec = tiny_llama_spec(ModelConfig(num_attention_heads=12, num_query_groups=6, num_layers=3, hidden_size=48), 13, 1, 16)
+    check_layout(spec, 2, 3, "M")
+    with pytest.raises(ValueError, match="config key model.tensor_model_parallel_size: M has 16 vocabulary rows "
+                                         r"\(padded\), not divisible by 3"):
+        check_layout(dataclasses.replace(spec, num_query_groups=12), 3, 1, "M")
+    with pytest.raises(ValueError, match="config key model.tensor_model_parallel_size: M has 6 query groups, not divisible by 4"):
+        check_layout(spec, 4, 1, "M")
+    with pytest.raises(ValueError, match="config key model.pipeline_model_parallel_size: M has 3 layers, not divisible by 2"):
+        check_layout(spec, 1, 2, "M")
 
 
 def test_an_sft_only_run_reports_what_it_did(tmp_path):

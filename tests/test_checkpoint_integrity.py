@@ -82,7 +82,7 @@ DAMAGE = {  # name: (damage(directory) -> the path the error names, expected mes
     "truncated_shard": (lambda d: (lambda p: (_truncate(p), p)[1])(_largest_shard(d)), "truncated or overwritten"),
     "missing_shard": (lambda d: (lambda p: (os.remove(p), p)[1])(_largest_shard(d)), "file missing from the checkpoint"),
     "no_manifest": (lambda d: (os.remove(os.path.join(d, MANIFEST)), d)[1], "not a nemo_optune checkpoint"),
-    "empty_dir": (lambda d: (shutil.rmtree(d), os.makedirs(d), d)[2], r"is empty"),
+    "empty_dir": (lambda d: (shutil.rmtree(d), os.makedirs(d), d)[2], r"is an empty directory"),
 }
 
 
@@ -103,7 +103,7 @@ def test_a_damaged_model_checkpoint_is_refused_with_one_line(damage, sft_checkpo
     hurt, message = DAMAGE[damage]
     named = hurt(copy)
     line = _cli(TINY + [f"exp_manager.exp_dir={tmp_path / 'exp'}", f"model.restore_from_path={copy}"], capsys)
-    assert line.startswith(f"error: {named}") and message in line, line
+    assert line.startswith("error: ") and named in line and message in line, line
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +121,15 @@ WRONG = {  # name: (overrides given sft = the SFT checkpoint and newest = a trai
                             "{newest}: a training checkpoint where a model checkpoint is needed (pass it as exp_manager.resume_from)"),
     "model_as_resume": (lambda sft, newest: [f"model.restore_from_path={sft}", f"exp_manager.resume_from={sft}"],
                         "{sft}: a model checkpoint where a training checkpoint is needed (pass it as model.restore_from_path)"),
-    "other_architecture_restore": (lambda sft, newest: [f"model.restore_from_path={sft}", "model.num_layers=4"],
-                                   "{sft}: another model architecture (num_layers 2 in the checkpoint, 4 in the config)"),
+    "old_builtin_restore": (lambda sft, newest: [f"model.restore_from_path={newest}"],  # newest: see below
+                            "{newest}: a checkpoint of a model this version does not build (family None; the built-in "
+                            "model before 0.2 was LayerNorm/GELU: rerun its SFT warm start)"),
     "other_architecture_resume": (lambda sft, newest: [f"model.restore_from_path={sft}", f"exp_manager.resume_from={newest}"],
                                   "{newest}: another model architecture (num_layers 4 in the checkpoint, 2 in the config)"),
-    "absent": (lambda sft, newest: [f"model.restore_from_path={sft}_absent"], "{sft}_absent: no such checkpoint directory"),
+    "absent": (lambda sft, newest: [f"model.restore_from_path={sft}_absent"],
+               "config key model.restore_from_path: {sft}_absent does not exist (expected a nemo_optune checkpoint "
+               "with manifest.json, a Hugging Face directory with config.json + model.safetensors, or a NeMo 2 "
+               "directory with weights/ + context/model.yaml)"),
 }
 
 
@@ -136,6 +140,11 @@ def test_wrong_kinds_and_architectures_are_refused_with_one_line(case, trained, 
         newest = str(shutil.copytree(newest, tmp_path / "iter_000002"))
         manifest = json.loads(open(os.path.join(newest, MANIFEST)).read())
         manifest["architecture"]["num_layers"] = 4
+        open(os.path.join(newest, MANIFEST), "w").write(json.dumps(manifest))
+    if case == "old_builtin_restore":  # the SFT checkpoint of the built-in model before 0.2 (no family)
+        newest = str(shutil.copytree(sft_checkpoint, tmp_path / "old_sft"))
+        manifest = json.loads(open(os.path.join(newest, MANIFEST)).read())
+        manifest["architecture"] = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
         open(os.path.join(newest, MANIFEST), "w").write(json.dumps(manifest))
     overrides, expected = WRONG[case]
     line = _cli(TINY + [f"exp_manager.exp_dir={tmp_path / 'exp'}", *overrides(sft_checkpoint, newest)], capsys)

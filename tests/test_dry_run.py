@@ -51,3 +51,24 @@ def test_dry_run_prints_the_estimate_and_loads_nothing(llama_dir, tmp_path, caps
     assert "[dry run] llama model, TP=1 PP=1 DP=1 (world 1), 1024 positions" in out
     assert "8.03 B" in out and "peak while training" in out
     assert not os.path.exists(exp)
+
+
+@pytest.mark.parametrize("layout,world", [("1x8", 8), ("4x8", 32)])
+@pytest.mark.parametrize("recipe,model", [("optune_zephyr_7b", "zephyr-7b-sft-full"),
+                                          ("optune_llama3_8b", "llama-3.1-8b-instruct")])
+def test_the_7b_recipes_fit_80_gb_gpus_in_both_layouts(recipe, model, layout, world, tmp_path, monkeypatch, capsys):
+    """The shipped recipes validate at 1 node and 4 nodes x 8 GPUs with the models' public
+    config.json (examples/hf_configs/) and the estimate leaves headroom on an 80 GB GPU."""
+    from conftest import ROOT
+    from nemo_optune.config import load_config
+    from nemo_optune.run import run_experiment
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    cfg = load_config(recipe, [f"layout={layout}", f"model.restore_from_path={ROOT}/examples/hf_configs/{model}",
+                               "data.train_prompts_path=p.jsonl", "data.heldout_prompts_path=p.jsonl",
+                               "reward.function=m:f", "trainer.dry_run=true", f"exp_manager.exp_dir={tmp_path}/x"])
+    rows = run_experiment(cfg)["dry_run"]
+    dp = world // 2
+    assert f"TP=2 PP=1 DP={dp} (world {world}), 1024 positions" in capsys.readouterr().out
+    assert (cfg.trainer.lr, cfg.generation.top_p, cfg.trainer.global_batch_size) == (5e-7, 0.9, 128)
+    assert 30 < rows["peak while training"] < 70 and rows["peak while generating"] < 70

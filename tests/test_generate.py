@@ -1,5 +1,6 @@
-"""The generate command: greedy output of an imported model equals transformers' greedy
-`generate` token for token, with the same per-token log-probs, at TP1 and TP2."""
+"""The generate command: greedy output of an imported model (from a Hugging Face or a NeMo 2
+directory) equals transformers' greedy `generate` token for token, with the same per-token
+log-probs, at TP1 and TP2."""
 
 import json
 import os
@@ -36,14 +37,20 @@ def transformers_greedy(hf_dir, prompt_ids, new_tokens):
     return tokens, logprobs
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_greedy_generation_equals_transformers(hf_dir, tmp_path, tp):
+@pytest.mark.parametrize("source,tp", [("hf", 1), ("hf", 2), ("nemo2", 2)])
+def test_greedy_generation_equals_transformers(hf_dir, tmp_path, source, tp):
     from nemo_optune.data.tokenizer import HFTokenizer
 
+    start = hf_dir
+    if source == "nemo2":  # the same model written in NeMo 2's layout
+        from nemo2_layout import write_nemo2_checkpoint
+
+        start = str(tmp_path / "nemo2")
+        write_nemo2_checkpoint(start, hf_dir)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n" for p in PROMPTS))
     out = tmp_path / "out.jsonl"
-    args = [f"model.restore_from_path={hf_dir}", f"generate.input_path={prompts}", f"generate.output_path={out}",
+    args = [f"model.restore_from_path={start}", f"generate.input_path={prompts}", f"generate.output_path={out}",
             "generation.temperature=0", "generation.max_new_tokens=12", "data.max_prompt_tokens=20",
             f"model.tensor_model_parallel_size={tp}"]
     launcher = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", f"--nproc_per_node={tp}"]

@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from nemo_optune.config import ModelConfig
 from nemo_optune.models import gpt_optune
+from nemo_optune.models.hf_spec import tiny_llama_spec
 from nemo_optune.runtime import distributed
 from nemo_optune.runtime.checkpoint import load_model, load_training_checkpoint, save_model, save_training_checkpoint
 from nemo_optune.trainers.common import quiet_megatron_warnings
@@ -60,8 +61,9 @@ def megatron_model(monkeypatch):
     monkeypatch.setattr(gpt_optune, "use_megatron_optimizer", lambda: True)
 
     def build(cfg: ModelConfig, seed: int):
-        return gpt_optune.MegatronGPTOPTuneModel(cfg, VOCAB, LENGTH, layout, seed, lr=LR, weight_decay=0.0,
-                                                 grad_clip=1.0, with_reference=False)
+        spec = tiny_llama_spec(cfg, VOCAB, 1, LENGTH)
+        return gpt_optune.MegatronGPTOPTuneModel(cfg, spec, layout, seed, lr=LR, weight_decay=0.0, grad_clip=1.0,
+                                                 with_reference=False)
 
     with contextlib.nullcontext() if torch.cuda.is_available() else _CudaNamesOnCpu():
         yield build

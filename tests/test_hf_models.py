@@ -370,23 +370,21 @@ def _broken_copy(hf_dir: str, tmp_path, edit) -> str:
     return str(out)
 
 
-@pytest.mark.parametrize("case", ["no_config", "no_weights", "missing_tensor", "wrong_shape", "unsupported", "not_hf"])
+@pytest.mark.parametrize("case", ["no_config", "no_weights", "missing_tensor", "wrong_shape", "unsupported", "old_builtin"])
 def test_cli_bad_inputs_give_one_line_and_exit_2(case, hf_models, tmp_path, capsys):
     from nemo_optune import convert
-    from nemo_optune.config import ModelConfig
-    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
-    from nemo_optune.runtime import distributed
-    from nemo_optune.runtime.checkpoint import save_model
 
     hf_dir = hf_models["mistral"][0]
     to, expected = "megatron", None
     if case == "no_config":
-        source, expected = str(tmp_path), f"{tmp_path}/config.json: no such file"
+        (tmp_path / "empty").mkdir()
+        source, expected = str(tmp_path / "empty"), f"--from: {tmp_path / 'empty'} is an empty directory (expected a nemo_optune checkpoint"
     elif case == "no_weights":
         os.makedirs(tmp_path / "w")
         with open(tmp_path / "w" / "config.json", "w") as f:
             f.write(open(os.path.join(hf_dir, "config.json")).read())
-        source, expected = str(tmp_path / "w"), f"{tmp_path / 'w'}: no model.safetensors or model.safetensors.index.json"
+        source = str(tmp_path / "w")
+        expected = f"--from: {source} has a config.json but no model.safetensors or model.safetensors.index.json"
     elif case == "missing_tensor":
         source = _broken_copy(hf_dir, tmp_path, lambda t: t.pop("model.layers.3.mlp.up_proj.weight"))
         expected = "model.safetensors: tensor model.layers.3.mlp.up_proj.weight missing"
@@ -402,31 +400,31 @@ def test_cli_bad_inputs_give_one_line_and_exit_2(case, hf_models, tmp_path, caps
             json.dump({**config, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None}, f)
         source = str(tmp_path / "u")
         expected = f"{source}/config.json: field rope_scaling.rope_type='yarn' is not supported (llama3 or null)"
-    else:  # a checkpoint of the built-in tiny model has no Hugging Face layout
-        layout = distributed.initialize(1, 1, seed=0)
-        tiny = MegatronGPTOPTuneModel(ModelConfig(num_layers=1), 16, 8, layout, 0, lr=0.0, weight_decay=0.0,
-                                      grad_clip=0.0, with_reference=False)
-        save_model(str(tmp_path / "tiny"), tiny)
-        to, source = "hf", str(tmp_path / "tiny")
-        expected = f"{source}: not a checkpoint of a Hugging Face model family (family None"
-    flag = "--hf" if to == "megatron" else "--checkpoint"
+    else:  # the built-in model before 0.2 (LayerNorm/GELU) is no longer built: its manifest had no family
+        os.makedirs(tmp_path / "old")
+        with open(tmp_path / "old" / "manifest.json", "w") as f:
+            json.dump({"format": 1, "kind": "model", "files": {}, "architecture": {"num_layers": 2, "hidden_size": 64}}, f)
+        to, source = "hf", str(tmp_path / "old")
+        expected = f"{source}: a checkpoint of a model this version does not build (family None"
+    flag = "--from" if to == "megatron" else "--checkpoint"
     assert convert.main(["--to", to, flag, source, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {expected}") and err.count("\n") == 1, err
 
 
 def test_checkpoint_of_another_family_is_refused_before_loading(hf_models, tmp_path):
-    """A converted Llama checkpoint is not a tiny-model checkpoint, and vice versa."""
+    """A converted Llama checkpoint does not load into the built-in model (another shape)."""
     from nemo_optune.config import ModelConfig
     from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
     from nemo_optune.models.hf_io import build_hf_model, read_hf_spec
+    from nemo_optune.models.hf_spec import tiny_llama_spec
     from nemo_optune.runtime import distributed
     from nemo_optune.runtime.checkpoint import CheckpointError, load_model, save_model
 
     layout = distributed.initialize(1, 1, seed=0)
     llama = build_hf_model(read_hf_spec(hf_models["llama_tied"][0]), layout)
     save_model(str(tmp_path / "llama"), llama)
-    tiny = MegatronGPTOPTuneModel(ModelConfig(), 96, 16, layout, 0, lr=0.0, weight_decay=0.0, grad_clip=0.0,
-                                  with_reference=False)
-    with pytest.raises(CheckpointError, match=r"another model architecture \(.*family llama in the checkpoint, None in the config"):
+    tiny = MegatronGPTOPTuneModel(ModelConfig(), tiny_llama_spec(ModelConfig(), 96, 1, 16), layout, 0, lr=0.0,
+                                  weight_decay=0.0, grad_clip=0.0, with_reference=False)
+    with pytest.raises(CheckpointError, match=r"another model architecture \(.*tie_word_embeddings True in the checkpoint, False in the config"):
         load_model(str(tmp_path / "llama"), tiny)

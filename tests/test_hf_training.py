@@ -1,6 +1,7 @@
-"""OPTune end to end from a Hugging Face directory: a BPE tokenizer trained here with a chat
-template, a tiny random Llama, a `messages` prompt file, a Python reward; the trained
-checkpoint exports back to a directory transformers loads and generates from."""
+"""OPTune end to end from a Hugging Face or a NeMo 2 directory: a BPE tokenizer trained here with
+a chat template, a tiny random Llama, a `messages` prompt file, a Python reward; the trained
+checkpoint carries the tokenizer and exports back to a directory transformers loads and
+generates from."""
 
 import json
 import os
@@ -39,7 +40,8 @@ def make_hf_model(directory, texts):
     return tokenizer
 
 
-def test_optune_from_a_hugging_face_directory_and_back(tmp_path):
+@pytest.mark.parametrize("source", ["hf", "nemo2"])
+def test_optune_from_a_model_directory_and_back_to_hugging_face(source, tmp_path):
     from nemo_optune.run import run_experiment
 
     data = build_task_data(load_config("optune_tiny", TINY).data)
@@ -47,11 +49,17 @@ def test_optune_from_a_hugging_face_directory_and_back(tmp_path):
     texts = [p + task.target(p) for p in data.train_prompts] * 4
     hf = str(tmp_path / "hf")
     tokenizer = make_hf_model(hf, texts)
+    start = hf
+    if source == "nemo2":  # the same model in NeMo 2's layout (weights/ + context/)
+        from nemo2_layout import write_nemo2_checkpoint
+
+        start = str(tmp_path / "nemo2")
+        write_nemo2_checkpoint(start, hf)
     train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
     for path, prompts in ((train, data.train_prompts), (heldout, data.heldout_prompts)):
         path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n" for p in prompts))
     summary = run_experiment(load_config("optune_tiny", TINY + [
-        f"exp_manager.exp_dir={tmp_path / 'exp'}", f"model.restore_from_path={hf}",
+        f"exp_manager.exp_dir={tmp_path / 'exp'}", f"model.restore_from_path={start}",
         f"data.train_prompts_path={train}", f"data.heldout_prompts_path={heldout}", "data.max_prompt_tokens=24",
         "reward.source=python", "reward.function=reward_functions:chat_sort_reward"]))
     first, second = summary["iterations"]
@@ -61,8 +69,7 @@ def test_optune_from_a_hugging_face_directory_and_back(tmp_path):
 
     checkpoint = sorted((tmp_path / "exp" / "checkpoints").iterdir())[-1]
     out = subprocess.run([sys.executable, "-m", "nemo_optune.convert", "--to", "hf", "--checkpoint", str(checkpoint),
-                          "--out", str(tmp_path / "exported"), "--tokenizer", hf], capture_output=True, text=True, cwd=ROOT,
-                         timeout=300)
+                          "--out", str(tmp_path / "exported")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 

@@ -6,20 +6,19 @@ import torch
 class CharTokenizer:
     """Maps a fixed alphabet to ids. Id 0 is padding, id 1 is end-of-sequence.
 
-    The vocabulary is padded to a multiple of `pad_vocab_to` so that it divides any
-    tensor-parallel size we test (megatron splits the output layer by vocabulary)."""
+    `save_pretrained` writes the same mapping as a Hugging Face tokenizer (tokenizer.json), so
+    the built-in model's checkpoints carry their tokenizer and export like any other."""
 
     pad_id = 0
     eos_id = 1
     chat_template = None  # a character vocabulary has no chat format
 
-    def __init__(self, alphabet: str, pad_vocab_to: int = 16):
+    def __init__(self, alphabet: str):
         if len(set(alphabet)) != len(alphabet):
             raise ValueError(f"tokenizer alphabet has repeated characters: {alphabet!r}")
         self.alphabet = alphabet
         self._to_id = {ch: i + 2 for i, ch in enumerate(alphabet)}
-        used = len(alphabet) + 2
-        self.vocab_size = -(-used // pad_vocab_to) * pad_vocab_to
+        self.vocab_size = len(alphabet) + 2
 
     @property
     def eos_ids(self) -> frozenset:
@@ -30,6 +29,16 @@ class CharTokenizer:
             return [self._to_id[ch] for ch in text]
         except KeyError as err:
             raise ValueError(f"character {err.args[0]!r} is not in the tokenizer alphabet {self.alphabet!r}") from None
+
+    def save_pretrained(self, directory: str) -> None:
+        """tokenizer.json + tokenizer_config.json: one token per character, the same ids."""
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.WordLevel({"<pad>": self.pad_id, "</s>": self.eos_id, **self._to_id}, unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        tok.decoder = decoders.Fuse()  # characters join without spaces
+        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>").save_pretrained(directory)
 
     def decode(self, ids) -> str:
         """Decode up to (not including) the first EOS or padding token."""
@@ -69,11 +78,17 @@ class HFTokenizer:
         self.chat_template = self.tok.chat_template
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=add_special_tokens)
+        try:
+            return self.tok.encode(text, add_special_tokens=add_special_tokens)
+        except Exception as err:  # e.g. a character-level vocabulary without an unknown token
+            raise ValueError(f"cannot tokenize {text[:40]!r} ({err})") from None
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return list(self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                  tokenize=True, return_dict=False))
+
+    def save_pretrained(self, directory: str) -> None:
+        self.tok.save_pretrained(directory)
 
     def decode(self, ids) -> str:
         """Decode up to (not including) the first end-of-sequence or padding token."""

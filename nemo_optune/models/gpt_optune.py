@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nemo_optune.config import ModelConfig
-from nemo_optune.models.hf_spec import ModelSpec, spec_from_model_config
+from nemo_optune.models.hf_spec import ModelSpec
 from nemo_optune.runtime.cpu_shim import cuda_moves_stay_on_cpu
 from nemo_optune.runtime.distributed import Layout, sum_over_dp
 
@@ -299,16 +299,17 @@ class _MegatronGPUOptimizer:
 class MegatronGPTOPTuneModel:
     """Policy + frozen reference; response log-probs; train and inference hooks."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, seq_length: int, layout: Layout, seed: int,
-                 lr: float, weight_decay: float, grad_clip: float, with_reference: bool = True,
-                 lr_schedule: Callable[[int], float] | None = None, spec: ModelSpec | None = None):
-        """`spec` describes the network (e.g. a Hugging Face model's); without it, the tiny
-        model of cfg's shape fields. cfg always gives precision and the optimizer settings."""
+    def __init__(self, cfg: ModelConfig, spec: ModelSpec, layout: Layout, seed: int, lr: float, weight_decay: float,
+                 grad_clip: float, with_reference: bool = True, lr_schedule: Callable[[int], float] | None = None,
+                 tokenizer=None):
+        """`spec` describes the network (models/sources.py: a checkpoint's, or the built-in
+        model's); cfg gives precision and the optimizer settings. `tokenizer` is saved with
+        every checkpoint."""
         self.cfg = cfg
         self.layout = layout
-        self.spec = spec or spec_from_model_config(cfg, vocab_size, seq_length)
+        self.spec = spec
+        self.tokenizer = tokenizer
         self.vocab_size = self.spec.vocab_size
-        self.seq_length = seq_length
         self.policy = build_gpt(self.spec, layout, seed, cfg.precision)
         self.reference = None
         if with_reference:
@@ -327,32 +328,17 @@ class MegatronGPTOPTuneModel:
 
     # ----------------------------------------------------------------- weights
     def load_policy(self, directory: str) -> None:
-        """Load policy weights (the SFT checkpoint), then refresh the optimizer's fp32 main
-        params, which were copied from the random init when the optimizer was built."""
-        from nemo_optune.models.hf_io import import_hf, is_hf_checkpoint
-        from nemo_optune.runtime.checkpoint import load_model
+        """Load policy weights (our checkpoint, a HF or NeMo 2 directory), then refresh the
+        optimizer's fp32 main params, which were copied from the random init when it was built."""
+        from nemo_optune.models.sources import load_weights
 
-        if is_hf_checkpoint(directory):
-            import_hf(directory, self)
-        else:
-            load_model(directory, self)
+        load_weights(directory, self)
         self.optimizer.reload_model_params()
 
     def architecture(self) -> dict:
-        """What a checkpoint must match to load into this model (stored in its manifest).
-
-        The tiny model keeps the keys it always had (its other spec fields are fixed), so
-        earlier checkpoints still verify; a Hugging Face family stores its whole spec, which is
-        also what exporting the checkpoint back to Hugging Face needs."""
-        s = self.spec
-        if s.family != "gpt":
-            return s.as_json()
-        arch = {"num_layers": s.num_layers, "hidden_size": s.hidden_size, "num_attention_heads": s.num_attention_heads,
-                "ffn_hidden_size": s.ffn_hidden_size, "vocab_size": s.vocab_size,
-                "position_embedding_type": s.position_embedding_type}
-        if s.position_embedding_type == "learned_absolute":  # a table with one row per position
-            arch["max_sequence_length"] = s.max_position_embeddings
-        return arch
+        """What a checkpoint must match to load into this model (stored in its manifest): the
+        whole spec, which is also what restoring or exporting the checkpoint needs."""
+        return self.spec.as_json()
 
     def sync_reference_to_policy(self) -> None:
         """Reference := current policy (done once, after loading the SFT checkpoint)."""

@@ -2,12 +2,13 @@
 
 Both directions go tensor by tensor through the model's dist-checkpointing metadata
 (models/export.local_shards), so they work for any TP/PP layout:
-- import: each rank reads, for each of its shards, the one full HF tensor (plus its fused
-  partners) it comes from, converts it and copies out its slice;
+- import: each rank reads only the rows (or columns) of each HF tensor that its shards hold
+  (safetensors get_slice), straight into them; hf_to_megatron applied to index tensors says
+  which rows those are, so the layout is defined once;
 - export: each full megatron tensor is assembled from its shards by one all-reduce, split into
-  HF tensors and handed on; rank 0 writes safetensors files of bounded size as they fill.
-No rank holds more than one full tensor (plus its parts) beyond its own shards, except that
-rank 0 keeps the tensors of the safetensors file it is filling (export_hf's max_shard_bytes).
+  HF tensors and handed on; rank 0 writes safetensors files of bounded size as they fill, so
+  beyond its shards a rank holds one full tensor, and rank 0 the file it is filling
+  (export_hf's max_shard_bytes).
 """
 
 import dataclasses
@@ -36,53 +37,77 @@ def is_hf_checkpoint(path: str) -> bool:
         os.path.isfile(os.path.join(path, name)) for name in ("model.safetensors", "model.safetensors.index.json"))
 
 
-def read_hf_spec(hf_dir: str) -> ModelSpec:
-    path = os.path.join(hf_dir, "config.json")
+def _read_json(path: str) -> dict:
     try:
         with open(path) as f:
-            config = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: unreadable ({err})") from None
-    return spec_from_hf_config(config, path)
 
 
-def hf_model_and_tokenizer(restore: str | None):
-    """(ModelSpec, HFTokenizer) of a Hugging Face model directory, or (None, None) otherwise."""
-    if not restore or not is_hf_checkpoint(restore):
-        return None, None
-    spec = read_hf_spec(restore)
-    eos = [spec.eos_token_id]
-    generation_config = os.path.join(restore, "generation_config.json")
-    if os.path.isfile(generation_config):  # Llama 3 lists its end-of-turn ids here
-        with open(generation_config) as f:
-            eos.append(json.load(f).get("eos_token_id"))
-    eos_ids = [i for e in eos for i in (e if isinstance(e, (list, tuple)) else [e]) if isinstance(i, int)]
-    tokenizer = HFTokenizer(restore, extra_eos_ids=eos_ids)
+def read_hf_spec(hf_dir: str) -> ModelSpec:
+    """The spec of config.json, its end-of-sequence ids joined by generation_config.json's
+    (Llama 3 lists its end-of-turn ids there): generation stops on any of them."""
+    path = os.path.join(hf_dir, "config.json")
+    spec = spec_from_hf_config(_read_json(path), path)
+    generation_config = os.path.join(hf_dir, "generation_config.json")
+    if not os.path.isfile(generation_config):
+        return spec
+    eos = sorted(set(eos_ids(spec.eos_token_id)) | set(eos_ids(_read_json(generation_config).get("eos_token_id"))))
+    return dataclasses.replace(spec, eos_token_id=eos[0] if len(eos) == 1 else tuple(eos) if eos else None)
+
+
+def eos_ids(value) -> list[int]:
+    """An eos_token_id field (an int, a list or null) as a list."""
+    return [i for i in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(i, int)]
+
+
+def check_tokenizer(tokenizer, spec: ModelSpec, where: str) -> None:
     if tokenizer.vocab_size > spec.vocab_size:
-        raise ValueError(f"{restore}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary "
+        raise ValueError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary "
                          f"{spec.vocab_size} (config.json vocab_size)")
+
+
+def has_tokenizer(directory: str) -> bool:
+    return any(os.path.exists(os.path.join(directory, name)) for name in TOKENIZER_FILES)
+
+
+def hf_model_and_tokenizer(hf_dir: str):
+    """(ModelSpec, HFTokenizer) of a Hugging Face model directory; the tokenizer is None when the
+    directory has no tokenizer files (weights can still be converted)."""
+    spec = read_hf_spec(hf_dir)
+    if not has_tokenizer(hf_dir):
+        return spec, None
+    tokenizer = HFTokenizer(hf_dir, extra_eos_ids=eos_ids(spec.eos_token_id))
+    check_tokenizer(tokenizer, spec, hf_dir)
     return spec, tokenizer
 
 
-def build_hf_model(spec: ModelSpec, layout, seed: int = 0):
+def build_hf_model(spec: ModelSpec, layout, seed: int = 0, tokenizer=None):
     """A policy-only MegatronGPTOPTuneModel of `spec` in this layout (fp32), to import into."""
     from nemo_optune.config import ModelConfig
     from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 
     cfg = ModelConfig(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp)
-    return MegatronGPTOPTuneModel(cfg, spec.vocab_size, spec.max_position_embeddings, layout, seed, lr=0.0,
-                                  weight_decay=0.0, grad_clip=0.0, with_reference=False, spec=spec)
+    return MegatronGPTOPTuneModel(cfg, spec, layout, seed, lr=0.0, weight_decay=0.0, grad_clip=0.0,
+                                  with_reference=False, tokenizer=tokenizer)
 
 
 class _SafetensorsReader:
-    """Tensors of a HF checkpoint directory by name, one at a time (single file or sharded)."""
+    """Slices of the tensors of a HF checkpoint directory by name (single file or sharded).
+
+    safetensors maps each file it opens and hands out views of the mapping: only the pages a
+    slice covers are read, and they count in this process's RSS until the file is closed and
+    the views are gone. release() closes every open file (import_hf calls it after each
+    megatron tensor), so a rank never holds more of the files than the slices of one tensor."""
 
     def __init__(self, hf_dir: str, stack: ExitStack):
         from safetensors import safe_open
 
-        self.hf_dir, self.stack, self.safe_open, self.handles = hf_dir, stack, safe_open, {}
+        self.hf_dir, self.safe_open, self.handles = hf_dir, safe_open, {}
+        stack.callback(self.release)
         if os.path.exists(os.path.join(hf_dir, INDEX)):
             with open(os.path.join(hf_dir, INDEX)) as f:
                 self.files = json.load(f)["weight_map"]
@@ -98,17 +123,75 @@ class _SafetensorsReader:
             path = os.path.join(self.hf_dir, file)
             if not os.path.exists(path):
                 raise ValueError(f"{path}: no such file (listed in {INDEX})")
-            self.handles[file] = self.stack.enter_context(self.safe_open(path, framework="pt"))
+            handle = self.safe_open(path, framework="pt")
+            self.handles[file] = handle.__enter__()
         return self.handles[file]
 
-    def get(self, name: str, shape: torch.Size) -> torch.Tensor:
+    def release(self) -> None:
+        """Close the open files (their mapped pages leave this process's RSS)."""
+        handles, self.handles = self.handles, {}
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+
+    def check(self, name: str, shape: torch.Size) -> None:
+        """That tensor `name` exists with this shape (from the file's header: no data read)."""
         if name not in self.files:
             raise ValueError(f"{self.label}: tensor {name} missing")
-        handle = self._open(self.files[name])
-        found = list(handle.get_slice(name).get_shape())
+        found = list(self._open(self.files[name]).get_slice(name).get_shape())
         if found != list(shape):
             raise ValueError(f"{self.files[name]}: tensor {name} has shape {found}, expected {list(shape)}")
-        return handle.get_tensor(name)
+
+    def read(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """tensor[index] of a check()ed tensor (a view of the mapped file: only these rows and
+        columns are read)."""
+        return self._open(self.files[name]).get_slice(name)[index]
+
+
+def _row_sources(name: str, shape: torch.Size, expected: dict[str, torch.Size], spec: ModelSpec) -> torch.Tensor:
+    """Where each row of the full megatron tensor `name` comes from, as [rows, 2] int64:
+    (1 + i, row r) for row r of its i-th HF tensor (hf_names order), (0, 0) for a row of zeros
+    (the vocabulary padding). hf_to_megatron computes it, run on index tensors instead of the
+    weights: the layouts are its alone."""
+    parts = [expected[n] for n in hf_names(name, spec)]
+    index = [torch.stack([torch.full((p[0],), i + 1), torch.arange(p[0])], dim=1) for i, p in enumerate(parts)]
+    sources = hf_to_megatron(name, index, spec)
+    if sources.shape != (shape[0], 2) or any(p[1:] != shape[1:] for p in parts):
+        raise ValueError(f"megatron tensor {name}: its Hugging Face layout is not a rearrangement of rows "
+                         f"(import_hf reads row slices)")
+    return sources
+
+
+def _copy_shard(reader: _SafetensorsReader, names: tuple[str, ...], sources: torch.Tensor,
+                region: tuple[slice, ...], param: torch.Tensor) -> None:
+    """Fill `param`, the `region` of a megatron tensor whose rows come from `sources`
+    (_row_sources), reading from each HF tensor only the rows and columns the region needs:
+    consecutive rows in one slice, copied straight into `param` (converted to its dtype)."""
+    rows, cols = region[0], region[1:]
+    part, row = sources[rows].unbind(1)
+    if not len(part):
+        return
+    # Runs of shard rows that come from consecutive rows of one HF tensor (or are all zeros).
+    cut = (part[1:] != part[:-1]) | ((part[1:] != 0) & (row[1:] != row[:-1] + 1))
+    starts = [0, *(cut.nonzero().flatten() + 1).tolist()]
+    runs = {}  # HF tensor -> [(first HF row, first shard row, rows)]
+    for start, end in zip(starts, starts[1:] + [len(part)]):
+        if part[start] == 0:
+            param[start:end].zero_()
+        else:
+            runs.setdefault(int(part[start]) - 1, []).append((int(row[start]), start, end - start))
+    for i, part_runs in runs.items():
+        blocks = []  # [first HF row, end HF row, runs]: runs that touch or overlap, read at once
+        for run in sorted(part_runs):
+            if blocks and run[0] <= blocks[-1][1]:
+                blocks[-1][1] = max(blocks[-1][1], run[0] + run[2])
+                blocks[-1][2].append(run)
+            else:
+                blocks.append([run[0], run[0] + run[2], [run]])
+        for first, end, block_runs in blocks:
+            data = reader.read(names[i], (slice(first, end), *cols))
+            for hf_row, start, count in block_runs:
+                param[start:start + count].copy_(data[hf_row - first:hf_row - first + count])
+            del data
 
 
 def _layer(sh) -> int | None:
@@ -120,7 +203,9 @@ def _layer(sh) -> int | None:
 
 def import_hf(hf_dir: str, model) -> None:
     """Load a HF checkpoint into `model.policy` (built from read_hf_spec(hf_dir)): every rank
-    reads only what its own shards need. Collective (every rank raises the first error)."""
+    reads only the rows (row-parallel layers: columns) of each HF tensor that its own shards
+    hold, straight into them; the files' headers give the shapes, checked before any data is
+    read. Collective (every rank raises the first error)."""
     error = None
     try:
         spec = read_hf_spec(hf_dir)
@@ -129,15 +214,19 @@ def import_hf(hf_dir: str, model) -> None:
                              f"({f} {getattr(spec, f)!r} in the file, {getattr(model.spec, f)!r} in the model)")
         with ExitStack() as stack, torch.no_grad():
             reader = _SafetensorsReader(hf_dir, stack)
-            name, full = None, None
+            name, names, sources = None, (), None
             for sh, param in local_shards(model.policy):
                 axes = sh.prepend_axis_num
                 if megatron_name(sh.key, _layer(sh)) != name:  # SwiGLU fc1 comes as two shards in a row
+                    reader.release()  # the previous tensor's pages
                     name = megatron_name(sh.key, _layer(sh))
                     shape = torch.Size(sh.global_shape[axes:])
-                    expected = dict(megatron_to_hf(name, torch.empty(shape, device="meta"), spec))
-                    full = hf_to_megatron(name, [reader.get(n, expected[n].shape) for n in hf_names(name, spec)], spec)
-                param.copy_(full[shard_region(sh)[axes:]])
+                    expected = {n: t.shape for n, t in megatron_to_hf(name, torch.empty(shape, device="meta"), spec)}
+                    names = hf_names(name, spec)
+                    for n in names:
+                        reader.check(n, expected[n])
+                    sources = _row_sources(name, shape, expected, spec)
+                _copy_shard(reader, names, sources, shard_region(sh)[axes:], param)
     except (ValueError, OSError) as err:
         error = err
     raise_if_any_rank_failed(error)

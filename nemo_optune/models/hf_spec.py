@@ -1,8 +1,7 @@
 """ModelSpec: what megatron-core needs to build a decoder, read from a Hugging Face config.json.
 
-One spec describes both the built-in tiny model (family "gpt": LayerNorm, GELU MLP, biases)
-and Llama-family checkpoints (llama, mistral, qwen2: RMSNorm, SwiGLU, grouped-query attention,
-RoPE). `spec_from_hf_config` accepts exactly what the megatron model computes identically and
+Every model is of the Llama family (llama, mistral, qwen2: RMSNorm, SwiGLU, grouped-query
+attention, RoPE), the built-in tiny one included. `spec_from_hf_config` accepts exactly what the megatron model computes identically and
 refuses everything else with one line naming the file and the field.
 """
 
@@ -20,7 +19,7 @@ MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "origin
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    family: str  # gpt (the built-in tiny model) | llama | mistral | qwen2
+    family: str  # llama | mistral | qwen2
     num_layers: int
     hidden_size: int
     ffn_hidden_size: int
@@ -65,23 +64,25 @@ class ModelSpec:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def spec_from_model_config(cfg: ModelConfig, vocab_size: int, seq_length: int) -> ModelSpec:
-    """The built-in tiny model: megatron's defaults (LayerNorm, GELU MLP, biases, no GQA)."""
+def tiny_llama_spec(cfg: ModelConfig, vocab_size: int, eos_token_id: int, seq_length: int) -> ModelSpec:
+    """The built-in model of model.* (trained from scratch by the SFT warm start): a small
+    member of the Llama family, so it takes the same path as real checkpoints (and exports)."""
     return ModelSpec(
-        family="gpt", num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size or 4 * cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_attention_heads, vocab_size=vocab_size, max_position_embeddings=seq_length,
-        normalization="LayerNorm", norm_epsilon=1e-5, gated_linear_unit=False, activation="gelu",
-        add_qkv_bias=False, add_bias_linear=True, position_embedding_type=cfg.position_embedding_type,
-        rotary_base=10000.0, rope_scaling_factor=None, tie_word_embeddings=False, vocab_multiple=1,
-        dtype="float32", bos_token_id=None, eos_token_id=None)
+        family="llama", num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size or 3 * cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups or cfg.num_attention_heads, vocab_size=vocab_size,
+        max_position_embeddings=seq_length, normalization="RMSNorm", norm_epsilon=1e-5, gated_linear_unit=True,
+        activation="silu", add_qkv_bias=False, add_bias_linear=False, position_embedding_type="rope",
+        rotary_base=10000.0, rope_scaling_factor=None, tie_word_embeddings=False, vocab_multiple=16,
+        dtype="float32", bos_token_id=None, eos_token_id=eos_token_id)
 
 
 def spec_from_architecture(architecture: dict, where: str) -> ModelSpec:
     """The spec a checkpoint manifest stores (see MegatronGPTOPTuneModel.architecture)."""
     if architecture.get("family") not in HF_FAMILIES:
-        raise ValueError(f"{where}: not a checkpoint of a Hugging Face model family "
-                         f"(family {architecture.get('family')!r}; {', '.join(HF_FAMILIES)} can be exported)")
+        raise ValueError(f"{where}: a checkpoint of a model this version does not build (family "
+                         f"{architecture.get('family')!r}; the built-in model before 0.2 was LayerNorm/GELU: "
+                         f"rerun its SFT warm start)")
     return ModelSpec(**{f.name: architecture[f.name] if f.name in architecture else f.default
                         for f in dataclasses.fields(ModelSpec)})
 

@@ -39,7 +39,7 @@ def per_gpu_estimate(spec: ModelSpec, tp: int, pp: int, dp: int, *, bf16: bool, 
     logits = s * b * spec.padded_vocab_size / tp * 4  # fp32 for the vocab-parallel cross entropy
     # The in-process engine recomputes the prefix (no KV cache) and materialises [batch, s, V/TP] logits.
     generation = generation_batch * s * spec.padded_vocab_size / tp * 4
-    return {
+    rows = {
         "parameters (model, billions)": parameter_count(spec) / 1e9,
         "policy weights": stage_params * weight_bytes / GIB,
         "reference weights": stage_params * weight_bytes / GIB,
@@ -49,15 +49,14 @@ def per_gpu_estimate(spec: ModelSpec, tp: int, pp: int, dp: int, *, bf16: bool, 
         "training logits": logits / GIB,
         "generation logits (recompute engine)": generation / GIB,
     }
+    resident = sum(rows[k] for k in ("policy weights", "reference weights", "gradients (fp32)", "optimizer (fp32 main + Adam)"))
+    rows["peak while training"] = resident + rows["training activations"] + rows["training logits"]
+    rows["peak while generating"] = resident + rows["generation logits (recompute engine)"]
+    return rows
 
 
 def print_estimate(rows: dict[str, float], title: str) -> str:
-    """The table `trainer.dry_run=true` prints, with the peaks of the two phases."""
-    common = sum(v for k, v in rows.items() if k.split(" (")[0] in ("policy weights", "reference weights", "gradients",
-                                                                      "optimizer"))
-    training = common + rows["training activations"] + rows["training logits"]
-    generation = common + rows["generation logits (recompute engine)"]
+    """The table `trainer.dry_run=true` prints, ending with the peaks of the two phases."""
     lines = [title, f"  {'parameters (model)':40s} {rows['parameters (model, billions)']:10.2f} B"]
     lines += [f"  {k:40s} {v:10.2f} GiB" for k, v in rows.items() if not k.startswith("parameters")]
-    lines += [f"  {'peak while training':40s} {training:10.2f} GiB", f"  {'peak while generating':40s} {generation:10.2f} GiB"]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Checkpoints through megatron dist_checkpointing (reshardable across TP/PP), with integrity.
 
-A checkpoint directory holds the dist_checkpointing shards, and for training checkpoints
+A checkpoint directory holds the dist_checkpointing shards, the model's tokenizer files in
+`tokenizer/` (Hugging Face format: a checkpoint restores or exports with its tokenizer), and for training checkpoints
 `trainer_state.pt` (pool, counters, history; rank 0: the pool is replicated) and
 `rng_rank{N}.pt` (every rank's RNG states). `manifest.json` is written LAST: the kind
 (model | training), the model's architecture, and every file's size and SHA-256.
@@ -27,6 +28,7 @@ from nemo_optune.runtime.distributed import first_failure
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+TOKENIZER_DIR = "tokenizer"
 _ITER_DIR = re.compile(r"^iter_(\d{6})$")
 
 
@@ -172,12 +174,20 @@ def verify_checkpoint(directory: str, kind: str, architecture: dict, also: tuple
 
 
 # ------------------------------------------------------------------ model checkpoints
+def _save_tokenizer(tmp: str, model) -> None:
+    if dist.get_rank() == 0 and model.tokenizer is not None:
+        model.tokenizer.save_pretrained(os.path.join(tmp, TOKENIZER_DIR))
+
+
 def save_model(directory: str, model) -> None:
-    """The policy's weights (e.g. the SFT warm start) as a model checkpoint. Collective."""
+    """The policy's weights (e.g. the SFT warm start) and tokenizer as a model checkpoint. Collective."""
     from megatron.core import dist_checkpointing
 
-    _publish(directory, lambda tmp: dist_checkpointing.save(model.policy.sharded_state_dict(), tmp),
-             "model", model.architecture())
+    def write(tmp: str) -> None:
+        dist_checkpointing.save(model.policy.sharded_state_dict(), tmp)
+        _save_tokenizer(tmp, model)
+
+    _publish(directory, write, "model", model.architecture())
 
 
 def load_model(directory: str, model, from_training: bool = False) -> None:
@@ -222,6 +232,7 @@ def save_training_checkpoint(exp_dir: str, iteration: int, model, trainer_state:
         torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{dist.get_rank()}.pt"))
         if dist.get_rank() == 0:
             torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+        _save_tokenizer(tmp, model)
 
     path = checkpoint_path(exp_dir, iteration)
     _publish(path, write, "training", model.architecture())

@@ -29,25 +29,43 @@ def setup(cfg: RootConfig):
     return distributed.initialize(cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size, cfg.trainer.seed)
 
 
-def check_vocab(vocab_size: int, tp: int) -> None:
-    if vocab_size % tp:
-        raise ValueError(f"config key model.tensor_model_parallel_size: vocabulary {vocab_size} is not divisible by TP={tp}")
+def check_layout(spec, tp: int, pp: int, where: str) -> None:
+    """A restored model's shape against the layout (model.* of the built-in one: config.validate)."""
+    for count, what, size, key in ((spec.num_attention_heads, "attention heads", tp, "tensor"),
+                                   (spec.num_query_groups, "query groups", tp, "tensor"),
+                                   (spec.padded_vocab_size, "vocabulary rows (padded)", tp, "tensor"),
+                                   (spec.num_layers, "layers", pp, "pipeline")):
+        if count % size:
+            raise ValueError(f"config key model.{key}_model_parallel_size: {where} has {count} {what}, "
+                             f"not divisible by {size}")
+
+
+def builtin_spec(cfg: RootConfig, task: SortTask, tokenizer=None):
+    """The built-in model of model.* (the SFT warm start trains it) for the task's tokenizer."""
+    from nemo_optune.models.hf_spec import tiny_llama_spec
+
+    tokenizer = tokenizer or task.tokenizer
+    return tiny_llama_spec(cfg.model, tokenizer.vocab_size, tokenizer.eos_id, sequence_width(cfg, task))
 
 
 def model_and_tokenizer(cfg: RootConfig, task: SortTask, tp: int):
-    """(spec, tokenizer, sequence width): a Hugging Face directory as model.restore_from_path
-    brings its architecture and tokenizer; otherwise spec is None (the tiny model of model.*)
-    with the task's tokenizer. Checked against TP and the sequence width before any model exists."""
-    from nemo_optune.models.hf_io import hf_model_and_tokenizer
+    """(spec, tokenizer, sequence width): model.restore_from_path (our checkpoint, a HF or a
+    NeMo 2 directory) brings its architecture and tokenizer; without it, the built-in model of
+    model.* with the task's tokenizer. Checked against the layout and the sequence width before
+    any model exists."""
+    from nemo_optune.models import sources
     from nemo_optune.models.hf_spec import check_sequence_length
 
-    spec, tokenizer = hf_model_and_tokenizer(cfg.model.restore_from_path)
-    width = sequence_width(cfg, task)
-    if spec is None:
-        tokenizer = task.tokenizer
-        check_vocab(tokenizer.vocab_size, tp)
-    else:  # data.max_prompt_tokens + generation.max_new_tokens positions
-        check_sequence_length(spec, width, "generation.max_new_tokens")
+    m, width = cfg.model, sequence_width(cfg, task)
+    if m.restore_from_path is None:
+        spec, tokenizer = builtin_spec(cfg, task), task.tokenizer
+    else:
+        spec, tokenizer = sources.model_and_tokenizer(m.restore_from_path)
+        if tokenizer is None:
+            raise ValueError(f"config key model.restore_from_path: {m.restore_from_path} has no tokenizer files "
+                             "(tokenizer.json, or what transformers loads)")
+        check_sequence_length(spec, width, "generation.max_new_tokens")  # data.max_prompt_tokens + max_new_tokens
+    check_layout(spec, tp, m.pipeline_model_parallel_size, m.restore_from_path or "the built-in model")
     return spec, tokenizer, width
 
 

@@ -68,9 +68,8 @@ class PreferenceTrainer:
                                             r.timeout_seconds)
         # The LR schedule's horizon is fixed when the run starts; a resumed run keeps it (see resume).
         self.lr_total_steps = t.iterations * t.epochs_per_iteration * len(pool) // t.global_batch_size
-        self.model = MegatronGPTOPTuneModel(cfg.model, tok.vocab_size, self.width, layout, seed=t.seed, lr=t.lr,
-                                            weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-                                            lr_schedule=self.lr_at_step, spec=spec)
+        self.model = MegatronGPTOPTuneModel(cfg.model, spec, layout, seed=t.seed, lr=t.lr, weight_decay=t.weight_decay,
+                                            grad_clip=t.grad_clip, lr_schedule=self.lr_at_step, tokenizer=tok)
         self.engine = MegatronInProcessEngine(self.model, tok.eos_ids, tok.pad_id, g.micro_batch_size)
         self.pool = PreferencePool(pool, prompt_ids, prompts, model=self.model, engine=self.engine, reward=self.reward,
                                    tokenizer=tok, layout=layout, cfg=cfg, width=self.width)

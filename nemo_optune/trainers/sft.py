@@ -12,7 +12,7 @@ from nemo_optune.runtime.checkpoint import save_model
 from nemo_optune.runtime.distributed import Layout
 from nemo_optune.data.task_data import TaskData
 from nemo_optune.runtime.seeds import mix_seed
-from nemo_optune.trainers.common import check_vocab, sequence_width
+from nemo_optune.trainers.common import builtin_spec, check_layout, sequence_width
 
 
 def demonstrations(cfg: RootConfig, data: TaskData) -> list[tuple[str, str]]:
@@ -38,10 +38,10 @@ def run_sft(cfg: RootConfig, layout: Layout, data: TaskData, out_dir: str, log=p
     """Train the SFT policy and save it (dist_checkpointing) to `out_dir`."""
     start = time.perf_counter()
     tok, s, t = data.tokenizer, cfg.sft, cfg.trainer
-    check_vocab(tok.vocab_size, layout.tp)
-    model = MegatronGPTOPTuneModel(cfg.model, tok.vocab_size, sequence_width(cfg, data.task), layout,
-                                   seed=t.seed, lr=s.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-                                   with_reference=False)
+    spec = builtin_spec(cfg, data.task, tok)
+    check_layout(spec, layout.tp, layout.pp, "the built-in model")
+    model = MegatronGPTOPTuneModel(cfg.model, spec, layout, seed=t.seed, lr=s.lr, weight_decay=t.weight_decay,
+                                   grad_clip=t.grad_clip, with_reference=False, tokenizer=tok)
     demos = demonstrations(cfg, data)
     prompts = [tok.encode(p) for p, _ in demos]
     answers = [tok.encode(a) + [tok.eos_id] for _, a in demos]
