@@ -36,7 +36,7 @@ def generate(cfg: RootConfig) -> int:
     texts, prompt_ids, _ = encode_prompt_file(gen.input_path, tokenizer, d, max_prompt_tokens(cfg, task))
     layout = setup(cfg)
     model = MegatronGPTOPTuneModel(cfg.model, spec, layout, seed=gen.seed, lr=1.0, weight_decay=0.0, grad_clip=0.0,
-                                   with_reference=False, tokenizer=tokenizer)
+                                   with_reference=False, tokenizer=tokenizer, initialize=False)
     model.load_policy(cfg.model.restore_from_path)
     engine = MegatronInProcessEngine(model, tokenizer.eos_ids, tokenizer.pad_id, cfg.generation.micro_batch_size)
     k = gen.samples_per_prompt

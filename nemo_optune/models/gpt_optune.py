@@ -26,8 +26,12 @@ from nemo_optune.runtime.distributed import Layout, sum_over_dp
 MicroBatchLoss = Callable[[dict, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
-def build_gpt(spec: ModelSpec, layout: Layout, seed: int, precision: str = "fp32"):
-    """A megatron-core GPTModel of `spec` for this pipeline stage (TE layer spec when installed)."""
+def build_gpt(spec: ModelSpec, layout: Layout, seed: int, precision: str = "fp32", initialize: bool = True):
+    """A megatron-core GPTModel of `spec` for this pipeline stage (TE layer spec when installed).
+    initialize=False draws no random weights, for a model whose weights are loaded next (megatron's
+    CPU initialisation draws each full weight on every rank: minutes at 70B). Its init runs with
+    a no-op init method rather than perform_initialization=False, which would also skip
+    setting the tensor-parallel attributes that the gradient norm needs."""
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt import gpt_layer_specs
@@ -57,6 +61,8 @@ def build_gpt(spec: ModelSpec, layout: Layout, seed: int, precision: str = "fp32
         # Initialise full weights on CPU from one seed and slice them: the model is then
         # identical whatever the TP/PP layout, which the equivalence tests rely on.
         use_cpu_initialization=True,
+        **({} if initialize else dict(init_method=_no_init, output_layer_init_method=_no_init,
+                                      embedding_init_method=_no_init)),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # Losses come back pre-scaled by the global normaliser (no per-micro-batch mean).
@@ -101,6 +107,10 @@ def build_gpt(spec: ModelSpec, layout: Layout, seed: int, precision: str = "fp32
 
 
 _ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu}
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """Leaves the (torch.empty) weight as it is: it is loaded next."""
 
 
 def _mask_padded_vocab(model, spec: ModelSpec, layout: Layout) -> None:
@@ -301,19 +311,20 @@ class MegatronGPTOPTuneModel:
 
     def __init__(self, cfg: ModelConfig, spec: ModelSpec, layout: Layout, seed: int, lr: float, weight_decay: float,
                  grad_clip: float, with_reference: bool = True, lr_schedule: Callable[[int], float] | None = None,
-                 tokenizer=None):
+                 tokenizer=None, initialize: bool = True):
         """`spec` describes the network (models/sources.py: a checkpoint's, or the built-in
         model's); cfg gives precision and the optimizer settings. `tokenizer` is saved with
-        every checkpoint."""
+        every checkpoint. initialize=False: random weights are not drawn, because load_policy
+        (and sync_reference_to_policy) will replace them."""
         self.cfg = cfg
         self.layout = layout
         self.spec = spec
         self.tokenizer = tokenizer
         self.vocab_size = self.spec.vocab_size
-        self.policy = build_gpt(self.spec, layout, seed, cfg.precision)
+        self.policy = build_gpt(self.spec, layout, seed, cfg.precision, initialize)
         self.reference = None
         if with_reference:
-            self.reference = build_gpt(self.spec, layout, seed, cfg.precision)
+            self.reference = build_gpt(self.spec, layout, seed, cfg.precision, initialize)
             self.reference.requires_grad_(False)
             self.reference.eval()
         if use_megatron_optimizer():
@@ -498,3 +509,4 @@ class MegatronGPTOPTuneModel:
         from nemo_optune.models.export import gather_full_tensors
 
         return gather_full_tensors(self.policy, of="param")
+

@@ -92,7 +92,7 @@ def build_hf_model(spec: ModelSpec, layout, seed: int = 0, tokenizer=None):
 
     cfg = ModelConfig(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp)
     return MegatronGPTOPTuneModel(cfg, spec, layout, seed, lr=0.0, weight_decay=0.0, grad_clip=0.0,
-                                  with_reference=False, tokenizer=tokenizer)
+                                  with_reference=False, tokenizer=tokenizer, initialize=False)
 
 
 class _SafetensorsReader:

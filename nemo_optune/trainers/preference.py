@@ -69,7 +69,8 @@ class PreferenceTrainer:
         # The LR schedule's horizon is fixed when the run starts; a resumed run keeps it (see resume).
         self.lr_total_steps = t.iterations * t.epochs_per_iteration * len(pool) // t.global_batch_size
         self.model = MegatronGPTOPTuneModel(cfg.model, spec, layout, seed=t.seed, lr=t.lr, weight_decay=t.weight_decay,
-                                            grad_clip=t.grad_clip, lr_schedule=self.lr_at_step, tokenizer=tok)
+                                            grad_clip=t.grad_clip, lr_schedule=self.lr_at_step, tokenizer=tok,
+                                            initialize=False)  # run.py loads the SFT policy
         self.engine = MegatronInProcessEngine(self.model, tok.eos_ids, tok.pad_id, g.micro_batch_size)
         self.pool = PreferencePool(pool, prompt_ids, prompts, model=self.model, engine=self.engine, reward=self.reward,
                                    tokenizer=tok, layout=layout, cfg=cfg, width=self.width)
