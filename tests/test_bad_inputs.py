@@ -134,8 +134,8 @@ def test_reward_source_timeout():
 
 # ---------------------------------------------------------------- in the trainer
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
-    """A trainer on an untrained policy with its pool filled (iteration 1 done)."""
+def trainer(tmp_path_factory, sft_checkpoint):
+    """A trainer on a briefly SFT-trained policy with its pool filled (iteration 1 done)."""
     from nemo_optune.data.task_data import build_task_data
     from nemo_optune.runtime.experiment import ExperimentLog
     from nemo_optune.trainers.common import setup
@@ -143,6 +143,9 @@ def trainer(tmp_path_factory):
 
     cfg = load_config("optune_tiny", TINY + [f"exp_manager.exp_dir={tmp_path_factory.mktemp('bad')}"])
     t = PreferenceTrainer(cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False))
+    with pytest.raises(RuntimeError, match="built without weights"):  # never computes on uninitialised memory
+        t.iteration(0)
+    t.model.load_policy(sft_checkpoint)
     t.model.sync_reference_to_policy()
     t.iteration(0)
     return t

@@ -322,6 +322,7 @@ class MegatronGPTOPTuneModel:
         self.tokenizer = tokenizer
         self.vocab_size = self.spec.vocab_size
         self.policy = build_gpt(self.spec, layout, seed, cfg.precision, initialize)
+        self.weights_loaded = initialize  # uninitialised weights must not silently compute
         self.reference = None
         if with_reference:
             self.reference = build_gpt(self.spec, layout, seed, cfg.precision, initialize)
@@ -343,7 +344,7 @@ class MegatronGPTOPTuneModel:
         optimizer's fp32 main params, which were copied from the random init when it was built."""
         from nemo_optune.models.sources import load_weights
 
-        load_weights(directory, self)
+        load_weights(directory, self)  # sets weights_loaded
         self.optimizer.reload_model_params()
 
     def architecture(self) -> dict:
@@ -367,6 +368,8 @@ class MegatronGPTOPTuneModel:
         `output_fn(micro_batch, last_stage_output)` -> (loss, metrics) runs on the last stage;
         returns the metrics dicts (last stage only; other stages get []).
         """
+        if not self.weights_loaded:
+            raise RuntimeError("the policy was built without weights (initialize=False): call load_policy first")
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         if not micro_batches:

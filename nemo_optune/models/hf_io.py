@@ -231,6 +231,7 @@ def import_hf(hf_dir: str, model) -> None:
         error = err
     raise_if_any_rank_failed(error)
     model.optimizer.reload_model_params()  # GPU: the optimizer's fp32 copies of the weights
+    model.weights_loaded = True
 
 
 def stream_hf_weights(model):

@@ -200,6 +200,7 @@ def load_model(directory: str, model, from_training: bool = False) -> None:
     loaded = dist_checkpointing.load(request, directory)
     # A training checkpoint's common state also holds the optimizer's: take the model's keys.
     model.policy.load_state_dict({key: loaded[key] for key in request})
+    model.weights_loaded = True
 
 
 # --------------------------------------------------------------- training checkpoints
@@ -250,6 +251,7 @@ def load_training_checkpoint(directory: str, model) -> dict:
     loaded = dist_checkpointing.load(
         {"model": model_sd, "optimizer": model.optimizer.sharded_state_dict(model_sd, is_loading=True)}, directory)
     model.policy.load_state_dict(loaded["model"])
+    model.weights_loaded = True
     model.optimizer.load_sharded(loaded["optimizer"])
     rng_file = os.path.join(directory, f"rng_rank{dist.get_rank()}.pt")
     if os.path.exists(rng_file):  # absent when resuming on more ranks than saved
