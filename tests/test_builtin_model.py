@@ -80,3 +80,10 @@ def test_a_restored_checkpoint_brings_its_architecture_and_tokenizer(sft_checkpo
     spec, tokenizer, _ = model_and_tokenizer(cfg, build_task_data(cfg.data).task, tp=1)
     assert spec.num_layers == 2 and isinstance(tokenizer, HFTokenizer)
     assert tokenizer.encode("3141>") == SortTask().tokenizer.encode("3141>")
+
+
+def test_a_manifest_missing_spec_fields_is_one_line():
+    from nemo_optune.models.hf_spec import spec_from_architecture
+
+    with pytest.raises(ValueError, match=r"^CKPT: the manifest's architecture lacks hidden_size, ffn_hidden_size"):
+        spec_from_architecture({"family": "llama", "num_layers": 2}, "CKPT")

@@ -83,8 +83,11 @@ def spec_from_architecture(architecture: dict, where: str) -> ModelSpec:
         raise ValueError(f"{where}: a checkpoint of a model this version does not build (family "
                          f"{architecture.get('family')!r}; the built-in model before 0.2 was LayerNorm/GELU: "
                          f"rerun its SFT warm start)")
-    return ModelSpec(**{f.name: architecture[f.name] if f.name in architecture else f.default
-                        for f in dataclasses.fields(ModelSpec)})
+    missing = [f.name for f in dataclasses.fields(ModelSpec)
+               if f.name not in architecture and f.default is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{where}: the manifest's architecture lacks {', '.join(missing)}")
+    return ModelSpec(**{f.name: architecture.get(f.name, f.default) for f in dataclasses.fields(ModelSpec)})
 
 
 def _refuse(where: str, field: str, value, supported: str):
