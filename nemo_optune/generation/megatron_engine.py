@@ -1,18 +1,30 @@
-"""In-process rollout engine on the policy's own megatron-core model (no weight copy).
+"""In-process rollout engines on the policy's own megatron-core model (no weight copy).
 
-Each step runs the whole prefix through megatron's pipeline schedule (no KV cache): at the
-tiny scale this costs less than a cache's bookkeeping and it runs unchanged under TP and PP.
-A KV-cached engine (megatron's inference engine, TensorRT-LLM, vLLM) slots in behind the
-same interface for real model sizes.
+`MegatronInProcessEngine` (the default) keeps a KV cache: megatron-core's own
+`StaticInferenceContext`, passed as `inference_context` to GPTModel.forward. The prompts of a
+pass are left-padded to one length and prefilled once; then each step feeds one token per
+active row and every attention layer appends its keys/values to the cache and attends over
+it. Under PP every stage caches its own layers; under TP every rank its own heads.
+
+`MegatronRecomputeEngine` recomputes the whole prefix every step (quadratic in length). It is
+kept as the reference the cached engine is tested against.
+
+Both engines draw their sampling noise per step from `counter_uniform`, a pure function of
+(prompt seed, sample index, step, vocabulary index), so a prompt's samples depend neither on
+its batch nor on the engine: switching engines changes nothing but speed.
 """
+
+import importlib.util
 
 import torch
 
 from nemo_optune.generation.base import Rollouts, SamplingParams
-from nemo_optune.generation.sampling import sample_tokens
+from nemo_optune.generation.sampling import counter_uniform, sample_tokens
 
 
-class MegatronInProcessEngine:
+class _Engine:
+    """The decoding loop; subclasses give the logits of the active rows at each step."""
+
     def __init__(self, model, stop_ids, pad_id: int, micro_batch_size: int):
         self.model = model
         self.stop_ids = torch.tensor(sorted(set(stop_ids) | {pad_id}))  # any end-of-sequence id, or padding
@@ -23,49 +35,185 @@ class MegatronInProcessEngine:
         """Nothing to do: the engine runs the policy module itself."""
 
     def release(self) -> None:
-        """Nothing is held between calls."""
+        """Nothing is held between calls (a KV cache lives for one pass of `generate`)."""
 
     def resume(self) -> None:
         """Nothing to re-acquire."""
 
+    def _passes(self, prompt_lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Row sets decoded together (default: all rows in one pass)."""
+        return [torch.arange(len(prompt_lengths))]
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], num_samples: int, params: SamplingParams, seeds: list[int]) -> Rollouts:
-        vocab, new = self.model.vocab_size, params.max_new_tokens
+        new = params.max_new_tokens
         rows = len(prompts) * num_samples
-        if rows == 0:
-            empty = torch.zeros(0, new, dtype=torch.long)
-            return Rollouts(empty, torch.zeros(0, dtype=torch.long), empty.float())
-        # Per-prompt noise for every (sample, step): the draw is independent of batching.
-        uniform = torch.cat([
-            torch.rand(num_samples, new, vocab, generator=torch.Generator().manual_seed(int(s)))
-            for s in seeds
-        ])
-        prompt_lengths = torch.tensor([len(p) for p in prompts]).repeat_interleave(num_samples)
-        width = int(prompt_lengths.max()) + new
-        tokens = torch.full((rows, width), self.pad_id, dtype=torch.long)
-        for p, ids in enumerate(prompts):
-            tokens[p * num_samples:(p + 1) * num_samples, :len(ids)] = torch.tensor(ids)
-        lengths = prompt_lengths.clone()
-        finished = torch.zeros(rows, dtype=torch.bool)
         response = torch.full((rows, new), self.pad_id, dtype=torch.long)
         logprobs = torch.zeros(rows, new)
         response_lengths = torch.zeros(rows, dtype=torch.long)
+        if rows == 0 or new == 0:
+            return Rollouts(response, response_lengths, logprobs)
+        row_prompts = [list(p) for p in prompts for _ in range(num_samples)]
+        row_seeds = torch.tensor([int(s) for s in seeds], dtype=torch.long).repeat_interleave(num_samples)
+        row_samples = torch.arange(num_samples).repeat(len(prompts))
+        prompt_lengths = torch.tensor([len(p) for p in row_prompts])
 
         self.model.prepare_for_inference()
         try:
-            for step in range(new):
-                active = (~finished).nonzero().squeeze(-1)
-                if active.numel() == 0:
-                    break
-                prefix = tokens[active, :int(lengths[active].max())]
-                logits = self.model.next_token_logits(prefix, lengths[active] - 1, self.micro_batch_size)
-                chosen = sample_tokens(logits, uniform[active, step], params.temperature, params.top_k, params.top_p)
-                response[active, step] = chosen
-                logprobs[active, step] = logits.log_softmax(-1).gather(-1, chosen[:, None]).squeeze(-1)
-                tokens[active, lengths[active]] = chosen
-                lengths[active] += 1
-                response_lengths[active] += 1
-                finished[active] = torch.isin(chosen, self.stop_ids)
+            for rows_of_pass in self._passes(prompt_lengths):
+                state = self._begin([row_prompts[r] for r in rows_of_pass.tolist()], new)
+                finished = torch.zeros(len(rows_of_pass), dtype=torch.bool)
+                for step in range(new):
+                    active = (~finished).nonzero().squeeze(-1)
+                    if active.numel() == 0:
+                        break
+                    logits = self._logits(state, active)
+                    uniform = None
+                    if params.temperature != 0:
+                        global_rows = rows_of_pass[active]
+                        uniform = counter_uniform(row_seeds[global_rows], row_samples[global_rows], step, logits.shape[-1])
+                    chosen = sample_tokens(logits, uniform, params.temperature, params.top_k, params.top_p)
+                    self._advance(state, active, chosen)
+                    out = rows_of_pass[active]
+                    response[out, step] = chosen
+                    logprobs[out, step] = logits.log_softmax(-1).gather(-1, chosen[:, None]).squeeze(-1)
+                    response_lengths[out] += 1
+                    finished[active] = torch.isin(chosen, self.stop_ids)
+                del state
         finally:
             self.model.finish_inference()
         return Rollouts(response, response_lengths, logprobs)
+
+
+class MegatronRecomputeEngine(_Engine):
+    """Every step runs each active row's whole prefix (right-padded) through the pipeline."""
+
+    def _begin(self, prompts: list[list[int]], new: int) -> dict:
+        lengths = torch.tensor([len(p) for p in prompts])
+        tokens = torch.full((len(prompts), int(lengths.max()) + new), self.pad_id, dtype=torch.long)
+        for r, ids in enumerate(prompts):
+            tokens[r, :len(ids)] = torch.tensor(ids)
+        return {"tokens": tokens, "lengths": lengths}
+
+    def _logits(self, state: dict, active: torch.Tensor) -> torch.Tensor:
+        lengths = state["lengths"][active]
+        prefix = state["tokens"][active, :int(lengths.max())]
+        return self.model.next_token_logits(prefix, lengths - 1, self.micro_batch_size)
+
+    def _advance(self, state: dict, active: torch.Tensor, chosen: torch.Tensor) -> None:
+        state["tokens"][active, state["lengths"][active]] = chosen
+        state["lengths"][active] += 1
+
+
+class _CachePass:
+    """One pass's KV cache (megatron's StaticInferenceContext) and its row bookkeeping.
+
+    Prompts are left-padded to the pass's longest, so the last prompt token of every row sits
+    at the same cache slot and all rows then advance one slot per step. Row r's padding slots
+    (the first pad[r]) are masked out of attention for good, and its positions count from its
+    first real token. megatron's RoPE takes positions from cache slots (gpt_model.py _preprocess
+    / attention.py _adjust_key_value_for_inference), i.e. shifted by pad[r] for the whole row:
+    attention scores under RoPE depend only on position differences, so that is the same model.
+    """
+
+    def __init__(self, model, prompts: list[list[int]], new: int, pad_id: int, micro_batch_size: int):
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        self.model, self.micro_batch_size = model, micro_batch_size
+        rows = len(prompts)
+        self.width = max(len(p) for p in prompts)
+        self.pad = torch.tensor([self.width - len(p) for p in prompts])
+        self.tokens = torch.full((rows, self.width), pad_id, dtype=torch.long)
+        for r, ids in enumerate(prompts):
+            self.tokens[r, self.pad[r]:] = torch.tensor(ids)
+        self.context = StaticInferenceContext(self._padded(rows), self.width + new)
+        self.cache_row = torch.arange(rows)  # row r's row in the cache
+        self.cached_rows = self._padded(rows)  # rows the cache holds now
+        self.next_tokens = None  # [rows], the tokens chosen at the last step
+
+    def _padded(self, rows: int) -> int:
+        """The row count after split_micro_batches pads the last micro-batch."""
+        size = min(self.micro_batch_size, rows)
+        return -(-rows // size) * size
+
+    def prefill_logits(self) -> torch.Tensor:
+        slots = torch.arange(self.width)
+        positions = (slots[None, :] - self.pad[:, None]).clamp(min=0)
+        causal = slots[None, :] > slots[:, None]  # [query, key]
+        padding = slots[None, :] < self.pad[:, None]  # [row, key]
+        mask = (causal[None] | padding[:, None, :])[:, None]  # [rows, 1, width, width], True = masked
+        self.context.enable_prefill_mode()
+        logits = self.model.next_token_logits_cached(self.context, self.tokens, positions, mask, self.micro_batch_size)
+        self.context.enable_decode_mode()
+        return logits
+
+    def decode_logits(self, active: torch.Tensor) -> torch.Tensor:
+        self._compact(active)
+        step = self.context.sequence_len_offset  # the slot this step's token goes to
+        keys = torch.arange(step + 1)
+        mask = (keys[None, :] < self.pad[active, None])[:, None, None, :]  # [active, 1, 1, step + 1]
+        positions = (step - self.pad[active])[:, None]
+        # The cache rows hold the active rows in order (after _compact), plus rows that are no
+        # longer needed: fed padding, their outputs dropped.
+        n = len(active)
+        tokens = torch.zeros(self.cached_rows, 1, dtype=torch.long)
+        tokens[:n, 0] = self.next_tokens[active]
+        full_positions = torch.zeros(self.cached_rows, 1, dtype=torch.long)
+        full_positions[:n] = positions
+        full_mask = torch.zeros(self.cached_rows, 1, 1, step + 1, dtype=torch.bool)
+        full_mask[:n] = mask
+        return self.model.next_token_logits_cached(self.context, tokens, full_positions, full_mask,
+                                                   self.micro_batch_size)[:n]
+
+    def _compact(self, active: torch.Tensor) -> None:
+        """Move the active rows to the front of the cache; shrink it when the micro-batch-padded
+        active count is smaller. Rows past the active ones keep stale entries, never read."""
+        n, padded = len(active), self._padded(len(active))
+        order = self.cache_row[active]
+        if padded == self.cached_rows and torch.equal(order, torch.arange(n)):
+            return
+        index = torch.cat([order, order[:1].expand(padded - n)])
+        memory = self.context.key_value_memory_dict
+        for layer, (keys, values) in memory.items():
+            memory[layer] = (keys[:, index].contiguous(), values[:, index].contiguous())
+        self.cache_row[active] = torch.arange(n)
+        self.cached_rows = padded
+        self.context.max_batch_size = padded
+
+
+class MegatronInProcessEngine(_Engine):
+    """The KV-cached engine (the default). See _CachePass.
+
+    With TransformerEngine's attention, megatron decodes with attn_mask_type no_mask and TE
+    ignores an explicit mask, so left padding could not be masked: there each pass holds
+    prompts of one length only (no padding). The local layer spec (CPU) applies the mask."""
+
+    def __init__(self, model, stop_ids, pad_id: int, micro_batch_size: int, same_length_passes: bool | None = None,
+                 rows_per_pass: int | None = None):
+        """rows_per_pass bounds the KV cache (rows x (prompt + new tokens) per layer): None, all
+        rows in one pass. A row's tokens do not depend on its pass."""
+        super().__init__(model, stop_ids, pad_id, micro_batch_size)
+        if same_length_passes is None:
+            same_length_passes = importlib.util.find_spec("transformer_engine") is not None
+        self.same_length_passes = same_length_passes
+        self.rows_per_pass = rows_per_pass
+
+    def _passes(self, prompt_lengths: torch.Tensor) -> list[torch.Tensor]:
+        rows = torch.arange(len(prompt_lengths))
+        groups = ([rows] if not self.same_length_passes else
+                  [(prompt_lengths == n).nonzero().squeeze(-1) for n in prompt_lengths.unique().tolist()])
+        size = self.rows_per_pass or len(rows)
+        return [chunk for group in groups for chunk in group.split(size)]
+
+    def _begin(self, prompts: list[list[int]], new: int) -> _CachePass:
+        return _CachePass(self.model, prompts, new, self.pad_id, self.micro_batch_size)
+
+    def _logits(self, state: _CachePass, active: torch.Tensor) -> torch.Tensor:
+        if state.next_tokens is None:
+            return state.prefill_logits()
+        return state.decode_logits(active)
+
+    def _advance(self, state: _CachePass, active: torch.Tensor, chosen: torch.Tensor) -> None:
+        if state.next_tokens is None:
+            state.next_tokens = torch.zeros(len(state.pad), dtype=torch.long)
+        state.next_tokens[active] = chosen

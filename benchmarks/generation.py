@@ -1,0 +1,158 @@
+"""Rollout throughput: the recompute engine, the KV-cached engine (megatron's
+StaticInferenceContext) and, from the same weights, Hugging Face `generate` with its KV cache.
+
+    .venv/bin/python benchmarks/generation.py            # every case, one JSON line each + a table
+    .venv/bin/python benchmarks/generation.py --cases tiny --no-hf
+
+Random weights; stops are switched off so that every response has exactly max_new_tokens
+tokens (a random model would otherwise stop at once). Each case runs in its own process
+(megatron's parallel state is per process); the engines of a case run in the same process,
+one after the other, on the same prompts, so their ratios are measured under the same load.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name: (config overrides, prompts, samples per prompt, new tokens, micro-batch size)
+CASES = {
+    "tiny": ([], 256, 4, 10, 256),
+    "wide_64": (["model.hidden_size=128", "model.num_layers=4", "model.num_attention_heads=8",
+                 "model.num_query_groups=4"], 32, 2, 64, 64),
+    "wide_256": (["model.hidden_size=128", "model.num_layers=4", "model.num_attention_heads=8",
+                  "model.num_query_groups=4"], 8, 2, 256, 16),
+}
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run_case(name: str, engines: list[str], repeats: int) -> dict:
+    import torch
+
+    from nemo_optune.config import load_config
+    from nemo_optune.data.task_data import build_task_data
+    from nemo_optune.generation.base import SamplingParams
+    from nemo_optune.generation.megatron_engine import MegatronInProcessEngine, MegatronRecomputeEngine
+    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
+    from nemo_optune.runtime.experiment import ExperimentLog
+    from nemo_optune.trainers.common import setup
+    from nemo_optune.trainers.preference import PreferenceTrainer
+
+    overrides, num_prompts, samples, new, mbs = CASES[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config("optune_tiny", overrides + [
+            f"exp_manager.exp_dir={tmp}/exp", "exp_manager.tensorboard=false", "exp_manager.report=false",
+            f"generation.max_new_tokens={new}", f"generation.micro_batch_size={mbs}"])
+        trainer = PreferenceTrainer(cfg, setup(cfg), build_task_data(cfg.data),
+                                    ExperimentLog("", enabled=False, tensorboard=False))
+        tok = trainer.tokenizer
+        # Random weights (the trainer's policy is built empty, for the SFT checkpoint to fill).
+        model = MegatronGPTOPTuneModel(cfg.model, trainer.model.spec, trainer.model.layout, seed=0, lr=0.0,
+                                       weight_decay=0.0, grad_clip=0.0, with_reference=False, tokenizer=tok)
+        ids = trainer.pool.prompt_ids
+        prompts = [ids[i % len(ids)] for i in range(num_prompts)]
+        seeds = list(range(num_prompts))
+        params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=new)
+        rows = num_prompts * samples
+        result = {"case": name, "prompts": num_prompts, "samples": samples, "new_tokens": new, "micro_batch": mbs,
+                  "hidden": model.spec.hidden_size, "layers": model.spec.num_layers, "vocab": model.vocab_size,
+                  "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts), "threads": torch.get_num_threads()}
+        for engine_name in engines:
+            if engine_name == "hf":
+                continue
+            cls = MegatronRecomputeEngine if engine_name == "recompute" else MegatronInProcessEngine
+            engine = cls(model, tok.eos_ids, tok.pad_id, mbs)
+            engine.stop_ids = torch.tensor([], dtype=torch.long)  # fixed-length responses
+
+            def go():
+                out = engine.generate(prompts, samples, params, seeds)
+                assert int(out.response_lengths.min()) == new
+
+            result[f"{engine_name}_responses_per_s"] = rows / _time(go, repeats)
+        if "hf" in engines:
+            result["hf_responses_per_s"] = rows / _hf_seconds(model, tok.pad_id, prompts, samples, new, mbs, tmp, repeats)
+    if "recompute_responses_per_s" in result and "cached_responses_per_s" in result:
+        result["cached_over_recompute"] = result["cached_responses_per_s"] / result["recompute_responses_per_s"]
+    if "hf_responses_per_s" in result and "cached_responses_per_s" in result:
+        result["cached_over_hf"] = result["cached_responses_per_s"] / result["hf_responses_per_s"]
+    return result
+
+
+def _hf_seconds(model, pad_id, prompts, samples, new, mbs, tmp, repeats) -> float:
+    """transformers' `generate` (sampling, top-p 0.9, KV cache) on the exported weights."""
+    import torch
+    import transformers
+
+    from nemo_optune.models.hf_io import export_hf
+
+    export_hf(model, f"{tmp}/hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(f"{tmp}/hf", torch_dtype=torch.float32).eval()
+    rows = [p for p in prompts for _ in range(samples)]
+
+    def go():
+        for start in range(0, len(rows), mbs):
+            chunk = rows[start:start + mbs]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk])  # left padding
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            with torch.no_grad():
+                out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_p=0.9, top_k=0,
+                                  temperature=1.0, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad_id,
+                                  eos_token_id=None)
+            assert out.shape[1] == width + new
+
+    return _time(go, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--no-hf", action="store_true", help="leave out transformers' generate")
+    parser.add_argument("--no-recompute", action="store_true", help="leave out the recompute engine")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs after a warm-up (best is kept)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a case, in this process
+    parser.add_argument("--engines", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        sys.path.insert(0, ROOT)
+        from nemo_optune.runtime import distributed
+
+        try:
+            print(json.dumps(run_case(args.one, args.engines.split(","), args.repeats)), flush=True)
+        finally:
+            distributed.shutdown()
+        return
+    engines = [e for e in ("recompute", "cached", "hf")
+               if not (e == "hf" and args.no_hf) and not (e == "recompute" and args.no_recompute)]
+    results = []
+    for case in args.cases:
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", case, "--engines", ",".join(engines),
+                               "--repeats", str(args.repeats)], capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:
+            sys.exit(f"{case} failed:\n{done.stderr[-3000:]}")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
+    print(f"\n{'case':<10}{'rows':>6}{'new':>5}{'recompute/s':>13}{'cached/s':>10}{'hf/s':>9}{'cached/rec':>12}{'cached/hf':>11}")
+    for r in results:
+        cell = lambda key, fmt: format(r[key], fmt) if key in r else "-"
+        print(f"{r['case']:<10}{r['prompts'] * r['samples']:>6}{r['new_tokens']:>5}"
+              f"{cell('recompute_responses_per_s', '.1f'):>13}{cell('cached_responses_per_s', '.1f'):>10}"
+              f"{cell('hf_responses_per_s', '.1f'):>9}{cell('cached_over_recompute', '.2f'):>12}{cell('cached_over_hf', '.2f'):>11}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The KV-cached rollout engine (megatron's StaticInferenceContext) against the recompute
+engine it replaces: same tokens, same log-probs, under TP and PP; and the per-step counter
+noise that makes both draw the same samples whatever the batch."""
+
+import pytest
+import torch
+
+from conftest import TINY
+from nemo_optune.generation.base import SamplingParams
+from nemo_optune.generation.megatron_engine import MegatronInProcessEngine, MegatronRecomputeEngine
+from nemo_optune.generation.sampling import counter_uniform
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=16)
+SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=16)
+
+
+# ------------------------------------------------------------------ the noise
+def test_counter_uniform_is_uniform_and_deterministic():
+    u = counter_uniform(torch.tensor([3, 3, 7]), torch.tensor([0, 1, 0]), step=5, vocab=200_000)
+    assert u.shape == (3, 200_000) and u.dtype == torch.float32
+    assert float(u.min()) > 0 and float(u.max()) < 1
+    for row in u:  # mean 1/2, variance 1/12, flat histogram
+        assert abs(float(row.mean()) - 0.5) < 0.005
+        assert abs(float(row.var()) - 1 / 12) < 0.002
+        counts = torch.histc(row, bins=20, min=0, max=1)
+        assert float((counts / len(row) - 0.05).abs().max()) < 0.003
+    # Rows (seeds, samples) and steps are uncorrelated.
+    assert abs(float(torch.corrcoef(u)[0, 1:].abs().max())) < 0.01
+    other_step = counter_uniform(torch.tensor([3]), torch.tensor([0]), step=6, vocab=200_000)
+    assert abs(float(torch.corrcoef(torch.stack([u[0], other_step[0]]))[0, 1])) < 0.01
+    assert torch.equal(u, counter_uniform(torch.tensor([3, 3, 7]), torch.tensor([0, 1, 0]), 5, 200_000))
+
+
+def test_counter_uniform_depends_only_on_the_row():
+    seeds, samples = torch.tensor([11, 12, 13, 14]), torch.tensor([0, 3, 1, 2])
+    whole = counter_uniform(seeds, samples, step=2, vocab=50)
+    order = torch.tensor([2, 0])
+    assert torch.equal(counter_uniform(seeds[order], samples[order], 2, 50), whole[order])
+    assert torch.equal(counter_uniform(seeds[3:], samples[3:], 2, 50), whole[3:])
+    # A longer vocabulary extends the row: entry v does not depend on the vocabulary size.
+    assert torch.equal(counter_uniform(seeds, samples, 2, 80)[:, :50], whole)
+
+
+# ------------------------------------------------------------ on the tiny model
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, sft_checkpoint):
+    from test_trainer_behaviour import make_trainer
+
+    trainer = make_trainer(tmp_path_factory.mktemp("kv"), sft_checkpoint)
+    ids = trainer.pool.prompt_ids
+    # Prompts of different lengths (some cut short, so the model stops at different steps).
+    prompts = [ids[0], ids[1][:3], ids[2], ids[3][:5], ids[4], ids[5][:2], ids[6]]
+    assert len({len(p) for p in prompts}) >= 3
+    tok = trainer.tokenizer
+    engines = {
+        "recompute": MegatronRecomputeEngine(trainer.model, tok.eos_ids, tok.pad_id, micro_batch_size=4),
+        "cached": MegatronInProcessEngine(trainer.model, tok.eos_ids, tok.pad_id, micro_batch_size=4),
+        # One pass per prompt length (what TransformerEngine's attention needs): no padding at all.
+        "cached_by_length": MegatronInProcessEngine(trainer.model, tok.eos_ids, tok.pad_id, micro_batch_size=4,
+                                                    same_length_passes=True),
+        # A bounded cache: passes of at most 5 rows.
+        "cached_5_rows": MegatronInProcessEngine(trainer.model, tok.eos_ids, tok.pad_id, micro_batch_size=4,
+                                                 rows_per_pass=5),
+    }
+    return trainer, prompts, engines
+
+
+def test_trainer_uses_the_cached_engine(tiny, monkeypatch):
+    trainer, prompts, _ = tiny
+    assert type(trainer.engine) is MegatronInProcessEngine
+    # Prefill once (the longest prompt's width), then one token per row and step; no recompute.
+    widths, model = [], trainer.model
+    cached = model.next_token_logits_cached
+    monkeypatch.setattr(model, "next_token_logits_cached", lambda ctx, tokens, *a: (widths.append(tokens.shape), cached(ctx, tokens, *a))[1])
+    monkeypatch.setattr(model, "next_token_logits", lambda *a: pytest.fail("recomputed the prefix"))
+    out = trainer.engine.generate(prompts, 2, SAMPLED, seeds=list(range(len(prompts))))
+    assert widths[0] == (2 * len(prompts), max(len(p) for p in prompts))
+    assert all(w[1] == 1 for w in widths[1:]) and len(widths) == int(out.response_lengths.max())
+
+
+@pytest.mark.parametrize("cached", ["cached", "cached_by_length", "cached_5_rows"])
+def test_greedy_matches_recompute(tiny, cached):
+    _, prompts, engines = tiny
+    ref = engines["recompute"].generate(prompts, 2, GREEDY, seeds=list(range(len(prompts))))
+    got = engines[cached].generate(prompts, 2, GREEDY, seeds=list(range(len(prompts))))
+    lengths = ref.response_lengths
+    assert (lengths < GREEDY.max_new_tokens).any() and len(set(lengths.tolist())) > 1  # early, different stops
+    assert torch.equal(got.response_lengths, lengths)
+    assert torch.equal(got.response_tokens, ref.response_tokens)
+    assert torch.allclose(got.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cached", ["cached", "cached_by_length", "cached_5_rows"])
+def test_sampled_matches_recompute_and_ignores_the_batch(tiny, cached):
+    _, prompts, engines = tiny
+    seeds = [100 + i for i in range(len(prompts))]
+    ref = engines["recompute"].generate(prompts, 3, SAMPLED, seeds)
+    got = engines[cached].generate(prompts, 3, SAMPLED, seeds)
+    assert torch.equal(got.response_tokens, ref.response_tokens)
+    assert torch.equal(got.response_lengths, ref.response_lengths)
+    assert torch.allclose(got.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+    assert len({tuple(r.tolist()) for r in got.response_tokens[:3]}) > 1  # it does sample
+    # Another batch: prompt 4 alone, then prompts 6 and 0 in reverse order beside others.
+    alone = engines[cached].generate([prompts[4]], 3, SAMPLED, [seeds[4]])
+    assert torch.equal(alone.response_tokens, got.response_tokens[12:15])
+    mixed = engines[cached].generate([prompts[6], prompts[1], prompts[0]], 3, SAMPLED, [seeds[6], 7, seeds[0]])
+    assert torch.equal(mixed.response_tokens[:3], got.response_tokens[18:21])
+    assert torch.equal(mixed.response_tokens[6:9], got.response_tokens[0:3])
+    assert torch.allclose(mixed.logprobs[6:9], got.logprobs[0:3], atol=1e-5, rtol=0)
+
+
+def test_logprobs_match_sequence_logprobs(tiny):
+    trainer, prompts, engines = tiny
+    out = engines["cached"].generate(prompts, 2, SAMPLED, seeds=[5] * len(prompts))
+    tok = trainer.tokenizer
+    rows, masks, expected = [], [], []
+    width = max(len(p) for p in prompts) + SAMPLED.max_new_tokens
+    for r in range(out.response_tokens.shape[0]):
+        prompt, n = prompts[r // 2], int(out.response_lengths[r])
+        seq = prompt + out.response_tokens[r, :n].tolist()
+        for j in range(n):  # one sequence per response token: its own log-prob
+            tokens = torch.full((width,), tok.pad_id, dtype=torch.long)
+            tokens[:len(seq)] = torch.tensor(seq)
+            mask = torch.zeros(width)
+            mask[len(prompt) - 1 + j] = 1.0  # position t predicts token t + 1
+            rows.append(tokens)
+            masks.append(mask)
+            expected.append(float(out.logprobs[r, j]))
+    logps = trainer.model.sequence_logprobs("policy", torch.stack(rows), torch.stack(masks), micro_batch_size=64)
+    assert torch.allclose(logps, torch.tensor(expected), atol=1e-4, rtol=0)
+    assert (out.logprobs[torch.arange(SAMPLED.max_new_tokens)[None] >= out.response_lengths[:, None]] == 0).all()
+
+
+# ------------------------------------------------------------------ TP2, PP2
+def _layout_worker(rank, world, port, overrides, checkpoint, prompts, out_path):
+    from parallel_harness import _env
+
+    _env(rank, world, port)
+    from nemo_optune.config import load_config
+    from nemo_optune.data.task_data import build_task_data
+    from nemo_optune.runtime import distributed
+    from nemo_optune.runtime.experiment import ExperimentLog
+    from nemo_optune.trainers.common import setup
+    from nemo_optune.trainers.preference import PreferenceTrainer
+
+    cfg = load_config("optune_tiny", overrides)
+    trainer = PreferenceTrainer(cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False))
+    trainer.model.load_policy(checkpoint)
+    seeds = list(range(len(prompts)))
+    out = {name: trainer.engine.generate(prompts, 2, params, seeds) for name, params in (("greedy", GREEDY), ("sampled", SAMPLED))}
+    if rank == 0:
+        torch.save(out, out_path)
+    distributed.shutdown()
+
+
+@pytest.mark.parametrize("layout", ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2"])
+def test_tp2_pp2_match_tp1(tiny, sft_checkpoint, tmp_path, layout):
+    from parallel_harness import _free_port, _spawn
+
+    trainer, prompts, _ = tiny
+    seeds = list(range(len(prompts)))
+    overrides = TINY + [f"exp_manager.exp_dir={tmp_path / 'exp'}", layout, "generation.micro_batch_size=4"]
+    _spawn(_layout_worker, (2, _free_port(), overrides, sft_checkpoint, prompts, str(tmp_path / "out.pt")), 2)
+    got = torch.load(tmp_path / "out.pt", weights_only=False)
+    for name, params in (("greedy", GREEDY), ("sampled", SAMPLED)):
+        ref = trainer.engine.generate(prompts, 2, params, seeds)
+        assert torch.equal(got[name].response_tokens, ref.response_tokens), name
+        assert torch.equal(got[name].response_lengths, ref.response_lengths), name
+        assert torch.allclose(got[name].logprobs, ref.logprobs, atol=1e-5, rtol=0), name
