@@ -38,7 +38,8 @@ def generate(cfg: RootConfig) -> int:
     model = MegatronGPTOPTuneModel(cfg.model, spec, layout, seed=gen.seed, lr=1.0, weight_decay=0.0, grad_clip=0.0,
                                    with_reference=False, tokenizer=tokenizer, initialize=False)
     model.load_policy(cfg.model.restore_from_path)
-    engine = MegatronInProcessEngine(model, tokenizer.eos_ids, tokenizer.pad_id, cfg.generation.micro_batch_size)
+    engine = MegatronInProcessEngine(model, tokenizer.eos_ids, tokenizer.pad_id, cfg.generation.micro_batch_size,
+                                    rows_per_pass=cfg.generation.micro_batch_size)
     k = gen.samples_per_prompt
     mine, counts = dp_share(torch.arange(len(prompt_ids)), layout)
     rollouts = engine.generate([prompt_ids[i] for i in mine.tolist()], k, sampling_params(cfg),

@@ -38,7 +38,9 @@ def test_estimate_terms_by_hand(llama_dir):
     assert rows["policy weights"] == pytest.approx(per_gpu * 2 / 2**30, rel=1e-3)
     assert rows["optimizer (fp32 main + Adam)"] == pytest.approx(per_gpu * 12 / 4 / 2**30, rel=1e-3)
     assert rows["training logits"] == pytest.approx(1024 * 2 * 128256 / 2 * 4 / 2**30)
-    assert rows["generation logits (recompute engine)"] == pytest.approx(64 * 1024 * 128256 / 2 * 4 / 2**30)
+    # K and V of 8 groups x 128 dims, bf16, heads split over TP2, 32 layers, 64 rows x 1024 positions
+    assert rows["generation KV cache"] == pytest.approx(64 * 1024 * 32 * 2 * 8 * 128 * 2 / 2 / 2**30)  # 4 GiB
+    assert rows["generation logits"] == pytest.approx(64 * 128256 * 4 / 2**30)
 
 
 def test_dry_run_prints_the_estimate_and_loads_nothing(llama_dir, tmp_path, capsys):

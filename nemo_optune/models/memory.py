@@ -1,6 +1,7 @@
 """A per-GPU memory estimate of a run, from the model spec and the config alone (no weights):
 what `trainer.dry_run=true` prints. Approximate by design: it counts the big terms (weights,
-gradients, optimizer state, activations, logits) for the most loaded pipeline stage."""
+gradients, optimizer state, activations, logits, the generation KV cache) for the most loaded
+pipeline stage."""
 
 from nemo_optune.models.hf_spec import ModelSpec
 
@@ -37,8 +38,12 @@ def per_gpu_estimate(spec: ModelSpec, tp: int, pp: int, dp: int, *, bf16: bool, 
     per_layer = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
     activations = per_layer * (spec.num_layers // pp) * min(pp, micro_batches) * (1 if bf16 else 2)
     logits = s * b * spec.padded_vocab_size / tp * 4  # fp32 for the vocab-parallel cross entropy
-    # The in-process engine recomputes the prefix (no KV cache) and materialises [batch, s, V/TP] logits.
-    generation = generation_batch * s * spec.padded_vocab_size / tp * 4
+    # The KV-cached engine holds keys and values of every position of a pass's rows (at most
+    # generation.micro_batch_size) for this stage's layers, its heads split over TP, in the
+    # weights' dtype; each step gathers [rows, V] fp32 logits of the last position.
+    head_bytes = 2 * spec.num_query_groups * spec.head_dim * weight_bytes / tp
+    kv_cache = generation_batch * s * (spec.num_layers // pp) * head_bytes
+    generation = generation_batch * spec.padded_vocab_size * 4
     rows = {
         "parameters (model, billions)": parameter_count(spec) / 1e9,
         "policy weights": stage_params * weight_bytes / GIB,
@@ -47,11 +52,12 @@ def per_gpu_estimate(spec: ModelSpec, tp: int, pp: int, dp: int, *, bf16: bool, 
         "optimizer (fp32 main + Adam)": stage_params * (12 if bf16 else 8) / (dp if distributed_optimizer else 1) / GIB,
         "training activations": activations / GIB,
         "training logits": logits / GIB,
-        "generation logits (recompute engine)": generation / GIB,
+        "generation KV cache": kv_cache / GIB,
+        "generation logits": generation / GIB,
     }
     resident = sum(rows[k] for k in ("policy weights", "reference weights", "gradients (fp32)", "optimizer (fp32 main + Adam)"))
     rows["peak while training"] = resident + rows["training activations"] + rows["training logits"]
-    rows["peak while generating"] = resident + rows["generation logits (recompute engine)"]
+    rows["peak while generating"] = resident + rows["generation KV cache"] + rows["generation logits"]
     return rows
 
 

@@ -71,7 +71,8 @@ class PreferenceTrainer:
         self.model = MegatronGPTOPTuneModel(cfg.model, spec, layout, seed=t.seed, lr=t.lr, weight_decay=t.weight_decay,
                                             grad_clip=t.grad_clip, lr_schedule=self.lr_at_step, tokenizer=tok,
                                             initialize=False)  # run.py loads the SFT policy
-        self.engine = MegatronInProcessEngine(self.model, tok.eos_ids, tok.pad_id, g.micro_batch_size)
+        self.engine = MegatronInProcessEngine(self.model, tok.eos_ids, tok.pad_id, g.micro_batch_size,
+                                             rows_per_pass=g.micro_batch_size)  # bounds the KV cache
         self.pool = PreferencePool(pool, prompt_ids, prompts, model=self.model, engine=self.engine, reward=self.reward,
                                    tokenizer=tok, layout=layout, cfg=cfg, width=self.width)
         self.online_kl = None
