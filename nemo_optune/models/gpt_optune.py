@@ -374,15 +374,15 @@ class MegatronGPTOPTuneModel:
 
         if not micro_batches:
             return []
-        length = micro_batches[0]["tokens"].shape[1]
-        mask = self._causal_mask(length)
-        positions = torch.arange(length, device=self.device).unsqueeze(0)
+        micro_batches = self._trim_padding(micro_batches)
+        length = max(mb["tokens"].shape[1] for mb in micro_batches)
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             tokens = mb["tokens"].to(self.device)
+            positions = torch.arange(tokens.shape[1], device=self.device).unsqueeze(0)
             labels = torch.roll(tokens, shifts=-1, dims=1) if with_labels else None
-            out = model(tokens, positions.expand_as(tokens), mask, labels=labels)
+            out = model(tokens, positions.expand_as(tokens), self._causal_mask(tokens.shape[1]), labels=labels)
 
             def loss_func(output_tensor):
                 loss, metrics = output_fn(mb, output_tensor)
@@ -400,6 +400,23 @@ class MegatronGPTOPTuneModel:
             micro_batch_size=micro_batches[0]["tokens"].shape[0],
             forward_only=forward_only,
         )
+
+    def _trim_padding(self, micro_batches: list[dict]) -> list[dict]:
+        """Micro-batches with a loss mask cut after their last masked position's label: the
+        right padding beyond changes no output of a causal model, only costs compute. Under PP
+        all micro-batches of one schedule call keep one length (its p2p shapes are fixed)."""
+        if "loss_mask" not in micro_batches[0]:
+            return micro_batches
+
+        def needed(mb):  # position j's label is token j + 1
+            used = mb["loss_mask"].any(dim=0).nonzero()
+            return min(mb["tokens"].shape[1], int(used[-1]) + 2 if len(used) else 1)
+
+        lengths = [needed(mb) for mb in micro_batches]
+        if self.layout.pp > 1:
+            lengths = [max(lengths)] * len(lengths)
+        return [{**mb, "tokens": mb["tokens"][:, :n], "loss_mask": mb["loss_mask"][:, :n]}
+                for mb, n in zip(micro_batches, lengths)]
 
     def _from_last_stage(self, tensor: torch.Tensor | None, shape, dtype) -> torch.Tensor:
         """Broadcast a result computed on the last pipeline stage to every stage."""
