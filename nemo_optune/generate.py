@@ -21,7 +21,7 @@ from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 from nemo_optune.runtime.distributed import dp_share, gather_rows_over_dp
 from nemo_optune.runtime.seeds import mix_seed
-from nemo_optune.trainers.common import max_prompt_tokens, model_and_tokenizer, sampling_params, setup
+from nemo_optune.trainers.common import model_and_tokenizer, sampling_params, setup
 
 
 def generate(cfg: RootConfig) -> int:
@@ -33,7 +33,11 @@ def generate(cfg: RootConfig) -> int:
             raise ValueError(f"config key {key}: needed by the generate command")
     task = build_task_data(d).task
     spec, tokenizer, width = model_and_tokenizer(cfg, task, cfg.model.tensor_model_parallel_size)
-    texts, prompt_ids, _ = encode_prompt_file(gen.input_path, tokenizer, d, max_prompt_tokens(cfg, task))
+    # Without data.max_prompt_tokens a prompt may take whatever the model's positions (or
+    # sliding window) leave after the new tokens, not the embedded task's limit.
+    positions = min(spec.max_position_embeddings, spec.attention_window or spec.max_position_embeddings)
+    limit = d.max_prompt_tokens or positions - cfg.generation.max_new_tokens
+    texts, prompt_ids, _ = encode_prompt_file(gen.input_path, tokenizer, d, limit)
     layout = setup(cfg)
     model = MegatronGPTOPTuneModel(cfg.model, spec, layout, seed=gen.seed, lr=1.0, weight_decay=0.0, grad_clip=0.0,
                                    with_reference=False, tokenizer=tokenizer, initialize=False)

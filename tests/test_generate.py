@@ -75,3 +75,25 @@ def test_generate_needs_its_paths(tmp_path, capsys):
         main([f"model.restore_from_path={tmp_path}"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == "error: config key generate.input_path: needed by the generate command"
+
+
+def test_prompts_may_take_the_positions_the_model_leaves(hf_dir, tmp_path, capsys):
+    """Without data.max_prompt_tokens a prompt is limited by the model (64 positions here minus
+    the new tokens), not by the embedded task's 9 tokens."""
+    from nemo_optune.data.tokenizer import HFTokenizer
+    from nemo_optune.generate import main
+
+    long_prompt = " ".join(PROMPTS * 3)
+    n = len(HFTokenizer(hf_dir).apply_chat_template([{"role": "user", "content": long_prompt}]))
+    assert 9 < n < 64 - 12
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": long_prompt}]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    base = [f"model.restore_from_path={hf_dir}", f"generate.input_path={prompts}", f"generate.output_path={out}",
+            "generation.temperature=0"]
+    main(base + ["generation.max_new_tokens=12"])
+    assert len(out.read_text().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main(base + [f"generation.max_new_tokens={64 - n + 1}"])
+    assert capsys.readouterr().err.strip().endswith(
+        f"{prompts}:1: prompt has {n} tokens, over the limit of {n - 1} (data.long_prompts: skip or truncate)")
