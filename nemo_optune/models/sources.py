@@ -10,22 +10,21 @@ Each brings its architecture and its tokenizer; anything else is one line naming
 import os
 
 from nemo_optune.data.tokenizer import HFTokenizer
+from nemo_optune.models.hf_io import (check_tokenizer, eos_ids, hf_model_and_tokenizer, import_hf, is_hf_checkpoint,
+                                      read_hf_spec)
 from nemo_optune.models.hf_spec import ModelSpec, spec_from_architecture
+from nemo_optune.models.nemo2_io import import_nemo2, is_nemo2_checkpoint, nemo2_model_and_tokenizer, refuse_nemo_tar
 from nemo_optune.runtime.checkpoint import MANIFEST, TOKENIZER_DIR, load_model, read_manifest
 
 
 def source_kind(path: str, key: str = "config key model.restore_from_path") -> str:
     """'checkpoint' | 'hf' | 'nemo2', or ValueError naming `key`."""
-    from nemo_optune.models.hf_io import is_hf_checkpoint, read_hf_spec
-
     if os.path.isfile(os.path.join(path, MANIFEST)):
         return "checkpoint"
     if os.path.isfile(os.path.join(path, "metadata.json")):  # a megatron checkpoint without our manifest
         read_manifest(path)  # says why: an unfinished save or another format
     if is_hf_checkpoint(path):
         return "hf"
-    from nemo_optune.models.nemo2_io import is_nemo2_checkpoint, refuse_nemo_tar
-
     if is_nemo2_checkpoint(path):
         return "nemo2"
     refuse_nemo_tar(path)
@@ -46,14 +45,10 @@ def checkpoint_spec(directory: str) -> ModelSpec:
 
 def model_and_tokenizer(path: str):
     """(ModelSpec, tokenizer) that `path` brings; nothing heavy is read."""
-    from nemo_optune.models.hf_io import check_tokenizer, eos_ids, hf_model_and_tokenizer
-
     kind = source_kind(path)
     if kind == "hf":
         return hf_model_and_tokenizer(path)
     if kind == "nemo2":
-        from nemo_optune.models.nemo2_io import nemo2_model_and_tokenizer
-
         return nemo2_model_and_tokenizer(path)
     spec, tokenizer_dir = checkpoint_spec(path), os.path.join(path, TOKENIZER_DIR)
     if not os.path.isdir(tokenizer_dir):
@@ -65,8 +60,6 @@ def model_and_tokenizer(path: str):
 
 def dry_run_spec(path: str) -> ModelSpec:
     """The spec alone: a directory holding just a config.json will do (no weights needed)."""
-    from nemo_optune.models.hf_io import read_hf_spec
-
     if os.path.isfile(os.path.join(path, "config.json")):
         return read_hf_spec(path)
     return model_and_tokenizer(path)[0]
@@ -74,14 +67,10 @@ def dry_run_spec(path: str) -> ModelSpec:
 
 def load_weights(path: str, model) -> None:
     """Load the weights `path` holds into model.policy at the model's layout. Collective."""
-    from nemo_optune.models.hf_io import import_hf
-
     kind = source_kind(path)
     if kind == "hf":
         import_hf(path, model)
     elif kind == "nemo2":
-        from nemo_optune.models.nemo2_io import import_nemo2
-
         import_nemo2(path, model)
     else:
         load_model(path, model)
