@@ -1,12 +1,13 @@
 """Generate from any supported checkpoint at any TP/PP layout: prompts in, JSONL out.
 
-    python -m nemo_optune.generate model.restore_from_path=HF_DIR_OR_CHECKPOINT \\
+    python -m nemo_optune.generate model.restore_from_path=HF_OR_NEMO2_DIR_OR_CHECKPOINT \\
         generate.input_path=prompts.jsonl generate.output_path=out.jsonl [generation.temperature=0]
     torchrun --nproc-per-node 2 -m nemo_optune.generate model.tensor_model_parallel_size=2 ...
 
 Each output row: the prompt (text, or the chat as rendered), the response text, its token ids
-and the policy's log-prob of each token (temperature 1). How a user checks a converted
-checkpoint; rows follow the input order. Bad input: one line, exit status 2."""
+and the policy's log-prob of each token (temperature 1). How a user checks a converted or a
+trained checkpoint (a training checkpoint's policy is read too); rows follow the input order.
+Bad input: one line, exit status 2."""
 
 import json
 import os
@@ -41,7 +42,7 @@ def generate(cfg: RootConfig) -> int:
     layout = setup(cfg)
     model = MegatronGPTOPTuneModel(cfg.model, spec, layout, seed=gen.seed, lr=1.0, weight_decay=0.0, grad_clip=0.0,
                                    with_reference=False, tokenizer=tokenizer, initialize=False)
-    model.load_policy(cfg.model.restore_from_path)
+    model.load_policy(cfg.model.restore_from_path, from_training=True)  # e.g. EXP/checkpoints/iter_000008
     engine = MegatronInProcessEngine(model, tokenizer.eos_ids, tokenizer.pad_id, cfg.generation.micro_batch_size,
                                     rows_per_pass=cfg.generation.micro_batch_size)
     k = gen.samples_per_prompt

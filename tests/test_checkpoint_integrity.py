@@ -195,3 +195,18 @@ def test_disk_full_while_writing_the_summary_is_one_line_and_keeps_checkpoints(t
     assert line == f"error: [Errno 28] cannot write {os.path.join(exp, 'summary.json')} (No space left on device); checkpoints are intact"
     assert open(os.path.join(exp, "summary.json")).read() == before and not os.path.exists(os.path.join(exp, "summary.json.tmp"))
     assert len(list_checkpoints(os.path.join(exp, "checkpoints"))) == 2
+
+
+def test_the_generate_command_reads_a_training_checkpoints_policy(trained, tmp_path):
+    """Training checkpoints are refused as model.restore_from_path of a run (the hint says
+    resume_from) but a user checks a trained policy with the generate command."""
+    from nemo_optune.generate import main as generate_main
+
+    newest = list_checkpoints(os.path.join(trained, "checkpoints"))[-1]
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    prompts.write_text('{"prompt": "3141>"}\n{"prompt": "987>"}\n')
+    generate_main([f"model.restore_from_path={newest}", f"generate.input_path={prompts}", f"generate.output_path={out}",
+                   "generation.temperature=0"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["3141>", "987>"]
+    assert all(len(r["token_ids"]) == len(r["logprobs"]) > 0 and max(r["logprobs"]) <= 0 for r in rows)

@@ -339,12 +339,13 @@ class MegatronGPTOPTuneModel:
         self.optimizer_steps = 0  # the schedule's position; checkpointed with the trainer state
 
     # ----------------------------------------------------------------- weights
-    def load_policy(self, directory: str) -> None:
-        """Load policy weights (our checkpoint, a HF or NeMo 2 directory), then refresh the
-        optimizer's fp32 main params, which were copied from the random init when it was built."""
+    def load_policy(self, directory: str, from_training: bool = False) -> None:
+        """Load policy weights (our checkpoint, a HF or NeMo 2 directory; with `from_training`,
+        a training checkpoint's policy too), then refresh the optimizer's fp32 main params,
+        which were copied from the random init when it was built."""
         from nemo_optune.models.sources import load_weights
 
-        load_weights(directory, self)  # sets weights_loaded
+        load_weights(directory, self, from_training)  # sets weights_loaded
         self.optimizer.reload_model_params()
 
     def architecture(self) -> dict:

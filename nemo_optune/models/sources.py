@@ -65,12 +65,13 @@ def dry_run_spec(path: str) -> ModelSpec:
     return model_and_tokenizer(path)[0]
 
 
-def load_weights(path: str, model) -> None:
-    """Load the weights `path` holds into model.policy at the model's layout. Collective."""
+def load_weights(path: str, model, from_training: bool = False) -> None:
+    """Load the weights `path` holds into model.policy at the model's layout (with
+    `from_training`, a training checkpoint's policy too). Collective."""
     kind = source_kind(path)
     if kind == "hf":
         import_hf(path, model)
     elif kind == "nemo2":
         import_nemo2(path, model)
     else:
-        load_model(path, model)
+        load_model(path, model, from_training)
