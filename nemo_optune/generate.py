@@ -36,8 +36,7 @@ def generate(cfg: RootConfig) -> int:
     spec, tokenizer, width = model_and_tokenizer(cfg, task, cfg.model.tensor_model_parallel_size)
     # Without data.max_prompt_tokens a prompt may take whatever the model's positions (or
     # sliding window) leave after the new tokens, not the embedded task's limit.
-    positions = min(spec.max_position_embeddings, spec.attention_window or spec.max_position_embeddings)
-    limit = d.max_prompt_tokens or positions - cfg.generation.max_new_tokens
+    limit = d.max_prompt_tokens or spec.max_sequence_length - cfg.generation.max_new_tokens
     texts, prompt_ids, _ = encode_prompt_file(gen.input_path, tokenizer, d, limit)
     layout = setup(cfg)
     model = MegatronGPTOPTuneModel(cfg.model, spec, layout, seed=gen.seed, lr=1.0, weight_decay=0.0, grad_clip=0.0,

@@ -122,17 +122,22 @@ def test_a_sliding_window_bounds_the_sequences_a_run_may_use(changes, window):
 
 
 # -------------------------------------------------------------- transformers models
-def _hf_model(name: str):
+def random_transformers_model(cls: str, kwargs: dict, seed: int):
+    """A transformers model of config class `cls`, random biases and norms included."""
     import transformers
 
-    cls, kwargs = CASES[name]
-    torch.manual_seed(list(CASES).index(name))
+    torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kwargs)).eval()
     with torch.no_grad():  # transformers initialises biases to 0 and norms to 1: make them count
         for key, p in model.named_parameters():
             if key.endswith("bias") or "norm" in key:
                 p.copy_(torch.randn_like(p) * 0.5 + ("norm" in key))
     return model
+
+
+def _hf_model(name: str):
+    cls, kwargs = CASES[name]
+    return random_transformers_model(cls, kwargs, seed=list(CASES).index(name))
 
 
 def _reference(model) -> dict:

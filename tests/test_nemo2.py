@@ -13,6 +13,7 @@ import yaml
 
 from nemo2_layout import write_nemo2_checkpoint
 from parallel_harness import _env, _free_port, _spawn
+from test_hf_models import random_transformers_model
 
 TOKENS = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(5))
 SHAPE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, num_hidden_layers=2,
@@ -41,12 +42,8 @@ def _hf_dir(name: str, directory: str) -> torch.Tensor:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     cls, kwargs, dtype, _ = CASES[name]
-    torch.manual_seed(list(CASES).index(name))
-    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kwargs)).eval()
-    with torch.no_grad():  # transformers initialises biases to 0 and norms to 1: make them count
-        for key, p in model.named_parameters():
-            if key.endswith("bias") or "norm" in key:
-                p.copy_(torch.randn_like(p) * 0.5 + ("norm" in key))
+    model = random_transformers_model(cls, kwargs, seed=list(CASES).index(name))
+    with torch.no_grad():
         for p in model.parameters():  # the values saved in `dtype`, in fp32 (megatron computes in fp32)
             p.copy_(p.to(dtype))
         logits = model(TOKENS).logits

@@ -322,7 +322,7 @@ class MegatronGPTOPTuneModel:
         self.tokenizer = tokenizer
         self.vocab_size = self.spec.vocab_size
         self.policy = build_gpt(self.spec, layout, seed, cfg.precision, initialize)
-        self.weights_loaded = initialize  # uninitialised weights must not silently compute
+        self.weights_loaded = initialize  # set by every loader; see _require_weights
         self.reference = None
         if with_reference:
             self.reference = build_gpt(self.spec, layout, seed, cfg.precision, initialize)
@@ -369,8 +369,7 @@ class MegatronGPTOPTuneModel:
         `output_fn(micro_batch, last_stage_output)` -> (loss, metrics) runs on the last stage;
         returns the metrics dicts (last stage only; other stages get []).
         """
-        if not self.weights_loaded:
-            raise RuntimeError("the policy was built without weights (initialize=False): call load_policy first")
+        self._require_weights()
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         if not micro_batches:
@@ -401,6 +400,11 @@ class MegatronGPTOPTuneModel:
             micro_batch_size=micro_batches[0]["tokens"].shape[0],
             forward_only=forward_only,
         )
+
+    def _require_weights(self) -> None:
+        """Every forward goes through here: uninitialised weights must not silently compute."""
+        if not self.weights_loaded:
+            raise RuntimeError("the policy was built without weights (initialize=False): call load_policy first")
 
     def _trim_padding(self, micro_batches: list[dict]) -> list[dict]:
         """Micro-batches with a loss mask cut after their last masked position's label: the
@@ -492,8 +496,7 @@ class MegatronGPTOPTuneModel:
         (context.batch_size_offset), so the cache must hold the micro-batch-padded row count."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        if not getattr(self, "weights_loaded", True):  # as _run_schedule
-            raise RuntimeError("the policy was built without weights (initialize=False): call load_policy first")
+        self._require_weights()
         rows, length = tokens.shape
         batches = split_micro_batches({"tokens": tokens, "positions": positions, "mask": attention_mask}, micro_batch_size)
         size = batches[0]["tokens"].shape[0]

@@ -230,8 +230,7 @@ def import_hf(hf_dir: str, model) -> None:
     except (ValueError, OSError) as err:
         error = err
     raise_if_any_rank_failed(error)
-    model.optimizer.reload_model_params()  # GPU: the optimizer's fp32 copies of the weights
-    model.weights_loaded = True
+    model.weights_loaded = True  # (load_policy then refreshes the optimizer's fp32 copies)
 
 
 def stream_hf_weights(model):

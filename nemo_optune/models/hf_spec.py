@@ -56,6 +56,11 @@ class ModelSpec:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def max_sequence_length(self) -> int:
+        """Positions a sequence may take and be computed as by the original model."""
+        return min(self.max_position_embeddings, self.attention_window or self.max_position_embeddings)
+
+    @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 

@@ -252,5 +252,4 @@ def import_nemo2(path: str, model) -> None:
         if key in state:
             state[key][max(0, model.spec.vocab_size - first_row):] = 0
     model.policy.load_state_dict(state, strict=False)  # strict=False: the _extra_state left out above
-    model.optimizer.reload_model_params()  # GPU: the optimizer's fp32 copies of the weights
-    model.weights_loaded = True
+    model.weights_loaded = True  # (load_policy then refreshes the optimizer's fp32 copies)
