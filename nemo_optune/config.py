@@ -118,14 +118,65 @@ class GenerationConfig:
     eval_samples_per_prompt: int = 2
 
 
+REWARD_SOURCES = ("task", "python", "hf", "http")
+
+
+@dataclasses.dataclass
+class HFRewardConfig:
+    """`source: hf`: a local Hugging Face AutoModelForSequenceClassification (one score per sequence)."""
+    path: Optional[str] = None  # directory with config.json, safetensors and the reward model's own tokenizer
+    batch_tokens: int = 8192  # padded tokens (rows x longest) per forward
+    max_length: Optional[int] = None  # longer prompt+response texts keep their last tokens; null: the model's limit
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16
+    apply_chat_template: bool = True  # format (prompt, response) with the reward tokenizer's chat template if it has one
+
+
+@dataclasses.dataclass
+class HTTPRewardConfig:
+    """`source: http`: a reward server (python -m nemo_optune.serve_reward, wire format in the README)."""
+    urls: list[str] = field(default_factory=list)  # base URLs; requests are spread over them, a dead one skipped
+    batch_size: int = 64  # (prompt, response) pairs per request
+    bearer_token_env: Optional[str] = None  # name of the environment variable holding the token (never the token)
+    connect_timeout_seconds: float = 5.0
+    dead_server_seconds: float = 30.0  # a server that failed is skipped this long
+
+
+@dataclasses.dataclass
+class RewardSourceConfig:
+    """One reward source; `reward.sources` combines several with weights (as TRL's reward_weights)."""
+    source: str = "task"  # task (the embedded scorer) | python (function) | hf (hf.path) | http (http.urls)
+    name: Optional[str] = None  # in logs and metrics; default: the function's name (python) or the source kind
+    weight: float = 1.0
+    function: Optional[str] = None  # python: "package.module:function" scoring (prompts, responses) -> floats
+    hf: HFRewardConfig = field(default_factory=HFRewardConfig)
+    http: HTTPRewardConfig = field(default_factory=HTTPRewardConfig)
+
+    def display_name(self) -> str:
+        """`name`, else the function's name for python sources, else the source kind."""
+        if self.name:
+            return self.name
+        return self.function.rpartition(":")[2] if self.source == "python" and self.function else self.source
+
+
 @dataclasses.dataclass
 class RewardConfig:
-    source: str = "task"  # task: the embedded task's rule-based scorer | python: reward.function
-    function: Optional[str] = None  # python: "package.module:function" scoring (prompts, responses) -> floats
-    retries: int = 3  # attempts after the first failure
+    # One source, given by these keys, unless `sources` lists several (then these must stay unset).
+    source: str = "task"
+    function: Optional[str] = None
+    hf: HFRewardConfig = field(default_factory=HFRewardConfig)
+    http: HTTPRewardConfig = field(default_factory=HTTPRewardConfig)
+    sources: list[RewardSourceConfig] = field(default_factory=list)
+    retries: int = 3  # attempts after the first failure, per source
     backoff_seconds: float = 0.5  # doubled at every retry
-    timeout_seconds: float = 60.0  # per scoring call
+    timeout_seconds: float = 60.0  # per scoring call of one source
     non_finite: str = "error"  # error | drop (a sample with a NaN/inf reward is left out, counted)
+
+    def source_configs(self) -> list[tuple[str, RewardSourceConfig]]:
+        """(config key prefix, source) for every configured source."""
+        if self.sources:
+            return [(f"reward.sources[{i}]", s) for i, s in enumerate(self.sources)]
+        return [("reward", RewardSourceConfig(source=self.source, function=self.function, hf=self.hf, http=self.http))]
 
 
 @dataclasses.dataclass
@@ -208,13 +259,8 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _one_of(o.weighting, WEIGHTINGS, "model.optune.weighting")
     _one_of(m.precision, ("fp32", "bf16"), "model.precision")
     _one_of(g.engine, ("megatron",), "generation.engine")
-    _one_of(cfg.reward.source, ("task", "python"), "reward.source")
-    if cfg.reward.source == "python":
-        _require(bool(cfg.reward.function), "reward.function", "reward.source=python needs package.module:function")
-    _one_of(cfg.reward.non_finite, ("error", "drop"), "reward.non_finite")
+    validate_reward(cfg.reward)
     _one_of(cfg.data.long_prompts, ("error", "skip", "truncate"), "data.long_prompts")
-    _require(cfg.reward.retries >= 0, "reward.retries", "must be >= 0")
-    _require(cfg.reward.timeout_seconds > 0, "reward.timeout_seconds", "must be > 0")
     _one_of(cfg.data.task, ("sort",), "data.task")
     _require(0.0 < o.rho <= 1.0, "model.optune.rho", f"must be in (0, 1], got {o.rho}")
     _require(o.samples_per_prompt >= 2, "model.optune.samples_per_prompt", f"K must be >= 2 to form a pair, got {o.samples_per_prompt}")
@@ -256,6 +302,42 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
         _require(g.top_p == 1.0, "generation.top_p", f"HyPO's KL samples must come from the policy: 1.0, got {g.top_p}")
         _require(g.top_k == 0, "generation.top_k", f"HyPO's KL samples must come from the policy: 0, got {g.top_k}")
     validate_layout(cfg, world_size)
+
+
+def validate_reward(r: RewardConfig) -> None:
+    """Every reward source's keys; names them as reward.<key> or reward.sources[i].<key>."""
+    if r.sources:
+        single = RewardSourceConfig()
+        _require(r.source == single.source and r.function is None and r.hf == single.hf and r.http == single.http,
+                 "reward.sources", "give either reward.source (with function/hf/http) or reward.sources, not both")
+    names = []
+    for key, s in r.source_configs():
+        _one_of(s.source, REWARD_SOURCES, f"{key}.source")
+        if s.source == "python":
+            _require(bool(s.function), f"{key}.function", "source=python needs package.module:function")
+        if s.source == "hf":
+            _require(bool(s.hf.path), f"{key}.hf.path", "source=hf needs the reward model's local directory")
+            _require(s.hf.batch_tokens >= 1, f"{key}.hf.batch_tokens", "must be >= 1")
+            _require(s.hf.max_length is None or s.hf.max_length >= 2, f"{key}.hf.max_length", "must be >= 2 or null")
+            _one_of(s.hf.dtype, ("auto", "fp32", "bf16"), f"{key}.hf.dtype")
+            _require(s.hf.device in ("auto", "cpu") or s.hf.device.split(":")[0] == "cuda", f"{key}.hf.device",
+                     f"{s.hf.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if s.source == "http":
+            _require(bool(s.http.urls), f"{key}.http.urls", "source=http needs at least one server URL")
+            for url in s.http.urls:
+                _require(url.startswith(("http://", "https://")), f"{key}.http.urls", f"{url!r} is not an http(s) URL")
+            _require(s.http.batch_size >= 1, f"{key}.http.batch_size", "must be >= 1")
+            _require(s.http.connect_timeout_seconds > 0, f"{key}.http.connect_timeout_seconds", "must be > 0")
+            _require(s.http.dead_server_seconds >= 0, f"{key}.http.dead_server_seconds", "must be >= 0")
+        _require(s.weight == s.weight and abs(s.weight) != float("inf"), f"{key}.weight", "must be finite")
+        names.append(s.display_name())
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    _require(not duplicated, "reward.sources", f"two sources are named {duplicated[0]!r}; give each a distinct name"
+             if duplicated else "")
+    _one_of(r.non_finite, ("error", "drop"), "reward.non_finite")
+    _require(r.retries >= 0, "reward.retries", "must be >= 0")
+    _require(r.backoff_seconds >= 0, "reward.backoff_seconds", "must be >= 0")
+    _require(r.timeout_seconds > 0, "reward.timeout_seconds", "must be > 0")
 
 
 def validate_layout(cfg: RootConfig, world_size: int) -> None:

@@ -12,6 +12,10 @@ def sort_reward(prompts, responses):
     return [task.reward(p, r) for p, r in zip(prompts, responses)]
 
 
+def response_length(prompts, responses):
+    return [len(r) for r in responses]
+
+
 def raises(prompts, responses):
     raise ValueError("the scorer crashed")
 
@@ -24,8 +28,25 @@ not_callable = 3
 
 
 def chat_sort_reward(prompts, responses):
-    """The sort reward for prompts rendered through a chat template: the digits before '>'."""
-    import re
-
+    """The sort reward for conversations: the last user turn is the task prompt."""
     task = SortTask()
-    return [task.reward(re.search(r"(\d+)>", p).group(0), r) for p, r in zip(prompts, responses)]
+    return [task.reward(p[-1]["content"], r) for p, r in zip(prompts, responses)]
+
+
+def logged_length(prompts, responses):
+    """Response lengths; each call leaves a file naming the calling rank (placement tests)."""
+    import os
+
+    import torch.distributed as dist
+
+    with open(os.path.join(os.environ["REWARD_CALL_LOG"], f"rank{dist.get_rank()}"), "a") as f:
+        f.write(f"{len(prompts)}\n")
+    return [len(r) for r in responses]
+
+
+def fails_on_rank_2(prompts, responses):
+    import torch.distributed as dist
+
+    if dist.get_rank() == 2:
+        raise ValueError("the scorer of rank 2 crashed")
+    return [0.0] * len(prompts)

@@ -1,6 +1,7 @@
 """Every bad input: a clear one-line error naming the key, file:line or directory, raised
 before heavy work, and nothing already written lost."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -159,21 +160,27 @@ class Scripted:
         return [self.value(i) for i in range(len(prompts))]
 
 
+@contextlib.contextmanager
+def scored_by(trainer, source, non_finite="error"):
+    """The trainer's (only) reward source replaced by `source` for the block."""
+    wrapped = trainer.reward.sources[0]
+    inner, wrapped.source, trainer.cfg.reward.non_finite = wrapped.source, source, non_finite
+    try:
+        yield
+    finally:
+        wrapped.source, trainer.cfg.reward.non_finite = inner, "error"
+
+
 def _pool_unchanged_after_failure(trainer, source, error):
     before = trainer.pool.store.state_dict()
-    inner = trainer.reward.source
-    trainer.reward.source = source
-    try:
-        with pytest.raises(RewardSourceError, match=error):
-            trainer.iteration(1)
-    finally:
-        trainer.reward.source = inner
+    with scored_by(trainer, source), pytest.raises(RewardSourceError, match=error):
+        trainer.iteration(1)
     for name, value in before.items():
         assert torch.equal(getattr(trainer.pool.store, name), value), name
 
 
 def test_failing_reward_source_leaves_the_pool_untouched(trainer):
-    trainer.reward.retries, trainer.reward.backoff = 1, 0.0
+    trainer.reward.sources[0].retries, trainer.reward.sources[0].backoff = 1, 0.0
     _pool_unchanged_after_failure(trainer, Flaky(100), "failed 2 times")
 
 
@@ -183,13 +190,8 @@ def test_non_finite_rewards_error_leaves_the_pool_untouched(trainer):
 
 
 def test_non_finite_rewards_dropped_and_counted(trainer):
-    trainer.cfg.reward.non_finite = "drop"
-    inner = trainer.reward.source
-    trainer.reward.source = Scripted(lambda i: float("inf") if i % 4 == 0 else 0.1 * (i % 4))
-    try:
+    with scored_by(trainer, Scripted(lambda i: float("inf") if i % 4 == 0 else 0.1 * (i % 4)), "drop"):
         record = trainer.iteration(1)
-    finally:
-        trainer.reward.source, trainer.cfg.reward.non_finite = inner, "error"
     assert record["non_finite_rewards"] == 32  # 32 selected prompts, sample 0 of each is inf
     pool = trainer.pool.store
     fresh = pool.refreshed_at == 1
@@ -199,13 +201,8 @@ def test_non_finite_rewards_dropped_and_counted(trainer):
 
 
 def test_prompts_without_any_finite_reward_keep_finite_pool_keys(trainer):
-    trainer.cfg.reward.non_finite = "drop"
-    inner = trainer.reward.source
-    trainer.reward.source = Scripted(lambda i: float("nan") if i < 8 else 0.1 * (i % 4))  # first 2 prompts: all NaN
-    try:
+    with scored_by(trainer, Scripted(lambda i: float("nan") if i < 8 else 0.1 * (i % 4)), "drop"):  # 2 prompts all NaN
         record = trainer.iteration(1)
-    finally:
-        trainer.reward.source, trainer.cfg.reward.non_finite = inner, "error"
     assert record["non_finite_rewards"] == 8
     pool = trainer.pool.store
     assert torch.isfinite(pool.chosen_rewards).all() and torch.isfinite(pool.rejected_rewards).all()
@@ -367,32 +364,6 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, args, line):
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert (out.returncode, out.stderr.strip().splitlines()) == (2, [line])
     assert not os.listdir(tmp_path)  # refused before anything was written
-
-
-def _score_worker(rank, world, port, out_dir):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    source = ResilientRewardSource(Flaky(100 if rank == 1 else 0), "remote", retries=0, backoff_seconds=0,
-                                   timeout_seconds=5)
-    try:
-        source.score_on_every_rank(["a"], ["x"])
-        outcome = "scored"
-    except RewardSourceError as err:
-        outcome = str(err)
-    (out_dir / f"rank{rank}.txt").write_text(outcome)
-    dist.destroy_process_group()
-
-
-def test_a_reward_failure_on_one_rank_stops_every_rank_with_its_message(tmp_path):
-    """Training and held-out scoring go through score_on_every_rank: rank 1's source fails,
-    rank 0's works, both raise rank 1's error (neither waits in a later collective)."""
-    import torch.multiprocessing as mp
-    from parallel_harness import _free_port
-
-    mp.spawn(_score_worker, args=(2, _free_port(), tmp_path), nprocs=2)
-    outcomes = {(tmp_path / f"rank{r}.txt").read_text() for r in range(2)}
-    assert len(outcomes) == 1 and outcomes.pop().startswith("reward source 'remote' failed 1 times (last: ConnectionError")
 
 
 def test_a_shape_not_divisible_by_the_layout_names_the_key():

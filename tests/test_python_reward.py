@@ -35,7 +35,7 @@ def test_a_bad_reward_function_names_the_key(spec, message):
 
 
 def test_python_source_needs_a_function():
-    with pytest.raises(ValueError, match="config key reward.function: reward.source=python needs"):
+    with pytest.raises(ValueError, match="config key reward.function: source=python needs"):
         load_config("optune_tiny", ["reward.source=python"])
 
 

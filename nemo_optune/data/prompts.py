@@ -60,8 +60,12 @@ def encode_prompt_file(path: str, tokenizer, data_cfg, limit: int) -> tuple[list
 
 
 def encode_prompt_set(prompts: list[Prompt], where: list[str], tokenizer, data_cfg, limit: int
-                      ) -> tuple[list[str], list[list[int]], int]:
-    """(prompt texts for reward sources, token ids, how many were over the limit)."""
+                      ) -> tuple[list[Prompt], list[list[int]], int]:
+    """(prompts as reward sources see them, token ids, how many were over the limit). A reward
+    source gets a text prompt as is and a conversation as its list of {role, content} turns (as
+    TRL's reward functions do), never the policy's chat-template rendering, which a reward model
+    with its own template would read as user text; a truncated prompt is the text of its kept
+    tokens."""
     texts, ids, too_long = [], [], 0
     for prompt, at in zip(prompts, where):
         encoded = encode_prompt(prompt, tokenizer, data_cfg.apply_chat_template, at)
@@ -69,7 +73,8 @@ def encode_prompt_set(prompts: list[Prompt], where: list[str], tokenizer, data_c
         too_long += fitted is not encoded
         if fitted is not None:
             ids.append(fitted)
-            texts.append(prompt if isinstance(prompt, str) and fitted is encoded else tokenizer.decode(fitted))
+            texts.append(tokenizer.decode(fitted) if fitted is not encoded
+                         else prompt if isinstance(prompt, str) else [dict(turn) for turn in prompt])
     if not ids:
         raise DataError(f"{where[0].rsplit(':', 1)[0]}: no usable prompts (all {too_long} over the length limit)")
     return texts, ids, too_long

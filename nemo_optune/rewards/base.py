@@ -1,5 +1,5 @@
-"""The reward-source interface. Sources: the embedded task's rule-based scorer today; HF
-sequence classifiers and remote (HTTP) reward servers later."""
+"""The reward-source interface. Sources: the embedded task's rule-based scorer, a Python
+function, a local HF sequence classifier, a reward server over HTTP (rewards/sources.py)."""
 
 from typing import Protocol
 

@@ -11,25 +11,25 @@ class RewardFunctionError(ValueError):
     """`reward.function` cannot be imported or called; the message names the key."""
 
 
-def import_reward_function(spec: str):
-    """'package.module:function' -> the callable, or RewardFunctionError naming reward.function."""
+def import_reward_function(spec: str, key: str = "reward.function"):
+    """'package.module:function' -> the callable, or RewardFunctionError naming the config key."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise RewardFunctionError(f"config key reward.function: {spec!r} is not of the form package.module:function")
+        raise RewardFunctionError(f"config key {key}: {spec!r} is not of the form package.module:function")
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # ImportError, or the module failing on import
-        raise RewardFunctionError(f"config key reward.function: cannot import {module_name!r} "
+        raise RewardFunctionError(f"config key {key}: cannot import {module_name!r} "
                                   f"({type(err).__name__}: {err})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise RewardFunctionError(f"config key reward.function: {module_name!r} has no callable {attr!r}")
+        raise RewardFunctionError(f"config key {key}: {module_name!r} has no callable {attr!r}")
     return fn
 
 
 class PythonFunctionReward:
-    def __init__(self, spec: str):
-        self.fn = import_reward_function(spec)
+    def __init__(self, spec: str, key: str = "reward.function"):
+        self.fn = import_reward_function(spec, key)
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         return list(self.fn(prompts, responses))

@@ -6,10 +6,6 @@ pool, so a source that finally fails leaves the pool exactly as it was."""
 import concurrent.futures
 import time
 
-import torch
-
-from nemo_optune.runtime.distributed import raise_if_any_rank_failed
-
 
 class RewardSourceError(RuntimeError):
     """The reward source failed on every attempt."""
@@ -44,14 +40,3 @@ class ResilientRewardSource:
             self.failures += 1
         raise RewardSourceError(f"reward source {self.name!r} failed {self.retries + 1} times (last: {last}); "
                                 f"the prompt pool was not updated")
-
-    def score_on_every_rank(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        """Collective `score`: every rank scores its share; if one rank's source fails, every
-        rank raises that error together (none is left waiting in a later collective)."""
-        failure, rewards = None, torch.zeros(len(prompts), dtype=torch.float64)
-        try:
-            rewards = torch.tensor(self.score(prompts, responses), dtype=torch.float64)
-        except RewardSourceError as err:
-            failure = err
-        raise_if_any_rank_failed(failure)
-        return rewards

@@ -25,9 +25,8 @@ from nemo_optune.data.task_data import TaskData
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
-from nemo_optune.rewards.python_function import PythonFunctionReward
-from nemo_optune.rewards.resilient import ResilientRewardSource, RewardSourceError
-from nemo_optune.rewards.task_reward import TaskReward
+from nemo_optune.rewards.resilient import RewardSourceError
+from nemo_optune.rewards.sources import RewardSources, is_scoring_rank
 from nemo_optune.runtime.checkpoint import load_training_checkpoint, save_training_checkpoint
 from nemo_optune.runtime.distributed import Layout, dp_share, sum_over_dp
 from nemo_optune.runtime.experiment import ExperimentLog, PhaseTimer, peak_rss_mb
@@ -62,10 +61,9 @@ class PreferenceTrainer:
             prompts, prompt_ids, pool = offline.prompts, offline.prompt_ids, offline.pool
             self.data_stats = {"long_prompts": offline.long_prompts, "identical_pairs": offline.identical_pairs}
         self.heldout_prompts, self.heldout_ids, _ = self.prompt_set(cfg.data.heldout_prompts_path, data.heldout_prompts, limit)
-        r = cfg.reward  # imported before any model is built: a bad reward.function fails fast
-        source = PythonFunctionReward(r.function) if r.source == "python" else TaskReward(data.task)
-        self.reward = ResilientRewardSource(source, r.function or r.source, r.retries, r.backoff_seconds,
-                                            r.timeout_seconds)
+        # Built before any policy model: a bad function or reward model directory fails fast.
+        # Only the rank that scores for its model-parallel group loads a reward model.
+        self.reward = RewardSources(cfg.reward, data.task, load=is_scoring_rank())
         # The LR schedule's horizon is fixed when the run starts; a resumed run keeps it (see resume).
         self.lr_total_steps = t.iterations * t.epochs_per_iteration * len(pool) // t.global_batch_size
         self.model = MegatronGPTOPTuneModel(cfg.model, spec, layout, seed=t.seed, lr=t.lr, weight_decay=t.weight_decay,
@@ -154,6 +152,8 @@ class PreferenceTrainer:
             "ties_dropped": refresh.ties_dropped,
             "non_finite_rewards": refresh.non_finite_rewards,
             "pool_valid_pairs": int(pool.valid.sum()),
+            "reward_by_source": refresh.reward_by_source,  # mean over this iteration's new samples
+            "heldout_reward_by_source": self.heldout_by_source,
             **train,
             "seconds": {**{p: timer.seconds[p] for p in TIMED_PHASES}, "total": iteration_seconds,
                         "eval": time.perf_counter() - eval_start},
@@ -227,7 +227,8 @@ class PreferenceTrainer:
         rollouts = self.engine.generate(prompts, n, SamplingParams(max_new_tokens=g.max_new_tokens),
                                         [mix_seed(self.cfg.data.seed, HELD_OUT_SEED, i) for i in mine])
         texts = [self.tokenizer.decode(r) for r in rollouts.response_tokens]
-        rewards = self.reward.score_on_every_rank([self.heldout_prompts[i] for i in mine for _ in range(n)], texts)
+        rewards, by_source = self.reward.score_once_per_model_parallel_group(
+            [self.heldout_prompts[i] for i in mine for _ in range(n)], texts)
         tokens, mask = build_sequences([p for p in prompts for _ in range(n)], rollouts.response_tokens,
                                        rollouts.response_lengths, self.width, self.tokenizer.pad_id)
         ref = self.model.sequence_logprobs("reference", tokens, mask, g.micro_batch_size)
@@ -238,6 +239,7 @@ class PreferenceTrainer:
         if total[1] < total[3] and self.cfg.reward.non_finite == "error":  # the same verdict on every rank
             raise RewardSourceError(f"the reward source returned {int(total[3] - total[1])} non-finite rewards on "
                                     f"held-out samples (reward.non_finite=error; =drop leaves them out of the mean)")
+        self.heldout_by_source = self.reward.means_over_dp(by_source)
         return float(total[0] / total[1].clamp(min=1)), float(total[2] / total[3])
 
     # ------------------------------------------------------------ checkpoints

@@ -23,6 +23,7 @@ class RefreshStats:
     ties_dropped: int = 0  # of them, prompts whose K rewards all tied (no pair, left out of the loss)
     non_finite_rewards: int = 0  # samples left out for a NaN/inf reward (reward.non_finite=drop)
     responses: int = 0  # responses generated, all ranks
+    reward_by_source: dict = dataclasses.field(default_factory=dict)  # mean of each source over the new samples
 
 
 class PreferencePool:
@@ -64,7 +65,8 @@ class PreferencePool:
             rollouts = self.engine.generate(prompts, K, sampling, [mix_seed(self.cfg.trainer.seed, it, i) for i in mine.tolist()])
         with timer.phase("scoring"):
             texts = [self.tokenizer.decode(r) for r in rollouts.response_tokens]
-            rewards = self.reward.score_on_every_rank([self.prompt_texts[i] for i in mine.tolist() for _ in range(K)], texts)
+            rewards, by_source = self.reward.score_once_per_model_parallel_group(
+                [self.prompt_texts[i] for i in mine.tolist() for _ in range(K)], texts)
             rewards = rewards.view(-1, K)
         chosen, rejected, valid = alg.best_worst_pairs(rewards, drop_non_finite=True)
         rows = torch.arange(len(prompts)) * K
@@ -93,7 +95,8 @@ class PreferencePool:
                                     f"(reward.non_finite=error; =drop leaves them out); the prompt pool was not updated")
         self.store.update(selected, gathered)
         return RefreshStats(regenerated=len(selected), ties_dropped=int(len(selected) - gathered["valid"].sum()),
-                            non_finite_rewards=dropped, responses=len(selected) * K)
+                            non_finite_rewards=dropped, responses=len(selected) * K,
+                            reward_by_source=self.reward.means_over_dp(by_source))
 
     # -------------------------------------------------------------- reference
     def reference_logprobs(self, prompts: list[list[int]], rows: dict) -> tuple[torch.Tensor, torch.Tensor]:

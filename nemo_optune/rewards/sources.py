@@ -1,0 +1,110 @@
+"""Reward sources from config, combined with weights, scored once per data-parallel group.
+
+Every source is wrapped in ResilientRewardSource (retries, timeout) on its own, so a flaky
+server is retried without rerunning a local reward model. The total reward is the weighted
+sum of the sources' rewards; each source's column is kept for logging (reward/<name>).
+
+Placement: the ranks of one model-parallel group (TP x PP) hold the same prompts and
+responses, so only the group's first rank scores (and only it loads a reward model); the
+rewards are then broadcast within the group. Each data-parallel rank scores its own share, so
+a remote server sees each response once.
+"""
+
+import torch
+import torch.distributed as dist
+
+from nemo_optune.config import RewardConfig, RewardSourceConfig
+from nemo_optune.rewards.resilient import ResilientRewardSource, RewardSourceError
+from nemo_optune.runtime.distributed import raise_if_any_rank_failed, sum_over_dp
+
+
+def build_source(s: RewardSourceConfig, key: str, task, timeout_seconds: float, load: bool = True):
+    """One source. With load=False a model or server is checked (paths, tokenizer files) but not
+    loaded, for ranks that never score."""
+    if s.source == "task":
+        from nemo_optune.rewards.task_reward import TaskReward
+
+        return TaskReward(task)
+    if s.source == "python":
+        from nemo_optune.rewards.python_function import PythonFunctionReward
+
+        return PythonFunctionReward(s.function, key=f"{key}.function")
+    if s.source == "hf":
+        from nemo_optune.rewards.hf_model import HFRewardModel, check_reward_model_dir
+
+        check_reward_model_dir(s.hf.path, f"{key}.hf.path")
+        return HFRewardModel(s.hf, key=f"{key}.hf") if load else None
+    if s.source == "http":
+        from nemo_optune.rewards.http_client import HTTPReward
+
+        return HTTPReward(s.http, timeout_seconds=timeout_seconds, key=f"{key}.http")
+    raise ValueError(f"config key {key}.source: unknown reward source {s.source!r}")
+
+
+class RewardSources:
+    """The configured sources: names, weights, and their rewards as columns."""
+
+    def __init__(self, cfg: RewardConfig, task, load: bool = True):
+        configs = cfg.source_configs()
+        self.names = [s.display_name() for _, s in configs]
+        self.weights = torch.tensor([s.weight for _, s in configs], dtype=torch.float64)
+        self.sources = [ResilientRewardSource(build_source(s, key, task, cfg.timeout_seconds, load), name,
+                                              cfg.retries, cfg.backoff_seconds, cfg.timeout_seconds)
+                        for (key, s), name in zip(configs, self.names)]
+
+    @property
+    def failures(self) -> int:
+        return sum(s.failures for s in self.sources)
+
+    def score_columns(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """[n, sources] rewards (float64); raises RewardSourceError if a source fails for good."""
+        columns = torch.zeros(len(prompts), len(self.sources), dtype=torch.float64)
+        for j, source in enumerate(self.sources):
+            columns[:, j] = torch.tensor(source.score(prompts, responses), dtype=torch.float64)
+        return columns
+
+    def total(self, columns: torch.Tensor) -> torch.Tensor:
+        # A NaN in any source makes the total NaN (reward.non_finite decides), even at weight 0.
+        return (columns * self.weights).sum(dim=1)
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """Weighted total per pair (the RewardSource interface, e.g. for the reward server)."""
+        return self.total(self.score_columns(prompts, responses)).tolist()
+
+    def score_once_per_model_parallel_group(self, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Collective: (total [n], columns [n, sources]) on every rank; scored by the first rank
+        of each model-parallel group. If a scoring rank fails, every rank raises its error."""
+        group, scorer = model_parallel_scorer()
+        failure = None
+        columns = torch.zeros(len(prompts), len(self.sources), dtype=torch.float64)
+        if scorer == (dist.get_rank() if dist.is_initialized() else 0):
+            try:
+                columns = self.score_columns(prompts, responses)
+            except RewardSourceError as err:
+                failure = err
+        raise_if_any_rank_failed(failure)
+        if group is not None:
+            dist.broadcast(columns, src=scorer, group=group)
+        return self.total(columns), columns
+
+    def means_over_dp(self, columns: torch.Tensor) -> dict[str, float]:
+        """Collective: each source's mean over the finite rewards of every DP rank's columns."""
+        finite = torch.isfinite(columns)
+        sums = sum_over_dp(torch.stack([torch.where(finite, columns, 0.0).sum(0), finite.sum(0).double()]))
+        return {name: float(sums[0, j] / sums[1, j].clamp(min=1)) for j, name in enumerate(self.names)}
+
+
+def model_parallel_scorer() -> tuple[object, int]:
+    """(model-parallel group or None, the global rank that scores for it)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None, 0
+    from megatron.core import parallel_state as mpu
+
+    group = mpu.get_model_parallel_group()
+    ranks = dist.get_process_group_ranks(group)
+    return (group if len(ranks) > 1 else None), min(ranks)
+
+
+def is_scoring_rank() -> bool:
+    """Whether this rank scores for its model-parallel group (and so loads reward models)."""
+    return model_parallel_scorer()[1] == (dist.get_rank() if dist.is_initialized() else 0)
