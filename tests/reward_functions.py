@@ -50,3 +50,15 @@ def fails_on_rank_2(prompts, responses):
     if dist.get_rank() == 2:
         raise ValueError("the scorer of rank 2 crashed")
     return [0.0] * len(prompts)
+
+
+def sort_reward_dies(prompts, responses):
+    """The sort reward, in a reward server that SIGKILLs itself on call number $REWARD_DIE_AT_CALL
+    (fault tests: a server lost in the middle of a run)."""
+    import os
+    import signal
+
+    CALLS.append(len(prompts))
+    if len(CALLS) == int(os.environ.get("REWARD_DIE_AT_CALL", "0")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return sort_reward(prompts, responses)
