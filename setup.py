@@ -22,6 +22,10 @@ setup(
         # Hugging Face checkpoints in and out (models/hf_io.py); the tests compare with transformers.
         "transformers==5.24.0",
         "safetensors==0.8.0",
+        # The reward server (serve_reward.py) and its client (reward.source=http): pure Python.
+        "fastapi==0.163.2",
+        "uvicorn==0.54.0",
+        "httpx==0.28.1",
     ],
     extras_require={
         "test": ["pytest==9.2.0"],

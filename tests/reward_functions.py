@@ -53,12 +53,15 @@ def fails_on_rank_2(prompts, responses):
 
 
 def sort_reward_dies(prompts, responses):
-    """The sort reward, in a reward server that SIGKILLs itself on call number $REWARD_DIE_AT_CALL
-    (fault tests: a server lost in the middle of a run)."""
+    """The sort reward, in a reward server that SIGKILLs itself once it has been asked for more
+    than $REWARD_DIE_AFTER_PAIRS pairs in all (fault tests: a server lost in the middle of a run)."""
     import os
     import signal
 
-    CALLS.append(len(prompts))
-    if len(CALLS) == int(os.environ.get("REWARD_DIE_AT_CALL", "0")):
+    SCORED_PAIRS.append(len(prompts))
+    if 0 < int(os.environ.get("REWARD_DIE_AFTER_PAIRS", "0")) < sum(SCORED_PAIRS):
         os.kill(os.getpid(), signal.SIGKILL)
     return sort_reward(prompts, responses)
+
+
+SCORED_PAIRS = []
