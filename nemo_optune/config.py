@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 class TrainerConfig:
     iterations: int = 8
     global_batch_size: int = 64  # preference pairs per optimizer step, over all DP ranks
-    micro_batch_size: int = 16  # pairs per forward/backward on one DP rank
+    micro_batch_size: int = 64  # at most this many pairs per forward/backward on one DP rank (equal parts)
     epochs_per_iteration: int = 1  # passes over the pool per iteration
     lr: float = 3e-4
     lr_warmup_steps: int = 0
@@ -359,11 +359,9 @@ def validate_layout(cfg: RootConfig, world_size: int) -> None:
         _require(m.num_attention_heads % groups == 0, "model.num_query_groups", f"{m.num_attention_heads} heads are not divisible into {groups} groups")
         _require(groups % tp == 0, "model.num_query_groups", f"{groups} query groups are not divisible by TP={tp}")
         _require(m.num_layers % pp == 0, "model.num_layers", f"{m.num_layers} layers are not divisible by PP={pp}")
-    _require(
-        t.global_batch_size % (t.micro_batch_size * dp) == 0,
-        "trainer.global_batch_size",
-        f"{t.global_batch_size} is not divisible by micro_batch_size*DP = {t.micro_batch_size}*{dp}",
-    )
+    _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", "must be >= 1")
+    _require(t.global_batch_size % dp == 0, "trainer.global_batch_size",
+             f"{t.global_batch_size} pairs do not split over {dp} data-parallel ranks")
     if cfg.method in ("optune", "online_dpo", "hypo") and not cfg.data.train_prompts_path:  # files: remainders carry
         _require(
             cfg.data.num_train_prompts % t.global_batch_size == 0,

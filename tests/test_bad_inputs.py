@@ -27,7 +27,7 @@ from nemo_optune.runtime import exp_dir
     ("model.optune.beta=-0.1", "model.optune.beta"),
     ("model.optune.selection=best", "model.optune.selection"),
     ("model.optune.weighting=square", "model.optune.weighting"),
-    ("trainer.global_batch_size=60", "trainer.global_batch_size"),
+    ("trainer.micro_batch_size=0", "trainer.micro_batch_size"),
     ("data.num_train_prompts=100", "data.num_train_prompts"),
     ("model.hypo.samples_per_prompt=1", "model.hypo.samples_per_prompt"),
     ("method=online_dpo", "model.optune.selection"),
@@ -45,7 +45,7 @@ def test_invalid_config_values_name_the_key(override, key):
     ({"tensor_model_parallel_size": 2}, 3, "model.tensor_model_parallel_size"),
     ({"tensor_model_parallel_size": 2, "num_attention_heads": 3, "hidden_size": 63}, 2, "model.num_attention_heads"),
     ({"pipeline_model_parallel_size": 2, "num_layers": 3}, 2, "model.num_layers"),
-    ({}, 8, "trainer.global_batch_size"),  # DP8 x micro-batch 16 does not divide 64
+    ({}, 128, "trainer.global_batch_size"),  # 64 pairs do not split over DP128
 ])
 def test_layout_errors_name_the_key(changes, world, key):
     cfg = load_config("optune_tiny")

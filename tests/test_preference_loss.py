@@ -61,7 +61,7 @@ REJECTED_ROWS = {0: [1, 2, 14, 15, PAD, PAD], 1: [3, 24, PAD, PAD, PAD, PAD], 2:
 REJECTED_MASK = {0: [0, 1, 1, 0, 0, 0], 1: [1, 0, 0, 0, 0, 0], 2: [0, 0, 1, 1, 1, 0]}
 
 
-@pytest.mark.parametrize("micro_batch_size,sizes", [(3, [3]), (2, [2, 1]), (1, [1, 1, 1])])
+@pytest.mark.parametrize("micro_batch_size,sizes", [(3, [3]), (2, [1, 1, 1]), (1, [1, 1, 1])])  # equal parts
 def test_preference_micro_batches_rows_and_split(micro_batch_size, sizes):
     pool = make_pool()
     order = [2, 0, 1]
@@ -230,3 +230,10 @@ def test_iteration_batches_carry_remainder():
     assert again.tolist() == stream.tolist()
     other = torch.cat([b for it in range(4) for b in iteration_batches(40, 32, 1, it, seed=4)])
     assert other.tolist() != stream.tolist()
+
+
+@pytest.mark.parametrize("share,cap,size", [(32, 64, 32), (64, 16, 16), (48, 32, 24), (50, 16, 10), (7, 4, 1), (8, 8, 8)])
+def test_micro_batch_size_is_a_cap_that_splits_a_rank_share_evenly(share, cap, size):
+    from nemo_optune.data.batching import micro_batch_size_for
+
+    assert micro_batch_size_for(share, cap) == size

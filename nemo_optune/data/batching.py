@@ -30,3 +30,10 @@ def iteration_batches(num_records: int, global_batch_size: int, epochs_per_itera
         positions = torch.arange(b * global_batch_size, (b + 1) * global_batch_size)
         batches.append(torch.stack([order(int(p) // num_records)[int(p) % num_records] for p in positions]))
     return batches
+
+
+def micro_batch_size_for(share: int, cap: int) -> int:
+    """The largest micro-batch size <= `cap` that splits a rank's `share` into equal parts
+    (equal shapes keep pipeline-parallel sends uniform): 32 pairs at cap 64 -> 32, 64 at 16 -> 16,
+    48 at 32 -> 24. Makes trainer.micro_batch_size a cap that fits any DP size."""
+    return max(size for size in range(1, min(share, cap) + 1) if share % size == 0)

@@ -7,6 +7,7 @@ these functions, so what is tested is what trains."""
 import torch
 
 from nemo_optune import algorithms as alg
+from nemo_optune.data.batching import micro_batch_size_for
 from nemo_optune.data.pool import PromptPool, build_sequences
 
 
@@ -32,8 +33,9 @@ def pair_sequences(prompts: list[list[int]], rows: dict, width: int, pad_id: int
 def preference_micro_batches(pool: PromptPool, prompt_ids: list[list[int]], indices: torch.Tensor,
                              weights: torch.Tensor, valid: torch.Tensor, weight_total: float,
                              micro_batch_size: int, width: int, pad_id: int) -> list[dict]:
-    """This rank's share of a global batch (`indices` with their weights) as micro-batches of
-    `micro_batch_size` pairs; each carries the global normaliser `weight_total`."""
+    """This rank's share of a global batch (`indices` with their weights) as equal micro-batches
+    of at most `micro_batch_size` pairs; each carries the global normaliser `weight_total`."""
+    micro_batch_size = micro_batch_size_for(len(indices), micro_batch_size)
     out = []
     for s in range(0, len(indices), micro_batch_size):
         idx = indices[s:s + micro_batch_size]
