@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/reward_server_load.py                          # the task source
     .venv/bin/python benchmarks/reward_server_load.py --hf RM_DIR              # a Hugging Face reward model
+    .venv/bin/python benchmarks/reward_server_load.py --random-hf /tmp/rm --requests 8 --pairs 16  # a random 19M one
     .venv/bin/python benchmarks/reward_server_load.py --url http://HOST:PORT   # a server already running
     .venv/bin/python benchmarks/reward_server_load.py --clients 1,4,16 --requests 20 --pairs 64 \\
         --server-arg server.max_wait_ms=2
@@ -89,6 +90,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--hf", help="serve this Hugging Face reward model directory (default: the task source)")
+    target.add_argument("--random-hf", metavar="DIR", help="write a random Llama reward classifier (6 layers, hidden 512, "
+                        "19M parameters, a BPE tokenizer of its own; tests/test_reward_models.py) to DIR and serve it")
     target.add_argument("--url", help="load a server that is already running")
     parser.add_argument("--bearer-token-env", help="with --url: environment variable holding the server's token")
     parser.add_argument("--server-arg", action="append", default=[], help="key=value override for the started server")
@@ -100,6 +103,11 @@ def main() -> None:
 
     proc, url = None, args.url
     if url is None:
+        if args.random_hf:
+            sys.path.insert(0, os.path.join(ROOT, "tests"))
+            from test_reward_models import make_reward_model
+
+            args.hf = make_reward_model(args.random_hf, layers=6, hidden=512)
         source = ["reward.source=hf", f"reward.hf.path={args.hf}"] if args.hf else []
         proc, url = start_server(source + args.server_arg)
     headers = {"Authorization": f"Bearer {os.environ[args.bearer_token_env]}"} if args.bearer_token_env else {}

@@ -18,7 +18,7 @@ from nemo_optune.rewards.sources import RewardSources
 REWARD_TEMPLATE = ("{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}\n{% endfor %}")
 
 
-def make_reward_model(directory, pad: bool = True, template: bool = True, layers: int = 2):
+def make_reward_model(directory, pad: bool = True, template: bool = True, layers: int = 2, hidden: int = 32):
     """A byte-level BPE tokenizer (its own vocabulary and chat markup) and a random Llama
     sequence classifier with one output."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -35,8 +35,9 @@ def make_reward_model(directory, pad: bool = True, template: bool = True, layers
                                         pad_token="<pad>" if pad else None,
                                         chat_template=REWARD_TEMPLATE if template else None)
     tokenizer.save_pretrained(directory)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, num_labels=1,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
+                         max_position_embeddings=512, num_labels=1,
                          pad_token_id=0 if pad else None, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(3)
     model = LlamaForSequenceClassification(config)
