@@ -38,8 +38,10 @@ def dry_run(cfg: RootConfig) -> dict:
     """The config is valid (checked by now); the model's spec comes from model.restore_from_path
     (a directory with just config.json will do), else from model.*; it is checked against the
     layout and sequence width; nothing is loaded, no process group is made."""
+    from nemo_optune.data.batching import micro_batch_size_for
     from nemo_optune.models.hf_spec import check_sequence_length
     from nemo_optune.models.memory import per_gpu_estimate, print_estimate
+    from nemo_optune.rewards.sources import RewardSources
     from nemo_optune.models.sources import dry_run_spec
     from nemo_optune.trainers.common import builtin_spec, check_layout, quiet_megatron_warnings, sequence_width
 
@@ -55,8 +57,11 @@ def dry_run(cfg: RootConfig) -> dict:
     check_layout(spec, tp, pp, restore or "the built-in model")
     check_sequence_length(spec, width, "generation.max_new_tokens")
     dp = world // (tp * pp)
+    if cfg.method != "sft":  # reward model directories and functions checked; no model loaded, no server asked
+        RewardSources(cfg.reward, task, load=False)
+    micro = micro_batch_size_for(t.global_batch_size // dp, t.micro_batch_size)
     rows = per_gpu_estimate(spec, tp, pp, dp, bf16=m.precision == "bf16", distributed_optimizer=m.distributed_optimizer,
-                            micro_batch_pairs=t.micro_batch_size, micro_batches=t.global_batch_size // (t.micro_batch_size * dp),
+                            micro_batch_pairs=micro, micro_batches=t.global_batch_size // (micro * dp),
                             sequence_length=width, generation_batch=g.micro_batch_size)
     if rank == 0:
         print(print_estimate(rows, f"[dry run] {spec.family} model, TP={tp} PP={pp} DP={dp} (world {world}), "

@@ -64,11 +64,13 @@ def test_the_7b_recipes_fit_80_gb_gpus_in_both_layouts(recipe, model, layout, wo
     from conftest import ROOT
     from nemo_optune.config import load_config
     from nemo_optune.run import run_experiment
+    from test_reward_models import make_reward_model
 
     monkeypatch.setenv("WORLD_SIZE", str(world))
     cfg = load_config(recipe, [f"layout={layout}", f"model.restore_from_path={ROOT}/examples/hf_configs/{model}",
                                "data.train_prompts_path=p.jsonl", "data.heldout_prompts_path=p.jsonl",
-                               "reward.function=m:f", "trainer.dry_run=true", f"exp_manager.exp_dir={tmp_path}/x"])
+                               f"reward.hf.path={make_reward_model(tmp_path / 'rm')}", "trainer.dry_run=true",
+                               f"exp_manager.exp_dir={tmp_path}/x"])
     rows = run_experiment(cfg)["dry_run"]
     dp = world // 2
     assert f"TP=2 PP=1 DP={dp} (world {world}), 1024 positions" in capsys.readouterr().out

@@ -150,6 +150,14 @@ def test_a_bad_source_is_named_by_its_key(override, key):
         load_config("optune_tiny", [override])
 
 
+def test_a_dry_run_checks_the_reward_model_directory(tmp_path):
+    from nemo_optune.run import run_experiment
+
+    with pytest.raises(ValueError, match="config key reward.sources.1..hf.path: .*absent is not a directory"):
+        run_experiment(load_config("optune_tiny", ["trainer.dry_run=true", f"exp_manager.exp_dir={tmp_path}",
+                                                   f"reward.sources=[{{source: task}}, {{source: hf, hf: {{path: {tmp_path}/absent}}}}]"]))
+
+
 def test_a_single_source_and_a_list_together_are_refused():
     with pytest.raises(ConfigError, match="config key reward.sources: give either reward.source"):
         load_config("optune_tiny", ["reward.source=python", "reward.function=a:b", "reward.sources=[{source: task}]"])

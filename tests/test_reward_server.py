@@ -252,6 +252,15 @@ def test_the_client_names_every_server_when_all_are_dead(dead_urls):
     assert time.monotonic() - start < 5
 
 
+def test_a_run_checks_its_servers_before_any_work(server, dead_urls):
+    """At start-up (check_health, as a training run builds it) at least one server must answer."""
+    with pytest.raises(ValueError, match=f"config key reward.http.urls: no reward server answers GET /health "
+                                         f"\\({dead_urls[0]}: ConnectError.*; {dead_urls[1]}: ConnectError"):
+        HTTPReward(HTTPRewardConfig(urls=dead_urls), timeout_seconds=1, check_health=True)
+    client = HTTPReward(HTTPRewardConfig(urls=[dead_urls[0], server.url]), timeout_seconds=1, check_health=True)
+    assert client.dead_until[dead_urls[0]] > time.monotonic() and client.dead_until[server.url] == 0.0
+
+
 def test_the_client_raises_a_4xx_reason_at_once(server, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, "s3cret")
     client = HTTPReward(HTTPRewardConfig(urls=[server.url], batch_size=100, bearer_token_env=TOKEN_ENV), timeout_seconds=10)

@@ -29,7 +29,8 @@ class RewardServerError(RuntimeError):
 
 
 class HTTPReward:
-    def __init__(self, cfg: HTTPRewardConfig, timeout_seconds: float, key: str = "reward.http"):
+    def __init__(self, cfg: HTTPRewardConfig, timeout_seconds: float, key: str = "reward.http",
+                 check_health: bool = False):
         headers = {}
         if cfg.bearer_token_env:
             token = os.environ.get(cfg.bearer_token_env)
@@ -43,6 +44,21 @@ class HTTPReward:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2 * len(self.urls), thread_name_prefix="reward-http")
         self.dead_until = dict.fromkeys(self.urls, 0.0)  # time.monotonic() until which a server is skipped
         self.next_server = 0  # round-robin across calls, so one-request calls spread too
+        if check_health:
+            self.check_health(key)
+
+    def check_health(self, key: str) -> None:
+        """At start-up, before any work: at least one server answers GET /health (those that do
+        not are skipped for dead_server_seconds), else one line naming the key and the URLs."""
+        errors = []
+        for url in self.urls:
+            try:
+                self.client.get(f"{url}/health").raise_for_status()
+            except httpx.HTTPError as err:
+                errors.append(f"{url}: {type(err).__name__}: {err}")
+                self.dead_until[url] = time.monotonic() + self.dead_seconds
+        if len(errors) == len(self.urls):
+            raise ValueError(f"config key {key}.urls: no reward server answers GET /health ({'; '.join(errors)})")
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         b, n = self.batch_size, len(self.urls)

@@ -19,8 +19,9 @@ from nemo_optune.runtime.distributed import raise_if_any_rank_failed, sum_over_d
 
 
 def build_source(s: RewardSourceConfig, key: str, task, timeout_seconds: float, load: bool = True):
-    """One source. With load=False a model or server is checked (paths, tokenizer files) but not
-    loaded, for ranks that never score."""
+    """One source. With load=False a reward model directory is checked but not loaded and a
+    server is not asked (ranks that never score, dry runs); with load=True a server must answer
+    its health check before any work starts."""
     if s.source == "task":
         from nemo_optune.rewards.task_reward import TaskReward
 
@@ -37,7 +38,7 @@ def build_source(s: RewardSourceConfig, key: str, task, timeout_seconds: float, 
     if s.source == "http":
         from nemo_optune.rewards.http_client import HTTPReward
 
-        return HTTPReward(s.http, timeout_seconds=timeout_seconds, key=f"{key}.http")
+        return HTTPReward(s.http, timeout_seconds=timeout_seconds, key=f"{key}.http", check_health=load)
     raise ValueError(f"config key {key}.source: unknown reward source {s.source!r}")
 
 
