@@ -36,6 +36,11 @@ class TrainerConfig:
     grad_clip: float = 1.0
     seed: int = 1234
     dry_run: bool = False  # validate config and layout, print a per-GPU memory estimate, load nothing
+    # Cluster operation (README "Running on a cluster"):
+    max_time: Optional[str] = None  # DD:HH:MM:SS wall-clock budget: save and stop (exit 3) before it runs out
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])  # save and stop (exit 3)
+    collective_timeout_seconds: float = 600.0  # a collective waiting longer on a lost rank fails the job
+    progress_bar: bool = True  # per-phase progress bars on rank 0, only when stdout is a terminal
 
 
 @dataclasses.dataclass
@@ -199,9 +204,22 @@ class GenerateConfig:
 
 
 @dataclasses.dataclass
+class WandbConfig:
+    """Weights & Biases logging (optional: pip install -e '.[wandb]'), rank 0 only."""
+    enabled: bool = False
+    project: str = "nemo_optune"
+    name: Optional[str] = None  # run name; default: the experiment directory's name
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "offline"  # offline (files only, no network; `wandb sync` later) | online | disabled
+
+
+@dataclasses.dataclass
 class ExpManagerConfig:
     exp_dir: str = "runs/optune_tiny"
     tensorboard: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     report: bool = True  # write report.png
     checkpoint_every: int = 2  # iterations between checkpoints (and always at the end); 0 = end only
     keep_last: int = 2  # checkpoints kept
@@ -292,6 +310,12 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _require(d.max_prompt_tokens is None or d.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1 or null")
     _require(0 <= cfg.sft.demonstration_noise <= 1, "sft.demonstration_noise", "must be in [0, 1]")
     _require(cfg.exp_manager.checkpoint_every >= 0, "exp_manager.checkpoint_every", "must be >= 0")
+    _one_of(cfg.exp_manager.wandb.mode, ("offline", "online", "disabled"), "exp_manager.wandb.mode")
+    if t.max_time is not None:
+        max_time_seconds(t.max_time)  # raises naming trainer.max_time
+    for name in t.stop_signals:
+        _require(name in STOP_SIGNALS, "trainer.stop_signals", f"{name!r} is not one of {', '.join(STOP_SIGNALS)}")
+    _require(t.collective_timeout_seconds > 0, "trainer.collective_timeout_seconds", "must be > 0")
     _require(cfg.exp_manager.keep_last >= 1, "exp_manager.keep_last", "must be >= 1")
     if cfg.method == "online_dpo":
         _require(o.selection == "all", "model.optune.selection", "online_dpo regenerates every prompt: use selection=all (or method=optune)")
@@ -302,6 +326,19 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
         _require(g.top_p == 1.0, "generation.top_p", f"HyPO's KL samples must come from the policy: 1.0, got {g.top_p}")
         _require(g.top_k == 0, "generation.top_k", f"HyPO's KL samples must come from the policy: 0, got {g.top_k}")
     validate_layout(cfg, world_size)
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
+
+
+def max_time_seconds(text: str) -> float:
+    """NeMo's DD:HH:MM:SS (fewer fields are the lower ones: HH:MM:SS, MM:SS) -> seconds."""
+    parts = text.split(":")
+    ok = 1 <= len(parts) <= 4 and all(p.strip().isdigit() for p in parts)
+    _require(ok, "trainer.max_time", f"{text!r} is not DD:HH:MM:SS")
+    seconds = sum(int(p) * unit for p, unit in zip(reversed(parts), (1, 60, 3600, 86400)))
+    _require(seconds > 0, "trainer.max_time", "must be more than 0 seconds")
+    return float(seconds)
 
 
 def validate_reward(r: RewardConfig) -> None:

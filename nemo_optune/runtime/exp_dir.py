@@ -15,6 +15,10 @@ RESUMABLE_CHANGES = (
     "model.pipeline_model_parallel_size",
     "trainer.iterations",
     "generation.micro_batch_size",
+    "trainer.max_time",  # operation, not training: a requeued job may get another budget
+    "trainer.stop_signals",
+    "trainer.collective_timeout_seconds",
+    "trainer.progress_bar",
     "exp_manager.",
 )
 LOCK_FILE = ".lock"
