@@ -28,12 +28,14 @@ setup(
         "httpx==0.28.1",
     ],
     extras_require={
-        "test": ["pytest==9.2.0"],
+        "test": ["pytest==9.2.0", "wandb==0.31.0"],  # wandb: the offline-mode test
         # make mutation: mutation testing of the pure loss math (config: setup.cfg [mutmut]).
         "mutation": ["pytest==9.2.0", "mutmut==3.8.1"],
         # GPU-only, imported lazily, never installed in CI. In NGC containers they ship preinstalled.
         "gpu": ["transformer-engine", "apex"],
         "trtllm": ["tensorrt-llm"],
         "vllm": ["vllm"],
+        # exp_manager.wandb.enabled=true (rank 0 logs; offline mode needs no network).
+        "wandb": ["wandb==0.31.0"],
     },
 )

@@ -2,15 +2,18 @@
 
 import os
 import sys
+import threading
 import time
 
 import torch.distributed as dist
 
-from nemo_optune.config import RootConfig, as_dict
+from nemo_optune.config import RootConfig, as_dict, max_time_seconds
 from nemo_optune.data.task_data import build_task_data
 from nemo_optune.runtime import distributed, exp_dir
 from nemo_optune.runtime.checkpoint import newest_intact_checkpoint
 from nemo_optune.runtime.experiment import ExperimentLog, write_report
+from nemo_optune.runtime.lost_ranks import exit_for_lost_rank, is_collective_failure
+from nemo_optune.runtime.preemption import EXIT_STOPPED, StopRequests
 from nemo_optune.trainers.common import setup, sft_checkpoint_dir
 from nemo_optune.trainers.preference import PreferenceTrainer
 from nemo_optune.trainers.sft import run_sft
@@ -73,13 +76,25 @@ def run_experiment(cfg: RootConfig) -> dict:
     if cfg.trainer.dry_run:
         return dry_run(cfg)
     start = time.perf_counter()
+    # Installed first: a stop signal during set-up or SFT is honoured at the first safe point.
+    stop = StopRequests(cfg.trainer.stop_signals if threading.current_thread() is threading.main_thread() else [],
+                        max_time_seconds(cfg.trainer.max_time) if cfg.trainer.max_time else None, start)
+    try:
+        return _run_in_exp_dir(cfg, stop, start)
+    finally:
+        stop.restore()
+
+
+def _run_in_exp_dir(cfg: RootConfig, stop: StopRequests, start: float) -> dict:
     layout = setup(cfg)
     resume, lock = _claim_exp_dir(cfg, layout)
     try:
         log = ExperimentLog(cfg.exp_manager.exp_dir, enabled=layout.is_logging_rank,
-                            tensorboard=cfg.exp_manager.tensorboard)
+                            tensorboard=cfg.exp_manager.tensorboard, wandb=cfg.exp_manager.wandb,
+                            config=as_dict(cfg), resuming=resume is not None)
         try:
-            return _run(cfg, layout, log, resume, start)
+            log.record_start(as_dict(cfg), layout.as_dict(), resume)  # run_info.json: one entry per start
+            return _run(cfg, layout, log, resume, start, stop)
         finally:
             log.close()
     finally:
@@ -87,7 +102,7 @@ def run_experiment(cfg: RootConfig) -> dict:
             lock.close()
 
 
-def _run(cfg: RootConfig, layout, log: ExperimentLog, resume: str | None, start: float) -> dict:
+def _run(cfg: RootConfig, layout, log: ExperimentLog, resume: str | None, start: float, stop: StopRequests) -> dict:
     data = build_task_data(cfg.data)
     if cfg.method == "sft":
         stats = run_sft(cfg, layout, data, sft_checkpoint_dir(cfg), log=log.print)
@@ -114,7 +129,7 @@ def _run(cfg: RootConfig, layout, log: ExperimentLog, resume: str | None, start:
         trainer.resume(resume)
     if layout.is_logging_rank:  # records of iterations after the checkpoint are redone
         exp_dir.truncate_jsonl(os.path.join(cfg.exp_manager.exp_dir, "selections.jsonl"), len(trainer.history))
-    result = trainer.fit()
+    result = trainer.fit(stop)
     summary = trainer.summary({**sft_stats, **result, "sft_checkpoint": restore, "resumed_from": resume,
                                "wall_seconds": time.perf_counter() - start})
     log.write_json("summary.json", summary)
@@ -184,6 +199,10 @@ def main(argv: list[str] | None = None, default_config: str = "optune_tiny") -> 
         summary = run_experiment(typed)
     except user_errors() as err:
         fail(one_line(err))
+    except RuntimeError as err:  # a peer rank died or hangs: name it, exit non-zero, never wait on it
+        if is_collective_failure(err):
+            exit_for_lost_rank(err, typed.trainer.collective_timeout_seconds)
+        raise
     if distributed.world_from_env()[0] == 0:
         if "heldout_reward_final" in summary:
             print(f"[done] held-out reward {summary['heldout_reward_initial']:.4f} -> "
@@ -194,3 +213,5 @@ def main(argv: list[str] | None = None, default_config: str = "optune_tiny") -> 
         if "dry_run" not in summary:
             print(os.path.abspath(typed.exp_manager.exp_dir))
     distributed.shutdown()
+    if summary.get("stopped_by"):
+        sys.exit(EXIT_STOPPED)

@@ -1,6 +1,6 @@
 """Run experiments under a TP x PP x DP layout in spawned gloo processes and hand rank 0's
 view back to the tests: the pool, exported weights, captured gradients. Can also SIGKILL
-the run at a chosen point, to test resumption."""
+the run, or send it stop signals, at a chosen point, to test resumption."""
 
 import os
 import signal
@@ -25,26 +25,30 @@ def _env(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)  # 2 cores shared by up to 4 processes
 
 
-def _install_kill(kill_at, state) -> None:
-    """SIGKILL this process at `kill_at` = (point, iteration index), point in
-    generation | training | checkpoint (shards written, not yet published)."""
+def _install_signals(events, state, rank: int) -> None:
+    """Send this process signals at `events` = [(point, iteration index, signal name, ranks or
+    None for all)], each once; point in generation | training | checkpoint (shards written, not
+    yet published). SIGKILL ends the process there."""
     from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
     from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
     from nemo_optune.runtime import checkpoint
 
-    point, iteration = kill_at
+    pending = [e for e in events if e[3] is None or rank in e[3]]
 
-    def die_if(here: str):
-        if here == point and state["iteration"] == iteration:
-            os.kill(os.getpid(), signal.SIGKILL)
+    def signal_if(here: str):
+        for event in list(pending):
+            point, iteration, name, _ = event
+            if here == point and state["iteration"] == iteration:
+                pending.remove(event)
+                os.kill(os.getpid(), getattr(signal, name))
 
     generate, train_step, rng_state = MegatronInProcessEngine.generate, MegatronGPTOPTuneModel.train_step, checkpoint._rng_state
-    MegatronInProcessEngine.generate = lambda self, *a, **k: (die_if("generation"), generate(self, *a, **k))[1]
-    MegatronGPTOPTuneModel.train_step = lambda self, *a, **k: (die_if("training"), train_step(self, *a, **k))[1]
-    checkpoint._rng_state = lambda: (die_if("checkpoint"), rng_state())[1]
+    MegatronInProcessEngine.generate = lambda self, *a, **k: (signal_if("generation"), generate(self, *a, **k))[1]
+    MegatronGPTOPTuneModel.train_step = lambda self, *a, **k: (signal_if("training"), train_step(self, *a, **k))[1]
+    checkpoint._rng_state = lambda: (signal_if("checkpoint"), rng_state())[1]
 
 
-def _worker(rank, world, port, overrides, out_path, capture_iteration, kill_at):
+def _worker(rank, world, port, overrides, out_path, capture_iteration, signals):
     _env(rank, world, port)
     from nemo_optune.config import load_config
     from nemo_optune.models import gpt_optune
@@ -78,8 +82,8 @@ def _worker(rank, world, port, overrides, out_path, capture_iteration, kill_at):
     PreferenceTrainer.iteration = iteration_hook
     PreferenceTrainer.train_on_pool = train_hook
     gpt_optune._CPUOptimizer.reduce_and_clip = grad_hook
-    if kill_at is not None:
-        _install_kill(kill_at, state)
+    if signals:
+        _install_signals(signals, state, rank)
     summary = run_experiment(load_config("optune_tiny", overrides))
     weights = state["trainer"].model.export_weights() if state["trainer"] else {}
     if rank == 0:
@@ -88,12 +92,14 @@ def _worker(rank, world, port, overrides, out_path, capture_iteration, kill_at):
     distributed.shutdown()
 
 
-def run_layout(world: int, overrides: list[str], out_path: str, capture_iteration: int = 1, kill_at=None) -> dict | None:
-    """Run to the end and return rank 0's results; with `kill_at`, expect the SIGKILL and return None."""
-    args = (world, _free_port(), overrides, out_path, capture_iteration, kill_at)
+def run_layout(world: int, overrides: list[str], out_path: str, capture_iteration: int = 1, kill_at=None,
+               signals=()) -> dict | None:
+    """Run to the end (or to a stop that `signals` cause, see _install_signals) and return rank
+    0's results; with `kill_at` = (point, iteration), expect that SIGKILL and return None."""
     if kill_at is None:
-        _spawn(_worker, args, world)
+        _spawn(_worker, (world, _free_port(), overrides, out_path, capture_iteration, list(signals)), world)
         return torch.load(out_path, weights_only=False)
+    args = (world, _free_port(), overrides, out_path, capture_iteration, [(*kill_at, "SIGKILL", None)])
     try:
         _spawn(_worker, args, world)
     except mp.ProcessExitedException as err:

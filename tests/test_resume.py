@@ -51,6 +51,34 @@ def test_sigkill_then_resume_is_bit_identical(kill_at, uninterrupted, sft_checkp
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path / "checkpoints"))
 
 
+# (signal, point, iteration index, ranks it reaches: None = all, as Slurm sends it)
+STOPS = {
+    "SIGTERM-generation-iter1-rank0": [("generation", 0, "SIGTERM", [0])],
+    # A second signal while the stop's checkpoint is being written changes nothing.
+    "SIGUSR1-training-iter2-then-again-while-saving": [("training", 1, "SIGUSR1", None),
+                                                       ("checkpoint", 1, "SIGUSR1", None)],
+}
+
+
+@pytest.mark.parametrize("stop", STOPS, ids=list(STOPS))
+def test_a_stop_signal_saves_and_the_rerun_ends_bit_identical(stop, uninterrupted, sft_checkpoint, tmp_path):
+    """At TP1 and TP2: the signal (at TP2, to one rank or to both) stops every rank at the end
+    of that iteration with a checkpoint, though checkpoint_every=0 asks for none before the
+    end; the same command resumes and ends bit-identical to the uninterrupted run."""
+    world, layout, ref, _ = uninterrupted
+    overrides = RUN + layout + [f"model.restore_from_path={sft_checkpoint}", f"exp_manager.exp_dir={tmp_path}",
+                                "exp_manager.checkpoint_every=0"]
+    stopped = run_layout(world, overrides, str(tmp_path / "stopped.pt"), signals=STOPS[stop])
+    _, iteration, name, _ = STOPS[stop][0]
+    done = iteration + 1
+    assert stopped["summary"]["stopped_by"] == name
+    assert len(stopped["summary"]["iterations"]) == done
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [f"iter_{done:06d}"]
+    got = run_layout(world, overrides, str(tmp_path / "resumed.pt"))
+    assert got["summary"]["resumed_from"].endswith(f"iter_{done:06d}") and got["summary"]["stopped_by"] is None
+    _assert_identical(got, ref)
+
+
 @pytest.mark.parametrize("uninterrupted", ["tp2"], indirect=True)
 def test_tp2_checkpoint_resumes_at_tp1_with_the_same_loss(uninterrupted, sft_checkpoint, tmp_path):
     _, _, _, exp = uninterrupted

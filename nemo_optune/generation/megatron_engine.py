@@ -14,6 +14,7 @@ Both engines draw their sampling noise per step from `counter_uniform`, a pure f
 its batch nor on the engine: switching engines changes nothing but speed.
 """
 
+import contextlib
 import importlib.util
 
 import torch
@@ -25,11 +26,14 @@ from nemo_optune.generation.sampling import counter_uniform, sample_tokens
 class _Engine:
     """The decoding loop; subclasses give the logits of the active rows at each step."""
 
-    def __init__(self, model, stop_ids, pad_id: int, micro_batch_size: int):
+    def __init__(self, model, stop_ids, pad_id: int, micro_batch_size: int, progress=None):
+        """progress: None, or a callable (rows to generate) -> context manager yielding an object
+        with update(rows), told as rows finish (e.g. runtime/progress.PhaseProgress.rows)."""
         self.model = model
         self.stop_ids = torch.tensor(sorted(set(stop_ids) | {pad_id}))  # any end-of-sequence id, or padding
         self.pad_id = pad_id
         self.micro_batch_size = micro_batch_size
+        self.progress = progress
 
     def refit(self, weights=None) -> None:
         """Nothing to do: the engine runs the policy module itself."""
@@ -59,10 +63,13 @@ class _Engine:
         prompt_lengths = torch.tensor([len(p) for p in row_prompts])
 
         self.model.prepare_for_inference()
+        bars = contextlib.ExitStack()
         try:
+            bar = bars.enter_context(self.progress(rows)) if self.progress is not None else None
             for rows_of_pass in self._passes(prompt_lengths):
                 state = self._begin([row_prompts[r] for r in rows_of_pass.tolist()], new)
                 finished = torch.zeros(len(rows_of_pass), dtype=torch.bool)
+                reported = 0  # rows of this pass the bar has been told of
                 for step in range(new):
                     active = (~finished).nonzero().squeeze(-1)
                     if active.numel() == 0:
@@ -79,8 +86,14 @@ class _Engine:
                     logprobs[out, step] = logits.log_softmax(-1).gather(-1, chosen[:, None]).squeeze(-1)
                     response_lengths[out] += 1
                     finished[active] = torch.isin(chosen, self.stop_ids)
+                    if bar is not None and int(finished.sum()) > reported:
+                        bar.update(int(finished.sum()) - reported)
+                        reported = int(finished.sum())
+                if bar is not None:  # rows that ran to max_new_tokens
+                    bar.update(len(rows_of_pass) - reported)
                 del state
         finally:
+            bars.close()
             self.model.finish_inference()
         return Rollouts(response, response_lengths, logprobs)
 
@@ -189,10 +202,10 @@ class MegatronInProcessEngine(_Engine):
     prompts of one length only (no padding). The local layer spec (CPU) applies the mask."""
 
     def __init__(self, model, stop_ids, pad_id: int, micro_batch_size: int, same_length_passes: bool | None = None,
-                 rows_per_pass: int | None = None):
+                 rows_per_pass: int | None = None, progress=None):
         """rows_per_pass bounds the KV cache (rows x (prompt + new tokens) per layer): None, all
-        rows in one pass. A row's tokens do not depend on its pass."""
-        super().__init__(model, stop_ids, pad_id, micro_batch_size)
+        rows in one pass. A row's tokens do not depend on its pass. progress: see _Engine."""
+        super().__init__(model, stop_ids, pad_id, micro_batch_size, progress)
         if same_length_passes is None:
             same_length_passes = importlib.util.find_spec("transformer_engine") is not None
         self.same_length_passes = same_length_passes

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from nemo_optune.runtime.cpu_shim import apply_cpu_shim
 from nemo_optune.runtime.launcher_watchdog import watch_launcher
+from nemo_optune.runtime.lost_ranks import start_heartbeat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +59,10 @@ def world_from_env() -> tuple[int, int, int]:
     return rank, local_rank, world
 
 
-def initialize(tp: int, pp: int, seed: int) -> Layout:
-    """Initialise torch.distributed and megatron's parallel state; idempotent per process."""
+def initialize(tp: int, pp: int, seed: int, collective_timeout_seconds: float = 600.0) -> Layout:
+    """Initialise torch.distributed and megatron's parallel state; idempotent per process. A
+    collective that waits longer than the timeout on a peer fails (gloo and NCCL; NCCL's
+    watchdog then aborts the communicator) rather than hanging the job."""
     watch_launcher()  # a rank whose torchrun/srun died stops instead of finishing the run
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
@@ -80,11 +83,14 @@ def initialize(tp: int, pp: int, seed: int) -> Layout:
             backend="gloo" if on_cpu else "nccl",
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(minutes=10),
+            timeout=datetime.timedelta(seconds=collective_timeout_seconds),
         )
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
-    mpu.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    # megatron's groups take the same timeout (its argument is in minutes; a float works: timedelta).
+    mpu.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                  distributed_timeout_minutes=collective_timeout_seconds / 60)
+    start_heartbeat()  # names a lost rank if a collective fails (runtime/lost_ranks.py)
     seed_everything(seed)
     # The inference tracker avoids forking CUDA RNG state, which does not exist on CPU.
     tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=on_cpu)

@@ -26,7 +26,8 @@ def setup(cfg: RootConfig):
     validate(cfg, world_size=world)
     if cfg.model.precision == "bf16" and not torch.cuda.is_available():
         raise ValueError("config key model.precision: bf16 needs a GPU; use fp32 on CPU")
-    return distributed.initialize(cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size, cfg.trainer.seed)
+    return distributed.initialize(cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size, cfg.trainer.seed,
+                                  collective_timeout_seconds=cfg.trainer.collective_timeout_seconds)
 
 
 def check_layout(spec, tp: int, pp: int, where: str) -> None:

@@ -30,7 +30,10 @@ from nemo_optune.rewards.sources import RewardSources, is_scoring_rank
 from nemo_optune.runtime.checkpoint import load_training_checkpoint, save_training_checkpoint
 from nemo_optune.runtime.distributed import Layout, dp_share, sum_over_dp
 from nemo_optune.runtime.experiment import ExperimentLog, PhaseTimer, peak_rss_mb
+from nemo_optune.runtime.lost_ranks import note_phase
 from nemo_optune.runtime.lr_schedule import learning_rate
+from nemo_optune.runtime.preemption import EXIT_STOPPED, StopRequests
+from nemo_optune.runtime.progress import PhaseProgress
 from nemo_optune.runtime.seeds import mix_seed
 from nemo_optune.trainers.common import max_prompt_tokens, model_and_tokenizer, sampling_params
 from nemo_optune.trainers.hypo_kl import OnlineKLSamples
@@ -69,8 +72,10 @@ class PreferenceTrainer:
         self.model = MegatronGPTOPTuneModel(cfg.model, spec, layout, seed=t.seed, lr=t.lr, weight_decay=t.weight_decay,
                                             grad_clip=t.grad_clip, lr_schedule=self.lr_at_step, tokenizer=tok,
                                             initialize=False)  # run.py loads the SFT policy
+        self.progress = PhaseProgress(t.progress_bar and layout.is_logging_rank)  # bars only on a terminal
         self.engine = MegatronInProcessEngine(self.model, tok.eos_ids, tok.pad_id, g.micro_batch_size,
-                                             rows_per_pass=g.micro_batch_size)  # bounds the KV cache
+                                             rows_per_pass=g.micro_batch_size,  # bounds the KV cache
+                                             progress=self.progress.rows)
         self.pool = PreferencePool(pool, prompt_ids, prompts, model=self.model, engine=self.engine, reward=self.reward,
                                    tokenizer=tok, layout=layout, cfg=cfg, width=self.width)
         self.online_kl = None
@@ -97,21 +102,32 @@ class PreferenceTrainer:
                              decay=t.lr_decay, min_lr=t.min_lr)
 
     # ------------------------------------------------------------------ loop
-    def fit(self) -> dict:
+    def fit(self, stop: StopRequests | None = None) -> dict:
+        """The iterations; after each one (the safe point) all ranks agree whether a stop signal
+        or trainer.max_time ends the run early, with a checkpoint."""
         start = time.perf_counter()
         if self.initial is None:
             self.initial = self.evaluate()
         initial, _ = self.initial
         self.log.print(f"[{self.cfg.method}] layout={self.layout.as_dict()} held-out reward at start {initial:.4f}")
-        for it in range(len(self.history), self.cfg.trainer.iterations):
+        iterations, stopped_by = self.cfg.trainer.iterations, None
+        for it in range(len(self.history), iterations):
             record = self.iteration(it)
             self.history.append(record)
-            self.log.print(iteration_line(record, self.cfg.trainer.iterations))
+            self.log.print(iteration_line(record, iterations))
             self.log.scalars(it + 1, record)
-            if self.checkpoint_due(it + 1):
+            if stop is not None and it + 1 < iterations:
+                note_phase("stop check")
+                stopped_by = stop.reason_to_stop(self.next_iteration_estimate())
+            if self.checkpoint_due(it + 1) or stopped_by:
                 self.save_checkpoint()
+            if stopped_by:
+                self.log.print(f"[stop] {stopped_by}: checkpoint of iteration {it + 1} written; exiting with status "
+                               f"{EXIT_STOPPED}, the same command resumes")
+                break
         last = self.history[-1]
         return {
+            "stopped_by": stopped_by,
             "heldout_reward_initial": initial,
             "heldout_reward_final": last["heldout_reward"],
             "heldout_kl_final": last["heldout_kl"],
@@ -125,6 +141,7 @@ class PreferenceTrainer:
         }
 
     def iteration(self, it: int) -> dict:
+        note_phase("iteration start", it + 1)
         timer = PhaseTimer()
         refresh, rho = RefreshStats(), None
         if self.online:
@@ -165,7 +182,7 @@ class PreferenceTrainer:
         totals = torch.zeros(5)  # loss, pairs, correct, margin sum, HyPO KL sum
         grad_norms, skipped = [], 0
         batches = iteration_batches(len(self.pool.store), t.global_batch_size, t.epochs_per_iteration, it, t.seed)
-        for b, batch in enumerate(batches):
+        for b, batch in enumerate(self.progress.iterate("training", batches, unit="step")):
             micro_batches, weight_total = self.micro_batches(batch)
             if weight_total == 0 and self.online_kl is None:
                 skipped += 1  # a batch of tied / identical pairs carries no signal
@@ -220,12 +237,14 @@ class PreferenceTrainer:
         evaluation, so a change reflects the policy. Samples come from the policy itself
         (temperature 1, no truncation), which makes the mean of log pi(y) - log ref(y) an
         unbiased estimate of KL(pi || ref)."""
+        note_phase("held-out evaluation")
         g = self.cfg.generation
         mine = dp_share(torch.arange(len(self.heldout_ids)), self.layout)[0].tolist()
         prompts = [self.heldout_ids[i] for i in mine]
         n = g.eval_samples_per_prompt
-        rollouts = self.engine.generate(prompts, n, SamplingParams(max_new_tokens=g.max_new_tokens),
-                                        [mix_seed(self.cfg.data.seed, HELD_OUT_SEED, i) for i in mine])
+        with self.progress.phase("evaluation"):
+            rollouts = self.engine.generate(prompts, n, SamplingParams(max_new_tokens=g.max_new_tokens),
+                                            [mix_seed(self.cfg.data.seed, HELD_OUT_SEED, i) for i in mine])
         texts = [self.tokenizer.decode(r) for r in rollouts.response_tokens]
         rewards, by_source = self.reward.score_once_per_model_parallel_group(
             [self.heldout_prompts[i] for i in mine for _ in range(n)], texts)
@@ -257,6 +276,7 @@ class PreferenceTrainer:
         }
 
     def save_checkpoint(self) -> None:
+        note_phase("checkpoint save")
         start = time.perf_counter()
         save_training_checkpoint(self.cfg.exp_manager.exp_dir, len(self.history), self.model, self.state_dict(),
                                  keep_last=self.cfg.exp_manager.keep_last)
@@ -278,6 +298,12 @@ class PreferenceTrainer:
                            f"its horizon of {state['lr_total_steps']} optimizer steps (later steps use trainer.min_lr)")
         self.lr_total_steps = state["lr_total_steps"]
         self.log.print(f"[resume] from {path}: {done} iterations done")
+
+    def next_iteration_estimate(self) -> float:
+        """Seconds the next iteration and its checkpoint may take: the longest so far (for
+        trainer.max_time, which must not be overrun)."""
+        longest = max(r["seconds"]["total"] + r["seconds"]["eval"] for r in self.history)
+        return longest + max(self.checkpoint_seconds, default=0.0)
 
     def checkpoint_due(self, iterations_done: int) -> bool:
         every = self.cfg.exp_manager.checkpoint_every

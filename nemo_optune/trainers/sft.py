@@ -10,6 +10,7 @@ from nemo_optune.data.pool import build_sequences
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 from nemo_optune.runtime.checkpoint import save_model
 from nemo_optune.runtime.distributed import Layout
+from nemo_optune.runtime.lost_ranks import note_phase
 from nemo_optune.data.task_data import TaskData
 from nemo_optune.runtime.seeds import mix_seed
 from nemo_optune.trainers.common import builtin_spec, check_layout, sequence_width
@@ -36,6 +37,7 @@ def token_nll_loss(total_tokens: float):
 
 def run_sft(cfg: RootConfig, layout: Layout, data: TaskData, out_dir: str, log=print) -> dict:
     """Train the SFT policy and save it (dist_checkpointing) to `out_dir`."""
+    note_phase("SFT warm start")
     start = time.perf_counter()
     tok, s, t = data.tokenizer, cfg.sft, cfg.trainer
     spec = builtin_spec(cfg, data.task, tok)
