@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench mutation clean
+.PHONY: demo test test-slow install bench mutation clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)
+
+# The slow tier: further layouts and kill/stop points of the resume tests (~4 min).
+test-slow: $(STAMP)
+	$(PY) -m pytest -q tests -m slow $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/compare_methods.py --out bench_out $(ARGS)

@@ -34,3 +34,20 @@ def sft_checkpoint(tmp_path_factory):
     exp = tmp_path_factory.mktemp("sft")
     run_layout(1, TINY + [f"exp_manager.exp_dir={exp}", "method=sft"], str(exp / "result.pt"))
     return str(exp / "sft_checkpoint")
+
+
+# The default tier covers every kill point, stop signal and layout at least once; these are
+# the remaining combinations (make test-slow).
+SLOW = {
+    "test_sigkill_then_resume_is_bit_identical[tp1-generation-iter2]",
+    "test_sigkill_then_resume_is_bit_identical[tp2-training-iter3]",
+    "test_sigkill_then_resume_is_bit_identical[tp2-checkpoint-iter2]",
+    "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp2-SIGTERM-generation-iter1-rank0]",
+    "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp1-SIGUSR1-training-iter2-then-again-while-saving]",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.name in SLOW:
+            item.add_marker(pytest.mark.slow)

@@ -68,19 +68,22 @@ def test_scoring_through_the_server_trains_exactly_like_in_process_and_survives_
     # some of the iteration's 256); a watcher restarts it on the same port while the client retries.
     port = int(url.rsplit(":", 1)[1])
     server, _ = start_server(port, die_after_pairs=100)
-    restarted = []
+    restarted, finished = [], threading.Event()
 
     def restart_when_dead():
         server.wait()
-        restarted.append(start_server(port)[0])
+        if not finished.is_set():  # (a failed run kills the server too: no restart then)
+            restarted.append(start_server(port)[0])
 
     watcher = threading.Thread(target=restart_when_dead)
     watcher.start()
     try:
         again = run_experiment(load_config("optune_tiny", start + http_overrides(url, tmp_path / "restart")))
     finally:
+        finished.set()
+        server.kill()
         watcher.join(timeout=60)
-        for process in [server, *restarted]:
+        for process in restarted:
             process.kill()
     assert server.returncode == -9 and restarted  # it really died and came back
     assert again["reward_source_failures"] >= 1
