@@ -1,6 +1,7 @@
 """Run one experiment from a typed config: SFT warm start (unless restoring), then the method."""
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -212,6 +213,9 @@ def main(argv: list[str] | None = None, default_config: str = "optune_tiny") -> 
             print(f"[done] {summary['method']} in {summary['wall_seconds']:.1f}s")
         if "dry_run" not in summary:
             print(os.path.abspath(typed.exp_manager.exp_dir))
+    if summary.get("stopped_by"):  # srun may signal the ranks still shutting down: exit 3, not 143
+        for name in typed.trainer.stop_signals:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     distributed.shutdown()
     if summary.get("stopped_by"):
         sys.exit(EXIT_STOPPED)
