@@ -36,14 +36,24 @@ def sft_checkpoint(tmp_path_factory):
     return str(exp / "sft_checkpoint")
 
 
-# The default tier covers every kill point, stop signal and layout at least once; these are
-# the remaining combinations (make test-slow).
+# The slow tier (make test-slow), kept out of CI's 15 minutes on 2 cores. The default tier
+# covers every kill point, every layout kind (TP, PP, DP) and a stop signal with its
+# bit-identical resume at least once, and runs the Slurm scripts' logic under the stand-in with
+# a fake trainer; these are the remaining combinations and the Slurm scripts' real 4-process runs.
 SLOW = {
     "test_sigkill_then_resume_is_bit_identical[tp1-generation-iter2]",
     "test_sigkill_then_resume_is_bit_identical[tp2-training-iter3]",
     "test_sigkill_then_resume_is_bit_identical[tp2-checkpoint-iter2]",
+    "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp1-SIGTERM-generation-iter1-rank0]",
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp2-SIGTERM-generation-iter1-rank0]",
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp1-SIGUSR1-training-iter2-then-again-while-saving]",
+    "test_layout_matches_single_process[tp2pp2]",
+    "test_hypo_layout_matches_single_process[tp2]",
+    "test_greedy_generation_equals_transformers[nemo2-2]",
+    "test_torchrun_script_runs_to_the_end",
+    "test_srun_script_stops_on_sigusr1_saves_and_requeues",
+    "test_requeued_srun_job_resumes_and_runs_to_the_end_with_ranks_from_slurm",
+    "test_requeued_run_ends_bit_identical_to_the_uninterrupted_one",
 }
 
 

@@ -268,12 +268,19 @@ def test_the_client_raises_a_4xx_reason_at_once(server, monkeypatch):
         client.score(["1>"] * 70, ["1"] * 70)
 
 
-def test_a_full_queue_answers_503_with_retry_after(slow_server):
-    first = {}
-    thread = threading.Thread(target=lambda: first.update(post(slow_server, {"prompts": ["1>"] * 4, "responses": ["1"] * 4},
-                                                               headers={}).json()))
+def post_in_background(server, pairs: int) -> tuple[threading.Thread, dict]:
+    """A request of `pairs` pairs in flight (queued at the server) when this returns; its answer
+    lands in the dict."""
+    answer = {}
+    thread = threading.Thread(target=lambda: answer.update(
+        post(server, {"prompts": ["1>"] * pairs, "responses": ["1"] * pairs}, headers={}).json()))
     thread.start()
-    slow_server.wait_for_queued(4)
+    server.wait_for_queued(pairs)
+    return thread, answer
+
+
+def test_a_full_queue_answers_503_with_retry_after(slow_server):
+    thread, first = post_in_background(slow_server, 4)
     answer = post(slow_server, {"prompts": ["1>"], "responses": ["1"]}, headers={})
     assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
     assert answer.json()["error"] == "queue full (4 pairs queued, limit 4): retry later"
@@ -318,11 +325,7 @@ def test_a_failing_request_gets_500_and_its_batch_neighbours_their_rewards(slow_
 
 
 def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(slow_server):
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(post(slow_server, {"prompts": ["1>"] * 2, "responses": ["1"] * 2},
-                                                                headers={}).json()))
-    thread.start()
-    slow_server.wait_for_queued(2)
+    thread, result = post_in_background(slow_server, 2)
     slow_server.proc.send_signal(signal.SIGTERM)
     thread.join()
     assert result == {"rewards": [0.25] * 2}

@@ -5,8 +5,9 @@ local stand-in for srun and scontrol (tests/slurm_standin: its README says what 
 three 4-process launches: the torchrun script runs to the end; the srun script gets SIGUSR1 in
 its batch shell (what --signal=B:USR1@... does), the ranks save and stop, the script requeues
 the job; the rerun (SLURM_RESTART_COUNT=1) resumes, runs to the end and ends bit-identical to
-the torchrun run. The slow tier adds the torchrun script's stop. A fake trainer checks, cheaply,
-the pyxis options srun gets and the exit-status protocol.
+the torchrun run; these real runs and the torchrun script's stop are in the slow tier (make
+test-slow, ~3 min). In the default tier a fake trainer checks, cheaply, the scripts' logic: the
+pyxis options srun gets and the exit-status and requeue protocol.
 """
 
 import json
