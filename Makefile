@@ -22,7 +22,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)
 
-# The slow tier (tests/conftest.py SLOW): more layouts and kill/stop points, the Slurm scripts' real runs (~8 min).
+# The slow tier (tests/conftest.py SLOW): more layouts and kill/stop points, the Slurm scripts' real runs (~6 min).
 test-slow: $(STAMP)
 	$(PY) -m pytest -q tests -m slow $(ARGS)
 
