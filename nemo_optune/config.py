@@ -241,13 +241,18 @@ class RootConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
-def to_typed(cfg) -> RootConfig:
-    """Merge a (Hydra/OmegaConf) config onto the schema and return the typed object."""
+def merge_onto(schema, cfg):
+    """A (Hydra/OmegaConf) config merged onto a dataclass schema, as the typed object (Hydra's
+    own `hydra` key dropped)."""
     if OmegaConf.is_config(cfg):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
-    merged = OmegaConf.merge(OmegaConf.structured(RootConfig), cfg)
-    typed = OmegaConf.to_object(merged)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+
+
+def to_typed(cfg) -> RootConfig:
+    """Merge a (Hydra/OmegaConf) config onto the schema and return the typed, validated object."""
+    typed = merge_onto(RootConfig, cfg)
     from nemo_optune.runtime.distributed import world_from_env
 
     validate(typed, world_size=world_from_env()[2])

@@ -45,9 +45,9 @@ from typing import Optional
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from omegaconf import OmegaConf
 
-from nemo_optune.config import ConfigError, DataConfig, RewardConfig, _one_of, _require, conf_dir, validate_reward
+from nemo_optune.config import (ConfigError, DataConfig, RewardConfig, _one_of, _require, conf_dir, merge_onto,
+                                 validate_reward)
 from nemo_optune.data.records import DataError, check_messages
 from nemo_optune.data.sort_task import SortTask
 from nemo_optune.rewards.sources import RewardSources
@@ -81,9 +81,7 @@ def load_serve_config(argv: list[str]) -> ServeRewardConfig:
 
     name, overrides = parse_args(argv, "reward")
     with initialize_config_dir(config_dir=os.path.join(conf_dir(), "serve"), version_base=None):
-        composed = OmegaConf.to_container(compose(config_name=name, overrides=overrides), resolve=True)
-    composed = {k: v for k, v in composed.items() if k != "hydra"}
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ServeRewardConfig), composed))
+        cfg = merge_onto(ServeRewardConfig, compose(config_name=name, overrides=overrides))
     validate_serve(cfg)
     return cfg
 

@@ -33,8 +33,10 @@ def build_source(s: RewardSourceConfig, key: str, task, timeout_seconds: float, 
     if s.source == "hf":
         from nemo_optune.rewards.hf_model import HFRewardModel, check_reward_model_dir
 
-        check_reward_model_dir(s.hf.path, f"{key}.hf.path")
-        return HFRewardModel(s.hf, key=f"{key}.hf") if load else None
+        if not load:
+            check_reward_model_dir(s.hf.path, f"{key}.hf.path")
+            return None
+        return HFRewardModel(s.hf, key=f"{key}.hf")  # checks the directory first
     if s.source == "http":
         from nemo_optune.rewards.http_client import HTTPReward
 

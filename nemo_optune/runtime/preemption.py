@@ -51,10 +51,10 @@ class StopRequests:
         code = 1 if self.signal_name else 0
         if self.max_time is not None and time.perf_counter() - self.start + next_iteration_seconds > self.max_time:
             code = 2
-        flags = torch.tensor([code, 1 if self.signal_name else 0], dtype=torch.long)
+        flag = torch.tensor([code], dtype=torch.long)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        code = int(flags[0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        code = int(flag[0])
         if code == 0:
             return None
         return (self.signal_name or "a stop signal (on another rank)") if REASONS[code] == "signal" else "max_time"
