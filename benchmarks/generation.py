@@ -1,5 +1,5 @@
 """Rollout throughput: the recompute engine, the KV-cached engine (megatron's
-StaticInferenceContext) and, from the same weights, Hugging Face `generate` with its KV cache.
+models/kv_cache.py) and, from the same weights, Hugging Face `generate` with its KV cache.
 
     .venv/bin/python benchmarks/generation.py            # every case, one JSON line each + a table
     .venv/bin/python benchmarks/generation.py --cases tiny --no-hf
@@ -20,6 +20,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+LLAMA_20M = ["model.hidden_size=512", "model.num_layers=6", "model.num_attention_heads=8", "model.num_query_groups=4"]
 # name: (config overrides, prompts, samples per prompt, new tokens, micro-batch size)
 CASES = {
     "tiny": ([], 256, 4, 10, 256),
@@ -27,6 +28,8 @@ CASES = {
                  "model.num_query_groups=4"], 32, 2, 64, 64),
     "wide_256": (["model.hidden_size=128", "model.num_layers=4", "model.num_attention_heads=8",
                   "model.num_query_groups=4"], 8, 2, 256, 16),
+    # The issue-14 yardstick: a Llama-shaped model of ~20M parameters (hidden 512, 6 layers, GQA).
+    **{f"llama20m_{new}": (LLAMA_20M, 32, 2, new, 64) for new in (16, 64, 256)},
 }
 
 
@@ -82,9 +85,15 @@ def run_case(name: str, engines: list[str], repeats: int) -> dict:
                 out = engine.generate(prompts, samples, params, seeds)
                 assert int(out.response_lengths.min()) == new
 
-            result[f"{engine_name}_responses_per_s"] = rows / _time(go, repeats)
+            seconds = _time(go, repeats)
+            result[f"{engine_name}_responses_per_s"] = rows / seconds
+            result[f"{engine_name}_tokens_per_s"] = rows * new / seconds
+            result[f"{engine_name}_ms_per_step"] = 1000 * seconds / new  # one decoding step of all rows
         if "hf" in engines:
-            result["hf_responses_per_s"] = rows / _hf_seconds(model, tok.pad_id, prompts, samples, new, mbs, tmp, repeats)
+            seconds = _hf_seconds(model, tok.pad_id, prompts, samples, new, mbs, tmp, repeats)
+            result["hf_responses_per_s"] = rows / seconds
+            result["hf_tokens_per_s"] = rows * new / seconds
+            result["hf_ms_per_step"] = 1000 * seconds / new
     if "recompute_responses_per_s" in result and "cached_responses_per_s" in result:
         result["cached_over_recompute"] = result["cached_responses_per_s"] / result["recompute_responses_per_s"]
     if "hf_responses_per_s" in result and "cached_responses_per_s" in result:

@@ -1,4 +1,4 @@
-"""The KV-cached rollout engine (megatron's StaticInferenceContext) against the recompute
+"""The KV-cached rollout engine (models/kv_cache.py) against the recompute
 engine it replaces: same tokens, same log-probs, under TP and PP; and the per-step counter
 noise that makes both draw the same samples whatever the batch."""
 
@@ -55,9 +55,6 @@ def tiny(tmp_path_factory, sft_checkpoint):
     engines = {
         "recompute": MegatronRecomputeEngine(trainer.model, tok.eos_ids, tok.pad_id, micro_batch_size=4),
         "cached": MegatronInProcessEngine(trainer.model, tok.eos_ids, tok.pad_id, micro_batch_size=4),
-        # One pass per prompt length (what TransformerEngine's attention needs): no padding at all.
-        "cached_by_length": MegatronInProcessEngine(trainer.model, tok.eos_ids, tok.pad_id, micro_batch_size=4,
-                                                    same_length_passes=True),
         # A bounded cache: passes of at most 5 rows.
         "cached_5_rows": MegatronInProcessEngine(trainer.model, tok.eos_ids, tok.pad_id, micro_batch_size=4,
                                                  rows_per_pass=5),
@@ -78,7 +75,7 @@ def test_trainer_uses_the_cached_engine(tiny, monkeypatch):
     assert all(w[1] == 1 for w in widths[1:]) and len(widths) == int(out.response_lengths.max())
 
 
-@pytest.mark.parametrize("cached", ["cached", "cached_by_length", "cached_5_rows"])
+@pytest.mark.parametrize("cached", ["cached", "cached_5_rows"])
 def test_greedy_matches_recompute(tiny, cached):
     _, prompts, engines = tiny
     ref = engines["recompute"].generate(prompts, 2, GREEDY, seeds=list(range(len(prompts))))
@@ -90,7 +87,7 @@ def test_greedy_matches_recompute(tiny, cached):
     assert torch.allclose(got.logprobs, ref.logprobs, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("cached", ["cached", "cached_by_length", "cached_5_rows"])
+@pytest.mark.parametrize("cached", ["cached", "cached_5_rows"])
 def test_sampled_matches_recompute_and_ignores_the_batch(tiny, cached):
     _, prompts, engines = tiny
     seeds = [100 + i for i in range(len(prompts))]

@@ -1,10 +1,10 @@
 """In-process rollout engines on the policy's own megatron-core model (no weight copy).
 
-`MegatronInProcessEngine` (the default) keeps a KV cache: megatron-core's own
-`StaticInferenceContext`, passed as `inference_context` to GPTModel.forward. The prompts of a
-pass are left-padded to one length and prefilled once; then each step feeds one token per
-active row and every attention layer appends its keys/values to the cache and attends over
-it. Under PP every stage caches its own layers; under TP every rank its own heads.
+`MegatronInProcessEngine` (the default) keeps a KV cache (models/kv_cache.py, at megatron's
+attention layers). The prompts of a pass are left-padded to one length and prefilled once;
+then each step feeds one token per active row and every attention layer appends its
+keys/values to the cache and attends over it. Under PP every stage caches its own layers;
+under TP every rank its own heads.
 
 `MegatronRecomputeEngine` recomputes the whole prefix every step (quadratic in length). It is
 kept as the reference the cached engine is tested against.
@@ -15,7 +15,6 @@ its batch nor on the engine: switching engines changes nothing but speed.
 """
 
 import contextlib
-import importlib.util
 
 import torch
 
@@ -119,18 +118,16 @@ class MegatronRecomputeEngine(_Engine):
 
 
 class _CachePass:
-    """One pass's KV cache (megatron's StaticInferenceContext) and its row bookkeeping.
+    """One pass's KV cache and its row bookkeeping.
 
     Prompts are left-padded to the pass's longest, so the last prompt token of every row sits
     at the same cache slot and all rows then advance one slot per step. Row r's padding slots
-    (the first pad[r]) are masked out of attention for good, and its positions count from its
-    first real token. megatron's RoPE takes positions from cache slots (gpt_model.py _preprocess
-    / attention.py _adjust_key_value_for_inference), i.e. shifted by pad[r] for the whole row:
-    attention scores under RoPE depend only on position differences, so that is the same model.
+    (the first pad[r]) are masked out of attention for good (a padding query sees only its
+    own slot, so no query is fully masked), and its positions count from its first real token.
     """
 
     def __init__(self, model, prompts: list[list[int]], new: int, pad_id: int, micro_batch_size: int):
-        from megatron.core.inference.contexts import StaticInferenceContext
+        from nemo_optune.models.kv_cache import KVCache
 
         self.model, self.micro_batch_size = model, micro_batch_size
         rows = len(prompts)
@@ -139,7 +136,7 @@ class _CachePass:
         self.tokens = torch.full((rows, self.width), pad_id, dtype=torch.long)
         for r, ids in enumerate(prompts):
             self.tokens[r, self.pad[r]:] = torch.tensor(ids)
-        self.context = StaticInferenceContext(self._padded(rows), self.width + new)
+        self.cache = KVCache(self._padded(rows), self.width + new)
         self.cache_row = torch.arange(rows)  # row r's row in the cache
         self.cached_rows = self._padded(rows)  # rows the cache holds now
         self.next_tokens = None  # [rows], the tokens chosen at the last step
@@ -154,15 +151,13 @@ class _CachePass:
         positions = (slots[None, :] - self.pad[:, None]).clamp(min=0)
         causal = slots[None, :] > slots[:, None]  # [query, key]
         padding = slots[None, :] < self.pad[:, None]  # [row, key]
-        mask = (causal[None] | padding[:, None, :])[:, None]  # [rows, 1, width, width], True = masked
-        self.context.enable_prefill_mode()
-        logits = self.model.next_token_logits_cached(self.context, self.tokens, positions, mask, self.micro_batch_size)
-        self.context.enable_decode_mode()
-        return logits
+        own = torch.eye(self.width, dtype=torch.bool)  # a padding query sees its own slot only
+        mask = ((causal[None] | padding[:, None, :]) & ~own)[:, None]  # [rows, 1, width, width], True = masked
+        return self.model.next_token_logits_cached(self.cache, self.tokens, positions, mask, self.micro_batch_size)
 
     def decode_logits(self, active: torch.Tensor) -> torch.Tensor:
         self._compact(active)
-        step = self.context.sequence_len_offset  # the slot this step's token goes to
+        step = self.cache.sequence_len_offset  # the slot this step's token goes to
         keys = torch.arange(step + 1)
         mask = (keys[None, :] < self.pad[active, None])[:, None, None, :]  # [active, 1, 1, step + 1]
         positions = (step - self.pad[active])[:, None]
@@ -175,7 +170,7 @@ class _CachePass:
         full_positions[:n] = positions
         full_mask = torch.zeros(self.cached_rows, 1, 1, step + 1, dtype=torch.bool)
         full_mask[:n] = mask
-        return self.model.next_token_logits_cached(self.context, tokens, full_positions, full_mask,
+        return self.model.next_token_logits_cached(self.cache, tokens, full_positions, full_mask,
                                                    self.micro_batch_size)[:n]
 
     def _compact(self, active: torch.Tensor) -> None:
@@ -185,38 +180,23 @@ class _CachePass:
         order = self.cache_row[active]
         if padded == self.cached_rows and torch.equal(order, torch.arange(n)):
             return
-        index = torch.cat([order, order[:1].expand(padded - n)])
-        memory = self.context.key_value_memory_dict
-        for layer, (keys, values) in memory.items():
-            memory[layer] = (keys[:, index].contiguous(), values[:, index].contiguous())
+        self.cache.keep_rows(torch.cat([order, order[:1].expand(padded - n)]))
         self.cache_row[active] = torch.arange(n)
         self.cached_rows = padded
-        self.context.max_batch_size = padded
 
 
 class MegatronInProcessEngine(_Engine):
-    """The KV-cached engine (the default). See _CachePass.
+    """The KV-cached engine (the default). See _CachePass."""
 
-    With TransformerEngine's attention, megatron decodes with attn_mask_type no_mask and TE
-    ignores an explicit mask, so left padding could not be masked: there each pass holds
-    prompts of one length only (no padding). The local layer spec (CPU) applies the mask."""
-
-    def __init__(self, model, stop_ids, pad_id: int, micro_batch_size: int, same_length_passes: bool | None = None,
-                 rows_per_pass: int | None = None, progress=None):
+    def __init__(self, model, stop_ids, pad_id: int, micro_batch_size: int, rows_per_pass: int | None = None,
+                 progress=None):
         """rows_per_pass bounds the KV cache (rows x (prompt + new tokens) per layer): None, all
         rows in one pass. A row's tokens do not depend on its pass. progress: see _Engine."""
         super().__init__(model, stop_ids, pad_id, micro_batch_size, progress)
-        if same_length_passes is None:
-            same_length_passes = importlib.util.find_spec("transformer_engine") is not None
-        self.same_length_passes = same_length_passes
         self.rows_per_pass = rows_per_pass
 
     def _passes(self, prompt_lengths: torch.Tensor) -> list[torch.Tensor]:
-        rows = torch.arange(len(prompt_lengths))
-        groups = ([rows] if not self.same_length_passes else
-                  [(prompt_lengths == n).nonzero().squeeze(-1) for n in prompt_lengths.unique().tolist()])
-        size = self.rows_per_pass or len(rows)
-        return [chunk for group in groups for chunk in group.split(size)]
+        return list(torch.arange(len(prompt_lengths)).split(self.rows_per_pass or len(prompt_lengths)))
 
     def _begin(self, prompts: list[list[int]], new: int) -> _CachePass:
         return _CachePass(self.model, prompts, new, self.pad_id, self.micro_batch_size)

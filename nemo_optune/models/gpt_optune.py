@@ -481,20 +481,21 @@ class MegatronGPTOPTuneModel:
         return self._from_last_stage(logits, (tokens.shape[0], self.vocab_size), torch.float32).cpu()
 
     @torch.no_grad()
-    def next_token_logits_cached(self, context, tokens: torch.Tensor, positions: torch.Tensor,
+    def next_token_logits_cached(self, cache, tokens: torch.Tensor, positions: torch.Tensor,
                                  attention_mask: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
         """Run the next `s` positions `tokens` [B, s] of every cached row through the policy with
-        megatron's StaticInferenceContext `context` (a KV cache: each attention layer of this
-        pipeline stage appends its keys/values at context.sequence_len_offset and attends over all
-        cached positions). Row b of `tokens` is row b of the cache. `positions` [B, s] are the
-        tokens' positions (read by a learned position embedding; megatron's RoPE takes positions
-        from the cache slots); `attention_mask` [B, 1, s, offset + s], True = masked.
+        `cache` (models/kv_cache.KVCache: each attention layer of this pipeline stage appends its
+        keys/values at cache.sequence_len_offset and attends over all cached positions). Row b of
+        `tokens` is row b of the cache. `positions` [B, s] are the tokens' positions in their
+        rows; `attention_mask` [B, 1, s, offset + s], True = masked.
 
         Returns full-vocabulary logits [B, V] (float32) at the last of the s positions, on every
-        rank, and advances context.sequence_len_offset by s. Micro-batches pass through megatron's
+        rank, and advances cache.sequence_len_offset by s. Micro-batches pass through megatron's
         pipeline schedule like next_token_logits; each writes its rows of the cache
-        (context.batch_size_offset), so the cache must hold the micro-batch-padded row count."""
+        (cache.batch_size_offset), so the cache must hold the micro-batch-padded row count."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from nemo_optune.models.kv_cache import cached_attention
 
         self._require_weights()
         rows, length = tokens.shape
@@ -503,11 +504,12 @@ class MegatronGPTOPTuneModel:
 
         def forward_step(data_iterator, model):
             index, mb = next(data_iterator)
-            context.batch_size_offset = index * size
+            cache.batch_size_offset = index * size
+            cache.set_positions(mb["positions"].to(self.device))
             # megatron's inference path gathers the TP logits itself (gpt_model.py _postprocess
             # asserts runtime_gather_output).
             out = model(mb["tokens"].to(self.device), mb["positions"].to(self.device), mb["mask"].to(self.device),
-                        inference_context=context, runtime_gather_output=True)
+                        inference_context=cache, runtime_gather_output=True)
 
             def loss_func(logits):
                 # materialize_only_last_token_logits: megatron computed the last position only.
@@ -525,14 +527,15 @@ class MegatronGPTOPTuneModel:
         for key in hooks:
             del output_layer._forward_hooks[key]
         try:
-            outs = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(enumerate(batches)), model=self.policy,
-                num_microbatches=len(batches), seq_length=length, micro_batch_size=size, forward_only=True)
+            with cached_attention(self.policy, cache):
+                outs = get_forward_backward_func()(
+                    forward_step_func=forward_step, data_iterator=iter(enumerate(batches)), model=self.policy,
+                    num_microbatches=len(batches), seq_length=length, micro_batch_size=size, forward_only=True)
         finally:
             if hooks:
                 output_layer._forward_hooks.update(hooks)
-        context.batch_size_offset = 0
-        context.sequence_len_offset += length
+        cache.batch_size_offset = 0
+        cache.sequence_len_offset += length
         logits = torch.cat([o["logits"] for o in outs])[:rows] if outs else None
         return self._from_last_stage(logits, (rows, self.vocab_size), torch.float32).cpu()
 
