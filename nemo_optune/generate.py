@@ -18,7 +18,7 @@ import torch
 from nemo_optune.config import RootConfig
 from nemo_optune.data.prompts import encode_prompt_file
 from nemo_optune.data.task_data import build_task_data
-from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
+from nemo_optune.generation.factory import build_engine
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 from nemo_optune.runtime.distributed import dp_share, gather_rows_over_dp
 from nemo_optune.runtime.seeds import mix_seed
@@ -42,8 +42,7 @@ def generate(cfg: RootConfig) -> int:
     model = MegatronGPTOPTuneModel(cfg.model, spec, layout, seed=gen.seed, lr=1.0, weight_decay=0.0, grad_clip=0.0,
                                    with_reference=False, tokenizer=tokenizer, initialize=False)
     model.load_policy(cfg.model.restore_from_path, from_training=True)  # e.g. EXP/checkpoints/iter_000008
-    engine = MegatronInProcessEngine(model, tokenizer.eos_ids, tokenizer.pad_id, cfg.generation.micro_batch_size,
-                                    rows_per_pass=cfg.generation.micro_batch_size)
+    engine = build_engine(cfg, model, tokenizer)  # generation.engine
     k = gen.samples_per_prompt
     mine, counts = dp_share(torch.arange(len(prompt_ids)), layout)
     rollouts = engine.generate([prompt_ids[i] for i in mine.tolist()], k, sampling_params(cfg),

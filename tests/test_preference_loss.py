@@ -232,6 +232,21 @@ def test_iteration_batches_carry_remainder():
     assert other.tolist() != stream.tolist()
 
 
+def test_iteration_windows_are_shuffled_passes_over_the_pool():
+    from nemo_optune.data.batching import iteration_window
+
+    assert iteration_window(10, None, 3, seed=1).tolist() == list(range(10))
+    # 70 prompts, windows of 32: two windows per pass, 6 prompts of each pass left for later.
+    windows = [iteration_window(70, 32, it, seed=1) for it in range(6)]
+    assert all(w.shape == (32,) for w in windows)
+    for p in range(3):
+        both = torch.cat(windows[2 * p:2 * p + 2]).tolist()
+        assert len(set(both)) == 64 and set(both) <= set(range(70))  # a pass: no prompt twice
+    assert windows[0].tolist() != windows[2].tolist()  # a new pass, a new order
+    assert [w.tolist() for w in windows] == [iteration_window(70, 32, it, seed=1).tolist() for it in range(6)]
+    assert iteration_window(70, 32, 0, seed=2).tolist() != windows[0].tolist()
+
+
 @pytest.mark.parametrize("share,cap,size", [(32, 64, 32), (64, 16, 16), (48, 32, 24), (50, 16, 10), (7, 4, 1), (8, 8, 8)])
 def test_micro_batch_size_is_a_cap_that_splits_a_rank_share_evenly(share, cap, size):
     from nemo_optune.data.batching import micro_batch_size_for

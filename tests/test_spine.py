@@ -81,6 +81,33 @@ def test_iteration_selects_lowest_keys_and_leaves_the_rest_untouched(trainer):
     torch.testing.assert_close(pool.ref_chosen_logps, fresh_c, atol=1e-5, rtol=0)
 
 
+def test_a_window_iteration_regenerates_and_trains_its_window_only(trainer, monkeypatch):
+    """trainer.prompts_per_iteration=32 of 64 prompts: the iteration selects the rho share of the
+    lowest keys among its window, trains one optimizer step (32 pairs) on the window, and leaves
+    every entry outside the window untouched."""
+    from nemo_optune.data.batching import iteration_window
+
+    monkeypatch.setattr(trainer.cfg.trainer, "prompts_per_iteration", 32)
+    pool, it = trainer.pool.store, 5
+    window = iteration_window(len(pool), 32, it, trainer.cfg.trainer.seed)
+    before = pool.state_dict()
+    keys = before["chosen_rewards"]
+    expected = sorted(sorted(window.tolist(), key=lambda i: (float(keys[i]), i))[:16])
+    trained = []
+    real_train_step = trainer.model.train_step
+    monkeypatch.setattr(trainer.model, "train_step", lambda mbs, fn: (
+        trained.extend(int(i) for mb in mbs for i in mb["indices"]), real_train_step(mbs, fn))[1])
+
+    record = trainer.iteration(it)
+    assert record["regenerated"] == 16 and record["optimizer_steps"] == 1
+    assert sorted(int(i) for i in torch.nonzero(pool.refreshed_at == it).squeeze(1)) == expected
+    assert sorted(trained) == sorted(window.tolist())
+    outside = torch.ones(len(pool), dtype=torch.bool)
+    outside[window] = False
+    for name, old in before.items():
+        assert torch.equal(getattr(pool, name)[outside], old[outside]), name
+
+
 def test_pool_pairs_are_valid_exactly_when_their_rewards_differ(trainer):
     pool = trainer.pool.store
     tied = pool.chosen_rewards == pool.rejected_rewards

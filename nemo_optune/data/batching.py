@@ -32,6 +32,18 @@ def iteration_batches(num_records: int, global_batch_size: int, epochs_per_itera
     return batches
 
 
+def iteration_window(num_prompts: int, per_iteration: int | None, iteration: int, seed: int) -> torch.Tensor:
+    """The pool indices iteration `iteration` works on: all of them, or window `iteration` of a
+    stream of shuffled passes over the pool, each pass cut into num_prompts // per_iteration
+    windows (the pass's remaining prompts wait for a later pass). Pure function of the seed."""
+    if per_iteration is None:
+        return torch.arange(num_prompts)
+    windows = num_prompts // per_iteration
+    order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(mix_seed(seed, iteration // windows, 11)))
+    start = (iteration % windows) * per_iteration
+    return order[start:start + per_iteration]
+
+
 def micro_batch_size_for(share: int, cap: int) -> int:
     """The largest micro-batch size <= `cap` that splits a rank's `share` into equal parts
     (equal shapes keep pipeline-parallel sends uniform): 32 pairs at cap 64 -> 32, 64 at 16 -> 16,

@@ -17,13 +17,13 @@ import time
 import torch
 
 from nemo_optune.config import RootConfig, as_dict
-from nemo_optune.data.batching import iteration_batches
+from nemo_optune.data.batching import iteration_batches, iteration_window
 from nemo_optune.data.offline_pool import build_offline_pool
 from nemo_optune.data.pool import PromptPool, build_sequences
 from nemo_optune.data.prompts import encode_prompt_file, encode_prompt_set
 from nemo_optune.data.task_data import TaskData
 from nemo_optune.generation.base import SamplingParams
-from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
+from nemo_optune.generation.factory import build_engine, refit_engine
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 from nemo_optune.rewards.resilient import RewardSourceError
 from nemo_optune.rewards.sources import RewardSources, is_scoring_rank
@@ -68,14 +68,15 @@ class PreferenceTrainer:
         # Only the rank that scores for its model-parallel group loads a reward model.
         self.reward = RewardSources(cfg.reward, data.task, load=is_scoring_rank())
         # The LR schedule's horizon is fixed when the run starts; a resumed run keeps it (see resume).
-        self.lr_total_steps = t.iterations * t.epochs_per_iteration * len(pool) // t.global_batch_size
+        per_iteration = t.prompts_per_iteration or len(pool)
+        if per_iteration > len(pool):
+            raise ValueError(f"trainer.prompts_per_iteration={per_iteration} is more than the {len(pool)} training prompts")
+        self.lr_total_steps = t.iterations * t.epochs_per_iteration * per_iteration // t.global_batch_size
         self.model = MegatronGPTOPTuneModel(cfg.model, spec, layout, seed=t.seed, lr=t.lr, weight_decay=t.weight_decay,
                                             grad_clip=t.grad_clip, lr_schedule=self.lr_at_step, tokenizer=tok,
                                             initialize=False)  # run.py loads the SFT policy
         self.progress = PhaseProgress(t.progress_bar and layout.is_logging_rank)  # bars only on a terminal
-        self.engine = MegatronInProcessEngine(self.model, tok.eos_ids, tok.pad_id, g.micro_batch_size,
-                                             rows_per_pass=g.micro_batch_size,  # bounds the KV cache
-                                             progress=self.progress.rows)
+        self.engine = build_engine(cfg, self.model, tok, progress=self.progress.rows)  # generation.engine
         self.pool = PreferencePool(pool, prompt_ids, prompts, model=self.model, engine=self.engine, reward=self.reward,
                                    tokenizer=tok, layout=layout, cfg=cfg, width=self.width)
         self.online_kl = None
@@ -144,16 +145,19 @@ class PreferenceTrainer:
         note_phase("iteration start", it + 1)
         timer = PhaseTimer()
         refresh, rho = RefreshStats(), None
+        window = iteration_window(len(self.pool.store), self.cfg.trainer.prompts_per_iteration, it, self.cfg.trainer.seed)
         if self.online:
             with timer.phase("selection"):
-                selected, rho = self.pool.select(it)  # 1. identical on every rank
+                selected, rho = self.pool.select(it, window)  # 1. identical on every rank
             refresh = self.pool.regenerate(it, selected, sampling_params(self.cfg), timer)  # 2.
             self.responses_generated += refresh.responses
             self.log.append_jsonl("selections.jsonl", {"iteration": it + 1, "regenerated": selected.tolist()})
         if (it == 0 and not self.online) or not self.cfg.model.optune.cache_reference_logprobs:
             with timer.phase("reference"):  # offline pools once; without caching, every iteration
                 self.pool.refresh_all_reference_logprobs()
-        train = self.train_on_pool(it, timer)  # 3.
+        self.engine.release()  # an external engine's memory, for training (in-process: nothing)
+        train = self.train_on_pool(it, window, timer)  # 3.
+        train.update(refit_engine(self.engine, self.model))  # external engines: the new weights (+ timings)
         iteration_seconds = sum(timer.seconds[p] for p in TIMED_PHASES)
         eval_start = time.perf_counter()
         heldout, heldout_kl = self.evaluate()  # 4.
@@ -177,11 +181,11 @@ class PreferenceTrainer:
         }
 
     # ------------------------------------------------------------- 3. train
-    def train_on_pool(self, it: int, timer: PhaseTimer) -> dict:
+    def train_on_pool(self, it: int, window: torch.Tensor, timer: PhaseTimer) -> dict:
         t = self.cfg.trainer
         totals = torch.zeros(5)  # loss, pairs, correct, margin sum, HyPO KL sum
         grad_norms, skipped = [], 0
-        batches = iteration_batches(len(self.pool.store), t.global_batch_size, t.epochs_per_iteration, it, t.seed)
+        batches = [window[b] for b in iteration_batches(len(window), t.global_batch_size, t.epochs_per_iteration, it, t.seed)]
         for b, batch in enumerate(self.progress.iterate("training", batches, unit="step")):
             micro_batches, weight_total = self.micro_batches(batch)
             if weight_total == 0 and self.online_kl is None:

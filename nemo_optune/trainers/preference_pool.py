@@ -38,20 +38,22 @@ class PreferencePool:
         self.opt = cfg.model.optune
 
     # ---------------------------------------------------------------- select
-    def select(self, it: int) -> tuple[torch.Tensor, float]:
-        """(pool indices to regenerate, the rho used); identical on every rank (replicated pool).
-        Iteration 0 fills the whole pool."""
-        n = len(self.store)
-        if it == 0:
-            return torch.arange(n), 1.0
+    def select(self, it: int, window: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(pool indices to regenerate, the rho used) among the iteration's `window` of the pool;
+        identical on every rank (replicated pool). A window with entries never generated (the
+        first iteration, or the first pass of windows) is generated whole."""
+        window = window.sort().values  # ties go to the lower pool index, as over the whole pool
+        if (self.store.refreshed_at[window] < 0).any():
+            return window, 1.0
+        chosen, rejected = self.store.chosen_rewards[window], self.store.rejected_rewards[window]
         rho, a = self.opt.rho, self.opt.adaptive_rho
         if a.enabled:
-            keys = alg.selection_keys(self.store.chosen_rewards, self.store.rejected_rewards, self.opt.selection_key)
-            rho = alg.adaptive_rho(keys, a.target, a.rho_min, a.rho_max)
+            rho = alg.adaptive_rho(alg.selection_keys(chosen, rejected, self.opt.selection_key), a.target,
+                                   a.rho_min, a.rho_max)
         generator = torch.Generator().manual_seed(mix_seed(self.cfg.trainer.seed, it, 0xC0FFEE))
-        selected = alg.select_prompts(self.opt.selection, alg.num_selected(n, rho), self.store.chosen_rewards,
-                                      self.store.rejected_rewards, self.opt.selection_key, generator)
-        return selected, rho
+        selected = alg.select_prompts(self.opt.selection, alg.num_selected(len(window), rho), chosen, rejected,
+                                      self.opt.selection_key, generator)
+        return window[selected], rho
 
     # ------------------------------------------- generate, score, pair, replace
     def regenerate(self, it: int, selected: torch.Tensor, sampling: SamplingParams, timer: PhaseTimer) -> RefreshStats:

@@ -1,0 +1,112 @@
+"""Rollout throughput of vLLM (generation.engine=vllm) against the in-process KV-cached megatron
+engine, on the same random weights, prompts and sampling (top-p 0.9), in one process.
+
+    .venv-vllm/bin/python benchmarks/generation_vllm.py [--cases tiny_h32 llama20m_64] [--repeats 3]
+
+Needs vllm (make test-vllm builds .venv-vllm). vLLM's CPU attention has no head size 16, so the
+cases use head size 32 or 64 (the built-in recipe's 4 heads of 16 do not run on vLLM on CPU).
+Stops are switched off: every response has exactly max_new_tokens tokens. Also reported: one
+refit (the policy's weights streamed into vLLM) and vLLM's start-up (export + engine start).
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name: (config overrides, prompts, samples per prompt, new tokens)
+CASES = {
+    # The OPTune run's shape (optune_tiny with 2 heads of 32): one regeneration's 128 x 4 rows.
+    "tiny_h32": (["model.num_attention_heads=2", "model.num_query_groups=1"], 128, 4, 10),
+    "llama20m_64": (["model.hidden_size=512", "model.num_layers=6", "model.num_attention_heads=8",
+                     "model.num_query_groups=4"], 32, 2, 64),
+}
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run_case(name: str, repeats: int) -> dict:
+    import torch
+
+    from nemo_optune.config import load_config
+    from nemo_optune.data.task_data import build_task_data
+    from nemo_optune.generation.base import SamplingParams
+    from nemo_optune.generation.factory import build_engine, refit_engine
+    from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
+    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
+    from nemo_optune.runtime.experiment import ExperimentLog
+    from nemo_optune.trainers.common import setup
+    from nemo_optune.trainers.preference import PreferenceTrainer
+
+    overrides, num_prompts, samples, new = CASES[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config("optune_tiny", overrides + [
+            f"exp_manager.exp_dir={tmp}/exp", "exp_manager.tensorboard=false", "exp_manager.report=false",
+            f"generation.max_new_tokens={new}", "generation.micro_batch_size=512", "generation.engine=vllm"])
+        trainer = PreferenceTrainer(cfg, setup(cfg), build_task_data(cfg.data),
+                                    ExperimentLog("", enabled=False, tensorboard=False))
+        tok = trainer.tokenizer
+        model = MegatronGPTOPTuneModel(cfg.model, trainer.model.spec, trainer.model.layout, seed=0, lr=0.0,
+                                       weight_decay=0.0, grad_clip=0.0, with_reference=False, tokenizer=tok)
+        ids = trainer.pool.prompt_ids
+        prompts = [ids[i % len(ids)] for i in range(num_prompts)]
+        seeds = list(range(num_prompts))
+        params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=new)
+        rows = num_prompts * samples
+        result = {"case": name, "prompts": num_prompts, "samples": samples, "new_tokens": new,
+                  "hidden": model.spec.hidden_size, "layers": model.spec.num_layers,
+                  "heads": model.spec.num_attention_heads, "threads": torch.get_num_threads()}
+
+        megatron = MegatronInProcessEngine(model, tok.eos_ids, tok.pad_id, 512)
+        megatron.stop_ids = torch.tensor([], dtype=torch.long)
+        start = time.perf_counter()
+        vllm = build_engine(cfg, model, tok)
+        vllm.start()
+        result["vllm_start_seconds"] = time.perf_counter() - start
+        vllm.backend.stop_ids, vllm.backend.ignore_eos = [], True
+        for label, engine in (("megatron", megatron), ("vllm", vllm)):
+            def go():
+                out = engine.generate(prompts, samples, params, seeds)
+                assert int(out.response_lengths.min()) == new, out.response_lengths.min()
+
+            seconds = _time(go, repeats)
+            result[f"{label}_responses_per_s"] = rows / seconds
+            result[f"{label}_tokens_per_s"] = rows * new / seconds
+        refits = [refit_engine(vllm, model) for _ in range(max(1, repeats))]
+        result["vllm_refit_seconds"] = min(r["timing/refit_seconds"] for r in refits)
+        result["vllm_refit_bytes"] = refits[0]["refit_bytes"]
+        result["vllm_over_megatron"] = result["vllm_responses_per_s"] / result["megatron_responses_per_s"]
+        vllm.shutdown()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up (best is kept)")
+    args = parser.parse_args()
+    sys.path.insert(0, ROOT)
+    rows = []
+    for name in args.cases:  # one process: megatron's parallel state is initialised once and reused
+        rows.append(run_case(name, args.repeats))
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{'case':<14}{'megatron resp/s':>17}{'vllm resp/s':>13}{'ratio':>8}{'refit s':>9}{'vllm start s':>14}")
+    for r in rows:
+        print(f"{r['case']:<14}{r['megatron_responses_per_s']:>17.0f}{r['vllm_responses_per_s']:>13.0f}"
+              f"{r['vllm_over_megatron']:>8.2f}{r['vllm_refit_seconds']:>9.3f}{r['vllm_start_seconds']:>14.1f}")
+
+
+if __name__ == "__main__":
+    main()
