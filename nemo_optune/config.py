@@ -32,6 +32,7 @@ class TrainerConfig:
     # over the pool; a pass's n % P leftover prompts wait for the next pass), i.e. P/global_batch_size
     # optimizer steps per generation round (TRL's online DPO schedule: P = global_batch_size).
     prompts_per_iteration: Optional[int] = None
+    eval_every: int = 1  # held-out evaluation every this many iterations (and after the last)
     lr: float = 3e-4
     lr_warmup_steps: int = 0
     lr_decay: str = "constant"  # constant | cosine | linear (to min_lr over the run's optimizer steps)
@@ -331,6 +332,7 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _require(cfg.model.hypo.samples_per_prompt >= 2, "model.hypo.samples_per_prompt", "the RLOO baseline needs k >= 2")
     _require(cfg.model.hypo.kl_weight >= 0, "model.hypo.kl_weight", "must be >= 0")
     _require(t.iterations >= 1, "trainer.iterations", f"must be >= 1, got {t.iterations}")
+    _require(t.eval_every >= 1, "trainer.eval_every", f"must be >= 1, got {t.eval_every}")
     _require(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
     _one_of(t.lr_decay, ("constant", "cosine", "linear"), "trainer.lr_decay")
     _require(t.lr_warmup_steps >= 0, "trainer.lr_warmup_steps", "must be >= 0")

@@ -328,6 +328,24 @@ def test_bf16_checkpoint_round_trips_exactly(tmp_path):
     _assert_loads_equal(str(tmp_path / "out"), hf.state_dict())
 
 
+def test_a_model_padded_otherwise_imports_and_exports_the_same_tensors(hf_models, tmp_path):
+    """Vocabulary padding is the built model's choice (HF tensors are unpadded): a model padded
+    to 16 rows (the built-in model's) imports a HF directory (read as padded to 128) and
+    exports it back unchanged."""
+    import dataclasses
+
+    from nemo_optune.models.hf_io import build_hf_model, export_hf, import_hf, read_hf_spec
+    from nemo_optune.runtime import distributed
+
+    hf_dir, ref = hf_models["llama"]
+    spec = dataclasses.replace(read_hf_spec(hf_dir), vocab_multiple=16)
+    assert spec.padded_vocab_size != read_hf_spec(hf_dir).padded_vocab_size
+    model = build_hf_model(spec, distributed.initialize(1, 1, seed=0))
+    import_hf(hf_dir, model)
+    export_hf(model, str(tmp_path / "out"))
+    _assert_loads_equal(str(tmp_path / "out"), ref["state"])
+
+
 def _word_tokenizer(directory: str, vocab_size: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -65,7 +65,9 @@ def test_iteration_selects_lowest_keys_and_leaves_the_rest_untouched(trainer):
     before = pool.state_dict()
     keys = before["chosen_rewards"].tolist()
     count = len(keys) // 2  # rho = 0.5
-    # Independent statement of the rule: the `count` lowest keys, ties to the lower index.
+    # Independent statement of the rule: the `count` lowest keys, ties to the stalest pair, then
+    # the lower index (after iteration 0 every pair is equally old).
+    assert (before["refreshed_at"] == 0).all()
     expected = sorted(sorted(range(len(keys)), key=lambda i: (keys[i], i))[:count])
 
     record = trainer.iteration(1)
@@ -92,7 +94,8 @@ def test_a_window_iteration_regenerates_and_trains_its_window_only(trainer, monk
     window = iteration_window(len(pool), 32, it, trainer.cfg.trainer.seed)
     before = pool.state_dict()
     keys = before["chosen_rewards"]
-    expected = sorted(sorted(window.tolist(), key=lambda i: (float(keys[i]), i))[:16])
+    age = before["refreshed_at"]  # equal keys: the stalest pair first, then the lower index
+    expected = sorted(sorted(window.tolist(), key=lambda i: (float(keys[i]), int(age[i]), i))[:16])
     trained = []
     real_train_step = trainer.model.train_step
     monkeypatch.setattr(trainer.model, "train_step", lambda mbs, fn: (
@@ -106,6 +109,30 @@ def test_a_window_iteration_regenerates_and_trains_its_window_only(trainer, monk
     outside[window] = False
     for name, old in before.items():
         assert torch.equal(getattr(pool, name)[outside], old[outside]), name
+
+
+def test_equal_keys_go_to_the_stalest_pairs(trainer, monkeypatch):
+    """Late in training most chosen rewards tie at the maximum: the oldest pairs are refreshed."""
+    store = trainer.pool.store
+    ages = torch.randperm(len(store), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(store, "chosen_rewards", torch.ones(len(store)))
+    monkeypatch.setattr(store, "refreshed_at", ages)
+    selected, rho = trainer.pool.select(99, torch.arange(len(store)))
+    assert rho == 0.5 and selected.tolist() == sorted(torch.argsort(ages)[:len(store) // 2].tolist())
+
+
+def test_eval_every_skips_held_out_evaluation_between_and_keeps_the_last(trainer, monkeypatch):
+    from nemo_optune.trainers.preference import iteration_line
+
+    monkeypatch.setattr(trainer.cfg.trainer, "eval_every", 4)
+    monkeypatch.setattr(trainer.cfg.trainer, "iterations", 7)
+    calls = []
+    monkeypatch.setattr(trainer, "evaluate", lambda: (calls.append(1), (0.5, 0.1))[1])
+    records = {it: trainer.iteration(it) for it in (4, 5, 6)}  # iterations 5, 6, 7 (the last)
+    assert [records[it]["heldout_reward"] for it in (4, 5, 6)] == [None, None, 0.5] and len(calls) == 1
+    assert " heldout   -     kl   -  " in iteration_line(records[4], 7)
+    trainer.cfg.trainer.iterations = 8  # iteration 8 is then the last: 7 is not evaluated
+    assert trainer.iteration(6)["heldout_reward"] is None and len(calls) == 1
 
 
 def test_pool_pairs_are_valid_exactly_when_their_rewards_differ(trainer):

@@ -23,6 +23,12 @@ class Rollouts:
     response_lengths: torch.Tensor  # [B] tokens up to and including the stop token
     logprobs: torch.Tensor  # [B, max_new_tokens] policy log-prob (temperature 1) of each token, 0 past the end
 
+    @classmethod
+    def empty(cls, rows: int, max_new_tokens: int, pad_id: int) -> "Rollouts":
+        """`rows` responses of no tokens yet, for an engine to fill in."""
+        return cls(torch.full((rows, max_new_tokens), pad_id, dtype=torch.long), torch.zeros(rows, dtype=torch.long),
+                   torch.zeros(rows, max_new_tokens))
+
 
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], num_samples: int, params: SamplingParams,

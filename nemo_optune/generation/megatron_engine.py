@@ -51,11 +51,10 @@ class _Engine:
     def generate(self, prompts: list[list[int]], num_samples: int, params: SamplingParams, seeds: list[int]) -> Rollouts:
         new = params.max_new_tokens
         rows = len(prompts) * num_samples
-        response = torch.full((rows, new), self.pad_id, dtype=torch.long)
-        logprobs = torch.zeros(rows, new)
-        response_lengths = torch.zeros(rows, dtype=torch.long)
+        rollouts = Rollouts.empty(rows, new, self.pad_id)
         if rows == 0 or new == 0:
-            return Rollouts(response, response_lengths, logprobs)
+            return rollouts
+        response, response_lengths, logprobs = rollouts.response_tokens, rollouts.response_lengths, rollouts.logprobs
         row_prompts = [list(p) for p in prompts for _ in range(num_samples)]
         row_seeds = torch.tensor([int(s) for s in seeds], dtype=torch.long).repeat_interleave(num_samples)
         row_samples = torch.arange(num_samples).repeat(len(prompts))
@@ -94,7 +93,7 @@ class _Engine:
         finally:
             bars.close()
             self.model.finish_inference()
-        return Rollouts(response, response_lengths, logprobs)
+        return rollouts
 
 
 class MegatronRecomputeEngine(_Engine):

@@ -152,11 +152,10 @@ class TRTLLMEngine:
     def generate(self, prompts: list[list[int]], num_samples: int, params: SamplingParams, seeds: list[int]) -> Rollouts:
         new = params.max_new_tokens
         rows = len(prompts) * num_samples
-        response = torch.full((rows, new), self.pad_id, dtype=torch.long)
-        logprobs = torch.zeros(rows, new)
-        lengths = torch.zeros(rows, dtype=torch.long)
+        out = Rollouts.empty(rows, new, self.pad_id)
         if rows == 0 or new == 0:
-            return Rollouts(response, lengths, logprobs)
+            return out
+        response, lengths, logprobs = out.response_tokens, out.response_lengths, out.logprobs
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         # Greedy: the LLM API refuses n > 1 (every sample would be the same): ask for one, copy it.
@@ -186,7 +185,7 @@ class TRTLLMEngine:
                     logprobs[row, :len(tokens)] = torch.tensor(
                         [self._token_logprob(c.logprobs[i], tok) for i, tok in enumerate(tokens)])
                 lengths[row] = len(tokens)
-        return Rollouts(response, lengths, logprobs)
+        return out
 
     def refit(self, weights) -> None:
         """Send the policy's HF-named weights bucket by bucket, then finalise. Refuses (before the

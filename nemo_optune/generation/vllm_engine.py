@@ -194,11 +194,10 @@ class VLLMEngine:
             self.resume()
         new = params.max_new_tokens
         rows = len(prompts) * num_samples
-        response = torch.full((rows, new), self.pad_id, dtype=torch.long)
-        logprobs = torch.zeros(rows, new)
-        lengths = torch.zeros(rows, dtype=torch.long)
+        out = Rollouts.empty(rows, new, self.pad_id)
         if rows == 0 or new == 0:
-            return Rollouts(response, lengths, logprobs)
+            return out
+        response, lengths, logprobs = out.response_tokens, out.response_lengths, out.logprobs
         requests, sampling = [], []
         for p, ids in enumerate(prompts):
             for k in range(num_samples):
@@ -209,14 +208,14 @@ class VLLMEngine:
                     stop_token_ids=self.stop_ids, ignore_eos=self.ignore_eos, logprobs=0, detokenize=False,
                     seed=mix_seed(int(seeds[p]), k)))
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
-        for r, out in enumerate(outputs):
-            completion = out.outputs[0]
+        for r, request in enumerate(outputs):
+            completion = request.outputs[0]
             tokens = list(completion.token_ids)[:new]
             n = len(tokens)
             response[r, :n] = torch.tensor(tokens, dtype=torch.long)
             lengths[r] = n
             logprobs[r, :n] = torch.tensor([float(step[tok].logprob) for step, tok in zip(completion.logprobs, tokens)])
-        return Rollouts(response, lengths, logprobs)
+        return out
 
     # ---------------------------------------------------------------- refit
     def refit(self, weights) -> RefitStats:

@@ -208,7 +208,9 @@ def import_hf(hf_dir: str, model) -> None:
     read. Collective (every rank raises the first error)."""
     error = None
     try:
-        spec = read_hf_spec(hf_dir)
+        # Vocabulary padding is the built model's layout, not the checkpoint's (HF tensors are
+        # unpadded): a HF export of the built-in model (padded to 16) loads back into it.
+        spec = dataclasses.replace(read_hf_spec(hf_dir), vocab_multiple=model.spec.vocab_multiple)
         for f in (f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) != getattr(model.spec, f.name)):
             raise ValueError(f"{hf_dir}/config.json: another model than the one built "
                              f"({f} {getattr(spec, f)!r} in the file, {getattr(model.spec, f)!r} in the model)")

@@ -19,6 +19,7 @@ RESUMABLE_CHANGES = (
     "trainer.stop_signals",
     "trainer.collective_timeout_seconds",
     "trainer.progress_bar",
+    "trainer.eval_every",  # what is measured, not how the run trains
     "exp_manager.",
 )
 LOCK_FILE = ".lock"

@@ -304,8 +304,8 @@ def write_report(path: str, summary: dict) -> None:
     import matplotlib.pyplot as plt
 
     iters = summary["iterations"]
-    xs = list(range(len(iters) + 1))
-    rewards = [summary["heldout_reward_initial"]] + [it["heldout_reward"] for it in iters]
+    evaluated = [(it["iteration"], it["heldout_reward"]) for it in iters if it["heldout_reward"] is not None]
+    xs, rewards = zip(*([(0, summary["heldout_reward_initial"])] + evaluated))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 4))
     left.plot(xs, rewards, marker="o")
     left.set_xlabel("iteration (0 = SFT start)")

@@ -126,12 +126,13 @@ class PreferenceTrainer:
                 self.log.print(f"[stop] {stopped_by}: checkpoint of iteration {it + 1} written; exiting with status "
                                f"{EXIT_STOPPED}, the same command resumes")
                 break
-        last = self.history[-1]
+        last = [r for r in self.history if r["heldout_reward"] is not None][-1:] or [{"heldout_reward": initial,
+                                                                                       "heldout_kl": 0.0}]
         return {
             "stopped_by": stopped_by,
             "heldout_reward_initial": initial,
-            "heldout_reward_final": last["heldout_reward"],
-            "heldout_kl_final": last["heldout_kl"],
+            "heldout_reward_final": last[0]["heldout_reward"],  # the last evaluated iteration's
+            "heldout_kl_final": last[0]["heldout_kl"],
             "loop_seconds": time.perf_counter() - start,
             "responses_generated": self.responses_generated,
             **self.data_stats,
@@ -160,7 +161,9 @@ class PreferenceTrainer:
         train.update(refit_engine(self.engine, self.model))  # external engines: the new weights (+ timings)
         iteration_seconds = sum(timer.seconds[p] for p in TIMED_PHASES)
         eval_start = time.perf_counter()
-        heldout, heldout_kl = self.evaluate()  # 4.
+        t = self.cfg.trainer
+        evaluated = (it + 1) % t.eval_every == 0 or it + 1 == t.iterations
+        heldout, heldout_kl = self.evaluate() if evaluated else (None, None)  # 4.
         pool = self.pool.store
         return {
             "iteration": it + 1,
@@ -174,7 +177,7 @@ class PreferenceTrainer:
             "non_finite_rewards": refresh.non_finite_rewards,
             "pool_valid_pairs": int(pool.valid.sum()),
             "reward_by_source": refresh.reward_by_source,  # mean over this iteration's new samples
-            "heldout_reward_by_source": self.heldout_by_source,
+            "heldout_reward_by_source": self.heldout_by_source if evaluated else {},
             **train,
             "seconds": {**{p: timer.seconds[p] for p in TIMED_PHASES}, "total": iteration_seconds,
                         "eval": time.perf_counter() - eval_start},
@@ -319,8 +322,9 @@ class PreferenceTrainer:
 
 def iteration_line(record: dict, iterations: int) -> str:
     s = record["seconds"]
-    return (f"[iter {record['iteration']}/{iterations}] heldout {record['heldout_reward']:.4f}  "
-            f"kl {record['heldout_kl']:.3f}  pool {record['pool_mean_reward']:.4f}  regen {record['regenerated']:4d}  "
+    heldout = "  -   " if record["heldout_reward"] is None else f"{record['heldout_reward']:.4f}"
+    kl = "  -  " if record["heldout_kl"] is None else f"{record['heldout_kl']:.3f}"
+    return (f"[iter {record['iteration']}/{iterations}] heldout {heldout}  kl {kl}  pool {record['pool_mean_reward']:.4f}  regen {record['regenerated']:4d}  "
             f"ties {record['ties_dropped']:3d}  loss {record['train_loss']:.4f}  acc {record['train_accuracy']:.3f}  | "
             f"gen {s['generation']:.2f}s score {s['scoring']:.2f}s ref {s['reference']:.2f}s "
             f"train {s['training']:.2f}s total {s['total']:.2f}s eval {s['eval']:.2f}s")

@@ -39,12 +39,15 @@ class PreferencePool:
 
     # ---------------------------------------------------------------- select
     def select(self, it: int, window: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(pool indices to regenerate, the rho used) among the iteration's `window` of the pool;
-        identical on every rank (replicated pool). A window with entries never generated (the
-        first iteration, or the first pass of windows) is generated whole."""
-        window = window.sort().values  # ties go to the lower pool index, as over the whole pool
+        """(pool indices to regenerate, ascending; the rho used) among the iteration's `window` of
+        the pool; identical on every rank (replicated pool). A window with entries never
+        generated (the first iteration, or the first pass of windows) is generated whole."""
         if (self.store.refreshed_at[window] < 0).any():
-            return window, 1.0
+            return window.sort().values, 1.0
+        # Equal keys go to the stalest pair, then the lower pool index: late in training most
+        # chosen rewards sit at the maximum, and index order would refresh the same prompts always.
+        window = window.sort().values
+        window = window[torch.sort(self.store.refreshed_at[window], stable=True).indices]
         chosen, rejected = self.store.chosen_rewards[window], self.store.rejected_rewards[window]
         rho, a = self.opt.rho, self.opt.adaptive_rho
         if a.enabled:
@@ -53,7 +56,7 @@ class PreferencePool:
         generator = torch.Generator().manual_seed(mix_seed(self.cfg.trainer.seed, it, 0xC0FFEE))
         selected = alg.select_prompts(self.opt.selection, alg.num_selected(len(window), rho), chosen, rejected,
                                       self.opt.selection_key, generator)
-        return window[selected], rho
+        return window[selected].sort().values, rho
 
     # ------------------------------------------- generate, score, pair, replace
     def regenerate(self, it: int, selected: torch.Tensor, sampling: SamplingParams, timer: PhaseTimer) -> RefreshStats:
