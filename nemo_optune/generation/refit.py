@@ -5,6 +5,7 @@ into bounded chunks, so an engine receives the weights a few MiB at a time inste
 full copy of the model; `RefitStats` is what one refit cost."""
 
 import dataclasses
+import time
 from typing import Iterable, Iterator
 
 import torch
@@ -20,6 +21,13 @@ class RefitStats:
     def as_timings(self, prefix: str = "refit") -> dict:
         return {f"timing/{prefix}_seconds": self.seconds, f"{prefix}_bytes": self.bytes,
                 f"{prefix}_tensors": self.tensors, f"{prefix}_buckets": self.buckets}
+
+
+def timed(timings: dict, key: str, call) -> None:
+    """Run call() and record its seconds as timings[key] (engine sleep/wake for the records)."""
+    start = time.perf_counter()
+    call()
+    timings[key] = time.perf_counter() - start
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

@@ -33,6 +33,7 @@ import time
 import torch
 
 from nemo_optune.generation.base import Rollouts, SamplingParams
+from nemo_optune.generation.refit import RefitStats, tensor_bytes, timed, weight_buckets
 
 IMPORT_HINT = ("use the NGC container (Dockerfile: nvcr.io/nvidia/tensorrt-llm/release) or "
                "pip install -e '.[trtllm]' from NVIDIA's index on a CUDA machine")
@@ -190,8 +191,6 @@ class TRTLLMEngine:
     def refit(self, weights) -> None:
         """Send the policy's HF-named weights bucket by bucket, then finalise. Refuses (before the
         finalise call) names the checkpoint does not have and a stream that misses some."""
-        from nemo_optune.generation.refit import RefitStats, tensor_bytes, weight_buckets
-
         begin = time.perf_counter()
         stats = RefitStats()
         seen: set[str] = set()
@@ -222,18 +221,14 @@ class TRTLLMEngine:
         """Free the engine's GPU memory (generation.trtllm.sleep); otherwise nothing."""
         if not self.sleep or self._released:
             return
-        begin = time.perf_counter()
-        self._run(self.llm.release(list(self.release_tags)))
+        timed(self.last_timings, "timing/engine_sleep_seconds", lambda: self._run(self.llm.release(list(self.release_tags))))
         self._released = True
-        self.last_timings["timing/engine_sleep_seconds"] = time.perf_counter() - begin
 
     def resume(self) -> None:
         if not self._released:
             return
-        begin = time.perf_counter()
-        self._run(self.llm.resume(list(self.release_tags)))
+        timed(self.last_timings, "timing/engine_wake_seconds", lambda: self._run(self.llm.resume(list(self.release_tags))))
         self._released = False
-        self.last_timings["timing/engine_wake_seconds"] = time.perf_counter() - begin
 
     def shutdown(self) -> None:
         llm, self.llm = self.llm, None

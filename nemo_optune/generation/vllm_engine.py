@@ -35,7 +35,7 @@ import time
 import torch
 
 from nemo_optune.generation.base import Rollouts, SamplingParams
-from nemo_optune.generation.refit import RefitStats, tensor_bytes, weight_buckets
+from nemo_optune.generation.refit import RefitStats, tensor_bytes, timed, weight_buckets
 from nemo_optune.runtime.seeds import mix_seed
 
 GIB = 1 << 30
@@ -255,18 +255,14 @@ class VLLMEngine:
         """Sleep (level 1) with generation.vllm.sleep_mode on a GPU; a no-op on CPU."""
         if not self.sleep_mode or self.asleep:
             return
-        start = time.perf_counter()
-        self.llm.sleep(level=1)
+        timed(self.last_timings, "timing/engine_sleep_seconds", lambda: self.llm.sleep(level=1))
         self.asleep = True
-        self.last_timings["timing/engine_sleep_seconds"] = time.perf_counter() - start
 
     def resume(self) -> None:
         if not self.asleep:
             return
-        start = time.perf_counter()
-        self.llm.wake_up()
+        timed(self.last_timings, "timing/engine_wake_seconds", self.llm.wake_up)
         self.asleep = False
-        self.last_timings["timing/engine_wake_seconds"] = time.perf_counter() - start
 
     def shutdown(self) -> None:
         llm, self.llm = self.llm, None
