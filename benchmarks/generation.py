@@ -33,7 +33,8 @@ CASES = {
 }
 
 
-def _time(fn, repeats: int) -> float:
+def best_seconds(fn, repeats: int) -> float:
+    """The best of `repeats` timed calls of fn, after one warm-up call."""
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -43,32 +44,37 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
-def run_case(name: str, engines: list[str], repeats: int) -> dict:
-    import torch
-
+def random_policy_case(overrides: list[str], num_prompts: int, new: int, tmp: str):
+    """(cfg, tokenizer, a policy with random weights, prompts, per-prompt seeds) of a case: the
+    optune_tiny recipe with `overrides`, its training prompts cycled to num_prompts."""
     from nemo_optune.config import load_config
     from nemo_optune.data.task_data import build_task_data
-    from nemo_optune.generation.base import SamplingParams
-    from nemo_optune.generation.megatron_engine import MegatronInProcessEngine, MegatronRecomputeEngine
     from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
     from nemo_optune.runtime.experiment import ExperimentLog
     from nemo_optune.trainers.common import setup
     from nemo_optune.trainers.preference import PreferenceTrainer
 
+    cfg = load_config("optune_tiny", overrides + [
+        f"exp_manager.exp_dir={tmp}/exp", "exp_manager.tensorboard=false", "exp_manager.report=false",
+        f"generation.max_new_tokens={new}"])
+    trainer = PreferenceTrainer(cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False))
+    # Random weights (the trainer's policy is built empty, for the SFT checkpoint to fill).
+    model = MegatronGPTOPTuneModel(cfg.model, trainer.model.spec, trainer.model.layout, seed=0, lr=0.0,
+                                   weight_decay=0.0, grad_clip=0.0, with_reference=False, tokenizer=trainer.tokenizer)
+    ids = trainer.pool.prompt_ids
+    return cfg, trainer.tokenizer, model, [ids[i % len(ids)] for i in range(num_prompts)], list(range(num_prompts))
+
+
+def run_case(name: str, engines: list[str], repeats: int) -> dict:
+    import torch
+
+    from nemo_optune.generation.base import SamplingParams
+    from nemo_optune.generation.megatron_engine import MegatronInProcessEngine, MegatronRecomputeEngine
+
     overrides, num_prompts, samples, new, mbs = CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config("optune_tiny", overrides + [
-            f"exp_manager.exp_dir={tmp}/exp", "exp_manager.tensorboard=false", "exp_manager.report=false",
-            f"generation.max_new_tokens={new}", f"generation.micro_batch_size={mbs}"])
-        trainer = PreferenceTrainer(cfg, setup(cfg), build_task_data(cfg.data),
-                                    ExperimentLog("", enabled=False, tensorboard=False))
-        tok = trainer.tokenizer
-        # Random weights (the trainer's policy is built empty, for the SFT checkpoint to fill).
-        model = MegatronGPTOPTuneModel(cfg.model, trainer.model.spec, trainer.model.layout, seed=0, lr=0.0,
-                                       weight_decay=0.0, grad_clip=0.0, with_reference=False, tokenizer=tok)
-        ids = trainer.pool.prompt_ids
-        prompts = [ids[i % len(ids)] for i in range(num_prompts)]
-        seeds = list(range(num_prompts))
+        cfg, tok, model, prompts, seeds = random_policy_case(overrides + [f"generation.micro_batch_size={mbs}"],
+                                                             num_prompts, new, tmp)
         params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=new)
         rows = num_prompts * samples
         result = {"case": name, "prompts": num_prompts, "samples": samples, "new_tokens": new, "micro_batch": mbs,
@@ -85,7 +91,7 @@ def run_case(name: str, engines: list[str], repeats: int) -> dict:
                 out = engine.generate(prompts, samples, params, seeds)
                 assert int(out.response_lengths.min()) == new
 
-            seconds = _time(go, repeats)
+            seconds = best_seconds(go, repeats)
             result[f"{engine_name}_responses_per_s"] = rows / seconds
             result[f"{engine_name}_tokens_per_s"] = rows * new / seconds
             result[f"{engine_name}_ms_per_step"] = 1000 * seconds / new  # one decoding step of all rows
@@ -124,7 +130,7 @@ def _hf_seconds(model, pad_id, prompts, samples, new, mbs, tmp, repeats) -> floa
                                   eos_token_id=None)
             assert out.shape[1] == width + new
 
-    return _time(go, repeats)
+    return best_seconds(go, repeats)
 
 
 def main() -> None:

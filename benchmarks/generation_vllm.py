@@ -27,42 +27,18 @@ CASES = {
 }
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def run_case(name: str, repeats: int) -> dict:
     import torch
 
-    from nemo_optune.config import load_config
-    from nemo_optune.data.task_data import build_task_data
     from nemo_optune.generation.base import SamplingParams
     from nemo_optune.generation.factory import build_engine, refit_engine
     from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
-    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
-    from nemo_optune.runtime.experiment import ExperimentLog
-    from nemo_optune.trainers.common import setup
-    from nemo_optune.trainers.preference import PreferenceTrainer
+    from generation import best_seconds, random_policy_case  # benchmarks/generation.py
 
     overrides, num_prompts, samples, new = CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config("optune_tiny", overrides + [
-            f"exp_manager.exp_dir={tmp}/exp", "exp_manager.tensorboard=false", "exp_manager.report=false",
-            f"generation.max_new_tokens={new}", "generation.micro_batch_size=512", "generation.engine=vllm"])
-        trainer = PreferenceTrainer(cfg, setup(cfg), build_task_data(cfg.data),
-                                    ExperimentLog("", enabled=False, tensorboard=False))
-        tok = trainer.tokenizer
-        model = MegatronGPTOPTuneModel(cfg.model, trainer.model.spec, trainer.model.layout, seed=0, lr=0.0,
-                                       weight_decay=0.0, grad_clip=0.0, with_reference=False, tokenizer=tok)
-        ids = trainer.pool.prompt_ids
-        prompts = [ids[i % len(ids)] for i in range(num_prompts)]
-        seeds = list(range(num_prompts))
+        cfg, tok, model, prompts, seeds = random_policy_case(
+            overrides + ["generation.micro_batch_size=512", "generation.engine=vllm"], num_prompts, new, tmp)
         params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=new)
         rows = num_prompts * samples
         result = {"case": name, "prompts": num_prompts, "samples": samples, "new_tokens": new,
@@ -81,7 +57,7 @@ def run_case(name: str, repeats: int) -> dict:
                 out = engine.generate(prompts, samples, params, seeds)
                 assert int(out.response_lengths.min()) == new, out.response_lengths.min()
 
-            seconds = _time(go, repeats)
+            seconds = best_seconds(go, repeats)
             result[f"{label}_responses_per_s"] = rows / seconds
             result[f"{label}_tokens_per_s"] = rows * new / seconds
         refits = [refit_engine(vllm, model) for _ in range(max(1, repeats))]
