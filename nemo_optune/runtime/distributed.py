@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from nemo_optune.runtime.cpu_shim import apply_cpu_shim
 from nemo_optune.runtime.launcher_watchdog import watch_launcher
-from nemo_optune.runtime.lost_ranks import start_heartbeat
+from nemo_optune.runtime.lost_ranks import start_heartbeat, stop_heartbeat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +121,7 @@ def seed_everything(seed: int) -> None:
 def shutdown() -> None:
     from megatron.core import parallel_state as mpu
 
+    stop_heartbeat()
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     if dist.is_initialized():

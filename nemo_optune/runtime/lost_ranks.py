@@ -19,6 +19,7 @@ HEARTBEAT_SECONDS = 1.0
 PREFIX = "nemo_optune/heartbeat/"
 EXIT_RANK_LOST = 1
 _where = {"phase": "start-up", "iteration": None}
+_heartbeat: dict = {}  # stop (threading.Event) and thread, while this process beats
 
 
 def note_phase(phase: str, iteration: int | None = None) -> None:
@@ -35,20 +36,32 @@ def where() -> str:
 
 def start_heartbeat() -> None:
     """This rank's heartbeat thread (multi-process runs only; one per process)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1 or _where.get("beating"):
+    if not dist.is_initialized() or dist.get_world_size() == 1 or _heartbeat:
         return
-    _where["beating"] = True
     store, key = dist.distributed_c10d._get_default_store(), f"{PREFIX}{dist.get_rank()}"
+    stop = threading.Event()
 
     def beat():
-        while True:
+        while not stop.is_set():
             try:
                 store.add(key, 1)
             except Exception:  # the store is gone: the failure handler will say so
                 return
-            time.sleep(HEARTBEAT_SECONDS)
+            stop.wait(HEARTBEAT_SECONDS)
 
-    threading.Thread(target=beat, name="nemo_optune-heartbeat", daemon=True).start()
+    thread = threading.Thread(target=beat, name="nemo_optune-heartbeat", daemon=True)
+    thread.start()
+    _heartbeat.update(stop=stop, thread=thread)
+
+
+def stop_heartbeat() -> None:
+    """Before the process group is destroyed: a thread still inside the store when rank 0's
+    store server is torn down aborts the process at exit ("terminate called without an active
+    exception", seen in tests after a finished run)."""
+    if _heartbeat:
+        _heartbeat["stop"].set()
+        _heartbeat["thread"].join(timeout=10 * HEARTBEAT_SECONDS)
+        _heartbeat.clear()
 
 
 def is_collective_failure(err: BaseException) -> bool:
