@@ -28,6 +28,7 @@ from nemo_optune.runtime import exp_dir
     ("model.optune.selection=best", "model.optune.selection"),
     ("model.optune.weighting=square", "model.optune.weighting"),
     ("trainer.micro_batch_size=0", "trainer.micro_batch_size"),
+    ("trainer.micro_batch_tokens=0", "trainer.micro_batch_tokens"),
     ("data.num_train_prompts=100", "data.num_train_prompts"),
     ("model.hypo.samples_per_prompt=1", "model.hypo.samples_per_prompt"),
     ("method=online_dpo", "model.optune.selection"),
@@ -39,6 +40,15 @@ from nemo_optune.runtime import exp_dir
 def test_invalid_config_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=f"config key {key}:"):
         load_config("optune_tiny", [override])
+
+
+def test_token_budget_micro_batches_are_refused_where_shapes_must_be_fixed():
+    with pytest.raises(ConfigError, match="config key trainer.micro_batch_tokens: is not supported with method=hypo"):
+        load_config("optune_tiny", ["method=hypo", "data.offline_path=prefs.jsonl", "trainer.micro_batch_tokens=512"])
+    cfg = load_config("optune_tiny", ["trainer.micro_batch_tokens=512"])
+    cfg.model.pipeline_model_parallel_size = 2
+    with pytest.raises(ConfigError, match="config key trainer.micro_batch_tokens: needs model.pipeline_model_parallel_size=1"):
+        validate(cfg, world_size=2)
 
 
 @pytest.mark.parametrize("changes,world,key", [

@@ -86,6 +86,51 @@ def test_preference_micro_batches_rows_and_split(micro_batch_size, sizes):
         start += size
 
 
+@pytest.mark.parametrize("budget,groups", [
+    (20, [[1, 0], [2]]),   # lengths: pair 1: 1 + 2 = 3, pair 0: 2 + 3 = 5, pair 2: 3 + 3 = 6; 2 x 2 x 5 = 20 fits
+    (19, [[1], [0], [2]]),  # 2 x 2 x 5 = 20 > 19
+    (36, [[1, 0, 2]]),      # 2 x 3 x 6 = 36
+    (1, [[1], [0], [2]]),   # every pair over the budget: each alone, none dropped
+])
+def test_preference_micro_batches_by_tokens(budget, groups):
+    """Pairs sorted by length (prompt + the longer response), grouped under the padded-token budget;
+    each micro-batch's rows, weights and validity follow its own pairs."""
+    pool = make_pool()
+    order = torch.tensor([2, 0, 1])
+    weights, valid = torch.tensor([5.0, 6.0, 7.0]), torch.tensor([0.0, 1.0, 1.0])  # of pairs 2, 0, 1
+    by_pair = {2: (5.0, 0.0), 0: (6.0, 1.0), 1: (7.0, 1.0)}
+    mbs = preference_micro_batches(pool, PROMPTS, order, weights, valid, weight_total=13.0, micro_batch_size=3,
+                                   width=6, pad_id=PAD, token_budget=budget)
+    assert [mb["indices"].tolist() for mb in mbs] == groups
+    for mb, ids in zip(mbs, groups):
+        assert mb["tokens"].tolist() == [CHOSEN_ROWS[i] for i in ids] + [REJECTED_ROWS[i] for i in ids]
+        assert mb["loss_mask"].tolist() == [CHOSEN_MASK[i] for i in ids] + [REJECTED_MASK[i] for i in ids]
+        assert mb["weights"].tolist() == [by_pair[i][0] for i in ids]
+        assert mb["valid"].tolist() == [by_pair[i][1] for i in ids]
+        assert mb["weight_total"] == 13.0
+
+
+def test_token_budget_groups():
+    from nemo_optune.data.batching import token_budget_groups
+
+    lengths = torch.tensor([9, 2, 5, 2, 30, 5])
+    groups = token_budget_groups(lengths, max_rows=8, token_budget=20, rows_per_item=2)
+    # sorted: 2 (1), 2 (3), 5 (2), 5 (5), 9 (0), 30 (4): 2x2x2 = 8, 3x2x5 = 30 > 20 -> cut, ...
+    assert [g.tolist() for g in groups] == [[1, 3], [2, 5], [0], [4]]
+    assert [g.tolist() for g in token_budget_groups(lengths, max_rows=1, token_budget=10**6)] == [[1], [3], [2], [5], [0], [4]]
+    assert [g.tolist() for g in token_budget_groups(lengths, max_rows=6, token_budget=10**6)] == [[1, 3, 2, 5, 0, 4]]
+    assert token_budget_groups(torch.tensor([], dtype=torch.long), 4, 100) == []
+    # every item exactly once, for random lengths and budgets
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        lengths = torch.randint(1, 40, (int(torch.randint(1, 60, (1,), generator=gen)),), generator=gen)
+        budget, cap = int(torch.randint(1, 400, (1,), generator=gen)), int(torch.randint(1, 9, (1,), generator=gen))
+        groups = token_budget_groups(lengths, cap, budget, rows_per_item=2)
+        assert sorted(torch.cat(groups).tolist()) == list(range(len(lengths)))
+        for g in groups:
+            assert len(g) <= cap and (len(g) == 1 or 2 * len(g) * int(lengths[g].max()) <= budget)
+
+
 def pair_mb(weights, valid, total, ref_chosen, ref_rejected, chosen_lengths):
     return {"weights": torch.tensor(weights), "valid": torch.tensor(valid), "weight_total": total,
             "ref_chosen_logps": torch.tensor(ref_chosen), "ref_rejected_logps": torch.tensor(ref_rejected),

@@ -110,6 +110,30 @@ def test_loss_and_gradients_do_not_depend_on_the_micro_batch_split(trainer):
             torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-7)
 
 
+def test_token_budget_micro_batches_give_the_same_loss_and_gradients(trainer):
+    """trainer.micro_batch_tokens regroups pairs by length; the global normaliser keeps the loss
+    and every gradient those of the whole batch, and each micro-batch, trimmed as the model
+    trims it, stays within the budget."""
+    batch = first_batch(trainer)
+    expected = hand_computed_loss(trainer, batch)
+    _, whole_grads = _loss_and_grads(trainer, batch, len(batch))
+    t = trainer.cfg.trainer
+    try:
+        t.micro_batch_size, t.micro_batch_tokens = len(batch), 6 * trainer.width
+        micro_batches, _ = trainer.micro_batches(batch)
+        assert 1 < len(micro_batches) < len(batch)
+        assert sorted(torch.cat([mb["indices"] for mb in micro_batches]).tolist()) == sorted(batch.tolist())
+        for mb in trainer.model._trim_padding(micro_batches):
+            assert mb["tokens"].numel() <= t.micro_batch_tokens or len(mb["indices"]) == 1
+        trainer.model.prepare_for_training_step()
+        metrics = trainer.model.get_loss_and_metrics(micro_batches, trainer.loss_fn)
+    finally:
+        t.micro_batch_tokens = None
+    assert float(sum(m["loss"] for m in metrics)) == pytest.approx(expected, rel=1e-5)
+    for p, ref in zip(trainer.model.policy.parameters(), whole_grads):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-7)
+
+
 def test_a_step_moves_the_policy_towards_the_chosen_responses(trainer):
     """DPO's gradient raises log pi(y_w) - log pi(y_l) of the pool's own chosen responses,
     measured by independent forward passes (a swap of chosen and rejected anywhere in the

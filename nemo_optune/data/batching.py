@@ -49,3 +49,23 @@ def micro_batch_size_for(share: int, cap: int) -> int:
     (equal shapes keep pipeline-parallel sends uniform): 32 pairs at cap 64 -> 32, 64 at 16 -> 16,
     48 at 32 -> 24. Makes trainer.micro_batch_size a cap that fits any DP size."""
     return max(size for size in range(1, min(share, cap) + 1) if share % size == 0)
+
+
+def token_budget_groups(lengths: torch.Tensor, max_rows: int, token_budget: int, rows_per_item: int = 1
+                        ) -> list[torch.Tensor]:
+    """Positions of `lengths` (one item each, `rows_per_item` sequences of that length) in
+    micro-batches bounded by padded tokens: items sorted by length (stable), consecutive ones
+    grouped while items <= max_rows and rows x longest <= token_budget. An item longer than
+    the budget goes alone. Similar lengths share a micro-batch, so trimming each micro-batch to
+    its longest sequence leaves little padding."""
+    order = torch.argsort(lengths, stable=True)
+    groups, start = [], 0
+    for end in range(1, len(order) + 1):
+        longest = int(lengths[order[end - 1]])
+        if end - start > max_rows or (end - start) * rows_per_item * longest > token_budget:
+            if end - 1 > start:
+                groups.append(order[start:end - 1])
+                start = end - 1
+    if len(order):
+        groups.append(order[start:])
+    return groups

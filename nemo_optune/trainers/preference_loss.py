@@ -7,7 +7,7 @@ these functions, so what is tested is what trains."""
 import torch
 
 from nemo_optune import algorithms as alg
-from nemo_optune.data.batching import micro_batch_size_for
+from nemo_optune.data.batching import micro_batch_size_for, token_budget_groups
 from nemo_optune.data.pool import PromptPool, build_sequences
 
 
@@ -32,21 +32,29 @@ def pair_sequences(prompts: list[list[int]], rows: dict, width: int, pad_id: int
 
 def preference_micro_batches(pool: PromptPool, prompt_ids: list[list[int]], indices: torch.Tensor,
                              weights: torch.Tensor, valid: torch.Tensor, weight_total: float,
-                             micro_batch_size: int, width: int, pad_id: int) -> list[dict]:
-    """This rank's share of a global batch (`indices` with their weights) as equal micro-batches
-    of at most `micro_batch_size` pairs; each carries the global normaliser `weight_total`."""
-    micro_batch_size = micro_batch_size_for(len(indices), micro_batch_size)
+                             micro_batch_size: int, width: int, pad_id: int,
+                             token_budget: int | None = None) -> list[dict]:
+    """This rank's share of a global batch (`indices` with their weights) as micro-batches of at
+    most `micro_batch_size` pairs; each carries the global normaliser `weight_total`, so the
+    grouping changes no gradient. token_budget None: equal parts in batch order. Else pairs
+    sorted by length and grouped while 2 x pairs x longest sequence <= token_budget."""
+    if token_budget is None:
+        size = micro_batch_size_for(len(indices), micro_batch_size)
+        groups = list(torch.arange(len(indices)).split(size))
+    else:
+        lengths = torch.tensor([len(prompt_ids[i]) for i in indices.tolist()], dtype=torch.long) \
+            + torch.maximum(pool.chosen_lengths[indices], pool.rejected_lengths[indices]).long()
+        groups = token_budget_groups(lengths, micro_batch_size, token_budget, rows_per_item=2)
     out = []
-    for s in range(0, len(indices), micro_batch_size):
-        idx = indices[s:s + micro_batch_size]
+    for group in groups:
+        idx = indices[group]
         rows = pool.rows(idx)
         tokens, mask = pair_sequences([prompt_ids[i] for i in idx.tolist()], rows, width, pad_id)
         out.append({
             "indices": idx, "tokens": tokens, "loss_mask": mask,
             "ref_chosen_logps": rows["ref_chosen_logps"], "ref_rejected_logps": rows["ref_rejected_logps"],
             "chosen_lengths": rows["chosen_lengths"].float(),
-            "weights": weights[s:s + micro_batch_size], "valid": valid[s:s + micro_batch_size],
-            "weight_total": weight_total,
+            "weights": weights[group], "valid": valid[group], "weight_total": weight_total,
         })
     return out
 
