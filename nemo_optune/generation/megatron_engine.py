@@ -9,9 +9,10 @@ under TP every rank its own heads.
 `MegatronRecomputeEngine` recomputes the whole prefix every step (quadratic in length). It is
 kept as the reference the cached engine is tested against.
 
-Both engines draw their sampling noise per step from `counter_uniform`, a pure function of
-(prompt seed, sample index, step, vocabulary index), so a prompt's samples depend neither on
-its batch nor on the engine: switching engines changes nothing but speed.
+Both engines draw one uniform per row and step from `counter_uniform`, a pure function of
+(prompt seed, sample index, step), and sample by inverse CDF (generation/sampling.py), so a
+prompt's samples depend neither on its batch nor on the engine: switching engines changes
+nothing but speed.
 """
 
 import contextlib
@@ -76,12 +77,12 @@ class _Engine:
                     uniform = None
                     if params.temperature != 0:
                         global_rows = rows_of_pass[active]
-                        uniform = counter_uniform(row_seeds[global_rows], row_samples[global_rows], step, logits.shape[-1])
+                        uniform = counter_uniform(row_seeds[global_rows], row_samples[global_rows], step, 1)[:, 0]
                     chosen = sample_tokens(logits, uniform, params.temperature, params.top_k, params.top_p)
                     self._advance(state, active, chosen)
                     out = rows_of_pass[active]
                     response[out, step] = chosen
-                    logprobs[out, step] = logits.log_softmax(-1).gather(-1, chosen[:, None]).squeeze(-1)
+                    logprobs[out, step] = logits.gather(-1, chosen[:, None]).squeeze(-1) - logits.logsumexp(-1)
                     response_lengths[out] += 1
                     finished[active] = torch.isin(chosen, self.stop_ids)
                     if bar is not None and int(finished.sum()) > reported:
