@@ -9,7 +9,7 @@ under TP every rank its own heads.
 `MegatronRecomputeEngine` recomputes the whole prefix every step (quadratic in length). It is
 kept as the reference the cached engine is tested against.
 
-Both engines draw one uniform per row and step from `counter_uniform`, a pure function of
+Both engines take one uniform per row and step from `counter_uniform`, a pure function of
 (prompt seed, sample index, step), and sample by inverse CDF (generation/sampling.py), so a
 prompt's samples depend neither on its batch nor on the engine: switching engines changes
 nothing but speed.
@@ -60,6 +60,7 @@ class _Engine:
         row_seeds = torch.tensor([int(s) for s in seeds], dtype=torch.long).repeat_interleave(num_samples)
         row_samples = torch.arange(num_samples).repeat(len(prompts))
         prompt_lengths = torch.tensor([len(p) for p in row_prompts])
+        uniforms = counter_uniform(row_seeds, row_samples, new)  # [rows, steps]
 
         self.model.prepare_for_inference()
         bars = contextlib.ExitStack()
@@ -74,13 +75,9 @@ class _Engine:
                     if active.numel() == 0:
                         break
                     logits = self._logits(state, active)
-                    uniform = None
-                    if params.temperature != 0:
-                        global_rows = rows_of_pass[active]
-                        uniform = counter_uniform(row_seeds[global_rows], row_samples[global_rows], step, 1)[:, 0]
-                    chosen = sample_tokens(logits, uniform, params.temperature, params.top_k, params.top_p)
-                    self._advance(state, active, chosen)
                     out = rows_of_pass[active]
+                    chosen = sample_tokens(logits, uniforms[out, step], params.temperature, params.top_k, params.top_p)
+                    self._advance(state, active, chosen)
                     response[out, step] = chosen
                     logprobs[out, step] = logits.gather(-1, chosen[:, None]).squeeze(-1) - logits.logsumexp(-1)
                     response_lengths[out] += 1

@@ -91,18 +91,19 @@ def _lowbias32(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 16)
 
 
-def counter_uniform(seeds, sample_index, step: int, vocab: int) -> torch.Tensor:
-    """Uniform noise in (0, 1), [B, vocab] float32, a pure function of (seeds[b],
-    sample_index[b], step, vocab index).
+def counter_uniform(seeds, sample_index, steps: int) -> torch.Tensor:
+    """Uniform numbers in (0, 1), [B, steps] float32: entry [b, t] is a pure function of
+    (seeds[b], sample_index[b], t), the draw of sample sample_index[b] of a prompt at decoding
+    step t.
 
-    Counter-based: a decoding step draws only the noise it uses, for the rows still active,
-    and a row's noise depends on nothing else (not its batch, its position in it or its rank).
-    (seed, sample, step) hash to a 32-bit stream key (64-bit mixing, B values); entry v is
-    lowbias32(key + (v + 1) * golden), whose top 24 bits give (k + 0.5) / 2^24 (exact in float32)."""
+    Counter-based: a row's draws depend on nothing else (not its batch, its position in it, its
+    rank, nor `steps`). (seed, sample) hash to a 32-bit stream key (64-bit mixing, B values);
+    entry t is lowbias32(key + (t + 1) * golden), whose top 24 bits give (k + 0.5) / 2^24 (exact
+    in float32)."""
     seeds = torch.as_tensor(seeds, dtype=torch.int64)
     sample_index = torch.as_tensor(sample_index, dtype=torch.int64, device=seeds.device)
-    key = _splitmix64(_splitmix64(_splitmix64(seeds * _GOLDEN64 + 1) ^ (sample_index + 1)) ^ (int(step) + 1))
+    key = _splitmix64(_splitmix64(seeds * _GOLDEN64 + 1) ^ (sample_index + 1))
     key32 = (_shr(key, 32) - (1 << 31)).to(torch.int32)  # the top 32 bits, as a signed word
-    counters = torch.arange(1, vocab + 1, dtype=torch.int32, device=seeds.device) * _GOLDEN32
+    counters = torch.arange(1, steps + 1, dtype=torch.int32, device=seeds.device) * _GOLDEN32
     bits = _shr(_lowbias32(key32[:, None] + counters), 8)
     return (bits.float() + 0.5) * (1.0 / (1 << 24))

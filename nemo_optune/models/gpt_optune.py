@@ -491,7 +491,7 @@ class MegatronGPTOPTuneModel:
 
         Returns full-vocabulary logits [B, V] (float32) at the last of the s positions, on every
         rank, and advances cache.sequence_len_offset by s. Micro-batches pass through megatron's
-        pipeline schedule like next_token_logits; each writes its rows of the cache
+        pipeline schedule like next_token_logits (at PP = 1 straight through the model); each writes its rows of the cache
         (cache.batch_size_offset), so the cache must hold the micro-batch-padded row count."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -528,9 +528,15 @@ class MegatronGPTOPTuneModel:
             del output_layer._forward_hooks[key]
         try:
             with cached_attention(self.policy, cache):
-                outs = get_forward_backward_func()(
-                    forward_step_func=forward_step, data_iterator=iter(enumerate(batches)), model=self.policy,
-                    num_microbatches=len(batches), seq_length=length, micro_batch_size=size, forward_only=True)
+                if self.layout.pp == 1:  # no stage to pass activations to: the schedule is overhead per step
+                    outs = []
+                    for item in enumerate(batches):
+                        out, loss_func = forward_step(iter([item]), self.policy)
+                        outs.append(loss_func(out)[2])
+                else:
+                    outs = get_forward_backward_func()(
+                        forward_step_func=forward_step, data_iterator=iter(enumerate(batches)), model=self.policy,
+                        num_microbatches=len(batches), seq_length=length, micro_batch_size=size, forward_only=True)
         finally:
             if hooks:
                 output_layer._forward_hooks.update(hooks)
