@@ -6,8 +6,9 @@ models/kv_cache.py) and, from the same weights, Hugging Face `generate` with its
 
 Random weights; stops are switched off so that every response has exactly max_new_tokens
 tokens (a random model would otherwise stop at once). Each case runs in its own process
-(megatron's parallel state is per process); the engines of a case run in the same process,
-one after the other, on the same prompts, so their ratios are measured under the same load.
+(megatron's parallel state is per process); the engines of a case run in the same process on
+the same prompts, their timed calls interleaved (best of --repeats rounds), so their ratios
+are measured under the same load.
 """
 
 import argparse
@@ -33,14 +34,18 @@ CASES = {
 }
 
 
-def best_seconds(fn, repeats: int) -> float:
-    """The best of `repeats` timed calls of fn, after one warm-up call."""
-    fn()  # warm-up
-    best = float("inf")
+def best_seconds(fns: dict, repeats: int) -> dict:
+    """{name: best of `repeats` timed calls of fns[name]} after one warm-up call each. The calls
+    are interleaved (a round calls every fn once), so a slow spell of a shared machine hits
+    every engine alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -80,26 +85,24 @@ def run_case(name: str, engines: list[str], repeats: int) -> dict:
         result = {"case": name, "prompts": num_prompts, "samples": samples, "new_tokens": new, "micro_batch": mbs,
                   "hidden": model.spec.hidden_size, "layers": model.spec.num_layers, "vocab": model.vocab_size,
                   "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts), "threads": torch.get_num_threads()}
+        timed = {}
         for engine_name in engines:
             if engine_name == "hf":
+                timed["hf"] = _hf_generate(model, tok.pad_id, prompts, samples, new, mbs, tmp)
                 continue
             cls = MegatronRecomputeEngine if engine_name == "recompute" else MegatronInProcessEngine
             engine = cls(model, tok.eos_ids, tok.pad_id, mbs)
             engine.stop_ids = torch.tensor([], dtype=torch.long)  # fixed-length responses
 
-            def go():
+            def go(engine=engine):
                 out = engine.generate(prompts, samples, params, seeds)
                 assert int(out.response_lengths.min()) == new
 
-            seconds = best_seconds(go, repeats)
+            timed[engine_name] = go
+        for engine_name, seconds in best_seconds(timed, repeats).items():
             result[f"{engine_name}_responses_per_s"] = rows / seconds
             result[f"{engine_name}_tokens_per_s"] = rows * new / seconds
             result[f"{engine_name}_ms_per_step"] = 1000 * seconds / new  # one decoding step of all rows
-        if "hf" in engines:
-            seconds = _hf_seconds(model, tok.pad_id, prompts, samples, new, mbs, tmp, repeats)
-            result["hf_responses_per_s"] = rows / seconds
-            result["hf_tokens_per_s"] = rows * new / seconds
-            result["hf_ms_per_step"] = 1000 * seconds / new
     if "recompute_responses_per_s" in result and "cached_responses_per_s" in result:
         result["cached_over_recompute"] = result["cached_responses_per_s"] / result["recompute_responses_per_s"]
     if "hf_responses_per_s" in result and "cached_responses_per_s" in result:
@@ -107,15 +110,16 @@ def run_case(name: str, engines: list[str], repeats: int) -> dict:
     return result
 
 
-def _hf_seconds(model, pad_id, prompts, samples, new, mbs, tmp, repeats) -> float:
-    """transformers' `generate` (sampling, top-p 0.9, KV cache) on the exported weights."""
+def _hf_generate(model, pad_id, prompts, samples, new, mbs, tmp):
+    """A call of transformers' `generate` (sampling, top-p 0.9, KV cache) on the exported weights,
+    over the same rows in chunks of the micro-batch size."""
     import torch
     import transformers
 
     from nemo_optune.models.hf_io import export_hf
 
     export_hf(model, f"{tmp}/hf")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(f"{tmp}/hf", torch_dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(f"{tmp}/hf", dtype=torch.float32).eval()
     rows = [p for p in prompts for _ in range(samples)]
 
     def go():
@@ -130,7 +134,7 @@ def _hf_seconds(model, pad_id, prompts, samples, new, mbs, tmp, repeats) -> floa
                                   eos_token_id=None)
             assert out.shape[1] == width + new
 
-    return best_seconds(go, repeats)
+    return go
 
 
 def main() -> None:
@@ -138,7 +142,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--no-hf", action="store_true", help="leave out transformers' generate")
     parser.add_argument("--no-recompute", action="store_true", help="leave out the recompute engine")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs after a warm-up (best is kept)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after a warm-up (best is kept)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a case, in this process
     parser.add_argument("--engines", help=argparse.SUPPRESS)
     args = parser.parse_args()

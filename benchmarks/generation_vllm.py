@@ -52,12 +52,14 @@ def run_case(name: str, repeats: int) -> dict:
         vllm.start()
         result["vllm_start_seconds"] = time.perf_counter() - start
         vllm.backend.stop_ids, vllm.backend.ignore_eos = [], True
-        for label, engine in (("megatron", megatron), ("vllm", vllm)):
+        def generate_with(engine):
             def go():
                 out = engine.generate(prompts, samples, params, seeds)
                 assert int(out.response_lengths.min()) == new, out.response_lengths.min()
+            return go
 
-            seconds = best_seconds(go, repeats)
+        timed = best_seconds({"megatron": generate_with(megatron), "vllm": generate_with(vllm)}, repeats)
+        for label, seconds in timed.items():
             result[f"{label}_responses_per_s"] = rows / seconds
             result[f"{label}_tokens_per_s"] = rows * new / seconds
         refits = [refit_engine(vllm, model) for _ in range(max(1, repeats))]
