@@ -50,8 +50,9 @@ def best_seconds(fns: dict, repeats: int) -> dict:
 
 
 def random_policy_case(overrides: list[str], num_prompts: int, new: int, tmp: str):
-    """(cfg, tokenizer, a policy with random weights, prompts, per-prompt seeds) of a case: the
-    optune_tiny recipe with `overrides`, its training prompts cycled to num_prompts."""
+    """(cfg, its trainer, a policy with random weights, prompts, per-prompt seeds) of a case: the
+    optune_tiny recipe with `overrides`, its training prompts cycled to num_prompts. (The
+    trainer's own policy is built empty, for an SFT checkpoint to fill.)"""
     from nemo_optune.config import load_config
     from nemo_optune.data.task_data import build_task_data
     from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
@@ -67,7 +68,7 @@ def random_policy_case(overrides: list[str], num_prompts: int, new: int, tmp: st
     model = MegatronGPTOPTuneModel(cfg.model, trainer.model.spec, trainer.model.layout, seed=0, lr=0.0,
                                    weight_decay=0.0, grad_clip=0.0, with_reference=False, tokenizer=trainer.tokenizer)
     ids = trainer.pool.prompt_ids
-    return cfg, trainer.tokenizer, model, [ids[i % len(ids)] for i in range(num_prompts)], list(range(num_prompts))
+    return cfg, trainer, model, [ids[i % len(ids)] for i in range(num_prompts)], list(range(num_prompts))
 
 
 def run_case(name: str, engines: list[str], repeats: int) -> dict:
@@ -78,8 +79,9 @@ def run_case(name: str, engines: list[str], repeats: int) -> dict:
 
     overrides, num_prompts, samples, new, mbs = CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, tok, model, prompts, seeds = random_policy_case(overrides + [f"generation.micro_batch_size={mbs}"],
-                                                             num_prompts, new, tmp)
+        cfg, trainer, model, prompts, seeds = random_policy_case(overrides + [f"generation.micro_batch_size={mbs}"],
+                                                                 num_prompts, new, tmp)
+        tok = trainer.tokenizer
         params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=new)
         rows = num_prompts * samples
         result = {"case": name, "prompts": num_prompts, "samples": samples, "new_tokens": new, "micro_batch": mbs,

@@ -37,8 +37,9 @@ def run_case(name: str, repeats: int) -> dict:
 
     overrides, num_prompts, samples, new = CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, tok, model, prompts, seeds = random_policy_case(
+        cfg, trainer, model, prompts, seeds = random_policy_case(
             overrides + ["generation.micro_batch_size=512", "generation.engine=vllm"], num_prompts, new, tmp)
+        tok = trainer.tokenizer
         params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=new)
         rows = num_prompts * samples
         result = {"case": name, "prompts": num_prompts, "samples": samples, "new_tokens": new,

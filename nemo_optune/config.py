@@ -27,9 +27,12 @@ class TrainerConfig:
     iterations: int = 8
     global_batch_size: int = 64  # preference pairs per optimizer step, over all DP ranks
     micro_batch_size: int = 64  # at most this many pairs per forward/backward on one DP rank (equal parts)
-    # null: equal micro-batches in batch order. N: pairs sorted by length, grouped while
-    # 2 x pairs x longest sequence <= N padded tokens (and pairs <= micro_batch_size); PP = 1 only.
+    # null: equal micro-batches in batch order. N: pairs sorted by length, grouped while rows x
+    # longest row <= N padded tokens (and pairs <= micro_batch_size); PP = 1 only.
     micro_batch_tokens: Optional[int] = None
+    # true: each pair is one row [prompt, chosen, last prompt token, rejected] with its own
+    # positions and attention mask (the prompt computed once per pair); false: two rows per pair.
+    pack_pairs: bool = False
     epochs_per_iteration: int = 1  # passes over the iteration's prompts per iteration
     # null: every iteration works on the whole pool. P: on a window of P prompts (shuffled passes
     # over the pool; a pass's n % P leftover prompts wait for the next pass), i.e. P/global_batch_size
@@ -474,6 +477,9 @@ def validate_layout(cfg: RootConfig, world_size: int) -> None:
         _require(groups % tp == 0, "model.num_query_groups", f"{groups} query groups are not divisible by TP={tp}")
         _require(m.num_layers % pp == 0, "model.num_layers", f"{m.num_layers} layers are not divisible by PP={pp}")
     _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", "must be >= 1")
+    if t.pack_pairs:
+        _require(cfg.method != "hypo", "trainer.pack_pairs",
+                 "is not supported with method=hypo (its online samples are appended as rows of their own)")
     if t.micro_batch_tokens is not None:
         _require(t.micro_batch_tokens >= 1, "trainer.micro_batch_tokens", f"must be >= 1 or null, got {t.micro_batch_tokens}")
         # megatron's pipeline schedule sends one activation shape for every micro-batch of a step

@@ -42,9 +42,11 @@ def test_invalid_config_values_name_the_key(override, key):
         load_config("optune_tiny", [override])
 
 
-def test_token_budget_micro_batches_are_refused_where_shapes_must_be_fixed():
+def test_token_budget_and_packing_are_refused_where_they_do_not_apply():
     with pytest.raises(ConfigError, match="config key trainer.micro_batch_tokens: is not supported with method=hypo"):
         load_config("optune_tiny", ["method=hypo", "data.offline_path=prefs.jsonl", "trainer.micro_batch_tokens=512"])
+    with pytest.raises(ConfigError, match="config key trainer.pack_pairs: is not supported with method=hypo"):
+        load_config("optune_tiny", ["method=hypo", "data.offline_path=prefs.jsonl", "trainer.pack_pairs=true"])
     cfg = load_config("optune_tiny", ["trainer.micro_batch_tokens=512"])
     cfg.model.pipeline_model_parallel_size = 2
     with pytest.raises(ConfigError, match="config key trainer.micro_batch_tokens: needs model.pipeline_model_parallel_size=1"):

@@ -11,6 +11,9 @@ LAYOUTS = {  # name: (world size, overrides)
     "pp2": (2, ["model.pipeline_model_parallel_size=2"]),
     "dp2": (2, []),
     "tp2pp2": (4, ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2"]),
+    # one row per pair, own positions and mask, through TP-sharded heads and both pipeline stages
+    "tp2pp2_packed": (4, ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2",
+                          "trainer.pack_pairs=true"]),
 }
 
 

@@ -131,6 +131,42 @@ def test_token_budget_groups():
             assert len(g) <= cap and (len(g) == 1 or 2 * len(g) * int(lengths[g].max()) <= budget)
 
 
+def test_packed_pair_sequences_hand_built():
+    """Pair 0: prompt [1, 2], chosen [11, 12, 13], rejected [14, 15]; pair 1: prompt [3], chosen
+    [21, 22], rejected [24]. Row = prompt, chosen, last prompt token (the bridge), rejected."""
+    from nemo_optune.data.packing import packed_attention_mask, packed_pair_sequences
+
+    rows = make_pool().rows(torch.tensor([0, 1]))
+    packed = packed_pair_sequences(PROMPTS[:2], rows, 9, PAD)
+    assert packed["tokens"].tolist() == [[1, 2, 11, 12, 13, 2, 14, 15, PAD], [3, 21, 22, 3, 24, PAD, PAD, PAD, PAD]]
+    # the bridge takes the prompt's last position again; the rejected response continues from it
+    assert packed["positions"][0, :8].tolist() == [0, 1, 2, 3, 4, 1, 2, 3]
+    assert packed["positions"][1, :5].tolist() == [0, 1, 2, 0, 1]
+    assert packed["pack_layout"].tolist() == [[2, 5, 8], [1, 3, 5]]  # prompt length, bridge, row length
+    # labels (next tokens) of the chosen response: positions 1-3 (pair 0), 0-1 (pair 1); rejected: the bridge on
+    assert packed["rejected_mask"][:, :8].tolist() == [[0, 0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 0, 0, 0, 0]]
+    chosen = packed["loss_mask"] - packed["rejected_mask"]
+    assert chosen[:, :8].tolist() == [[0, 1, 1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]]
+    sees = ~packed_attention_mask(packed["pack_layout"], 8)[:, 0]  # [pair, query, key], trimmed to 8
+    keys = lambda b, q: sees[b, q].nonzero().squeeze(-1).tolist()
+    assert [keys(0, q) for q in range(8)] == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3, 4],
+                                              [0, 5], [0, 5, 6], [0, 5, 6, 7]]  # rejected: never the chosen
+    assert [keys(1, q) for q in range(8)] == [[0], [0, 1], [0, 1, 2], [3], [3, 4], [5], [6], [7]]  # padding: itself
+    with pytest.raises(ValueError, match="does not fit width 7"):
+        packed_pair_sequences(PROMPTS[:2], rows, 7, PAD)
+
+
+@pytest.mark.parametrize("budget,groups", [(16, [[1, 2], [0]]), (15, [[1], [2], [0]])])
+def test_packed_micro_batches_by_tokens(budget, groups):
+    """Packed rows are prompt + chosen + 1 + rejected long: pair 1: 5, pair 2: 8, pair 0: 8 (equal
+    lengths keep batch order: 2 before 0)."""
+    mbs = preference_micro_batches(make_pool(), PROMPTS, torch.tensor([2, 0, 1]), torch.ones(3), torch.ones(3),
+                                   weight_total=3.0, micro_batch_size=3, width=6, pad_id=PAD, token_budget=budget,
+                                   pack=True)
+    assert [mb["indices"].tolist() for mb in mbs] == groups
+    assert all(mb["tokens"].shape[0] == len(mb["indices"]) for mb in mbs)  # one row per pair
+
+
 def pair_mb(weights, valid, total, ref_chosen, ref_rejected, chosen_lengths):
     return {"weights": torch.tensor(weights), "valid": torch.tensor(valid), "weight_total": total,
             "ref_chosen_logps": torch.tensor(ref_chosen), "ref_rejected_logps": torch.tensor(ref_rejected),

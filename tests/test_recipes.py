@@ -48,7 +48,7 @@ def test_recipe_runs_one_iteration(recipe, sft_checkpoint, offline_jsonl, tmp_pa
         assert it["hypo_kl"] != 0 and it["seconds"]["generation"] > 0
 
 
-@pytest.mark.parametrize("script", ["compare_methods", "layout_timing", "generation", "vs_trl"])
+@pytest.mark.parametrize("script", ["compare_methods", "layout_timing", "generation", "vs_trl", "train_step"])
 def test_benchmark_scripts_import(script):
     """The benchmarks run outside the suite; at least their imports must follow the code."""
     import importlib.util

@@ -134,6 +134,31 @@ def test_token_budget_micro_batches_give_the_same_loss_and_gradients(trainer):
         torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("token_budget", [None, 40])
+def test_packed_pairs_give_the_same_loss_margins_and_gradients(trainer, token_budget):
+    """trainer.pack_pairs: one row per pair with its own positions and attention mask. The
+    policy's log-probs of both responses, hence margins, loss and every gradient, are those of
+    the two-row layout (alone and with micro-batches by tokens)."""
+    batch = first_batch(trainer)
+    expected = hand_computed_loss(trainer, batch)
+    unpacked, whole_grads = _loss_and_grads(trainer, batch, len(batch))
+    t = trainer.cfg.trainer
+    try:
+        t.micro_batch_size, t.micro_batch_tokens, t.pack_pairs = len(batch), token_budget, True
+        micro_batches, _ = trainer.micro_batches(batch)
+        assert all(mb["tokens"].shape[0] == len(mb["indices"]) for mb in micro_batches)  # one row per pair
+        assert (len(micro_batches) > 1) == (token_budget is not None)
+        trainer.model.prepare_for_training_step()
+        metrics = trainer.model.get_loss_and_metrics(micro_batches, trainer.loss_fn)
+    finally:
+        t.micro_batch_tokens, t.pack_pairs = None, False
+    assert float(sum(m["loss"] for m in metrics)) == pytest.approx(expected, rel=1e-5)
+    margins = pair_margins(trainer, batch)[trainer.pool.store.valid[batch]]
+    assert float(sum(m["margin"] for m in metrics)) == pytest.approx(float(margins.sum()), rel=1e-4, abs=1e-5)
+    for p, ref in zip(trainer.model.policy.parameters(), whole_grads):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-7)
+
+
 def test_a_step_moves_the_policy_towards_the_chosen_responses(trainer):
     """DPO's gradient raises log pi(y_w) - log pi(y_l) of the pool's own chosen responses,
     measured by independent forward passes (a swap of chosen and rejected anywhere in the

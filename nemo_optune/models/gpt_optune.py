@@ -372,6 +372,8 @@ class MegatronGPTOPTuneModel:
         self._require_weights()
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from nemo_optune.data.packing import packed_attention_mask
+
         if not micro_batches:
             return []
         micro_batches = self._trim_padding(micro_batches)
@@ -380,9 +382,13 @@ class MegatronGPTOPTuneModel:
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             tokens = mb["tokens"].to(self.device)
-            positions = torch.arange(tokens.shape[1], device=self.device).unsqueeze(0)
             labels = torch.roll(tokens, shifts=-1, dims=1) if with_labels else None
-            out = model(tokens, positions.expand_as(tokens), self._causal_mask(tokens.shape[1]), labels=labels)
+            if "pack_layout" in mb:  # packed pairs: own positions and mask (data/packing.py)
+                mask = packed_attention_mask(mb["pack_layout"].to(self.device), tokens.shape[1])
+                out = self._packed_forward(model, tokens, mb["positions"].to(self.device), mask, labels)
+            else:
+                positions = torch.arange(tokens.shape[1], device=self.device).unsqueeze(0)
+                out = model(tokens, positions.expand_as(tokens), self._causal_mask(tokens.shape[1]), labels=labels)
 
             def loss_func(output_tensor):
                 loss, metrics = output_fn(mb, output_tensor)
@@ -400,6 +406,22 @@ class MegatronGPTOPTuneModel:
             micro_batch_size=micro_batches[0]["tokens"].shape[0],
             forward_only=forward_only,
         )
+
+    @staticmethod
+    def _packed_forward(model, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor,
+                        labels: torch.Tensor | None) -> torch.Tensor:
+        """A forward of rows with their own token positions and attention mask. megatron's GPT
+        applies RoPE at 0..s-1 whatever position_ids say, so for the call each attention layer
+        runs models/kv_cache's attention (megatron's projections, RoPE at `positions`, the mask
+        as given) on a cache of this micro-batch alone; gradients flow through it."""
+        from megatron.core.utils import unwrap_model
+
+        from nemo_optune.models.kv_cache import KVCache, cached_attention
+
+        cache = KVCache(tokens.shape[0], tokens.shape[1])
+        with cached_attention(unwrap_model(model), cache, plain_linears=False):
+            cache.set_positions(positions)
+            return model(tokens, positions, attention_mask, labels=labels)
 
     def _require_weights(self) -> None:
         """Every forward goes through here: uninitialised weights must not silently compute."""
@@ -420,8 +442,11 @@ class MegatronGPTOPTuneModel:
         lengths = [needed(mb) for mb in micro_batches]
         if self.layout.pp > 1:
             lengths = [max(lengths)] * len(lengths)
-        return [{**mb, "tokens": mb["tokens"][:, :n], "loss_mask": mb["loss_mask"][:, :n]}
-                for mb, n in zip(micro_batches, lengths)]
+        trimmed = []
+        for mb, n in zip(micro_batches, lengths):
+            cut = {key: mb[key][:, :n] for key in ("tokens", "loss_mask", "rejected_mask", "positions") if key in mb}
+            trimmed.append({**mb, **cut})
+        return trimmed
 
     def _from_last_stage(self, tensor: torch.Tensor | None, shape, dtype) -> torch.Tensor:
         """Broadcast a result computed on the last pipeline stage to every stage."""
@@ -556,7 +581,11 @@ class MegatronGPTOPTuneModel:
         `forward_only`, the loss metrics alone (eval mode, no gradients). Metrics: last stage."""
 
         def output_fn(mb, nll):
-            return loss_fn(mb, response_logprobs(nll, mb["loss_mask"].to(nll.device)))
+            mask = mb["loss_mask"].to(nll.device)
+            if "rejected_mask" in mb:  # packed: each row holds a pair, chosen then rejected labels
+                rejected = mb["rejected_mask"].to(nll.device)
+                return loss_fn(mb, torch.cat([response_logprobs(nll, mask - rejected), response_logprobs(nll, rejected)]))
+            return loss_fn(mb, response_logprobs(nll, mask))
 
         if not forward_only:
             return self._run_schedule(self._train_module, micro_batches, forward_only=False, output_fn=output_fn,

@@ -96,8 +96,10 @@ def _cached_self_attention(attention, cache: KVCache, hidden_states: torch.Tenso
 
 
 @contextlib.contextmanager
-def cached_attention(gpt_model, cache: KVCache):
-    """Within the block, `gpt_model`'s attention layers read and write `cache`."""
+def cached_attention(gpt_model, cache: KVCache, plain_linears: bool = True):
+    """Within the block, `gpt_model`'s attention layers read and write `cache`. plain_linears:
+    see _plain_linears (generation only: training keeps megatron's linears, whose autograd
+    Function feeds its gradient buffers)."""
     if getattr(gpt_model.config, "attention_output_gate", False):
         raise NotImplementedError("the KV cache does not implement attention output gates")
     rotary = getattr(gpt_model, "rotary_pos_emb", None)
@@ -110,7 +112,7 @@ def cached_attention(gpt_model, cache: KVCache):
         attention.forward = lambda hidden, attention_mask, _attention=attention, **k: _cached_self_attention(
             _attention, cache, hidden, attention_mask, **k)
     if cache.plain_linears is None:
-        cache.plain_linears = _plain_linears(gpt_model)
+        cache.plain_linears = _plain_linears(gpt_model) if plain_linears else []
     linears = cache.plain_linears
     for linear in linears:
         linear.forward = lambda x, weight=None, runtime_gather_output=None, _linear=linear: _plain_linear(_linear, x, weight)

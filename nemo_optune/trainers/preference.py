@@ -226,7 +226,7 @@ class PreferenceTrainer:
         mine = slice(self.layout.dp_rank * per_rank, (self.layout.dp_rank + 1) * per_rank)
         return preference_micro_batches(self.pool.store, self.pool.prompt_ids, batch[mine], weights[mine], valid[mine],
                                         weight_total, t.micro_batch_size, self.width, self.tokenizer.pad_id,
-                                        token_budget=t.micro_batch_tokens), weight_total
+                                        token_budget=t.micro_batch_tokens, pack=t.pack_pairs), weight_total
 
     def batch_loss(self, batch: torch.Tensor) -> dict:
         """Forward only: the loss metrics of one global batch summed over DP (no update)."""

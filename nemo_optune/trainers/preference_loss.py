@@ -8,6 +8,7 @@ import torch
 
 from nemo_optune import algorithms as alg
 from nemo_optune.data.batching import micro_batch_size_for, token_budget_groups
+from nemo_optune.data.packing import packed_pair_sequences
 from nemo_optune.data.pool import PromptPool, build_sequences
 
 
@@ -33,25 +34,36 @@ def pair_sequences(prompts: list[list[int]], rows: dict, width: int, pad_id: int
 def preference_micro_batches(pool: PromptPool, prompt_ids: list[list[int]], indices: torch.Tensor,
                              weights: torch.Tensor, valid: torch.Tensor, weight_total: float,
                              micro_batch_size: int, width: int, pad_id: int,
-                             token_budget: int | None = None) -> list[dict]:
+                             token_budget: int | None = None, pack: bool = False) -> list[dict]:
     """This rank's share of a global batch (`indices` with their weights) as micro-batches of at
     most `micro_batch_size` pairs; each carries the global normaliser `weight_total`, so the
     grouping changes no gradient. token_budget None: equal parts in batch order. Else pairs
-    sorted by length and grouped while 2 x pairs x longest sequence <= token_budget."""
+    sorted by length and grouped while the micro-batch's padded tokens (rows x longest row)
+    stay within token_budget. pack: one row per pair (packed_pair_sequences), else a chosen
+    row and a rejected row per pair."""
     if token_budget is None:
         size = micro_batch_size_for(len(indices), micro_batch_size)
         groups = list(torch.arange(len(indices)).split(size))
     else:
-        lengths = torch.tensor([len(prompt_ids[i]) for i in indices.tolist()], dtype=torch.long) \
-            + torch.maximum(pool.chosen_lengths[indices], pool.rejected_lengths[indices]).long()
-        groups = token_budget_groups(lengths, micro_batch_size, token_budget, rows_per_item=2)
+        prompt_lengths = torch.tensor([len(prompt_ids[i]) for i in indices.tolist()], dtype=torch.long)
+        chosen, rejected = pool.chosen_lengths[indices].long(), pool.rejected_lengths[indices].long()
+        if pack:
+            groups = token_budget_groups(prompt_lengths + chosen + 1 + rejected, micro_batch_size, token_budget)
+        else:
+            groups = token_budget_groups(prompt_lengths + torch.maximum(chosen, rejected), micro_batch_size,
+                                         token_budget, rows_per_item=2)
     out = []
     for group in groups:
         idx = indices[group]
         rows = pool.rows(idx)
-        tokens, mask = pair_sequences([prompt_ids[i] for i in idx.tolist()], rows, width, pad_id)
+        prompts = [prompt_ids[i] for i in idx.tolist()]
+        if pack:
+            sequences = packed_pair_sequences(prompts, rows, 2 * width, pad_id)  # 2 x (prompt + response) >= packed
+        else:
+            tokens, mask = pair_sequences(prompts, rows, width, pad_id)
+            sequences = {"tokens": tokens, "loss_mask": mask}
         out.append({
-            "indices": idx, "tokens": tokens, "loss_mask": mask,
+            "indices": idx, **sequences,
             "ref_chosen_logps": rows["ref_chosen_logps"], "ref_rejected_logps": rows["ref_rejected_logps"],
             "chosen_lengths": rows["chosen_lengths"].float(),
             "weights": weights[group], "valid": valid[group], "weight_total": weight_total,
