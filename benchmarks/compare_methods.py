@@ -38,8 +38,10 @@ METHODS = {  # row name: (recipe, overrides)
     "hypo": ("hypo", [OFFLINE]),
 }
 # The OPTune paper's schedule for every row: an iteration regenerates (a share of) the whole
-# pool and trains an epoch on it; the shipped online_dpo/optune recipes step per generation round.
-PAPER_SCHEDULE = ["trainer.prompts_per_iteration=null", "trainer.eval_every=1", "model.optune.selection_key=chosen"]
+# pool and trains an epoch on it, two rows per pair; the shipped online_dpo/optune recipes step
+# per generation round and pack pairs (HyPO cannot pack: the same train step for every row).
+PAPER_SCHEDULE = ["trainer.prompts_per_iteration=null", "trainer.eval_every=1", "model.optune.selection_key=chosen",
+                  "trainer.pack_pairs=false"]
 PHASES = ("generation", "scoring", "reference", "exchange", "training")
 
 
