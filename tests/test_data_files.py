@@ -132,3 +132,14 @@ def test_online_run_from_prompt_files_and_offline_run_from_trl_schema(sft_checkp
         f"exp_manager.exp_dir={tmp_path / name}", f"data.offline_path={path}"]))["iterations"]] for name, path in
         (("nemo", nemo), ("trl", trl))]
     assert losses[0] == losses[1]
+
+
+def test_a_prompt_that_encodes_to_no_tokens_is_refused():
+    """A tokenizer that drops every character (no BOS): nothing to continue from."""
+
+    class DropsEverything:
+        def encode(self, text, add_special_tokens=True):
+            return []
+
+    with pytest.raises(DataError, match=r"p\.jsonl:3: the prompt encodes to no tokens"):
+        encode_prompt("\u200b", DropsEverything(), apply_chat_template=False, where="p.jsonl:3")

@@ -32,14 +32,18 @@ def encode_prompt(prompt: Prompt, tokenizer, apply_chat_template: bool, where: s
     turn) go through the tokenizer's chat template with the generation prompt appended."""
     if isinstance(prompt, str) and not apply_chat_template:
         try:
-            return tokenizer.encode(prompt, add_special_tokens=True)  # e.g. a BOS token
+            ids = tokenizer.encode(prompt, add_special_tokens=True)  # e.g. a BOS token
         except ValueError as err:  # e.g. a character outside a character tokenizer's alphabet
             raise DataError(f"{where}: {err}") from None
-    if getattr(tokenizer, "chat_template", None) is None:
-        why = "data.apply_chat_template=true" if isinstance(prompt, str) else "chat-message prompts"
-        raise DataError(f"{where}: {why} need a tokenizer with a chat template; this tokenizer has none")
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    else:
+        if getattr(tokenizer, "chat_template", None) is None:
+            why = "data.apply_chat_template=true" if isinstance(prompt, str) else "chat-message prompts"
+            raise DataError(f"{where}: {why} need a tokenizer with a chat template; this tokenizer has none")
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    if len(ids) == 0:  # generation and the loss need a last prompt token to continue from
+        raise DataError(f"{where}: the prompt encodes to no tokens")
+    return ids
 
 
 def fit_prompt(ids: list[int], limit: int, policy: str, where: str) -> list[int] | None:
