@@ -29,7 +29,8 @@ def _claim_exp_dir(cfg: RootConfig, layout):
         try:
             exp_dir.check_writable(e.exp_dir)
             handle = exp_dir.lock(e.exp_dir)
-            verdict[0] = exp_dir.prepare(e.exp_dir, as_dict(cfg), e.resume_if_exists, e.resume_from, e.overwrite)
+            verdict[0] = exp_dir.prepare(e.exp_dir, as_dict(cfg), e.resume_if_exists, e.resume_from, e.overwrite,
+                                          defaults=as_dict(RootConfig()))
         except (exp_dir.ExperimentDirError, OSError) as err:  # every rank must hear of it, or they hang
             verdict[1] = str(err)
     dist.broadcast_object_list(verdict, src=0)

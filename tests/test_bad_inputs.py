@@ -297,6 +297,20 @@ def test_exp_dir_with_a_different_config_is_refused_and_kept(tmp_path):
     assert not marker.exists()
 
 
+def test_a_key_added_since_the_stored_run_counts_only_off_its_default(tmp_path):
+    """A run stored by a version without trainer.pack_pairs behaved as its default (false): the
+    same config with the default resumes, with the key switched on it is a different run."""
+    stored = {"method": "optune", "trainer": {"iterations": 4}}
+    defaults = {"method": "optune", "trainer": {"iterations": 8, "pack_pairs": False}}
+    assert exp_dir.prepare(str(tmp_path), stored, True, None, False, defaults) is None
+    same = {"method": "optune", "trainer": {"iterations": 4, "pack_pairs": False}}
+    assert exp_dir.prepare(str(tmp_path), same, True, None, False, defaults) is None
+    (tmp_path / "config.json").write_text(json.dumps(stored))  # the older version's file again
+    packed = {"method": "optune", "trainer": {"iterations": 4, "pack_pairs": True}}
+    with pytest.raises(exp_dir.ExperimentDirError, match=r"different config \(trainer\.pack_pairs\)"):
+        exp_dir.prepare(str(tmp_path), packed, True, None, False, defaults)
+
+
 def test_fewer_iterations_than_a_checkpoint_has_done_are_refused(tmp_path):
     cfg = {"method": "optune", "trainer": {"iterations": 4}}
     exp_dir.prepare(str(tmp_path), cfg, True, None, False)

@@ -40,10 +40,18 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(old: dict, new: dict) -> list[str]:
-    a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in set(a) | set(b)
-                  if a.get(k) != b.get(k) and not any(k.startswith(p) for p in RESUMABLE_CHANGES))
+def config_differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
+    """Keys whose values differ between the stored config `old` and `new`, but those that may
+    change on resume. A key `old` lacks (written by a version before the key existed) differs
+    only where `new` sets it off its default: that run behaved as the default does."""
+    a, b, d = _flatten(old), _flatten(new), _flatten(defaults or {})
+
+    def differs(k: str) -> bool:
+        if k not in a and k in d:
+            return b.get(k) != d[k]
+        return a.get(k) != b.get(k)
+
+    return sorted(k for k in set(a) | set(b) if differs(k) and not any(k.startswith(p) for p in RESUMABLE_CHANGES))
 
 
 def lock(exp_dir: str):
@@ -66,9 +74,11 @@ def lock(exp_dir: str):
     return handle
 
 
-def prepare(exp_dir: str, config: dict, resume_if_exists: bool, resume_from: str | None, overwrite: bool) -> str | None:
+def prepare(exp_dir: str, config: dict, resume_if_exists: bool, resume_from: str | None, overwrite: bool,
+            defaults: dict | None = None) -> str | None:
     """Check and prepare `exp_dir` (rank 0 only, after `lock`); return the checkpoint to
-    resume from, AUTO (find the newest intact one once the model exists), or None.
+    resume from, AUTO (find the newest intact one once the model exists), or None. `defaults`:
+    the config's default values (see config_differences).
 
     Refuses, before any heavy work: a directory that holds a run with a different config
     unless `overwrite`; fewer trainer.iterations than a checkpoint already has done. Never
@@ -77,7 +87,7 @@ def prepare(exp_dir: str, config: dict, resume_if_exists: bool, resume_from: str
     if os.path.exists(config_file):
         with open(config_file) as f:
             old = json.load(f)
-        changed = config_differences(old, config)
+        changed = config_differences(old, config, defaults)
         if changed and not overwrite:
             raise ExperimentDirError(
                 f"config key exp_manager.exp_dir: {exp_dir} holds a run with a different config "
