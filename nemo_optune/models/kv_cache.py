@@ -10,6 +10,10 @@ applied once to the new queries/keys at each row's own positions, keys stored ro
 grouped-query attention computed without repeating keys (the query heads of a group attend
 as one block). The rest of the model (embedding, norms, MLP, pipeline schedule, last-token
 logits) is megatron's, driven by the StaticInferenceContext this cache extends.
+
+The same attention, with gradients and without plain linears, serves training on packed pairs
+(data/packing.py): rows with their own positions and attention mask, which megatron's RoPE
+(always at 0..s-1) cannot express.
 """
 
 import contextlib
