@@ -95,9 +95,9 @@ def main() -> None:
     finally:
         distributed.shutdown()
     base = results["pairs_64"]["seconds_per_step"]
-    print(f"\n{'strategy':<12}{'micro-batches':>14}{'padded tokens':>15}{'real tokens':>13}{'s/step':>9}{'vs pairs_64':>13}")
+    print(f"\n{'strategy':<18}{'micro-batches':>14}{'padded tokens':>15}{'real tokens':>13}{'s/step':>9}{'vs pairs_64':>13}")
     for r in results.values():
-        print(f"{r['strategy']:<12}{r['micro_batches']:>14}{r['padded_tokens']:>15}{r['real_tokens']:>13}"
+        print(f"{r['strategy']:<18}{r['micro_batches']:>14}{r['padded_tokens']:>15}{r['real_tokens']:>13}"
               f"{r['seconds_per_step']:>9.3f}{base / r['seconds_per_step']:>12.2f}x")
 
 
