@@ -64,13 +64,16 @@ def tiny(tmp_path_factory, sft_checkpoint):
 def test_trainer_uses_the_cached_engine(tiny, monkeypatch):
     trainer, prompts, _ = tiny
     assert type(trainer.engine) is MegatronInProcessEngine
-    # Prefill once (the longest prompt's width), then one token per row and step; no recompute.
+    # Prefill once per distinct prompt (the longest prompt's width), then one token per row and
+    # step; no recompute.
     widths, model = [], trainer.model
     cached = model.next_token_logits_cached
     monkeypatch.setattr(model, "next_token_logits_cached", lambda ctx, tokens, *a: (widths.append(tokens.shape), cached(ctx, tokens, *a))[1])
     monkeypatch.setattr(model, "next_token_logits", lambda *a: pytest.fail("recomputed the prefix"))
     out = trainer.engine.generate(prompts, 2, SAMPLED, seeds=list(range(len(prompts))))
-    assert widths[0] == (2 * len(prompts), max(len(p) for p in prompts))
+    assert len(set(map(tuple, prompts))) == len(prompts)
+    assert widths[0] == (len(prompts), max(len(p) for p in prompts))
+    assert len(out.response_lengths) == 2 * len(prompts)
     assert all(w[1] == 1 for w in widths[1:]) and len(widths) == int(out.response_lengths.max())
 
 
@@ -103,6 +106,35 @@ def test_sampled_matches_recompute_and_ignores_the_batch(tiny, cached):
     assert torch.equal(mixed.response_tokens[:3], got.response_tokens[18:21])
     assert torch.equal(mixed.response_tokens[6:9], got.response_tokens[0:3])
     assert torch.allclose(mixed.logprobs[6:9], got.logprobs[0:3], atol=1e-5, rtol=0)
+    # The same prompt twice in a batch (prefilled once, its cache rows copied), other seeds.
+    twice = engines[cached].generate([prompts[4], prompts[0], prompts[4]], 3, SAMPLED, [seeds[4], seeds[0], 999])
+    assert torch.equal(twice.response_tokens[:3], got.response_tokens[12:15])
+    assert torch.equal(twice.response_tokens[3:6], got.response_tokens[0:3])
+    other_seed = engines[cached].generate([prompts[4]], 3, SAMPLED, [999])
+    assert torch.equal(twice.response_tokens[6:9], other_seed.response_tokens)
+    assert torch.allclose(twice.logprobs[6:9], other_seed.logprobs, atol=1e-5, rtol=0)
+    assert not torch.equal(other_seed.response_tokens, alone.response_tokens)
+
+
+def test_plain_linears_are_packed_and_exact(tiny):
+    """At TP = 1 on CPU every decoder linear and the output layer run on oneDNN-packed weights
+    during generation (a torch without the operator would fall back to F.linear: slower, and
+    this test says so), with F.linear's outputs."""
+    import torch.nn.functional as F
+
+    from nemo_optune.models.kv_cache import _plain_linear, _plain_linears
+
+    trainer, _, _ = tiny
+    policy = trainer.model.policy
+    linears = _plain_linears(policy)
+    assert len(linears) == 4 * len(policy.decoder.layers) + 1 and linears[-1][0] is policy.output_layer
+    with torch.no_grad():
+        for linear, weight, packed in linears:
+            assert packed is not None
+            x = torch.randn(1, 5, weight.shape[1])
+            out, _ = _plain_linear(linear, x, None, weight, packed)
+            bias = None if linear.bias is None or linear.skip_bias_add else linear.bias
+            assert torch.allclose(out, F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
 
 
 def test_logprobs_match_sequence_logprobs(tiny):

@@ -121,21 +121,25 @@ class _CachePass:
     at the same cache slot and all rows then advance one slot per step. Row r's padding slots
     (the first pad[r]) are masked out of attention for good (a padding query sees only its
     own slot, so no query is fully masked), and its positions count from its first real token.
+    Rows with the same prompt (a prompt's samples) are prefilled once, then their cache rows
+    copied (the prefill is a quarter of 16 new tokens' time on a 20M Llama).
     """
 
     def __init__(self, model, prompts: list[list[int]], new: int, pad_id: int, micro_batch_size: int):
         from nemo_optune.models.kv_cache import KVCache
 
         self.model, self.micro_batch_size = model, micro_batch_size
-        rows = len(prompts)
+        distinct: dict[tuple, int] = {}
+        self.prefill_row = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts])
         self.width = max(len(p) for p in prompts)
-        self.pad = torch.tensor([self.width - len(p) for p in prompts])
-        self.tokens = torch.full((rows, self.width), pad_id, dtype=torch.long)
-        for r, ids in enumerate(prompts):
-            self.tokens[r, self.pad[r]:] = torch.tensor(ids)
-        self.cache = KVCache(self._padded(rows), self.width + new)
-        self.cache_row = torch.arange(rows)  # row r's row in the cache
-        self.cached_rows = self._padded(rows)  # rows the cache holds now
+        self.prefill_pad = torch.tensor([self.width - len(p) for p in distinct])
+        self.pad = self.prefill_pad[self.prefill_row]  # per row
+        self.tokens = torch.full((len(distinct), self.width), pad_id, dtype=torch.long)  # the prefill's rows
+        for r, ids in enumerate(distinct):
+            self.tokens[r, self.prefill_pad[r]:] = torch.tensor(ids)
+        self.cached_rows = self._padded(len(distinct))  # rows the cache holds now
+        self.cache = KVCache(self.cached_rows, self.width + new)
+        self.cache_row = torch.arange(len(prompts))  # row r's row in the cache (after the prefill)
         self.next_tokens = None  # [rows], the tokens chosen at the last step
 
     def _padded(self, rows: int) -> int:
@@ -145,12 +149,18 @@ class _CachePass:
 
     def prefill_logits(self) -> torch.Tensor:
         slots = torch.arange(self.width)
-        positions = (slots[None, :] - self.pad[:, None]).clamp(min=0)
+        positions = (slots[None, :] - self.prefill_pad[:, None]).clamp(min=0)
         causal = slots[None, :] > slots[:, None]  # [query, key]
-        padding = slots[None, :] < self.pad[:, None]  # [row, key]
+        padding = slots[None, :] < self.prefill_pad[:, None]  # [row, key]
         own = torch.eye(self.width, dtype=torch.bool)  # a padding query sees its own slot only
         mask = ((causal[None] | padding[:, None, :]) & ~own)[:, None]  # [rows, 1, width, width], True = masked
-        return self.model.next_token_logits_cached(self.cache, self.tokens, positions, mask, self.micro_batch_size)
+        logits = self.model.next_token_logits_cached(self.cache, self.tokens, positions, mask, self.micro_batch_size)
+        rows = len(self.prefill_row)
+        if rows > len(self.tokens):  # every row gets a copy of its prompt's cache row
+            padded = self._padded(rows)
+            self.cache.keep_rows(torch.cat([self.prefill_row, self.prefill_row[:1].expand(padded - rows)]))
+            self.cached_rows = padded
+        return logits[self.prefill_row]
 
     def decode_logits(self, active: torch.Tensor) -> torch.Tensor:
         self._compact(active)
