@@ -116,10 +116,9 @@ def test_sampled_matches_recompute_and_ignores_the_batch(tiny, cached):
     assert not torch.equal(other_seed.response_tokens, alone.response_tokens)
 
 
-def test_plain_linears_are_packed_and_exact(tiny):
-    """At TP = 1 on CPU every decoder linear and the output layer run on oneDNN-packed weights
-    during generation (a torch without the operator would fall back to F.linear: slower, and
-    this test says so), with F.linear's outputs."""
+def test_plain_linears_cover_decoder_and_output_layer(tiny):
+    """At TP = 1 every decoder linear and the output layer run as plain matmuls during
+    generation, with megatron's outputs; the tiny model's weights are too small to pack."""
     import torch.nn.functional as F
 
     from nemo_optune.models.kv_cache import _plain_linear, _plain_linears
@@ -130,11 +129,37 @@ def test_plain_linears_are_packed_and_exact(tiny):
     assert len(linears) == 4 * len(policy.decoder.layers) + 1 and linears[-1][0] is policy.output_layer
     with torch.no_grad():
         for linear, weight, packed in linears:
-            assert packed is not None
+            assert packed is None
             x = torch.randn(1, 5, weight.shape[1])
-            out, _ = _plain_linear(linear, x, None, weight, packed)
-            bias = None if linear.bias is None or linear.skip_bias_add else linear.bias
-            assert torch.allclose(out, F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+            out, bias = _plain_linear(linear, x, None, weight, packed)
+            # (forward itself: the module call would add the output layer's padded-vocabulary hook)
+            expected, expected_bias = linear.forward(x, weight=weight) if linear is policy.output_layer else linear.forward(x)
+            assert torch.allclose(out, expected, atol=1e-6, rtol=1e-6)
+            assert (bias is None) == (expected_bias is None)
+
+
+def test_packed_linear_equals_f_linear():
+    """On CPU a weight of 512 x 1024 is packed into oneDNN's layout (a torch without the
+    operator would fall back to F.linear: slower, and this test says so), with F.linear's
+    outputs; a weight passed at call time (tied embeddings) is used as passed."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from nemo_optune.models.kv_cache import _packed_weight, _plain_linear
+
+    weight, bias = torch.randn(1024, 512), torch.randn(1024)
+    packed = _packed_weight(weight)
+    assert packed is not None and _packed_weight(torch.randn(64, 192)) is None
+    x = torch.randn(1, 7, 512)
+    for skip_bias_add in (False, True):
+        linear = SimpleNamespace(weight=weight, bias=bias, skip_bias_add=skip_bias_add)
+        out, left_bias = _plain_linear(linear, x, None, weight, packed)
+        assert torch.allclose(out, F.linear(x, weight, None if skip_bias_add else bias), atol=1e-4, rtol=1e-5)
+        assert (left_bias is bias) == skip_bias_add
+    other = torch.randn(1024, 512)
+    out, _ = _plain_linear(linear, x, other, weight, packed)
+    assert torch.allclose(out, F.linear(x, other), atol=1e-4, rtol=1e-5)
 
 
 def test_logprobs_match_sequence_logprobs(tiny):
