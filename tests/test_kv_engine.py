@@ -133,7 +133,8 @@ def test_plain_linears_cover_decoder_and_output_layer(tiny):
             x = torch.randn(1, 5, weight.shape[1])
             out, bias = _plain_linear(linear, x, None, weight, packed)
             # (forward itself: the module call would add the output layer's padded-vocabulary hook)
-            expected, expected_bias = linear.forward(x, weight=weight) if linear is policy.output_layer else linear.forward(x)
+            is_output = linear is policy.output_layer
+            expected, expected_bias = linear.forward(x, weight=weight) if is_output else linear.forward(x)
             assert torch.allclose(out, expected, atol=1e-6, rtol=1e-6)
             assert (bias is None) == (expected_bias is None)
 
