@@ -12,6 +12,7 @@ megatron runs in the default suite (a few seconds); vllm only where it imports, 
 (make test-vllm, which installs it in .venv-vllm)."""
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -30,6 +31,9 @@ ENGINES = [
     "megatron",
     pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                                                      reason="vllm is not installed (make test-vllm)")]),
+    # vLLM's own tensor parallelism (two CPU workers, a core each here): shards loaded by refit.
+    pytest.param("vllm_tp2", marks=[pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                                                         reason="vllm is not installed (make test-vllm)")]),
     pytest.param("trtllm", marks=[pytest.mark.trtllm, pytest.mark.skipif(
         importlib.util.find_spec("tensorrt_llm") is None or importlib.util.find_spec(
             "nemo_optune.generation.trtllm_engine") is None, reason="tensorrt_llm is not installed")]),
@@ -37,9 +41,12 @@ ENGINES = [
 
 
 def _config(engine: str):
+    """engine: a generation.engine, or vllm_tp2 (vllm with generation.engine_tp_size=2)."""
     from nemo_optune.config import GenerationConfig, RootConfig
 
-    return RootConfig(generation=GenerationConfig(engine=engine, micro_batch_size=64, refit_bucket_mb=1))
+    tp = 2 if engine.endswith("_tp2") else 1
+    return RootConfig(generation=GenerationConfig(engine=engine.removesuffix("_tp2"), micro_batch_size=64,
+                                                  refit_bucket_mb=1, engine_tp_size=tp))
 
 
 def _tiny_model():
@@ -209,3 +216,24 @@ def test_engine_keys_are_checked():
         load_config("optune_tiny", ["generation.engine=sglang"])
     with pytest.raises(ConfigError, match="config key generation.refit_bucket_mb: must be >= 1"):
         load_config("optune_tiny", ["generation.refit_bucket_mb=0"])
+
+
+def test_vllm_cpu_binding_splits_the_cores_between_engine_ranks():
+    from nemo_optune.generation.vllm_engine import cpu_binding
+
+    assert cpu_binding(2, [3, 2, 1, 0]) == "0,1|2,3"
+    assert cpu_binding(2, [5, 7]) == "5|7"
+    assert cpu_binding(3, list(range(7))) == "0,1|2,3|4,5"
+    with pytest.raises(ValueError, match="^config key generation.engine_tp_size: 3 vLLM CPU workers need a core each"):
+        cpu_binding(3, [0, 1])
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (make test-vllm)")
+def test_vllm_engine_tp_beyond_the_cores_is_refused_at_start_up(monkeypatch):
+    from nemo_optune.config import ConfigError, load_config
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    with pytest.raises(ConfigError, match=f"^config key generation.engine_tp_size: {cores + 1} vLLM CPU workers need"):
+        load_config("optune_tiny", ["generation.engine=vllm", f"generation.engine_tp_size={cores + 1}"])

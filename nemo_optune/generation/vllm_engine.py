@@ -24,6 +24,11 @@ once; otherwise refit raises and the engine refuses to generate until a complete
 half-old, half-new weights are never used silently. (vLLM's newer weight-transfer API,
 `update_weights` with nccl/ipc engines, is on the GPU worker only in 0.32.)
 
+Engine TP (generation.engine_tp_size): vLLM's own tensor parallelism, one worker process per
+rank; the refit sends every worker the full tensors and each loads its shard. On CPU each rank
+needs its own cores: unless VLLM_CPU_OMP_THREADS_BIND is set, the cores this process may use are
+split evenly between the ranks (vLLM's automatic binding wants a NUMA node per rank).
+
 release/resume: vLLM's sleep mode (level 1: weights offloaded, KV cache freed) when
 generation.vllm.sleep_mode=true, which needs a GPU: vLLM's CPU worker ignores sleep/wake_up
 (it logs "sleep mode is not supported on CPU"), so on CPU they are no-ops.
@@ -79,8 +84,9 @@ class RefitWorkerExtension:
     def refit_finish(self) -> dict:
         """Finish the layer-wise reload (process the layers still pending: vLLM's
         process_weights_after_loading step, without which the CPU kernels keep the old weights),
-        then check that every expected tensor arrived exactly once; raise otherwise (the
-        engine then refuses to generate: some layers already hold new weights, others old)."""
+        then check that every expected tensor arrived exactly once: {"tensors": n, "problem":
+        None or what was wrong}. Reported, not raised: with several workers (engine TP > 1)
+        an exception from one leaves the other's reply queued, and the next call would read it."""
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         seen, expected = getattr(self, "_refit_seen", {}), getattr(self, "_refit_expected", set())
@@ -89,10 +95,11 @@ class RefitWorkerExtension:
         missing = sorted(expected - seen.keys())
         unexpected = sorted(seen.keys() - expected)
         repeated = sorted(n for n, c in seen.items() if c > 1)
+        problem = None
         if missing or unexpected or repeated:
-            raise RuntimeError(f"incomplete refit: {len(missing)} tensors missing (e.g. {missing[:3]}), "
-                               f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(repeated)} sent twice")
-        return {"tensors": len(seen)}
+            problem = (f"{len(missing)} tensors missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                       f"(e.g. {unexpected[:3]}), {len(repeated)} sent twice")
+        return {"tensors": len(seen), "problem": problem}
 
     def refit_probe(self, name: str) -> list:
         """A parameter's first values (tests: that the worker's weights moved)."""
@@ -150,6 +157,17 @@ def _check_head_size(hf_dir: str) -> None:
                          f"built-in model e.g. model.num_attention_heads=2 model.num_query_groups=1 gives 32)")
 
 
+def cpu_binding(ranks: int, cpus: list[int] | None = None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers: the usable cores (default: this
+    process's affinity) in `ranks` equal contiguous groups, e.g. "0,1|2,3"."""
+    cpus = sorted(os.sched_getaffinity(0)) if cpus is None else sorted(cpus)
+    if len(cpus) < ranks:
+        raise ValueError(f"config key generation.engine_tp_size: {ranks} vLLM CPU workers need a core each, "
+                         f"this process may use {len(cpus)}")
+    per_rank = len(cpus) // ranks
+    return "|".join(",".join(map(str, cpus[r * per_rank:(r + 1) * per_rank])) for r in range(ranks))
+
+
 class VLLMEngine:
     """A RolloutEngine on vLLM's offline LLM, started from the HF directory `hf_dir`."""
 
@@ -181,7 +199,16 @@ class VLLMEngine:
             kwargs.update(gpu_memory_utilization=v.gpu_memory_utilization, enable_sleep_mode=v.sleep_mode)
         else:
             kwargs.update(kv_cache_memory_bytes=int(v.kv_cache_gb * GIB))
-        self.llm = LLM(**kwargs)
+        # The binding is read by the engine processes LLM starts; this process's own is restored.
+        bind = "VLLM_CPU_OMP_THREADS_BIND"
+        user_binding = os.environ.get(bind)
+        if user_binding is None and not torch.cuda.is_available() and gen_cfg.engine_tp_size > 1:
+            os.environ[bind] = cpu_binding(gen_cfg.engine_tp_size)
+        try:
+            self.llm = LLM(**kwargs)
+        finally:
+            if user_binding is None:
+                os.environ.pop(bind, None)
 
     # ------------------------------------------------------------- generate
     def generate(self, prompts: list[list[int]], num_samples: int, params: SamplingParams, seeds: list[int]) -> Rollouts:
@@ -235,7 +262,9 @@ class VLLMEngine:
                 stats.buckets += 1
                 stats.tensors += len(bucket)
                 stats.bytes += sum(tensor_bytes(t) for _, t in bucket)
-            self.llm.collective_rpc("refit_finish")
+            problems = [r["problem"] for r in self.llm.collective_rpc("refit_finish") if r["problem"]]
+            if problems:  # the engine's weights are half old, half new
+                raise RuntimeError(f"incomplete refit: {problems[0]}")
         except Exception as err:
             if not isinstance(err, RuntimeError) or "incomplete refit" not in str(err):
                 try:  # leave the worker's model out of its reload state (weights stay unusable)
