@@ -1,8 +1,8 @@
 """In-process rollout engines on the policy's own megatron-core model (no weight copy).
 
 `MegatronInProcessEngine` (the default) keeps a KV cache (models/kv_cache.py, at megatron's
-attention layers). The prompts of a pass are left-padded to one length and prefilled once;
-then each step feeds one token per active row and every attention layer appends its
+attention layers). The prompts of a pass are left-padded to one length and prefilled once per
+distinct prompt; then each step feeds one token per active row and every attention layer appends its
 keys/values to the cache and attends over it. Under PP every stage caches its own layers;
 under TP every rank its own heads.
 
