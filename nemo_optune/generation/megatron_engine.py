@@ -2,8 +2,8 @@
 
 `MegatronInProcessEngine` (the default) keeps a KV cache (models/kv_cache.py, at megatron's
 attention layers). The prompts of a pass are left-padded to one length and prefilled once per
-distinct prompt; then each step feeds one token per active row and every attention layer appends its
-keys/values to the cache and attends over it. Under PP every stage caches its own layers;
+distinct prompt; then each step feeds one token per active row and every attention layer
+appends its keys/values to the cache and attends over it. Under PP every stage caches its own layers;
 under TP every rank its own heads.
 
 `MegatronRecomputeEngine` recomputes the whole prefix every step (quadratic in length). It is
