@@ -6,7 +6,6 @@ cross-key consistency, raising ConfigError naming the key, before any heavy work
 """
 
 import dataclasses
-import os
 from dataclasses import field
 from typing import Any, Optional
 
@@ -407,16 +406,13 @@ def validate_engine(cfg: RootConfig, world_size: int) -> None:
     _require(cfg.method != "hypo", "generation.engine",
              f"HyPO samples from the policy between optimizer steps, an external engine is refitted once per "
              f"iteration: use generation.engine=megatron with method=hypo")
-    if g.engine == "vllm" and g.engine_tp_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        import torch
+    if g.engine == "vllm":
+        from nemo_optune.generation.vllm_engine import default_cpu_binding
 
-        from nemo_optune.generation.vllm_engine import cpu_binding
-
-        if not torch.cuda.is_available():
-            try:  # a core per engine rank on CPU
-                cpu_binding(g.engine_tp_size)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
+        try:  # a core per engine rank on CPU
+            default_cpu_binding(g.engine_tp_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")

@@ -44,6 +44,7 @@ from nemo_optune.generation.refit import RefitStats, tensor_bytes, timed, weight
 from nemo_optune.runtime.seeds import mix_seed
 
 GIB = 1 << 30
+CPU_BINDING = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU workers' cores: "0,1|2,3" = rank 0 on 0-1, rank 1 on 2-3
 
 
 class RefitWorkerExtension:
@@ -168,6 +169,15 @@ def cpu_binding(ranks: int, cpus: list[int] | None = None) -> str:
     return "|".join(",".join(map(str, cpus[r * per_rank:(r + 1) * per_rank])) for r in range(ranks))
 
 
+def default_cpu_binding(engine_tp_size: int) -> str | None:
+    """The VLLM_CPU_OMP_THREADS_BIND the engine sets for its worker processes: cpu_binding on CPU
+    at engine TP > 1 unless the user set one; None otherwise. Raises ValueError naming
+    generation.engine_tp_size when there are fewer cores than ranks."""
+    if engine_tp_size == 1 or CPU_BINDING in os.environ or torch.cuda.is_available():
+        return None
+    return cpu_binding(engine_tp_size)
+
+
 class VLLMEngine:
     """A RolloutEngine on vLLM's offline LLM, started from the HF directory `hf_dir`."""
 
@@ -200,15 +210,14 @@ class VLLMEngine:
         else:
             kwargs.update(kv_cache_memory_bytes=int(v.kv_cache_gb * GIB))
         # The binding is read by the engine processes LLM starts; this process's own is restored.
-        bind = "VLLM_CPU_OMP_THREADS_BIND"
-        user_binding = os.environ.get(bind)
-        if user_binding is None and not torch.cuda.is_available() and gen_cfg.engine_tp_size > 1:
-            os.environ[bind] = cpu_binding(gen_cfg.engine_tp_size)
+        binding = default_cpu_binding(gen_cfg.engine_tp_size)
+        if binding is not None:
+            os.environ[CPU_BINDING] = binding
         try:
             self.llm = LLM(**kwargs)
         finally:
-            if user_binding is None:
-                os.environ.pop(bind, None)
+            if binding is not None:
+                os.environ.pop(CPU_BINDING, None)
 
     # ------------------------------------------------------------- generate
     def generate(self, prompts: list[list[int]], num_samples: int, params: SamplingParams, seeds: list[int]) -> Rollouts:
@@ -263,21 +272,24 @@ class VLLMEngine:
                 stats.tensors += len(bucket)
                 stats.bytes += sum(tensor_bytes(t) for _, t in bucket)
             problems = [r["problem"] for r in self.llm.collective_rpc("refit_finish") if r["problem"]]
-            if problems:  # the engine's weights are half old, half new
-                raise RuntimeError(f"incomplete refit: {problems[0]}")
         except Exception as err:
-            if not isinstance(err, RuntimeError) or "incomplete refit" not in str(err):
-                try:  # leave the worker's model out of its reload state (weights stay unusable)
-                    self.llm.collective_rpc("refit_finish")
-                except Exception:
-                    pass
-            self.broken = f"the last refit failed ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
-            raise IncompleteRefitError(self.broken) from err
+            try:  # leave the worker's model out of its reload state (weights stay unusable)
+                self.llm.collective_rpc("refit_finish")
+            except Exception:
+                pass
+            self._refuse_generation(err)
+        if problems:  # the engine's weights are half old, half new
+            self._refuse_generation(RuntimeError(f"incomplete refit: {problems[0]}"))
         self.broken = None
         self.llm.reset_prefix_cache()  # nothing cached from the old weights may be reused
         stats.seconds = time.perf_counter() - start
         self.last_timings = {**self.last_timings, **stats.as_timings()}
         return stats
+
+    def _refuse_generation(self, err: Exception) -> None:
+        """After a failed refit: generate refuses until a complete refit; raises IncompleteRefitError."""
+        self.broken = f"the last refit failed ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        raise IncompleteRefitError(self.broken) from err
 
     # -------------------------------------------------------- release/resume
     def release(self) -> None:
