@@ -40,8 +40,12 @@ METHODS = {  # row name: (recipe, overrides)
 # The OPTune paper's schedule for every row: an iteration regenerates (a share of) the whole
 # pool and trains an epoch on it, two rows per pair; the shipped online_dpo/optune recipes step
 # per generation round and pack pairs (HyPO cannot pack: the same train step for every row).
-PAPER_SCHEDULE = ["trainer.prompts_per_iteration=null", "trainer.eval_every=1", "model.optune.selection_key=chosen",
-                  "trainer.pack_pairs=false"]
+PAPER_SCHEDULE = [
+    "trainer.prompts_per_iteration=null",
+    "trainer.eval_every=1",
+    "model.optune.selection_key=chosen",
+    "trainer.pack_pairs=false",
+]
 PHASES = ("generation", "scoring", "reference", "exchange", "training")
 
 
@@ -82,21 +86,31 @@ def run_all(args) -> dict:
     cfg = load_config("optune")
     prefs = os.path.join(args.out, "offline_prefs.jsonl")
     data = build_task_data(cfg.data)
-    write_preference_jsonl(prefs, sort_task_preferences(data.task, data.train_prompts,
-                                                        cfg.sft.demonstration_noise, seed=101))
+    write_preference_jsonl(
+        prefs, sort_task_preferences(data.task, data.train_prompts, cfg.sft.demonstration_noise, seed=101)
+    )
     runs = {name: [] for name in METHODS}
     for seed in range(1, args.seeds + 1):  # methods interleaved, so machine drift hits all alike
         for name, (recipe, extra) in METHODS.items():
             overrides = [("data.offline_path=" + prefs) if o == OFFLINE else o for o in extra] + [
-                *PAPER_SCHEDULE, f"trainer.seed={seed}", f"trainer.iterations={args.iterations}",
-                f"model.restore_from_path={sft['checkpoint']}", "exp_manager.overwrite=true", "exp_manager.resume_if_exists=false", "exp_manager.tensorboard=false",
-                "exp_manager.report=false", "exp_manager.checkpoint_every=0",
+                *PAPER_SCHEDULE,
+                f"trainer.seed={seed}",
+                f"trainer.iterations={args.iterations}",
+                f"model.restore_from_path={sft['checkpoint']}",
+                "exp_manager.overwrite=true",
+                "exp_manager.resume_if_exists=false",
+                "exp_manager.tensorboard=false",
+                "exp_manager.report=false",
+                "exp_manager.checkpoint_every=0",
             ]
             start = time.perf_counter()
             summary = run(recipe, overrides, os.path.join(args.out, "runs", name, f"seed{seed}"))
             runs[name].append(summary)
-            print(f"[bench] seed {seed} {name:28s} final {summary['heldout_reward_final']:.4f} "
-                  f"kl {summary['heldout_kl_final']:.3f} in {time.perf_counter() - start:.1f}s", flush=True)
+            print(
+                f"[bench] seed {seed} {name:28s} final {summary['heldout_reward_final']:.4f} "
+                f"kl {summary['heldout_kl_final']:.3f} in {time.perf_counter() - start:.1f}s",
+                flush=True,
+            )
     return {"sft": sft, "runs": runs}
 
 
@@ -117,25 +131,37 @@ def summarise(runs: dict, slack: float) -> tuple[list[dict], float]:
         to_target = [seconds_to(curve(s), target) for s in summaries]
         reached = sum(t is not None for t in to_target)
         stt = median(to_target) if reached * 2 > len(to_target) else None  # a majority of seeds must reach it
-        rows.append({
-            "method": name,
-            "recipe_method": cfg["method"],
-            "rho": rho_label(cfg),
-            "heldout_reward_initial": median(s["heldout_reward_initial"] for s in summaries),
-            "heldout_reward_final": median(s["heldout_reward_final"] for s in summaries),
-            "heldout_reward_best": median(max(r for _, r in curve(s)[1:]) for s in summaries),
-            "heldout_kl_final": median(s["heldout_kl_final"] for s in summaries),
-            "train_seconds": median(train_seconds),
-            "wall_seconds": median(s["wall_seconds"] for s in summaries),
-            "seconds_to_target": stt,
-            "seeds_reaching_target": reached,
-            "speedup_to_target_vs_online_dpo": online_seconds / stt if stt else None,
-            "responses_generated": median(s["responses_generated"] for s in summaries),
-            "seconds_split": {p: median(sum(i["seconds"][p] for i in s["iterations"]) for s in summaries) for p in PHASES},
-            "per_seed": [{"seed": s["config"]["trainer"]["seed"], "heldout_reward_final": s["heldout_reward_final"],
-                          "train_seconds": t, "seconds_to_target": tt, "heldout_kl_final": s["heldout_kl_final"],
-                          "curve": curve(s)} for s, t, tt in zip(summaries, train_seconds, to_target)],
-        })
+        rows.append(
+            {
+                "method": name,
+                "recipe_method": cfg["method"],
+                "rho": rho_label(cfg),
+                "heldout_reward_initial": median(s["heldout_reward_initial"] for s in summaries),
+                "heldout_reward_final": median(s["heldout_reward_final"] for s in summaries),
+                "heldout_reward_best": median(max(r for _, r in curve(s)[1:]) for s in summaries),
+                "heldout_kl_final": median(s["heldout_kl_final"] for s in summaries),
+                "train_seconds": median(train_seconds),
+                "wall_seconds": median(s["wall_seconds"] for s in summaries),
+                "seconds_to_target": stt,
+                "seeds_reaching_target": reached,
+                "speedup_to_target_vs_online_dpo": online_seconds / stt if stt else None,
+                "responses_generated": median(s["responses_generated"] for s in summaries),
+                "seconds_split": {
+                    p: median(sum(i["seconds"][p] for i in s["iterations"]) for s in summaries) for p in PHASES
+                },
+                "per_seed": [
+                    {
+                        "seed": s["config"]["trainer"]["seed"],
+                        "heldout_reward_final": s["heldout_reward_final"],
+                        "train_seconds": t,
+                        "seconds_to_target": tt,
+                        "heldout_kl_final": s["heldout_kl_final"],
+                        "curve": curve(s),
+                    }
+                    for s, t, tt in zip(summaries, train_seconds, to_target)
+                ],
+            }
+        )
     return rows, target
 
 
@@ -159,7 +185,8 @@ def markdown(rows: list[dict], target: float, args) -> str:
             f"{fmt(r['heldout_reward_best'], '.4f')} | {fmt(r['heldout_kl_final'])} | {fmt(r['train_seconds'], '.2f')} | "
             f"{fmt(r['seconds_to_target'], '.2f')} ({r['seeds_reaching_target']}/{args.seeds}) | "
             f"{fmt(r['speedup_to_target_vs_online_dpo'], '.2f')} | {r['responses_generated']:.0f} | "
-            f"{s['generation']:.2f} | {s['reference']:.2f} | {s['training']:.2f} |")
+            f"{s['generation']:.2f} | {s['reference']:.2f} | {s['training']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -173,8 +200,15 @@ def plot(rows: list[dict], target: float, path: str) -> None:
     for r in rows:
         for i, seed in enumerate(r["per_seed"]):
             xs, ys = zip(*seed["curve"])
-            ax.plot(xs, ys, marker="." if i else "o", alpha=1.0 if i == 0 else 0.35, lw=1.5 if i == 0 else 0.8,
-                    label=r["method"] if i == 0 else None, color=f"C{rows.index(r) % 10}")
+            ax.plot(
+                xs,
+                ys,
+                marker="." if i else "o",
+                alpha=1.0 if i == 0 else 0.35,
+                lw=1.5 if i == 0 else 0.8,
+                label=r["method"] if i == 0 else None,
+                color=f"C{rows.index(r) % 10}",
+            )
     ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.3f}")
     ax.set_xlabel("cumulative iteration seconds (held-out eval excluded)")
     ax.set_ylabel("held-out mean reward")
@@ -196,9 +230,14 @@ def main() -> None:
     start = time.perf_counter()
     data = run_all(args)
     rows, target = summarise(data["runs"], args.target_slack)
-    result = {"target_reward": target, "iterations": args.iterations, "seeds": args.seeds,
-              "sft_seconds": data["sft"]["sft_seconds"], "benchmark_seconds": time.perf_counter() - start,
-              "methods": rows}
+    result = {
+        "target_reward": target,
+        "iterations": args.iterations,
+        "seeds": args.seeds,
+        "sft_seconds": data["sft"]["sft_seconds"],
+        "benchmark_seconds": time.perf_counter() - start,
+        "methods": rows,
+    }
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
     table = markdown(rows, target, args)

@@ -25,10 +25,20 @@ LLAMA_20M = ["model.hidden_size=512", "model.num_layers=6", "model.num_attention
 # name: (config overrides, prompts, samples per prompt, new tokens, micro-batch size)
 CASES = {
     "tiny": ([], 256, 4, 10, 256),
-    "wide_64": (["model.hidden_size=128", "model.num_layers=4", "model.num_attention_heads=8",
-                 "model.num_query_groups=4"], 32, 2, 64, 64),
-    "wide_256": (["model.hidden_size=128", "model.num_layers=4", "model.num_attention_heads=8",
-                  "model.num_query_groups=4"], 8, 2, 256, 16),
+    "wide_64": (
+        ["model.hidden_size=128", "model.num_layers=4", "model.num_attention_heads=8", "model.num_query_groups=4"],
+        32,
+        2,
+        64,
+        64,
+    ),
+    "wide_256": (
+        ["model.hidden_size=128", "model.num_layers=4", "model.num_attention_heads=8", "model.num_query_groups=4"],
+        8,
+        2,
+        256,
+        16,
+    ),
     # The issue-14 yardstick: a Llama-shaped model of ~20M parameters (hidden 512, 6 layers, GQA).
     **{f"llama20m_{new}": (LLAMA_20M, 32, 2, new, 64) for new in (16, 64, 256)},
 }
@@ -60,13 +70,31 @@ def random_policy_case(overrides: list[str], num_prompts: int, new: int, tmp: st
     from nemo_optune.trainers.common import setup
     from nemo_optune.trainers.preference import PreferenceTrainer
 
-    cfg = load_config("optune_tiny", overrides + [
-        f"exp_manager.exp_dir={tmp}/exp", "exp_manager.tensorboard=false", "exp_manager.report=false",
-        f"generation.max_new_tokens={new}"])
-    trainer = PreferenceTrainer(cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False))
+    cfg = load_config(
+        "optune_tiny",
+        overrides
+        + [
+            f"exp_manager.exp_dir={tmp}/exp",
+            "exp_manager.tensorboard=false",
+            "exp_manager.report=false",
+            f"generation.max_new_tokens={new}",
+        ],
+    )
+    trainer = PreferenceTrainer(
+        cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False)
+    )
     # Random weights (the trainer's policy is built empty, for the SFT checkpoint to fill).
-    model = MegatronGPTOPTuneModel(cfg.model, trainer.model.spec, trainer.model.layout, seed=0, lr=0.0,
-                                   weight_decay=0.0, grad_clip=0.0, with_reference=False, tokenizer=trainer.tokenizer)
+    model = MegatronGPTOPTuneModel(
+        cfg.model,
+        trainer.model.spec,
+        trainer.model.layout,
+        seed=0,
+        lr=0.0,
+        weight_decay=0.0,
+        grad_clip=0.0,
+        with_reference=False,
+        tokenizer=trainer.tokenizer,
+    )
     ids = trainer.pool.prompt_ids
     return cfg, trainer, model, [ids[i % len(ids)] for i in range(num_prompts)], list(range(num_prompts))
 
@@ -79,14 +107,24 @@ def run_case(name: str, engines: list[str], repeats: int) -> dict:
 
     overrides, num_prompts, samples, new, mbs = CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, trainer, model, prompts, seeds = random_policy_case(overrides + [f"generation.micro_batch_size={mbs}"],
-                                                                 num_prompts, new, tmp)
+        cfg, trainer, model, prompts, seeds = random_policy_case(
+            overrides + [f"generation.micro_batch_size={mbs}"], num_prompts, new, tmp
+        )
         tok = trainer.tokenizer
         params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=new)
         rows = num_prompts * samples
-        result = {"case": name, "prompts": num_prompts, "samples": samples, "new_tokens": new, "micro_batch": mbs,
-                  "hidden": model.spec.hidden_size, "layers": model.spec.num_layers, "vocab": model.vocab_size,
-                  "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts), "threads": torch.get_num_threads()}
+        result = {
+            "case": name,
+            "prompts": num_prompts,
+            "samples": samples,
+            "new_tokens": new,
+            "micro_batch": mbs,
+            "hidden": model.spec.hidden_size,
+            "layers": model.spec.num_layers,
+            "vocab": model.vocab_size,
+            "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts),
+            "threads": torch.get_num_threads(),
+        }
         timed = {}
         for engine_name in engines:
             if engine_name == "hf":
@@ -126,14 +164,23 @@ def _hf_generate(model, pad_id, prompts, samples, new, mbs, tmp):
 
     def go():
         for start in range(0, len(rows), mbs):
-            chunk = rows[start:start + mbs]
+            chunk = rows[start : start + mbs]
             width = max(map(len, chunk))
             ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk])  # left padding
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
             with torch.no_grad():
-                out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_p=0.9, top_k=0,
-                                  temperature=1.0, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad_id,
-                                  eos_token_id=None)
+                out = hf.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    do_sample=True,
+                    top_p=0.9,
+                    top_k=0,
+                    temperature=1.0,
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    pad_token_id=pad_id,
+                    eos_token_id=None,
+                )
             assert out.shape[1] == width + new
 
     return go
@@ -157,22 +204,45 @@ def main() -> None:
         finally:
             distributed.shutdown()
         return
-    engines = [e for e in ("recompute", "cached", "hf")
-               if not (e == "hf" and args.no_hf) and not (e == "recompute" and args.no_recompute)]
+    engines = [
+        e
+        for e in ("recompute", "cached", "hf")
+        if not (e == "hf" and args.no_hf) and not (e == "recompute" and args.no_recompute)
+    ]
     results = []
     for case in args.cases:
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", case, "--engines", ",".join(engines),
-                               "--repeats", str(args.repeats)], capture_output=True, text=True, cwd=ROOT)
+        done = subprocess.run(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--one",
+                case,
+                "--engines",
+                ",".join(engines),
+                "--repeats",
+                str(args.repeats),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if done.returncode != 0:
             sys.exit(f"{case} failed:\n{done.stderr[-3000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
-    print(f"\n{'case':<10}{'rows':>6}{'new':>5}{'recompute/s':>13}{'cached/s':>10}{'hf/s':>9}{'cached/rec':>12}{'cached/hf':>11}")
+    print(
+        f"\n{'case':<10}{'rows':>6}{'new':>5}{'recompute/s':>13}{'cached/s':>10}{'hf/s':>9}{'cached/rec':>12}{'cached/hf':>11}"
+    )
     for r in results:
-        cell = lambda key, fmt: format(r[key], fmt) if key in r else "-"
-        print(f"{r['case']:<10}{r['prompts'] * r['samples']:>6}{r['new_tokens']:>5}"
-              f"{cell('recompute_responses_per_s', '.1f'):>13}{cell('cached_responses_per_s', '.1f'):>10}"
-              f"{cell('hf_responses_per_s', '.1f'):>9}{cell('cached_over_recompute', '.2f'):>12}{cell('cached_over_hf', '.2f'):>11}")
+
+        def cell(key, fmt, r=r):
+            return format(r[key], fmt) if key in r else "-"
+
+        print(
+            f"{r['case']:<10}{r['prompts'] * r['samples']:>6}{r['new_tokens']:>5}"
+            f"{cell('recompute_responses_per_s', '.1f'):>13}{cell('cached_responses_per_s', '.1f'):>10}"
+            f"{cell('hf_responses_per_s', '.1f'):>9}{cell('cached_over_recompute', '.2f'):>12}{cell('cached_over_hf', '.2f'):>11}"
+        )
 
 
 if __name__ == "__main__":

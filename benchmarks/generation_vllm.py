@@ -22,29 +22,41 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = {
     # The OPTune run's shape (optune_tiny with 2 heads of 32): one regeneration's 128 x 4 rows.
     "tiny_h32": (["model.num_attention_heads=2", "model.num_query_groups=1"], 128, 4, 10),
-    "llama20m_64": (["model.hidden_size=512", "model.num_layers=6", "model.num_attention_heads=8",
-                     "model.num_query_groups=4"], 32, 2, 64),
+    "llama20m_64": (
+        ["model.hidden_size=512", "model.num_layers=6", "model.num_attention_heads=8", "model.num_query_groups=4"],
+        32,
+        2,
+        64,
+    ),
 }
 
 
 def run_case(name: str, repeats: int) -> dict:
     import torch
+    from generation import best_seconds, random_policy_case  # benchmarks/generation.py
 
     from nemo_optune.generation.base import SamplingParams
     from nemo_optune.generation.factory import build_engine, refit_engine
     from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
-    from generation import best_seconds, random_policy_case  # benchmarks/generation.py
 
     overrides, num_prompts, samples, new = CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
         cfg, trainer, model, prompts, seeds = random_policy_case(
-            overrides + ["generation.micro_batch_size=512", "generation.engine=vllm"], num_prompts, new, tmp)
+            overrides + ["generation.micro_batch_size=512", "generation.engine=vllm"], num_prompts, new, tmp
+        )
         tok = trainer.tokenizer
         params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=new)
         rows = num_prompts * samples
-        result = {"case": name, "prompts": num_prompts, "samples": samples, "new_tokens": new,
-                  "hidden": model.spec.hidden_size, "layers": model.spec.num_layers,
-                  "heads": model.spec.num_attention_heads, "threads": torch.get_num_threads()}
+        result = {
+            "case": name,
+            "prompts": num_prompts,
+            "samples": samples,
+            "new_tokens": new,
+            "hidden": model.spec.hidden_size,
+            "layers": model.spec.num_layers,
+            "heads": model.spec.num_attention_heads,
+            "threads": torch.get_num_threads(),
+        }
 
         megatron = MegatronInProcessEngine(model, tok.eos_ids, tok.pad_id, 512)
         megatron.stop_ids = torch.tensor([], dtype=torch.long)
@@ -53,10 +65,12 @@ def run_case(name: str, repeats: int) -> dict:
         vllm.start()
         result["vllm_start_seconds"] = time.perf_counter() - start
         vllm.backend.stop_ids, vllm.backend.ignore_eos = [], True
+
         def generate_with(engine):
             def go():
                 out = engine.generate(prompts, samples, params, seeds)
                 assert int(out.response_lengths.min()) == new, out.response_lengths.min()
+
             return go
 
         timed = best_seconds({"megatron": generate_with(megatron), "vllm": generate_with(vllm)}, repeats)
@@ -83,8 +97,10 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n{'case':<14}{'megatron resp/s':>17}{'vllm resp/s':>13}{'ratio':>8}{'refit s':>9}{'vllm start s':>14}")
     for r in rows:
-        print(f"{r['case']:<14}{r['megatron_responses_per_s']:>17.0f}{r['vllm_responses_per_s']:>13.0f}"
-              f"{r['vllm_over_megatron']:>8.2f}{r['vllm_refit_seconds']:>9.3f}{r['vllm_start_seconds']:>14.1f}")
+        print(
+            f"{r['case']:<14}{r['megatron_responses_per_s']:>17.0f}{r['vllm_responses_per_s']:>13.0f}"
+            f"{r['vllm_over_megatron']:>8.2f}{r['vllm_refit_seconds']:>9.3f}{r['vllm_start_seconds']:>14.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -43,12 +43,27 @@ MB = 1 << 20
 # ------------------------------------------------------------------ the checkpoint
 def hf_config(a) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": a.hidden, "intermediate_size": a.ffn, "num_hidden_layers": a.layers,
-        "num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads, "head_dim": a.hidden // a.heads,
-        "vocab_size": a.vocab, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "hidden_act": "silu",
-        "rope_theta": 10000.0, "rope_scaling": None, "tie_word_embeddings": False, "torch_dtype": a.dtype,
-        "bos_token_id": 1, "eos_token_id": 2, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": a.hidden,
+        "intermediate_size": a.ffn,
+        "num_hidden_layers": a.layers,
+        "num_attention_heads": a.heads,
+        "num_key_value_heads": a.kv_heads,
+        "head_dim": a.hidden // a.heads,
+        "vocab_size": a.vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": a.dtype,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
     }
 
 
@@ -58,12 +73,17 @@ def hf_tensors(a) -> list[tuple[str, tuple[int, ...]]]:
     out = [("model.embed_tokens.weight", (a.vocab, h))]
     for i in range(a.layers):
         p = f"model.layers.{i}."
-        out += [(p + "input_layernorm.weight", (h,)),
-                (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                (p + "post_attention_layernorm.weight", (h,)),
-                (p + "mlp.gate_proj.weight", (a.ffn, h)), (p + "mlp.up_proj.weight", (a.ffn, h)),
-                (p + "mlp.down_proj.weight", (h, a.ffn))]
+        out += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate_proj.weight", (a.ffn, h)),
+            (p + "mlp.up_proj.weight", (a.ffn, h)),
+            (p + "mlp.down_proj.weight", (h, a.ffn)),
+        ]
     return out + [("model.norm.weight", (h,)), ("lm_head.weight", (a.vocab, h))]
 
 
@@ -111,9 +131,11 @@ def write_checkpoint(a, hf_dir: str) -> dict:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(hf_dir, "config.json"), "w") as f:
         json.dump(hf_config(a), f, indent=2)
-    return {"files": len(files), "largest_file_bytes": max(os.path.getsize(os.path.join(hf_dir, f))
-                                                           for f in set(weight_map.values())),
-            "this_process_peak_rss_mb_vmhwm": round(_status(os.getpid()).get("VmHWM", 0) / 1024)}
+    return {
+        "files": len(files),
+        "largest_file_bytes": max(os.path.getsize(os.path.join(hf_dir, f)) for f in set(weight_map.values())),
+        "this_process_peak_rss_mb_vmhwm": round(_status(os.getpid()).get("VmHWM", 0) / 1024),
+    }
 
 
 # ------------------------------------------------------------------ sampling /proc
@@ -199,8 +221,9 @@ class Sampler(threading.Thread):
                 cst = _status(c.pid)
                 if not cst:
                     continue
-                cr = self.children.setdefault(c.pid, {"rank": r["rank"], "t": now, "vmhwm": 0, "max_rss": 0,
-                                                      "max_anon": 0})
+                cr = self.children.setdefault(
+                    c.pid, {"rank": r["rank"], "t": now, "vmhwm": 0, "max_rss": 0, "max_anon": 0}
+                )
                 cr["vmhwm"] = max(cr["vmhwm"], cst.get("VmHWM", 0))
                 cr["max_rss"] = max(cr["max_rss"], cst["VmRSS"])
                 cr["max_anon"] = max(cr["max_anon"], cst["RssAnon"])
@@ -221,10 +244,12 @@ def rank_row(r: dict, kids: list[dict]) -> dict:
     for phase, (lo, hi) in bounds.items():
         if lo < hi:
             part = samples[lo:hi]
-            row[phase] = {"peak_rss_mb": round(max(s[2] for s in part) / 1024),
-                          "peak_anon_mb": round(max(s[3] for s in part) / 1024),
-                          "peak_file_mb": round(max(s[4] for s in part) / 1024),
-                          "seconds": round((samples[hi][0] if hi < len(samples) else end) - part[0][0], 1)}
+            row[phase] = {
+                "peak_rss_mb": round(max(s[2] for s in part) / 1024),
+                "peak_anon_mb": round(max(s[3] for s in part) / 1024),
+                "peak_file_mb": round(max(s[4] for s in part) / 1024),
+                "seconds": round((samples[hi][0] if hi < len(samples) else end) - part[0][0], 1),
+            }
     if 0 < i_import < len(samples):
         row["rss_anon_at_import_start_mb"] = round(samples[i_import - 1][3] / 1024)  # the build's result
         row["import_anon_increase_mb"] = row["import"]["peak_anon_mb"] - row["rss_anon_at_import_start_mb"]
@@ -234,13 +259,22 @@ def rank_row(r: dict, kids: list[dict]) -> dict:
         row["save_anon_increase_mb"] = row["save"]["peak_anon_mb"] - row["rss_anon_at_save_start_mb"]
     if samples:  # the highest sample: where the peak RSS comes from
         i = max(range(len(samples)), key=lambda i: samples[i][2])
-        row["highest_sample"] = {"phase": phase_of(i), "t": round(samples[i][0], 1), "rss_mb": round(samples[i][2] / 1024),
-                                 "anon_mb": round(samples[i][3] / 1024), "file_mb": round(samples[i][4] / 1024)}
+        row["highest_sample"] = {
+            "phase": phase_of(i),
+            "t": round(samples[i][0], 1),
+            "rss_mb": round(samples[i][2] / 1024),
+            "anon_mb": round(samples[i][3] / 1024),
+            "file_mb": round(samples[i][4] / 1024),
+        }
     if kids:
-        row["children"] = {"count": len(kids), "phases": sorted({phase_of(min(
-                               range(len(samples)), key=lambda i: abs(samples[i][0] - c["t"]))) for c in kids}),
-                           "max_peak_rss_mb_vmhwm": round(max(c["vmhwm"] for c in kids) / 1024),
-                           "max_peak_anon_mb": round(max(c["max_anon"] for c in kids) / 1024)}
+        row["children"] = {
+            "count": len(kids),
+            "phases": sorted(
+                {phase_of(min(range(len(samples)), key=lambda i: abs(samples[i][0] - c["t"]))) for c in kids}
+            ),
+            "max_peak_rss_mb_vmhwm": round(max(c["vmhwm"] for c in kids) / 1024),
+            "max_peak_anon_mb": round(max(c["max_anon"] for c in kids) / 1024),
+        }
     return row
 
 
@@ -278,8 +312,12 @@ def main() -> int:
     largest_name, largest_shape = max(tensors, key=lambda t: numel(t[1]))
     print(f"{n_params / 1e9:.3f}B parameters, {a.dtype}; rank shard {rank_params / 1e6:.0f}M parameters", flush=True)
 
-    result = {"params": n_params, "hf_dtype": a.dtype, "tp": a.tp,
-              "shape": {k: getattr(a, k) for k in ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab")}}
+    result = {
+        "params": n_params,
+        "hf_dtype": a.dtype,
+        "tp": a.tp,
+        "shape": {k: getattr(a, k) for k in ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab")},
+    }
     if a.reuse and os.path.exists(os.path.join(hf_dir, "config.json")):
         print(f"reusing {hf_dir}", flush=True)
     else:
@@ -290,13 +328,27 @@ def main() -> int:
     shutil.rmtree(ckpt, ignore_errors=True)
     result["hf_checkpoint_bytes"] = dir_bytes(hf_dir)
 
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", f"--nproc_per_node={a.tp}",
-           "-m", "nemo_optune.convert", "--to", "megatron", "--hf", hf_dir, "--out", ckpt, "--tp", str(a.tp)]
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "torchrun"),
+        "--standalone",
+        f"--nproc_per_node={a.tp}",
+        "-m",
+        "nemo_optune.convert",
+        "--to",
+        "megatron",
+        "--hf",
+        hf_dir,
+        "--out",
+        ckpt,
+        "--tp",
+        str(a.tp),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     print("running:", "OMP_NUM_THREADS=1", " ".join(cmd), flush=True)
     t = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     sampler = Sampler(proc.pid, hf_dir, a.interval)
     sampler.start()
     try:
@@ -307,27 +359,39 @@ def main() -> int:
         out += f"\n[killed after {a.timeout} s]"
     wall = time.monotonic() - t
     sampler.stop()
-    result["convert"] = {"returncode": proc.returncode, "wall_seconds": round(wall, 1),
-                         "output_tail": out.strip().splitlines()[-15:]}
+    result["convert"] = {
+        "returncode": proc.returncode,
+        "wall_seconds": round(wall, 1),
+        "output_tail": out.strip().splitlines()[-15:],
+    }
     if proc.returncode == 0:
         result["megatron_checkpoint_bytes"] = dir_bytes(ckpt)
 
-    ranks = [rank_row(r, [c for c in sampler.children.values() if c["rank"] == r["rank"]])
-             for r in sorted(sampler.ranks.values(), key=lambda r: r["rank"])]
-    timelines = {r["rank"]: [(round(t, 2), phase, anon // 1024, file // 1024) for t, phase, anon, file in r["timeline"]]
-                 for r in sampler.ranks.values()}
+    ranks = [
+        rank_row(r, [c for c in sampler.children.values() if c["rank"] == r["rank"]])
+        for r in sorted(sampler.ranks.values(), key=lambda r: r["rank"])
+    ]
+    timelines = {
+        r["rank"]: [(round(t, 2), phase, anon // 1024, file // 1024) for t, phase, anon, file in r["timeline"]]
+        for r in sampler.ranks.values()
+    }
     result["ranks"] = ranks
     result["torchrun_agent_peak_rss_mb"] = round(sampler.agent["vmhwm"] / 1024)
-    result["machine_available_drop_mb"] = round((sampler.available0 - (sampler.min_available or sampler.available0)) / MB)
+    result["machine_available_drop_mb"] = round(
+        (sampler.available0 - (sampler.min_available or sampler.available0)) / MB
+    )
     result["reference_sizes_mb"] = {
         "rank_shard_params": rank_params,
         "rank_shard_fp32_mb (the model the CLI builds is fp32)": round(rank_params * 4 / MB),
         f"rank_shard_{a.dtype}_mb": round(rank_params * elsize / MB),
-        f"largest_hf_tensor_mb ({largest_name} {list(largest_shape)}, {a.dtype})": round(numel(largest_shape) * elsize / MB),
+        f"largest_hf_tensor_mb ({largest_name} {list(largest_shape)}, {a.dtype})": round(
+            numel(largest_shape) * elsize / MB
+        ),
         "largest_hf_tensor_as_fp32_mb": round(numel(largest_shape) * 4 / MB),
         "whole_model_fp32_mb": round(n_params * 4 / MB),
-        "fc1_shards_of_all_layers_fp32_mb (cloned by dist-checkpointing's save: views)":
-            round(a.layers * 2 * a.ffn * a.hidden // a.tp * 4 / MB),
+        "fc1_shards_of_all_layers_fp32_mb (cloned by dist-checkpointing's save: views)": round(
+            a.layers * 2 * a.ffn * a.hidden // a.tp * 4 / MB
+        ),
     }
     result["notes"] = [
         "convert builds the policy only (with_reference=False); on CPU its optimizer is torch AdamW, whose state "
@@ -338,29 +402,37 @@ def main() -> int:
 
     print(json.dumps(result, indent=2))
     ref = result["reference_sizes_mb"]
-    print(f"\n{n_params / 1e9:.3f}B params, HF checkpoint {result['hf_checkpoint_bytes'] / 1e9:.2f} GB ({a.dtype}), "
-          f"convert wall {wall:.0f} s, rc {proc.returncode}")
-    print("| rank | VmHWM MB | VmHWM at save start | highest sample: phase, anon + file | build peak anon | "
-          "anon at import start | import peak anon (file) | import +anon | save peak anon | save +anon | "
-          "writer children VmHWM | build/import/save s |")
+    print(
+        f"\n{n_params / 1e9:.3f}B params, HF checkpoint {result['hf_checkpoint_bytes'] / 1e9:.2f} GB ({a.dtype}), "
+        f"convert wall {wall:.0f} s, rc {proc.returncode}"
+    )
+    print(
+        "| rank | VmHWM MB | VmHWM at save start | highest sample: phase, anon + file | build peak anon | "
+        "anon at import start | import peak anon (file) | import +anon | save peak anon | save +anon | "
+        "writer children VmHWM | build/import/save s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in ranks:
-        g = lambda ph, k: r.get(ph, {}).get(k, "")  # noqa: E731
+        g = lambda ph, k, r=r: r.get(ph, {}).get(k, "")  # noqa: E731
         hs = r.get("highest_sample", {})
-        print(f"| {r['rank']} | {r['peak_rss_mb_vmhwm']} | {r.get('vmhwm_at_save_start_mb', '')} | "
-              f"{hs.get('phase', '')}, {hs.get('anon_mb', '')} + {hs.get('file_mb', '')} | {g('build', 'peak_anon_mb')} | "
-              f"{r.get('rss_anon_at_import_start_mb', '')} | "
-              f"{g('import', 'peak_anon_mb')} ({g('import', 'peak_file_mb')}) | {r.get('import_anon_increase_mb', '')} | "
-              f"{g('save', 'peak_anon_mb')} | {r.get('save_anon_increase_mb', '')} | "
-              f"{r.get('children', {}).get('max_peak_rss_mb_vmhwm', '')} | "
-              f"{g('build', 'seconds')}/{g('import', 'seconds')}/{g('save', 'seconds')} |")
+        print(
+            f"| {r['rank']} | {r['peak_rss_mb_vmhwm']} | {r.get('vmhwm_at_save_start_mb', '')} | "
+            f"{hs.get('phase', '')}, {hs.get('anon_mb', '')} + {hs.get('file_mb', '')} | {g('build', 'peak_anon_mb')} | "
+            f"{r.get('rss_anon_at_import_start_mb', '')} | "
+            f"{g('import', 'peak_anon_mb')} ({g('import', 'peak_file_mb')}) | {r.get('import_anon_increase_mb', '')} | "
+            f"{g('save', 'peak_anon_mb')} | {r.get('save_anon_increase_mb', '')} | "
+            f"{r.get('children', {}).get('max_peak_rss_mb_vmhwm', '')} | "
+            f"{g('build', 'seconds')}/{g('import', 'seconds')}/{g('save', 'seconds')} |"
+        )
     shard = ref["rank_shard_fp32_mb (the model the CLI builds is fp32)"]
     for r in ranks:  # how much of the peak the model's build (random init) had already allocated
         if r.get("rss_anon_at_import_start_mb") and r.get("vmhwm_at_save_start_mb"):
             built, peak = r["rss_anon_at_import_start_mb"], r["vmhwm_at_save_start_mb"]
-            print(f"rank {r['rank']}: peak RSS of build + import {peak} MB; the build (start-up + megatron's random "
-                  f"init) left {built} MB anon = {100 * built / peak:.0f}% of it ({shard} MB of it the fp32 shard); "
-                  f"build-phase peak anon {r['build']['peak_anon_mb']} MB")
+            print(
+                f"rank {r['rank']}: peak RSS of build + import {peak} MB; the build (start-up + megatron's random "
+                f"init) left {built} MB anon = {100 * built / peak:.0f}% of it ({shard} MB of it the fp32 shard); "
+                f"build-phase peak anon {r['build']['peak_anon_mb']} MB"
+            )
     print("\nfor comparison (MB): " + "; ".join(f"{k} = {v}" for k, v in ref.items() if k != "rank_shard_params"))
     if a.json:  # with every rank's samples: (seconds, phase, RssAnon MB, RssFile MB)
         with open(a.json, "w") as f:

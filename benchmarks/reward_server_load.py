@@ -32,8 +32,12 @@ from nemo_optune.data.sort_task import SortTask  # noqa: E402
 
 
 def start_server(overrides: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "nemo_optune.serve_reward", "server.port=0", *overrides],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nemo_optune.serve_reward", "server.port=0", *overrides],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()
     if not line.startswith("nemo_optune reward server listening on "):
         proc.kill()
@@ -46,7 +50,9 @@ def make_requests(count: int, pairs: int, seed: int) -> list[dict]:
     out = []
     for _ in range(count):
         prompts = [task.sample_prompt(rng) for _ in range(pairs)]
-        out.append({"prompts": prompts, "responses": ["".join(rng.sample(task.target(p), len(p) - 1)) for p in prompts]})
+        out.append(
+            {"prompts": prompts, "responses": ["".join(rng.sample(task.target(p), len(p) - 1)) for p in prompts]}
+        )
     return out
 
 
@@ -79,19 +85,30 @@ def run_clients(url: str, headers: dict, clients: int, requests: int, pairs: int
         sys.exit(f"{len(errors)} requests failed, e.g. {errors[0]}")
     batches = max(after["batches"] - before["batches"], 1)
     latencies.sort()
-    return {"clients": clients, "requests": clients * requests, "pairs_per_request": pairs, "wall_seconds": wall,
-            "pairs_per_second": clients * requests * pairs / wall,
-            "p50_ms": 1000 * latencies[len(latencies) // 2], "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-            "scoring_calls": batches, "pairs_per_call": (after["pairs"] - before["pairs"]) / batches,
-            "requests_per_call": (after["requests"] - before["requests"]) / batches}
+    return {
+        "clients": clients,
+        "requests": clients * requests,
+        "pairs_per_request": pairs,
+        "wall_seconds": wall,
+        "pairs_per_second": clients * requests * pairs / wall,
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "scoring_calls": batches,
+        "pairs_per_call": (after["pairs"] - before["pairs"]) / batches,
+        "requests_per_call": (after["requests"] - before["requests"]) / batches,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--hf", help="serve this Hugging Face reward model directory (default: the task source)")
-    target.add_argument("--random-hf", metavar="DIR", help="write a random Llama reward classifier (6 layers, hidden 512, "
-                        "19M parameters, a BPE tokenizer of its own; tests/test_reward_models.py) to DIR and serve it")
+    target.add_argument(
+        "--random-hf",
+        metavar="DIR",
+        help="write a random Llama reward classifier (6 layers, hidden 512, "
+        "19M parameters, a BPE tokenizer of its own; tests/test_reward_models.py) to DIR and serve it",
+    )
     target.add_argument("--url", help="load a server that is already running")
     parser.add_argument("--bearer-token-env", help="with --url: environment variable holding the server's token")
     parser.add_argument("--server-arg", action="append", default=[], help="key=value override for the started server")
@@ -120,14 +137,22 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait()
 
-    print(f"reward server {url}, sources {health['sources']}, {args.requests} requests of {args.pairs} pairs per client")
+    print(
+        f"reward server {url}, sources {health['sources']}, {args.requests} requests of {args.pairs} pairs per client"
+    )
     print(f"{'clients':>7} {'pairs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'pairs/call':>10} {'requests/call':>13}")
     for r in rows:
-        print(f"{r['clients']:>7} {r['pairs_per_second']:>9.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-              f"{r['pairs_per_call']:>10.1f} {r['requests_per_call']:>13.2f}")
+        print(
+            f"{r['clients']:>7} {r['pairs_per_second']:>9.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+            f"{r['pairs_per_call']:>10.1f} {r['requests_per_call']:>13.2f}"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"url": url, "sources": health["sources"], "hf": args.hf, "server_args": args.server_arg, "rows": rows}, f, indent=1)
+        json.dump(
+            {"url": url, "sources": health["sources"], "hf": args.hf, "server_args": args.server_arg, "rows": rows},
+            f,
+            indent=1,
+        )
     print(args.out)
 
 

@@ -26,9 +26,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generation import LLAMA_20M, best_seconds, random_policy_case  # noqa: E402
 
 # name: (trainer.micro_batch_size, trainer.micro_batch_tokens, trainer.pack_pairs)
-STRATEGIES = {"pairs_64": (64, None, False), "pairs_16": (16, None, False), "pairs_8": (8, None, False),
-              "tokens_8k": (64, 8192, False), "tokens_16k": (64, 16384, False),
-              "packed_8": (8, None, True), "packed_tokens_8k": (64, 8192, True)}
+STRATEGIES = {
+    "pairs_64": (64, None, False),
+    "pairs_16": (16, None, False),
+    "pairs_8": (8, None, False),
+    "tokens_8k": (64, 8192, False),
+    "tokens_16k": (64, 16384, False),
+    "packed_8": (8, None, True),
+    "packed_tokens_8k": (64, 8192, True),
+}
 
 
 def fill_pool(trainer, batch, max_new: int, prompt_tokens: int | None, seed: int) -> None:
@@ -71,10 +77,14 @@ def main() -> None:
             trainer.model = model  # the random-weight policy (the trainer's own is built empty)
             batch = torch.arange(cfg.trainer.global_batch_size)
             fill_pool(trainer, batch, args.max_new, args.prompt_tokens, seed=0)
-            real = int(sum(2 * len(trainer.pool.prompt_ids[i]) for i in batch.tolist())
-                       + trainer.pool.store.chosen_lengths[batch].sum() + trainer.pool.store.rejected_lengths[batch].sum())
+            real = int(
+                sum(2 * len(trainer.pool.prompt_ids[i]) for i in batch.tolist())
+                + trainer.pool.store.chosen_lengths[batch].sum()
+                + trainer.pool.store.rejected_lengths[batch].sum()
+            )
             results, timed = {}, {}
             for name, (pairs, tokens, pack) in STRATEGIES.items():
+
                 def step(pairs=pairs, tokens=tokens, pack=pack):
                     t = cfg.trainer
                     t.micro_batch_size, t.micro_batch_tokens, t.pack_pairs = pairs, tokens, pack
@@ -84,10 +94,18 @@ def main() -> None:
 
                 micro_batches = step()
                 padded = sum(mb["tokens"].numel() for mb in model._trim_padding(micro_batches))
-                results[name] = {"strategy": name, "model": args.model, "max_new": args.max_new,
-                                 "prompt_tokens": args.prompt_tokens,
-                                 "micro_batch_size": pairs, "micro_batch_tokens": tokens, "pack_pairs": pack,
-                                 "micro_batches": len(micro_batches), "padded_tokens": padded, "real_tokens": real}
+                results[name] = {
+                    "strategy": name,
+                    "model": args.model,
+                    "max_new": args.max_new,
+                    "prompt_tokens": args.prompt_tokens,
+                    "micro_batch_size": pairs,
+                    "micro_batch_tokens": tokens,
+                    "pack_pairs": pack,
+                    "micro_batches": len(micro_batches),
+                    "padded_tokens": padded,
+                    "real_tokens": real,
+                }
                 timed[name] = step
             for name, seconds in best_seconds(timed, args.repeats).items():
                 results[name]["seconds_per_step"] = seconds
@@ -95,10 +113,14 @@ def main() -> None:
     finally:
         distributed.shutdown()
     base = results["pairs_64"]["seconds_per_step"]
-    print(f"\n{'strategy':<18}{'micro-batches':>14}{'padded tokens':>15}{'real tokens':>13}{'s/step':>9}{'vs pairs_64':>13}")
+    print(
+        f"\n{'strategy':<18}{'micro-batches':>14}{'padded tokens':>15}{'real tokens':>13}{'s/step':>9}{'vs pairs_64':>13}"
+    )
     for r in results.values():
-        print(f"{r['strategy']:<18}{r['micro_batches']:>14}{r['padded_tokens']:>15}{r['real_tokens']:>13}"
-              f"{r['seconds_per_step']:>9.3f}{base / r['seconds_per_step']:>12.2f}x")
+        print(
+            f"{r['strategy']:<18}{r['micro_batches']:>14}{r['padded_tokens']:>15}{r['real_tokens']:>13}"
+            f"{r['seconds_per_step']:>9.3f}{base / r['seconds_per_step']:>12.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -62,11 +62,26 @@ SNAPSHOT_SECONDS = (1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50)
 OURS = {"online_dpo": ("online_dpo", []), "optune": ("optune", [])}
 TRL_NAME = "trl_online_dpo"
 # TRL's side of the protocol (OnlineDPOConfig); max_new_tokens comes from our generation config.
-TRL_SETTINGS = {"per_device_train_batch_size": 64, "gradient_accumulation_steps": 1, "learning_rate": 3e-4,
-                "lr_scheduler_type": "constant", "warmup_steps": 0, "beta": 0.1, "temperature": 1.0,
-                "top_p": 1.0, "top_k": 0, "gradient_checkpointing": False, "bf16": False, "fp16": False,
-                "use_cpu": True, "eval_strategy": "no", "save_strategy": "no", "report_to": "none",
-                "disable_tqdm": True, "dataloader_num_workers": 0}
+TRL_SETTINGS = {
+    "per_device_train_batch_size": 64,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 3e-4,
+    "lr_scheduler_type": "constant",
+    "warmup_steps": 0,
+    "beta": 0.1,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "gradient_checkpointing": False,
+    "bf16": False,
+    "fp16": False,
+    "use_cpu": True,
+    "eval_strategy": "no",
+    "save_strategy": "no",
+    "report_to": "none",
+    "disable_tqdm": True,
+    "dataloader_num_workers": 0,
+}
 
 
 def _worker(kind: str, *args: str) -> None:
@@ -119,13 +134,24 @@ def check_export(sft_ckpt: str, hf_dir: str, tolerance: float, out_json: str) ->
         length = len(seq)
         ours = model.next_token_logits(seq.repeat(length, 1), torch.arange(length), micro_batch_size=64)
         with torch.no_grad():
-            theirs = hf(seq[None]).logits[0, :, :ours.shape[1]].float()
+            theirs = hf(seq[None]).logits[0, :, : ours.shape[1]].float()
         worst = max(worst, float((ours - theirs).abs().max()))
     ok = worst <= tolerance and not token_mismatch
-    _write_json(out_json, {"max_abs_logit_diff": worst, "tolerance": tolerance, "sequences": len(prompts),
-                           "tokenizer_mismatches": token_mismatch, "ok": ok})
-    print(f"[check] max |logit difference| ours vs transformers {worst:.2e} (tolerance {tolerance:g}); "
-          f"tokenizer mismatches {len(token_mismatch)}", flush=True)
+    _write_json(
+        out_json,
+        {
+            "max_abs_logit_diff": worst,
+            "tolerance": tolerance,
+            "sequences": len(prompts),
+            "tokenizer_mismatches": token_mismatch,
+            "ok": ok,
+        },
+    )
+    print(
+        f"[check] max |logit difference| ours vs transformers {worst:.2e} (tolerance {tolerance:g}); "
+        f"tokenizer mismatches {len(token_mismatch)}",
+        flush=True,
+    )
     distributed.shutdown()
 
 
@@ -200,38 +226,85 @@ def train_trl(hf_dir: str, seed: int, budget: float, out_dir: str) -> None:
                 self.next += 1
             path = os.path.join(snap_root, f"{len(self.snapshots):03d}")
             os.makedirs(path)
-            save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()},
-                      os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+            save_file(
+                {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()},
+                os.path.join(path, "model.safetensors"),
+                metadata={"format": "pt"},
+            )
             for name in ("config.json", "generation_config.json"):  # the architecture: unchanged by training
                 shutil.copy(os.path.join(hf_dir, name), path)
-            self.snapshots.append({"dir": path, "seconds": seconds, "step": state.global_step,
-                                   "generation_seconds": gen["seconds"], "responses": gen["responses"]})
+            self.snapshots.append(
+                {
+                    "dir": path,
+                    "seconds": seconds,
+                    "step": state.global_step,
+                    "generation_seconds": gen["seconds"],
+                    "responses": gen["responses"],
+                }
+            )
             if self.next >= len(schedule):
                 control.should_training_stop = True
             self.saving += time.perf_counter() - save_start
 
-    args = OnlineDPOConfig(output_dir=os.path.join(out_dir, "trainer"), seed=seed, data_seed=seed,
-                           max_new_tokens=cfg.generation.max_new_tokens, max_steps=1_000_000,
-                           **TRL_SETTINGS)
+    args = OnlineDPOConfig(
+        output_dir=os.path.join(out_dir, "trainer"),
+        seed=seed,
+        data_seed=seed,
+        max_new_tokens=cfg.generation.max_new_tokens,
+        max_steps=1_000_000,
+        **TRL_SETTINGS,
+    )
     callback = SecondsSnapshots()
-    trainer = OnlineDPOTrainer(model=model, reward_funcs=task_reward, args=args, processing_class=tokenizer,
-                               train_dataset=Dataset.from_dict({"prompt": task_data.train_prompts}),
-                               callbacks=[callback])
+    trainer = OnlineDPOTrainer(
+        model=model,
+        reward_funcs=task_reward,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": task_data.train_prompts}),
+        callbacks=[callback],
+    )
     wall = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - wall
     last = callback.snapshots[-1]
-    _write_json(os.path.join(out_dir, "run.json"), {
-        "seed": seed, "budget_seconds": budget, "train_seconds": last["seconds"], "steps": last["step"],
-        "train_wall_seconds_incl_saving": wall, "saving_seconds": callback.saving,
-        "generation_seconds": gen["seconds"], "responses_generated": gen["responses"], "generate_calls": gen["calls"],
-        "first_step_samples": first_batch, "snapshots": callback.snapshots, "trl_args": {k: getattr(args, k) for k in (
-            *TRL_SETTINGS, "max_new_tokens", "max_length", "max_grad_norm", "weight_decay", "optim", "adam_beta1",
-            "adam_beta2", "adam_epsilon", "loss_type", "missing_eos_penalty", "disable_dropout")},
-        "log_history": trainer.state.log_history,
-    })
-    print(f"[trl] seed {seed}: {last['step']} steps in {last['seconds']:.1f}s, {len(callback.snapshots)} snapshots",
-          flush=True)
+    _write_json(
+        os.path.join(out_dir, "run.json"),
+        {
+            "seed": seed,
+            "budget_seconds": budget,
+            "train_seconds": last["seconds"],
+            "steps": last["step"],
+            "train_wall_seconds_incl_saving": wall,
+            "saving_seconds": callback.saving,
+            "generation_seconds": gen["seconds"],
+            "responses_generated": gen["responses"],
+            "generate_calls": gen["calls"],
+            "first_step_samples": first_batch,
+            "snapshots": callback.snapshots,
+            "trl_args": {
+                k: getattr(args, k)
+                for k in (
+                    *TRL_SETTINGS,
+                    "max_new_tokens",
+                    "max_length",
+                    "max_grad_norm",
+                    "weight_decay",
+                    "optim",
+                    "adam_beta1",
+                    "adam_beta2",
+                    "adam_epsilon",
+                    "loss_type",
+                    "missing_eos_penalty",
+                    "disable_dropout",
+                )
+            },
+            "log_history": trainer.state.log_history,
+        },
+    )
+    print(
+        f"[trl] seed {seed}: {last['step']} steps in {last['seconds']:.1f}s, {len(callback.snapshots)} snapshots",
+        flush=True,
+    )
 
 
 # ------------------------------------------------------------------ worker: our held-out protocol
@@ -250,11 +323,19 @@ def evaluate_snapshots(sft_ckpt: str, jobs_json: str, out_json: str) -> None:
 
     dirs = _read_json(jobs_json)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config("online_dpo", [f"model.restore_from_path={sft_ckpt}", f"exp_manager.exp_dir={tmp}",
-                                         "trainer.progress_bar=false", "exp_manager.tensorboard=false"])
+        cfg = load_config(
+            "online_dpo",
+            [
+                f"model.restore_from_path={sft_ckpt}",
+                f"exp_manager.exp_dir={tmp}",
+                "trainer.progress_bar=false",
+                "exp_manager.tensorboard=false",
+            ],
+        )
         layout = setup(cfg)
-        trainer = PreferenceTrainer(cfg, layout, build_task_data(cfg.data),
-                                    ExperimentLog(tmp, enabled=False, tensorboard=False))
+        trainer = PreferenceTrainer(
+            cfg, layout, build_task_data(cfg.data), ExperimentLog(tmp, enabled=False, tensorboard=False)
+        )
         trainer.model.load_policy(sft_ckpt)  # as run.py: policy and reference = the SFT checkpoint
         trainer.model.sync_reference_to_policy()
         results = {"sft_checkpoint": trainer.evaluate()}
@@ -262,8 +343,11 @@ def evaluate_snapshots(sft_ckpt: str, jobs_json: str, out_json: str) -> None:
             start = time.perf_counter()
             import_hf(path, trainer.model)
             results[path] = trainer.evaluate()
-            print(f"[eval] {i + 1}/{len(dirs)} {path}: reward {results[path][0]:.4f} kl {results[path][1]:.3f} "
-                  f"({time.perf_counter() - start:.1f}s)", flush=True)
+            print(
+                f"[eval] {i + 1}/{len(dirs)} {path}: reward {results[path][0]:.4f} kl {results[path][1]:.3f} "
+                f"({time.perf_counter() - start:.1f}s)",
+                flush=True,
+            )
     _write_json(out_json, results)
     distributed.shutdown()
 
@@ -288,8 +372,11 @@ def sft_and_export(args) -> tuple[str, str, dict]:
         print(f"[sft] reusing {ckpt}", flush=True)
         sft = _read_json(summary_path)
     else:
-        sft = run("sft_tiny", ["exp_manager.overwrite=true", "exp_manager.resume_if_exists=false",
-                               "exp_manager.tensorboard=false"], sft_dir)
+        sft = run(
+            "sft_tiny",
+            ["exp_manager.overwrite=true", "exp_manager.resume_if_exists=false", "exp_manager.tensorboard=false"],
+            sft_dir,
+        )
         print(f"[sft] {sft['sft_steps']} steps in {sft['sft_seconds']:.1f}s", flush=True)
     hf_dir = os.path.join(args.out, "sft_hf")
     stamp = os.path.join(hf_dir, ".from_checkpoint")
@@ -305,28 +392,47 @@ def sft_and_export(args) -> tuple[str, str, dict]:
     print(_worker("check", ckpt, hf_dir, str(args.logit_tolerance), check_path), end="", flush=True)
     check = _read_json(check_path)
     if not check["ok"]:
-        raise SystemExit(f"error: the HF export of {ckpt} does not match our model (max |logit difference| "
-                         f"{check['max_abs_logit_diff']:.2e} > {args.logit_tolerance:g}, or tokenizer mismatches "
-                         f"{check['tokenizer_mismatches']}): stopping before any comparison")
-    return ckpt, hf_dir, {"sft": {k: sft.get(k) for k in ("sft_seconds", "sft_steps", "sft_final_loss")},
-                          "export_check": check}
+        raise SystemExit(
+            f"error: the HF export of {ckpt} does not match our model (max |logit difference| "
+            f"{check['max_abs_logit_diff']:.2e} > {args.logit_tolerance:g}, or tokenizer mismatches "
+            f"{check['tokenizer_mismatches']}): stopping before any comparison"
+        )
+    return (
+        ckpt,
+        hf_dir,
+        {"sft": {k: sft.get(k) for k in ("sft_seconds", "sft_steps", "sft_final_loss")}, "export_check": check},
+    )
 
 
 ITERATION_LINE = re.compile(r"^\[iter (\d+)/\d+\].* total ([0-9.]+)s eval")
 
 
-def run_ours(recipe: str, extra: list[str], seed: int, ckpt: str, budget: float, exp_dir: str,
-             max_iterations: int) -> dict:
+def run_ours(
+    recipe: str, extra: list[str], seed: int, ckpt: str, budget: float, exp_dir: str, max_iterations: int
+) -> dict:
     """Our recipe (a fresh process, as compare_methods.run) until its iterations' own seconds
     reach the budget: their per-iteration lines are summed as they come, and then SIGTERM asks
     the trainer to stop at its next safe point (after the iteration under way, with a
     checkpoint; exit status 3); summary.json holds every iteration done."""
     launcher = os.path.join(ROOT, "examples", "train_optune.py")
-    cmd = [sys.executable, launcher, "--config-name", recipe, f"exp_manager.exp_dir={exp_dir}", *extra,
-           f"trainer.seed={seed}", f"trainer.iterations={max_iterations}", f"model.restore_from_path={ckpt}",
-           "exp_manager.overwrite=true", "exp_manager.resume_if_exists=false", "exp_manager.tensorboard=false",
-           "exp_manager.report=false", "exp_manager.checkpoint_every=0", "exp_manager.keep_last=1",
-           "trainer.progress_bar=false"]
+    cmd = [
+        sys.executable,
+        launcher,
+        "--config-name",
+        recipe,
+        f"exp_manager.exp_dir={exp_dir}",
+        *extra,
+        f"trainer.seed={seed}",
+        f"trainer.iterations={max_iterations}",
+        f"model.restore_from_path={ckpt}",
+        "exp_manager.overwrite=true",
+        "exp_manager.resume_if_exists=false",
+        "exp_manager.tensorboard=false",
+        "exp_manager.report=false",
+        "exp_manager.checkpoint_every=0",
+        "exp_manager.keep_last=1",
+        "trainer.progress_bar=false",
+    ]
     os.makedirs(exp_dir, exist_ok=True)
     seconds, signalled = 0.0, False
     with open(os.path.join(exp_dir, "stderr.txt"), "w") as err, open(os.path.join(exp_dir, "stdout.txt"), "w") as out:
@@ -373,21 +479,29 @@ def summarise(name: str, framework: str, seeds: list[dict], budget: float) -> di
     for th in THRESHOLDS:
         per = [seconds_to(s["curve"], th) for s in seeds]
         m = statistics.median([math.inf if t is None else t for t in per])  # unreached = infinite
-        to[f"{th:.2f}"] = {"median": None if math.isinf(m) else m, "per_seed": per,
-                           "seeds_reaching": sum(t is not None for t in per)}
+        to[f"{th:.2f}"] = {
+            "median": None if math.isinf(m) else m,
+            "per_seed": per,
+            "seeds_reaching": sum(t is not None for t in per),
+        }
     at = {}
     for t in AT_SECONDS:
         per = [value_at(s["curve"], t) if t <= budget else None for s in seeds]
         at[str(t)] = {"median": med(per) if t <= budget else None, "per_seed": per}
     rates = [s["responses"] / s["generation_seconds"] if s["generation_seconds"] else None for s in seeds]
-    return {"name": name, "framework": framework, "seconds_to": to, "reward_at": at,
-            "final_reward": med(s["curve"][-1][1] for s in seeds),
-            "final_kl": med(s.get("kl_final") for s in seeds),
-            "train_seconds": med(s["train_seconds"] for s in seeds),
-            "responses_per_generation_second": med(rates),
-            "responses_generated": med(s["responses"] for s in seeds),
-            "generation_seconds": med(s["generation_seconds"] for s in seeds),
-            "per_seed": seeds}
+    return {
+        "name": name,
+        "framework": framework,
+        "seconds_to": to,
+        "reward_at": at,
+        "final_reward": med(s["curve"][-1][1] for s in seeds),
+        "final_kl": med(s.get("kl_final") for s in seeds),
+        "train_seconds": med(s["train_seconds"] for s in seeds),
+        "responses_per_generation_second": med(rates),
+        "responses_generated": med(s["responses"] for s in seeds),
+        "generation_seconds": med(s["generation_seconds"] for s in seeds),
+        "per_seed": seeds,
+    }
 
 
 def fmt(v, spec=".3f"):
@@ -396,17 +510,21 @@ def fmt(v, spec=".3f"):
 
 def markdown(rows: list[dict], result: dict) -> str:
     a = result["args"]
-    head = ["framework / method"] + [f"s to {t:.2f}" for t in THRESHOLDS] + [f"reward @{t}s" for t in AT_SECONDS] + \
-        ["final (s)", "gen resp/s"]
+    head = (
+        ["framework / method"]
+        + [f"s to {t:.2f}" for t in THRESHOLDS]
+        + [f"reward @{t}s" for t in AT_SECONDS]
+        + ["final (s)", "gen resp/s"]
+    )
     lines = [
         f"Embedded sort task, {a['seconds']:g} s of training per run, medians of {a['seeds']} seeds, one SFT checkpoint "
         f"(held-out reward {fmt(result['sft_heldout_reward'], '.4f')}). Held-out reward by our protocol for both "
         "frameworks (512 held-out prompts, fixed per-prompt seeds, 2 samples at temperature 1), evaluation time "
-        "excluded. \"s to X\": training seconds until the held-out reward first reaches X (— : not reached by a "
-        "majority of seeds); \"reward @t\": the last evaluated point at or before t. TRL: K=2, one step per 64 "
+        'excluded. "s to X": training seconds until the held-out reward first reaches X (— : not reached by a '
+        'majority of seeds); "reward @t": the last evaluated point at or before t. TRL: K=2, one step per 64 '
         "prompts; ours: the recipes as shipped (K=4, one step per 64 prompts; OPTune regenerates half of them). TRL is "
         f"evaluated at its snapshots (~{', '.join(f'{x:g}' for x in snapshot_schedule(a['seconds']))} s), so its "
-        "\"s to X\" is an upper bound at that resolution; ours are evaluated every trainer.eval_every iterations "
+        '"s to X" is an upper bound at that resolution; ours are evaluated every trainer.eval_every iterations '
         "(10 in the shipped recipes, about 1 s of training).",
         "",
         "| " + " | ".join(head) + " |",
@@ -414,15 +532,23 @@ def markdown(rows: list[dict], result: dict) -> str:
     ]
     for r in rows:
         cells = [f"{r['name']} ({r['framework']})"]
-        cells += [f"{fmt(r['seconds_to'][f'{t:.2f}']['median'], '.1f')} ({r['seconds_to'][f'{t:.2f}']['seeds_reaching']}/"
-                  f"{len(r['per_seed'])})" for t in THRESHOLDS]
+        cells += [
+            f"{fmt(r['seconds_to'][f'{t:.2f}']['median'], '.1f')} ({r['seconds_to'][f'{t:.2f}']['seeds_reaching']}/"
+            f"{len(r['per_seed'])})"
+            for t in THRESHOLDS
+        ]
         cells += [fmt(r["reward_at"][str(t)]["median"], ".3f") for t in AT_SECONDS]
-        cells += [f"{fmt(r['final_reward'], '.3f')} ({fmt(r['train_seconds'], '.1f')})",
-                  fmt(r["responses_per_generation_second"], ".0f")]
+        cells += [
+            f"{fmt(r['final_reward'], '.3f')} ({fmt(r['train_seconds'], '.1f')})",
+            fmt(r["responses_per_generation_second"], ".0f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     load = result["loadavg_before"], result["loadavg_after"]
-    lines += ["", f"Load average (1/5/15 min) before {tuple(round(x, 2) for x in load[0])}, after "
-                  f"{tuple(round(x, 2) for x in load[1])}, on {os.cpu_count()} CPUs."]
+    lines += [
+        "",
+        f"Load average (1/5/15 min) before {tuple(round(x, 2) for x in load[0])}, after "
+        f"{tuple(round(x, 2) for x in load[1])}, on {os.cpu_count()} CPUs.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -476,17 +602,30 @@ def main_bench(args) -> None:
             _worker("trl", hf_dir, str(seed), str(args.seconds), out_dir)
             run_loads.append({"run": TRL_NAME, "seed": seed, "before": before, "after": os.getloadavg()})
             trl_runs.append(_read_json(os.path.join(out_dir, "run.json")))
-            print(f"[bench] seed {seed} {TRL_NAME:16s} {trl_runs[-1]['steps']} steps, "
-                  f"{trl_runs[-1]['train_seconds']:.1f}s training, {time.perf_counter() - t:.1f}s wall", flush=True)
+            print(
+                f"[bench] seed {seed} {TRL_NAME:16s} {trl_runs[-1]['steps']} steps, "
+                f"{trl_runs[-1]['train_seconds']:.1f}s training, {time.perf_counter() - t:.1f}s wall",
+                flush=True,
+            )
         for name, (recipe, extra) in ours.items():
             t, before = time.perf_counter(), os.getloadavg()
-            s = run_ours(recipe, extra, seed, ckpt, args.seconds, os.path.join(args.out, "ours", name, f"seed{seed}"),
-                         args.max_iterations)
+            s = run_ours(
+                recipe,
+                extra,
+                seed,
+                ckpt,
+                args.seconds,
+                os.path.join(args.out, "ours", name, f"seed{seed}"),
+                args.max_iterations,
+            )
             ours_runs[name].append(s)
             run_loads.append({"run": name, "seed": seed, "before": before, "after": os.getloadavg()})
-            print(f"[bench] seed {seed} {name:16s} {len(s['iterations'])} iterations, "
-                  f"{sum(i['seconds']['total'] for i in s['iterations']):.1f}s training, final held-out "
-                  f"{s['heldout_reward_final']:.4f}, {time.perf_counter() - t:.1f}s wall", flush=True)
+            print(
+                f"[bench] seed {seed} {name:16s} {len(s['iterations'])} iterations, "
+                f"{sum(i['seconds']['total'] for i in s['iterations']):.1f}s training, final held-out "
+                f"{s['heldout_reward_final']:.4f}, {time.perf_counter() - t:.1f}s wall",
+                flush=True,
+            )
 
     # Held-out evaluation of every TRL snapshot (and the HF export of the SFT checkpoint), after training.
     jobs = [hf_dir] + [snap["dir"] for r in trl_runs for snap in r["snapshots"]]
@@ -498,10 +637,13 @@ def main_bench(args) -> None:
     print(f"[bench] {len(jobs)} held-out evaluations in {time.perf_counter() - t:.1f}s", flush=True)
     sft_reward = evals["sft_checkpoint"][0]
     initial = {name: [s["heldout_reward_initial"] for s in runs] for name, runs in ours_runs.items()}
-    protocol = {"sft_by_eval_worker": evals["sft_checkpoint"], "sft_hf_export_by_eval_worker": evals[hf_dir],
-                "ours_initial_heldout_reward": initial,
-                "identical": all(abs(v - sft_reward) < 1e-9 for vs in initial.values() for v in vs)
-                and abs(evals[hf_dir][0] - sft_reward) < 1e-9}
+    protocol = {
+        "sft_by_eval_worker": evals["sft_checkpoint"],
+        "sft_hf_export_by_eval_worker": evals[hf_dir],
+        "ours_initial_heldout_reward": initial,
+        "identical": all(abs(v - sft_reward) < 1e-9 for vs in initial.values() for v in vs)
+        and abs(evals[hf_dir][0] - sft_reward) < 1e-9,
+    }
     if not protocol["identical"]:
         print(f"[bench] WARNING: the SFT held-out reward differs between evaluations: {protocol}", flush=True)
 
@@ -510,30 +652,56 @@ def main_bench(args) -> None:
         seeds = []
         for r in trl_runs:
             points = [(0.0, sft_reward)] + [(s["seconds"], evals[s["dir"]][0]) for s in r["snapshots"]]
-            seeds.append({"seed": r["seed"], "curve": clip(points, args.seconds), "kl_final": evals[r["snapshots"][-1]["dir"]][1],
-                          "kl": [evals[s["dir"]][1] for s in r["snapshots"]], "steps": r["steps"],
-                          "train_seconds": r["train_seconds"], "generation_seconds": r["generation_seconds"],
-                          "responses": r["responses_generated"]})
+            seeds.append(
+                {
+                    "seed": r["seed"],
+                    "curve": clip(points, args.seconds),
+                    "kl_final": evals[r["snapshots"][-1]["dir"]][1],
+                    "kl": [evals[s["dir"]][1] for s in r["snapshots"]],
+                    "steps": r["steps"],
+                    "train_seconds": r["train_seconds"],
+                    "generation_seconds": r["generation_seconds"],
+                    "responses": r["responses_generated"],
+                }
+            )
         rows.append(summarise(TRL_NAME, "trl", seeds, args.seconds))
     for name, runs in ours_runs.items():
         seeds = []
         for s in runs:
             points = clip(curve(s), args.seconds)
-            its = s["iterations"][:len(points) - 1]
-            seeds.append({"seed": s["config"]["trainer"]["seed"], "curve": points, "kl_final": its[-1]["heldout_kl"],
-                          "kl": [i["heldout_kl"] for i in its], "iterations": len(its),
-                          "train_seconds": points[-1][0],
-                          # rate over the whole run (the responses counter is per run, not per iteration)
-                          "generation_seconds": sum(i["seconds"]["generation"] for i in s["iterations"]),
-                          "responses": s["responses_generated"]})
+            its = s["iterations"][: len(points) - 1]
+            seeds.append(
+                {
+                    "seed": s["config"]["trainer"]["seed"],
+                    "curve": points,
+                    "kl_final": its[-1]["heldout_kl"],
+                    "kl": [i["heldout_kl"] for i in its],
+                    "iterations": len(its),
+                    "train_seconds": points[-1][0],
+                    # rate over the whole run (the responses counter is per run, not per iteration)
+                    "generation_seconds": sum(i["seconds"]["generation"] for i in s["iterations"]),
+                    "responses": s["responses_generated"],
+                }
+            )
         rows.append(summarise(name, "nemo_optune", seeds, args.seconds))
 
-    result = {"args": vars(args), "sft_heldout_reward": sft_reward, **setup_info, "protocol_check": protocol,
-              "revision": _revision(), "trl_version": _version("trl"), "transformers_version": _version("transformers"),
-              "torch_version": _version("torch"), "trl_settings": TRL_SETTINGS,
-              "ours": {n: {"recipe": r, "overrides": o} for n, (r, o) in ours.items()},
-              "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "loadavg_per_run": run_loads,
-              "benchmark_seconds": time.perf_counter() - start, "rows": rows}
+    result = {
+        "args": vars(args),
+        "sft_heldout_reward": sft_reward,
+        **setup_info,
+        "protocol_check": protocol,
+        "revision": _revision(),
+        "trl_version": _version("trl"),
+        "transformers_version": _version("transformers"),
+        "torch_version": _version("torch"),
+        "trl_settings": TRL_SETTINGS,
+        "ours": {n: {"recipe": r, "overrides": o} for n, (r, o) in ours.items()},
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "loadavg_per_run": run_loads,
+        "benchmark_seconds": time.perf_counter() - start,
+        "rows": rows,
+    }
     _write_json(os.path.join(args.out, "vs_trl.json"), result)
     table = markdown(rows, result)
     with open(os.path.join(args.out, "vs_trl.md"), "w") as f:
@@ -544,6 +712,7 @@ def main_bench(args) -> None:
 
 def _revision() -> dict:
     """The repository's commit and whether the working tree differs from it (read-only git)."""
+
     def git(*a):
         done = subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT)
         return done.stdout.strip() if done.returncode == 0 else None
@@ -577,20 +746,30 @@ def main() -> None:
     parser.add_argument("--out", default="bench_out/vs_trl")
     parser.add_argument("--seconds", type=float, default=50.0, help="training seconds per run (both frameworks)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--ours", action="append", default=[], metavar="NAME=recipe:overrides",
-                        help="an extra row of ours: recipe and space-separated overrides (repeatable)")
-    parser.add_argument("--max-iterations", type=int, default=2000,
-                        help="trainer.iterations of our runs: a cap (they stop when --seconds is reached)")
+    parser.add_argument(
+        "--ours",
+        action="append",
+        default=[],
+        metavar="NAME=recipe:overrides",
+        help="an extra row of ours: recipe and space-separated overrides (repeatable)",
+    )
+    parser.add_argument(
+        "--max-iterations",
+        type=int,
+        default=2000,
+        help="trainer.iterations of our runs: a cap (they stop when --seconds is reached)",
+    )
     parser.add_argument("--logit-tolerance", type=float, default=1e-4)
     parser.add_argument("--skip-trl", action="store_true", help="our rows only (no TRL installed)")
-    parser.add_argument("--only-extra-rows", action="store_true",
-                        help="of ours, only the --ours rows (not the recipes as shipped)")
+    parser.add_argument(
+        "--only-extra-rows", action="store_true", help="of ours, only the --ours rows (not the recipes as shipped)"
+    )
     args = parser.parse_args()
     try:
         import trl  # noqa: F401
     except ImportError:
         if not args.skip_trl:
-            raise SystemExit("error: trl is not installed: pip install -e '.[trl]' (or make bench-trl)")
+            raise SystemExit("error: trl is not installed: pip install -e '.[trl]' (or make bench-trl)") from None
     main_bench(args)
 
 

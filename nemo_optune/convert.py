@@ -9,9 +9,8 @@ manifest stores the model spec and its tokenizer/ the tokenizer, which `--to hf`
 """
 
 import argparse
-import sys
-
 import os
+import sys
 
 from nemo_optune.models import sources
 from nemo_optune.models.hf_io import build_hf_model, export_hf

@@ -28,8 +28,11 @@ from nemo_optune.trainers.common import model_and_tokenizer, sampling_params, se
 def generate(cfg: RootConfig) -> int:
     """Write cfg.generate.output_path; returns the number of rows written."""
     gen, d = cfg.generate, cfg.data
-    for key, value in (("model.restore_from_path", cfg.model.restore_from_path),
-                       ("generate.input_path", gen.input_path), ("generate.output_path", gen.output_path)):
+    for key, value in (
+        ("model.restore_from_path", cfg.model.restore_from_path),
+        ("generate.input_path", gen.input_path),
+        ("generate.output_path", gen.output_path),
+    ):
         if not value:
             raise ValueError(f"config key {key}: needed by the generate command")
     task = build_task_data(d).task
@@ -39,25 +42,46 @@ def generate(cfg: RootConfig) -> int:
     limit = d.max_prompt_tokens or spec.max_sequence_length - cfg.generation.max_new_tokens
     texts, prompt_ids, _ = encode_prompt_file(gen.input_path, tokenizer, d, limit)
     layout = setup(cfg)
-    model = MegatronGPTOPTuneModel(cfg.model, spec, layout, seed=gen.seed, lr=1.0, weight_decay=0.0, grad_clip=0.0,
-                                   with_reference=False, tokenizer=tokenizer, initialize=False)
+    model = MegatronGPTOPTuneModel(
+        cfg.model,
+        spec,
+        layout,
+        seed=gen.seed,
+        lr=1.0,
+        weight_decay=0.0,
+        grad_clip=0.0,
+        with_reference=False,
+        tokenizer=tokenizer,
+        initialize=False,
+    )
     model.load_policy(cfg.model.restore_from_path, from_training=True)  # e.g. EXP/checkpoints/iter_000008
     engine = build_engine(cfg, model, tokenizer)  # generation.engine
     k = gen.samples_per_prompt
     mine, counts = dp_share(torch.arange(len(prompt_ids)), layout)
-    rollouts = engine.generate([prompt_ids[i] for i in mine.tolist()], k, sampling_params(cfg),
-                               [mix_seed(gen.seed, i) for i in mine.tolist()])
-    tokens, lengths, logprobs = (gather_rows_over_dp(t, [c * k for c in counts]) for t in
-                                 (rollouts.response_tokens, rollouts.response_lengths, rollouts.logprobs))
+    rollouts = engine.generate(
+        [prompt_ids[i] for i in mine.tolist()], k, sampling_params(cfg), [mix_seed(gen.seed, i) for i in mine.tolist()]
+    )
+    tokens, lengths, logprobs = (
+        gather_rows_over_dp(t, [c * k for c in counts])
+        for t in (rollouts.response_tokens, rollouts.response_lengths, rollouts.logprobs)
+    )
     if layout.is_logging_rank:
         os.makedirs(os.path.dirname(os.path.abspath(gen.output_path)), exist_ok=True)
         with open(gen.output_path + ".tmp", "w") as f:
             for row in range(len(tokens)):
                 n, prompt = int(lengths[row]), row // k
-                f.write(json.dumps({"prompt": texts[prompt], "sample": row % k,
-                                    "response": tokenizer.decode(tokens[row, :n]),
-                                    "token_ids": tokens[row, :n].tolist(),
-                                    "logprobs": logprobs[row, :n].tolist()}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "prompt": texts[prompt],
+                            "sample": row % k,
+                            "response": tokenizer.decode(tokens[row, :n]),
+                            "token_ids": tokens[row, :n].tolist(),
+                            "logprobs": logprobs[row, :n].tolist(),
+                        }
+                    )
+                    + "\n"
+                )
         os.replace(gen.output_path + ".tmp", gen.output_path)
     return len(tokens)
 

@@ -29,8 +29,9 @@ def _claim_exp_dir(cfg: RootConfig, layout):
         try:
             exp_dir.check_writable(e.exp_dir)
             handle = exp_dir.lock(e.exp_dir)
-            verdict[0] = exp_dir.prepare(e.exp_dir, as_dict(cfg), e.resume_if_exists, e.resume_from, e.overwrite,
-                                          defaults=as_dict(RootConfig()))
+            verdict[0] = exp_dir.prepare(
+                e.exp_dir, as_dict(cfg), e.resume_if_exists, e.resume_from, e.overwrite, defaults=as_dict(RootConfig())
+            )
         except (exp_dir.ExperimentDirError, OSError) as err:  # every rank must hear of it, or they hang
             verdict[1] = str(err)
     dist.broadcast_object_list(verdict, src=0)
@@ -46,8 +47,8 @@ def dry_run(cfg: RootConfig) -> dict:
     from nemo_optune.data.batching import micro_batch_size_for
     from nemo_optune.models.hf_spec import check_sequence_length
     from nemo_optune.models.memory import per_gpu_estimate, print_estimate
-    from nemo_optune.rewards.sources import RewardSources
     from nemo_optune.models.sources import dry_run_spec
+    from nemo_optune.rewards.sources import RewardSources
     from nemo_optune.trainers.common import builtin_spec, check_layout, quiet_megatron_warnings, sequence_width
 
     quiet_megatron_warnings()
@@ -65,12 +66,27 @@ def dry_run(cfg: RootConfig) -> dict:
     if cfg.method != "sft":  # reward model directories and functions checked; no model loaded, no server asked
         RewardSources(cfg.reward, task, load=False)
     micro = micro_batch_size_for(t.global_batch_size // dp, t.micro_batch_size)
-    rows = per_gpu_estimate(spec, tp, pp, dp, bf16=m.precision == "bf16", distributed_optimizer=m.distributed_optimizer,
-                            micro_batch_pairs=micro, micro_batches=t.global_batch_size // (micro * dp),
-                            sequence_length=width, generation_batch=g.micro_batch_size)
+    rows = per_gpu_estimate(
+        spec,
+        tp,
+        pp,
+        dp,
+        bf16=m.precision == "bf16",
+        distributed_optimizer=m.distributed_optimizer,
+        micro_batch_pairs=micro,
+        micro_batches=t.global_batch_size // (micro * dp),
+        sequence_length=width,
+        generation_batch=g.micro_batch_size,
+    )
     if rank == 0:
-        print(print_estimate(rows, f"[dry run] {spec.family} model, TP={tp} PP={pp} DP={dp} (world {world}), "
-                                   f"{width} positions, per GPU on the most loaded pipeline stage:"), flush=True)
+        print(
+            print_estimate(
+                rows,
+                f"[dry run] {spec.family} model, TP={tp} PP={pp} DP={dp} (world {world}), "
+                f"{width} positions, per GPU on the most loaded pipeline stage:",
+            ),
+            flush=True,
+        )
     return {"method": cfg.method, "dry_run": rows, "wall_seconds": 0.0}
 
 
@@ -79,8 +95,11 @@ def run_experiment(cfg: RootConfig) -> dict:
         return dry_run(cfg)
     start = time.perf_counter()
     # Installed first: a stop signal during set-up or SFT is honoured at the first safe point.
-    stop = StopRequests(cfg.trainer.stop_signals if threading.current_thread() is threading.main_thread() else [],
-                        max_time_seconds(cfg.trainer.max_time) if cfg.trainer.max_time else None, start)
+    stop = StopRequests(
+        cfg.trainer.stop_signals if threading.current_thread() is threading.main_thread() else [],
+        max_time_seconds(cfg.trainer.max_time) if cfg.trainer.max_time else None,
+        start,
+    )
     try:
         return _run_in_exp_dir(cfg, stop, start)
     finally:
@@ -91,9 +110,14 @@ def _run_in_exp_dir(cfg: RootConfig, stop: StopRequests, start: float) -> dict:
     layout = setup(cfg)
     resume, lock = _claim_exp_dir(cfg, layout)
     try:
-        log = ExperimentLog(cfg.exp_manager.exp_dir, enabled=layout.is_logging_rank,
-                            tensorboard=cfg.exp_manager.tensorboard, wandb=cfg.exp_manager.wandb,
-                            config=as_dict(cfg), resuming=resume is not None)
+        log = ExperimentLog(
+            cfg.exp_manager.exp_dir,
+            enabled=layout.is_logging_rank,
+            tensorboard=cfg.exp_manager.tensorboard,
+            wandb=cfg.exp_manager.wandb,
+            config=as_dict(cfg),
+            resuming=resume is not None,
+        )
         try:
             log.record_start(as_dict(cfg), layout.as_dict(), resume)  # run_info.json: one entry per start
             return _run(cfg, layout, log, resume, start, stop)
@@ -108,8 +132,14 @@ def _run(cfg: RootConfig, layout, log: ExperimentLog, resume: str | None, start:
     data = build_task_data(cfg.data)
     if cfg.method == "sft":
         stats = run_sft(cfg, layout, data, sft_checkpoint_dir(cfg), log=log.print)
-        summary = {"method": "sft", "config": as_dict(cfg), "layout": layout.as_dict(), **stats,
-                   "checkpoint": sft_checkpoint_dir(cfg), "wall_seconds": time.perf_counter() - start}
+        summary = {
+            "method": "sft",
+            "config": as_dict(cfg),
+            "layout": layout.as_dict(),
+            **stats,
+            "checkpoint": sft_checkpoint_dir(cfg),
+            "wall_seconds": time.perf_counter() - start,
+        }
         log.write_json("summary.json", summary)
         return summary
 
@@ -132,8 +162,15 @@ def _run(cfg: RootConfig, layout, log: ExperimentLog, resume: str | None, start:
     if layout.is_logging_rank:  # records of iterations after the checkpoint are redone
         exp_dir.truncate_jsonl(os.path.join(cfg.exp_manager.exp_dir, "selections.jsonl"), len(trainer.history))
     result = trainer.fit(stop)
-    summary = trainer.summary({**sft_stats, **result, "sft_checkpoint": restore, "resumed_from": resume,
-                               "wall_seconds": time.perf_counter() - start})
+    summary = trainer.summary(
+        {
+            **sft_stats,
+            **result,
+            "sft_checkpoint": restore,
+            "resumed_from": resume,
+            "wall_seconds": time.perf_counter() - start,
+        }
+    )
     log.write_json("summary.json", summary)
     if cfg.exp_manager.report and layout.is_logging_rank:
         write_report(os.path.join(cfg.exp_manager.exp_dir, "report.png"), summary)
@@ -185,8 +222,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from nemo_optune.rewards.resilient import RewardSourceError
     from nemo_optune.runtime.checkpoint import CheckpointError
 
-    return (ValueError, OmegaConfBaseException, HydraException, exp_dir.ExperimentDirError, CheckpointError,
-            RewardSourceError, OSError)
+    return (
+        ValueError,
+        OmegaConfBaseException,
+        HydraException,
+        exp_dir.ExperimentDirError,
+        CheckpointError,
+        RewardSourceError,
+        OSError,
+    )
 
 
 def main(argv: list[str] | None = None, default_config: str = "optune_tiny") -> None:
@@ -207,9 +251,11 @@ def main(argv: list[str] | None = None, default_config: str = "optune_tiny") -> 
         raise
     if distributed.world_from_env()[0] == 0:
         if "heldout_reward_final" in summary:
-            print(f"[done] held-out reward {summary['heldout_reward_initial']:.4f} -> "
-                  f"{summary['heldout_reward_final']:.4f} in {summary['wall_seconds']:.1f}s, "
-                  f"peak RSS {summary['peak_rss_mb']:.0f} MB")
+            print(
+                f"[done] held-out reward {summary['heldout_reward_initial']:.4f} -> "
+                f"{summary['heldout_reward_final']:.4f} in {summary['wall_seconds']:.1f}s, "
+                f"peak RSS {summary['peak_rss_mb']:.0f} MB"
+            )
         elif "dry_run" not in summary:
             print(f"[done] {summary['method']} in {summary['wall_seconds']:.1f}s")
         if "dry_run" not in summary:

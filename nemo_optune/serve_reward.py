@@ -46,8 +46,16 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from nemo_optune.config import (ConfigError, DataConfig, RewardConfig, _one_of, _require, conf_dir, merge_onto,
-                                 validate_reward)
+from nemo_optune.config import (
+    ConfigError,
+    DataConfig,
+    RewardConfig,
+    _one_of,
+    _require,
+    conf_dir,
+    merge_onto,
+    validate_reward,
+)
 from nemo_optune.data.records import DataError, check_messages
 from nemo_optune.data.sort_task import SortTask
 from nemo_optune.rewards.sources import RewardSources
@@ -91,18 +99,29 @@ def validate_serve(cfg: ServeRewardConfig) -> None:
     s, d = cfg.server, cfg.data
     validate_reward(cfg.reward)
     _one_of(d.task, ("sort",), "data.task")
-    _require(1 <= d.min_digits <= d.max_digits, "data.min_digits", f"need 1 <= min_digits <= max_digits, got {d.min_digits}, {d.max_digits}")
+    _require(
+        1 <= d.min_digits <= d.max_digits,
+        "data.min_digits",
+        f"need 1 <= min_digits <= max_digits, got {d.min_digits}, {d.max_digits}",
+    )
     _require(bool(s.host), "server.host", "must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
     _require(0 <= s.port <= 65535, "server.port", f"must be in [0, 65535] (0 = any free port), got {s.port}")
     _require(s.max_batch_tokens >= 1, "server.max_batch_tokens", f"must be >= 1, got {s.max_batch_tokens}")
     _require(s.max_wait_ms >= 0, "server.max_wait_ms", f"must be >= 0, got {s.max_wait_ms}")
     _require(s.max_request_pairs >= 1, "server.max_request_pairs", f"must be >= 1, got {s.max_request_pairs}")
-    _require(s.max_queued_pairs >= s.max_request_pairs, "server.max_queued_pairs",
-             f"{s.max_queued_pairs} cannot hold one request of server.max_request_pairs={s.max_request_pairs}")
+    _require(
+        s.max_queued_pairs >= s.max_request_pairs,
+        "server.max_queued_pairs",
+        f"{s.max_queued_pairs} cannot hold one request of server.max_request_pairs={s.max_request_pairs}",
+    )
     _require(s.max_body_bytes >= 1, "server.max_body_bytes", f"must be >= 1, got {s.max_body_bytes}")
     _require(s.graceful_shutdown_seconds >= 0, "server.graceful_shutdown_seconds", "must be >= 0")
     if s.bearer_token_env:
-        _require(s.bearer_token_env in os.environ, "server.bearer_token_env", f"environment variable {s.bearer_token_env} is not set")
+        _require(
+            s.bearer_token_env in os.environ,
+            "server.bearer_token_env",
+            f"environment variable {s.bearer_token_env} is not set",
+        )
 
 
 class Rejected(Exception):
@@ -185,7 +204,9 @@ class Batcher:
         prompts = [x for p in batch for x in p.prompts]
         responses = [x for p in batch for x in p.responses]
         try:
-            rewards = await asyncio.get_running_loop().run_in_executor(self.executor, self.sources.score, prompts, responses)
+            rewards = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.sources.score, prompts, responses
+            )
         except Exception as err:
             self.failed_batches += 1
             if len(batch) == 1:
@@ -194,10 +215,14 @@ class Batcher:
                 for p in batch:
                     await self._score([p])
             return
-        self.batches, self.requests, self.pairs = self.batches + 1, self.requests + len(batch), self.pairs + len(prompts)
+        self.batches, self.requests, self.pairs = (
+            self.batches + 1,
+            self.requests + len(batch),
+            self.pairs + len(prompts),
+        )
         start = 0
         for p in batch:
-            self._answer(p, rewards=rewards[start:start + len(p.prompts)])
+            self._answer(p, rewards=rewards[start : start + len(p.prompts)])
             start += len(p.prompts)
 
     def _answer(self, p: Pending, rewards: list[float] | None = None, error: Exception | None = None) -> None:
@@ -210,9 +235,14 @@ class Batcher:
             p.future.set_exception(error)
 
     def stats(self) -> dict:
-        return {"batches": self.batches, "requests": self.requests, "pairs": self.pairs, "failed_batches": self.failed_batches,
-                "mean_pairs_per_batch": self.pairs / max(self.batches, 1),
-                "mean_requests_per_batch": self.requests / max(self.batches, 1)}
+        return {
+            "batches": self.batches,
+            "requests": self.requests,
+            "pairs": self.pairs,
+            "failed_batches": self.failed_batches,
+            "mean_pairs_per_batch": self.pairs / max(self.batches, 1),
+            "mean_requests_per_batch": self.requests / max(self.batches, 1),
+        }
 
 
 def parse_pairs(body: bytes, max_pairs: int) -> tuple[list[str], list[str]]:
@@ -291,17 +321,27 @@ def build_app(sources: RewardSources, s: ServerConfig, token: str | None) -> Fas
 
     @app.get("/health")  # open without the token: for load balancers' probes
     async def health() -> dict:
-        return {"status": "ok", "sources": sources.names, "queued_pairs": batcher.queued_pairs, "stats": batcher.stats()}
+        return {
+            "status": "ok",
+            "sources": sources.names,
+            "queued_pairs": batcher.queued_pairs,
+            "stats": batcher.stats(),
+        }
 
     @app.post("/score")
     async def score(request: Request) -> JSONResponse:
-        if token is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {token}".encode()):
+        if token is not None and not hmac.compare_digest(
+            request.headers.get("authorization", "").encode(), f"Bearer {token}".encode()
+        ):
             raise Rejected(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
         prompts, responses = parse_pairs(await read_body(request, s.max_body_bytes), s.max_request_pairs)
         tokens = await batcher.count_tokens(prompts, responses)
         if batcher.queued_pairs + len(prompts) > s.max_queued_pairs:
-            raise Rejected(503, f"queue full ({batcher.queued_pairs} pairs queued, limit {s.max_queued_pairs}): retry later",
-                           {"Retry-After": str(RETRY_AFTER_SECONDS)})
+            raise Rejected(
+                503,
+                f"queue full ({batcher.queued_pairs} pairs queued, limit {s.max_queued_pairs}): retry later",
+                {"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
         try:
             rewards = await batcher.submit(prompts, responses, tokens)
         except Exception as err:  # the source failed (after its retries)
@@ -334,8 +374,15 @@ def main(argv: list[str] | None = None) -> None:
     except user_errors() as err:
         fail(one_line(err))
     app = build_app(sources, s, os.environ[s.bearer_token_env] if s.bearer_token_env else None)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=False, lifespan="on",
-                                           timeout_graceful_shutdown=s.graceful_shutdown_seconds))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level="info",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=s.graceful_shutdown_seconds,
+        )
+    )
     host = f"[{s.host}]" if ":" in s.host else s.host
     print(f"nemo_optune reward server listening on http://{host}:{sock.getsockname()[1]}", flush=True)
     # uvicorn handles SIGTERM/SIGINT (graceful shutdown), then raises the signal again with the

@@ -49,8 +49,11 @@ from nemo_optune.models.hf_io import TOKENIZER_FILES, build_hf_model, import_hf,
 from nemo_optune.runtime import distributed
 
 GPT = "nemo.collections.llm.gpt.model."
-MODEL_CLASSES = {"llama": GPT + "llama.LlamaModel", "mistral": GPT + "mistral.MistralModel",
-                 "qwen2": GPT + "qwen2.Qwen2Model"}
+MODEL_CLASSES = {
+    "llama": GPT + "llama.LlamaModel",
+    "mistral": GPT + "mistral.MistralModel",
+    "qwen2": GPT + "qwen2.Qwen2Model",
+}
 AUTO_TOKENIZER = "nemo.collections.common.tokenizers.huggingface.auto_tokenizer.AutoTokenizer"
 
 
@@ -70,23 +73,46 @@ def model_yaml(hf_config: dict, spec, pretrained_tp: int | None = None) -> dict:
     """context/model.yaml's content for a HF config.json (as NeMo's importer for its family)."""
     family = spec.family
     config = {
-        "num_layers": spec.num_layers, "hidden_size": spec.hidden_size, "ffn_hidden_size": spec.ffn_hidden_size,
-        "num_attention_heads": spec.num_attention_heads, "num_query_groups": spec.num_query_groups,
-        "init_method_std": hf_config.get("initializer_range", 0.02), "layernorm_epsilon": spec.norm_epsilon,
-        "gated_linear_unit": True, "rotary_base": spec.rotary_base, "seq_length": spec.max_position_embeddings,
-        "share_embeddings_and_output_weights": spec.tie_word_embeddings, "vocab_size": spec.vocab_size,
+        "num_layers": spec.num_layers,
+        "hidden_size": spec.hidden_size,
+        "ffn_hidden_size": spec.ffn_hidden_size,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_query_groups": spec.num_query_groups,
+        "init_method_std": hf_config.get("initializer_range", 0.02),
+        "layernorm_epsilon": spec.norm_epsilon,
+        "gated_linear_unit": True,
+        "rotary_base": spec.rotary_base,
+        "seq_length": spec.max_position_embeddings,
+        "share_embeddings_and_output_weights": spec.tie_word_embeddings,
+        "vocab_size": spec.vocab_size,
         "make_vocab_size_divisible_by": _power_of_two_divisor(spec.vocab_size),
-        "fp16": spec.dtype == "float16", "bf16": spec.dtype == "bfloat16", "params_dtype": _ref(f"torch.{spec.dtype}"),
-        "kv_channels": spec.head_dim, "generation_config": {
-            "_call_": True, "_target_": "transformers.generation.configuration_utils.GenerationConfig"},
+        "fp16": spec.dtype == "float16",
+        "bf16": spec.dtype == "bfloat16",
+        "params_dtype": _ref(f"torch.{spec.dtype}"),
+        "kv_channels": spec.head_dim,
+        "generation_config": {
+            "_call_": True,
+            "_target_": "transformers.generation.configuration_utils.GenerationConfig",
+        },
         # the config classes' defaults
-        "normalization": "RMSNorm", "activation_func": _ref("torch.nn.functional.silu"), "add_bias_linear": False,
-        "add_qkv_bias": family == "qwen2", "position_embedding_type": "rope", "rotary_percent": 1.0,
-        "rotary_interleaved": False, "seq_len_interpolation_factor": None, "num_moe_experts": None,
-        "qk_layernorm": False, "layernorm_zero_centered_gamma": False,
+        "normalization": "RMSNorm",
+        "activation_func": _ref("torch.nn.functional.silu"),
+        "add_bias_linear": False,
+        "add_qkv_bias": family == "qwen2",
+        "position_embedding_type": "rope",
+        "rotary_percent": 1.0,
+        "rotary_interleaved": False,
+        "seq_len_interpolation_factor": None,
+        "num_moe_experts": None,
+        "qk_layernorm": False,
+        "layernorm_zero_centered_gamma": False,
         "apply_residual_connection_post_layernorm": False,
-        "hidden_dropout": 0.0, "attention_dropout": 0.0, "window_size": None, "softmax_scale": None,
-        "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "window_size": None,
+        "softmax_scale": None,
+        "tensor_model_parallel_size": 1,
+        "pipeline_model_parallel_size": 1,
         "virtual_pipeline_model_parallel_size": None,
         "transformer_layer_spec": _ref(GPT + "base.default_layer_spec"),
     }
@@ -94,31 +120,61 @@ def model_yaml(hf_config: dict, spec, pretrained_tp: int | None = None) -> dict:
         if spec.rope_scaling_factor is None:
             config["_target_"] = GPT + "llama.LlamaConfig"
         else:
-            config.update(_target_=GPT + "llama.Llama31Config", scale_factor=spec.rope_scaling_factor,
-                          low_freq_factor=1.0, high_freq_factor=4.0, old_context_len=8192)
+            config.update(
+                _target_=GPT + "llama.Llama31Config",
+                scale_factor=spec.rope_scaling_factor,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                old_context_len=8192,
+            )
     elif family == "qwen2":
         if spec.tie_word_embeddings:  # NeMo's importer unties them; not mimicked here
             raise ValueError("a tied qwen2 model is imported untied by NeMo")
         config.update(_target_=GPT + "qwen2.Qwen2Config", make_vocab_size_divisible_by=128)
     else:  # mistral: no vocab_size (the tokenizer's is taken), seq_length = the sliding window
         window = hf_config.get("sliding_window")
-        config.update(_target_=GPT + "mistral.MistralConfig7B", vocab_size=None, cp_comm_type="a2a" if window else None,
-                      window_size=None if window is None else [window, 0], seq_length=window)
+        config.update(
+            _target_=GPT + "mistral.MistralConfig7B",
+            vocab_size=None,
+            cp_comm_type="a2a" if window else None,
+            window_size=None if window is None else [window, 0],
+            seq_length=window,
+        )
     if pretrained_tp is not None:  # trained by NeMo from its tokenizer: no vocab_size, rows padded
         config.update(vocab_size=None, make_vocab_size_divisible_by=128)
-    tokenizer = {"_target_": AUTO_TOKENIZER, "pretrained_model_name": "nemo_tokenizer", "vocab_file": None,
-                 "merges_file": None, "mask_token": None, "bos_token": None, "eos_token": None, "pad_token": None,
-                 "sep_token": None, "cls_token": None, "unk_token": None, "additional_special_tokens": [],
-                 "use_fast": True, "trust_remote_code": False, "include_special_tokens": False, "chat_template": None}
-    model = {"_target_": MODEL_CLASSES[family], "config": config, "optim": None, "tokenizer": tokenizer,
-             "model_transform": None}
+    tokenizer = {
+        "_target_": AUTO_TOKENIZER,
+        "pretrained_model_name": "nemo_tokenizer",
+        "vocab_file": None,
+        "merges_file": None,
+        "mask_token": None,
+        "bos_token": None,
+        "eos_token": None,
+        "pad_token": None,
+        "sep_token": None,
+        "cls_token": None,
+        "unk_token": None,
+        "additional_special_tokens": [],
+        "use_fast": True,
+        "trust_remote_code": False,
+        "include_special_tokens": False,
+        "chat_template": None,
+    }
+    model = {
+        "_target_": MODEL_CLASSES[family],
+        "config": config,
+        "optim": None,
+        "tokenizer": tokenizer,
+        "model_transform": None,
+    }
     if family == "llama":
         model["model_context_managers"] = []
     return model
 
 
-def write_nemo2_checkpoint(out_dir: str, hf_dir: str, pretrained_tp: int | None = None, drop: tuple = (),
-                           optimizer_state: bool = False) -> None:
+def write_nemo2_checkpoint(
+    out_dir: str, hf_dir: str, pretrained_tp: int | None = None, drop: tuple = (), optimizer_state: bool = False
+) -> None:
     """A NeMo 2 checkpoint of the HF model in hf_dir (its family from config.json), written at TP1 in
     this process's one-process world (initialised here). `pretrained_tp`: see the module docstring;
     `drop`: stored tensor keys to leave out; `optimizer_state`: as a training checkpoint, with Adam
@@ -139,13 +195,18 @@ def write_nemo2_checkpoint(out_dir: str, hf_dir: str, pretrained_tp: int | None 
         rows = -(-spec.vocab_size // multiple) * multiple
     for name in ("module.embedding.word_embeddings.weight", "module.output_layer.weight"):
         if name in sharded:  # NeMo's rows: the vocabulary, or padded with what its init left there
-            table = sharded[name].data[:spec.vocab_size]
+            table = sharded[name].data[: spec.vocab_size]
             padding = torch.randn(rows - spec.vocab_size, table.shape[1], generator=torch.Generator().manual_seed(1))
             rows_written = torch.cat([table, padding.to(table.dtype)])
             sharded[name] = ShardedTensor.from_rank_offsets(sharded[name].key, rows_written)
     sharded = {k: v for k, v in sharded.items() if v.key not in drop}
-    checkpoint = {"state_dict": {}, "sharded_state_dict": sharded, "epoch": 0, "global_step": 0,
-                  "pytorch-lightning_version": "2.5.1"}
+    checkpoint = {
+        "state_dict": {},
+        "sharded_state_dict": sharded,
+        "epoch": 0,
+        "global_step": 0,
+        "pytorch-lightning_version": "2.5.1",
+    }
     if optimizer_state:  # megatron_strategy.py save_checkpoint: checkpoint["optimizer"] = [sharded optimizer state]
         model_sd = model.policy.sharded_state_dict(prefix="module.")
         checkpoint["optimizer"] = [model.optimizer.sharded_state_dict(model_sd, is_loading=True)]

@@ -20,8 +20,9 @@ def _env(rank: int, world: int, port: int) -> None:
     # Own process group: megatron's checkpoint writer starts a multiprocessing Manager
     # process, which a SIGKILLed rank would leave behind; the harness kills the whole group.
     os.setsid()
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)  # 2 cores shared by up to 4 processes
 
 
@@ -42,7 +43,11 @@ def _install_signals(events, state, rank: int) -> None:
                 pending.remove(event)
                 os.kill(os.getpid(), getattr(signal, name))
 
-    generate, train_step, rng_state = MegatronInProcessEngine.generate, MegatronGPTOPTuneModel.train_step, checkpoint._rng_state
+    generate, train_step, rng_state = (
+        MegatronInProcessEngine.generate,
+        MegatronGPTOPTuneModel.train_step,
+        checkpoint._rng_state,
+    )
     MegatronInProcessEngine.generate = lambda self, *a, **k: (signal_if("generation"), generate(self, *a, **k))[1]
     MegatronGPTOPTuneModel.train_step = lambda self, *a, **k: (signal_if("training"), train_step(self, *a, **k))[1]
     checkpoint._rng_state = lambda: (signal_if("checkpoint"), rng_state())[1]
@@ -92,8 +97,9 @@ def _worker(rank, world, port, overrides, out_path, capture_iteration, signals):
     distributed.shutdown()
 
 
-def run_layout(world: int, overrides: list[str], out_path: str, capture_iteration: int = 1, kill_at=None,
-               signals=()) -> dict | None:
+def run_layout(
+    world: int, overrides: list[str], out_path: str, capture_iteration: int = 1, kill_at=None, signals=()
+) -> dict | None:
     """Run to the end (or to a stop that `signals` cause, see _install_signals) and return rank
     0's results; with `kill_at` = (point, iteration), expect that SIGKILL and return None."""
     if kill_at is None:
@@ -136,15 +142,18 @@ def _loss_worker(rank, world, port, overrides, checkpoint, out_path):
 
     cfg = load_config("optune_tiny", overrides)
     layout = setup(cfg)
-    trainer = PreferenceTrainer(cfg, layout, build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False))
+    trainer = PreferenceTrainer(
+        cfg, layout, build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False)
+    )
     trainer.model.load_policy(cfg.model.restore_from_path)
     trainer.model.sync_reference_to_policy()
     trainer.resume(checkpoint)
     batch = torch.arange(cfg.trainer.global_batch_size)
     loss = trainer.batch_loss(batch)["loss"]
     pool = trainer.pool
-    tokens, mask = pair_sequences([pool.prompt_ids[i] for i in batch.tolist()], pool.store.rows(batch), trainer.width,
-                                  trainer.tokenizer.pad_id)
+    tokens, mask = pair_sequences(
+        [pool.prompt_ids[i] for i in batch.tolist()], pool.store.rows(batch), trainer.width, trainer.tokenizer.pad_id
+    )
     logps = trainer.model.sequence_logprobs("policy", tokens, mask, micro_batch_size=16)
     if rank == 0:
         torch.save({"loss": loss, "logps": logps}, out_path)

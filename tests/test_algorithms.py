@@ -31,12 +31,15 @@ def test_ipo_loss_hand_computed():
         alg.preference_loss(torch.tensor([1.0]), 0.1, "kto")
 
 
-@pytest.mark.parametrize("scheme,expected", [
-    ("none", [1.0, 1.0, 1.0]),
-    ("linear", [0.5 * 0.8, 0.5 * 0.2, 0.0]),
-    ("exp", [math.exp(0.4), math.exp(0.1), 1.0]),
-    ("sigmoid", [sigmoid(0.4), sigmoid(0.1), 0.5]),
-])
+@pytest.mark.parametrize(
+    "scheme,expected",
+    [
+        ("none", [1.0, 1.0, 1.0]),
+        ("linear", [0.5 * 0.8, 0.5 * 0.2, 0.0]),
+        ("exp", [math.exp(0.4), math.exp(0.1), 1.0]),
+        ("sigmoid", [sigmoid(0.4), sigmoid(0.1), 0.5]),
+    ],
+)
 def test_reward_gap_weights(scheme, expected):
     chosen, rejected = torch.tensor([1.0, 0.5, 0.3]), torch.tensor([0.2, 0.3, 0.3])
     got = alg.reward_gap_weights(chosen, rejected, scheme, beta_w=0.5, cap=None)
@@ -121,9 +124,7 @@ def test_balanced_shard(n, world):
 
 
 def test_best_worst_pairs_ties_and_invalid_rows():
-    rewards = torch.tensor([[0.2, 0.9, 0.9, 0.1],
-                            [0.5, 0.5, 0.5, 0.5],
-                            [0.0, 0.3, 0.0, 0.3]])
+    rewards = torch.tensor([[0.2, 0.9, 0.9, 0.1], [0.5, 0.5, 0.5, 0.5], [0.0, 0.3, 0.0, 0.3]])
     chosen, rejected, valid = alg.best_worst_pairs(rewards)
     assert chosen.tolist() == [1, 0, 1]
     assert rejected.tolist() == [3, 0, 0]
@@ -134,9 +135,13 @@ def test_best_worst_pairs_ties_and_invalid_rows():
 
 def test_best_worst_pairs_drop_non_finite():
     nan, inf = float("nan"), float("inf")
-    rewards = torch.tensor([[0.1, nan, 0.7, 0.4],   # nan sample left out
-                            [inf, 0.2, 0.2, 0.2],   # finite rest all equal: no signal
-                            [nan, 0.3, -inf, nan]])  # one finite sample: no pair
+    rewards = torch.tensor(
+        [
+            [0.1, nan, 0.7, 0.4],  # nan sample left out
+            [inf, 0.2, 0.2, 0.2],  # finite rest all equal: no signal
+            [nan, 0.3, -inf, nan],
+        ]
+    )  # one finite sample: no pair
     chosen, rejected, valid = alg.best_worst_pairs(rewards, drop_non_finite=True)
     assert chosen[0].item() == 2 and rejected[0].item() == 0
     assert valid.tolist() == [True, False, False]

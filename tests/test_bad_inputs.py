@@ -10,8 +10,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY
+
 from nemo_optune.config import ConfigError, load_config, validate
 from nemo_optune.data.preferences import read_preferences
 from nemo_optune.data.records import DataError
@@ -19,24 +19,27 @@ from nemo_optune.rewards.resilient import ResilientRewardSource, RewardSourceErr
 from nemo_optune.runtime import exp_dir
 
 
-@pytest.mark.parametrize("override,key", [
-    ("model.optune.rho=0", "model.optune.rho"),
-    ("model.optune.rho=1.5", "model.optune.rho"),
-    ("model.optune.samples_per_prompt=1", "model.optune.samples_per_prompt"),
-    ("model.optune.beta=0", "model.optune.beta"),
-    ("model.optune.beta=-0.1", "model.optune.beta"),
-    ("model.optune.selection=best", "model.optune.selection"),
-    ("model.optune.weighting=square", "model.optune.weighting"),
-    ("trainer.micro_batch_size=0", "trainer.micro_batch_size"),
-    ("trainer.micro_batch_tokens=0", "trainer.micro_batch_tokens"),
-    ("data.num_train_prompts=100", "data.num_train_prompts"),
-    ("model.hypo.samples_per_prompt=1", "model.hypo.samples_per_prompt"),
-    ("method=online_dpo", "model.optune.selection"),
-    ("reward.non_finite=ignore", "reward.non_finite"),
-    ("model.optune.weight_beta=-1", "model.optune.weight_beta"),
-    ("data.max_digits=12", "generation.max_new_tokens"),  # the longest answer + EOS needs 13 tokens
-    ("generation.eval_samples_per_prompt=0", "generation.eval_samples_per_prompt"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("model.optune.rho=0", "model.optune.rho"),
+        ("model.optune.rho=1.5", "model.optune.rho"),
+        ("model.optune.samples_per_prompt=1", "model.optune.samples_per_prompt"),
+        ("model.optune.beta=0", "model.optune.beta"),
+        ("model.optune.beta=-0.1", "model.optune.beta"),
+        ("model.optune.selection=best", "model.optune.selection"),
+        ("model.optune.weighting=square", "model.optune.weighting"),
+        ("trainer.micro_batch_size=0", "trainer.micro_batch_size"),
+        ("trainer.micro_batch_tokens=0", "trainer.micro_batch_tokens"),
+        ("data.num_train_prompts=100", "data.num_train_prompts"),
+        ("model.hypo.samples_per_prompt=1", "model.hypo.samples_per_prompt"),
+        ("method=online_dpo", "model.optune.selection"),
+        ("reward.non_finite=ignore", "reward.non_finite"),
+        ("model.optune.weight_beta=-1", "model.optune.weight_beta"),
+        ("data.max_digits=12", "generation.max_new_tokens"),  # the longest answer + EOS needs 13 tokens
+        ("generation.eval_samples_per_prompt=0", "generation.eval_samples_per_prompt"),
+    ],
+)
 def test_invalid_config_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=f"config key {key}:"):
         load_config("optune_tiny", [override])
@@ -49,16 +52,25 @@ def test_token_budget_and_packing_are_refused_where_they_do_not_apply():
         load_config("optune_tiny", ["method=hypo", "data.offline_path=prefs.jsonl", "trainer.pack_pairs=true"])
     cfg = load_config("optune_tiny", ["trainer.micro_batch_tokens=512"])
     cfg.model.pipeline_model_parallel_size = 2
-    with pytest.raises(ConfigError, match="config key trainer.micro_batch_tokens: needs model.pipeline_model_parallel_size=1"):
+    with pytest.raises(
+        ConfigError, match="config key trainer.micro_batch_tokens: needs model.pipeline_model_parallel_size=1"
+    ):
         validate(cfg, world_size=2)
 
 
-@pytest.mark.parametrize("changes,world,key", [
-    ({"tensor_model_parallel_size": 2}, 3, "model.tensor_model_parallel_size"),
-    ({"tensor_model_parallel_size": 2, "num_attention_heads": 3, "hidden_size": 63}, 2, "model.num_attention_heads"),
-    ({"pipeline_model_parallel_size": 2, "num_layers": 3}, 2, "model.num_layers"),
-    ({}, 128, "trainer.global_batch_size"),  # 64 pairs do not split over DP128
-])
+@pytest.mark.parametrize(
+    "changes,world,key",
+    [
+        ({"tensor_model_parallel_size": 2}, 3, "model.tensor_model_parallel_size"),
+        (
+            {"tensor_model_parallel_size": 2, "num_attention_heads": 3, "hidden_size": 63},
+            2,
+            "model.num_attention_heads",
+        ),
+        ({"pipeline_model_parallel_size": 2, "num_layers": 3}, 2, "model.num_layers"),
+        ({}, 128, "trainer.global_batch_size"),  # 64 pairs do not split over DP128
+    ],
+)
 def test_layout_errors_name_the_key(changes, world, key):
     cfg = load_config("optune_tiny")
     for name, value in changes.items():
@@ -67,19 +79,22 @@ def test_layout_errors_name_the_key(changes, world, key):
         validate(cfg, world_size=world)
 
 
-@pytest.mark.parametrize("override,key", [
-    ("generation.temperature=0.7", "generation.temperature"),
-    ("generation.top_p=0.9", "generation.top_p"),
-    ("generation.top_k=5", "generation.top_k"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("generation.temperature=0.7", "generation.temperature"),
+        ("generation.top_p=0.9", "generation.top_p"),
+        ("generation.top_k=5", "generation.top_k"),
+    ],
+)
 def test_hypo_needs_samples_from_the_policy_itself(override, key):
     with pytest.raises(ConfigError, match=f"config key {key}: HyPO's KL samples must come from the policy"):
         load_config("hypo", ["data.offline_path=x.jsonl", override])
 
 
 def test_wrong_type_and_unknown_key_are_rejected():
-    from omegaconf.errors import ValidationError
     from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ValidationError
 
     with pytest.raises(ValidationError, match="model.optune.rho"):
         load_config("optune_tiny", ["model.optune.rho=abc"])
@@ -87,19 +102,31 @@ def test_wrong_type_and_unknown_key_are_rejected():
         load_config("optune_tiny", ["model.optune.rhoo=0.5"])
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"prompt": "12>", "chosen_response": "12"', r"bad\.jsonl:2: malformed JSON"),
-    ('{"prompt": "12>", "chosen_response": "12"}', r"bad\.jsonl:2: missing field 'rejected_response'"),
-    ('{"prompt": "  ", "chosen_response": "1", "rejected_response": "2"}', r"bad\.jsonl:2: empty prompt"),
-    ('{"prompt": "21>", "chosen_response": "12", "rejected_response": "2", "chosen_reward": NaN, "rejected_reward": 0}',
-     r"bad\.jsonl:2: field 'chosen_reward' must be a finite number"),
-    ('{"prompt": "21>", "chosen_response": "12", "rejected_response": "2", "chosen_reward": 1}',
-     r"bad\.jsonl:2: give both chosen_reward and rejected_reward"),
-    ('{"prompt": "21>", "chosen_response": "2", "rejected_response": "12", "chosen_reward": 0.1, "rejected_reward": 1}',
-     r"bad\.jsonl:2: chosen_reward 0.1 is below rejected_reward 1.0"),
-    ('["21>", "12", "2"]', r"bad\.jsonl:2: expected a JSON object"),
-    ('{"prompt": 5, "chosen_response": "12", "rejected_response": "2"}', r"bad\.jsonl:2: field 'prompt' must be a string"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"prompt": "12>", "chosen_response": "12"', r"bad\.jsonl:2: malformed JSON"),
+        ('{"prompt": "12>", "chosen_response": "12"}', r"bad\.jsonl:2: missing field 'rejected_response'"),
+        ('{"prompt": "  ", "chosen_response": "1", "rejected_response": "2"}', r"bad\.jsonl:2: empty prompt"),
+        (
+            '{"prompt": "21>", "chosen_response": "12", "rejected_response": "2", "chosen_reward": NaN, "rejected_reward": 0}',
+            r"bad\.jsonl:2: field 'chosen_reward' must be a finite number",
+        ),
+        (
+            '{"prompt": "21>", "chosen_response": "12", "rejected_response": "2", "chosen_reward": 1}',
+            r"bad\.jsonl:2: give both chosen_reward and rejected_reward",
+        ),
+        (
+            '{"prompt": "21>", "chosen_response": "2", "rejected_response": "12", "chosen_reward": 0.1, "rejected_reward": 1}',
+            r"bad\.jsonl:2: chosen_reward 0.1 is below rejected_reward 1.0",
+        ),
+        ('["21>", "12", "2"]', r"bad\.jsonl:2: expected a JSON object"),
+        (
+            '{"prompt": 5, "chosen_response": "12", "rejected_response": "2"}',
+            r"bad\.jsonl:2: field 'prompt' must be a string",
+        ),
+    ],
+)
 def test_malformed_jsonl_names_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "21>", "chosen_response": "12", "rejected_response": "21"}\n' + line + "\n")
@@ -155,7 +182,9 @@ def trainer(tmp_path_factory, sft_checkpoint):
     from nemo_optune.trainers.preference import PreferenceTrainer
 
     cfg = load_config("optune_tiny", TINY + [f"exp_manager.exp_dir={tmp_path_factory.mktemp('bad')}"])
-    t = PreferenceTrainer(cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False))
+    t = PreferenceTrainer(
+        cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False)
+    )
     with pytest.raises(RuntimeError, match="built without weights"):  # never computes on uninitialised memory
         t.iteration(0)
     t.model.load_policy(sft_checkpoint)
@@ -197,8 +226,9 @@ def test_failing_reward_source_leaves_the_pool_untouched(trainer):
 
 
 def test_non_finite_rewards_error_leaves_the_pool_untouched(trainer):
-    _pool_unchanged_after_failure(trainer, Scripted(lambda i: float("nan") if i % 5 == 0 else 0.1 * (i % 4)),
-                                  "non-finite rewards")
+    _pool_unchanged_after_failure(
+        trainer, Scripted(lambda i: float("nan") if i % 5 == 0 else 0.1 * (i % 4)), "non-finite rewards"
+    )
 
 
 def test_non_finite_rewards_dropped_and_counted(trainer):
@@ -238,9 +268,13 @@ def _write_jsonl(path, rows):
 
 @pytest.mark.parametrize("mode", ["error", "skip", "truncate"])
 def test_long_offline_prompts(tmp_path, mode):
-    path = _write_jsonl(tmp_path / "prefs.jsonl", [
-        {"prompt": "321>", "chosen_response": "123", "rejected_response": "213"},
-        {"prompt": "98765432101234>", "chosen_response": "1", "rejected_response": "2"}])
+    path = _write_jsonl(
+        tmp_path / "prefs.jsonl",
+        [
+            {"prompt": "321>", "chosen_response": "123", "rejected_response": "213"},
+            {"prompt": "98765432101234>", "chosen_response": "1", "rejected_response": "2"},
+        ],
+    )
     if mode == "error":
         with pytest.raises(DataError, match=r"prefs\.jsonl:2: prompt has 15 tokens, over the limit of 9"):
             _offline(path, mode)
@@ -252,36 +286,50 @@ def test_long_offline_prompts(tmp_path, mode):
 
 
 def test_characters_outside_the_alphabet_name_file_and_line(tmp_path):
-    path = _write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "21>", "chosen_response": "12", "rejected_response": "x1"}])
+    path = _write_jsonl(
+        tmp_path / "prefs.jsonl", [{"prompt": "21>", "chosen_response": "12", "rejected_response": "x1"}]
+    )
     with pytest.raises(DataError, match=r"prefs\.jsonl:1: character 'x' is not in the tokenizer alphabet"):
         _offline(path)
 
 
 def test_non_utf8_byte_names_file_and_line(tmp_path):
     path = tmp_path / "prefs.jsonl"
-    path.write_bytes(b'{"prompt": "21>", "chosen_response": "12", "rejected_response": "21"}\n'
-                     b'{"prompt": "21>", "chosen_response": "1\xff", "rejected_response": "21"}\n')
+    path.write_bytes(
+        b'{"prompt": "21>", "chosen_response": "12", "rejected_response": "21"}\n'
+        b'{"prompt": "21>", "chosen_response": "1\xff", "rejected_response": "21"}\n'
+    )
     with pytest.raises(DataError, match=r"prefs\.jsonl:2: not valid UTF-8 \(byte 0xff at column 40\)"):
         read_preferences(str(path))
 
 
 def test_identical_pairs_are_counted_and_kept_out_of_the_loss(tmp_path):
-    path = _write_jsonl(tmp_path / "prefs.jsonl", [
-        {"prompt": "321>", "chosen_response": "123", "rejected_response": "213"},
-        {"prompt": "21>", "chosen_response": "12", "rejected_response": "12"},
-        {"prompt": "31>", "chosen_response": "13", "rejected_response": "31"}])
+    path = _write_jsonl(
+        tmp_path / "prefs.jsonl",
+        [
+            {"prompt": "321>", "chosen_response": "123", "rejected_response": "213"},
+            {"prompt": "21>", "chosen_response": "12", "rejected_response": "12"},
+            {"prompt": "31>", "chosen_response": "13", "rejected_response": "31"},
+        ],
+    )
     offline = _offline(path, min_records=2)
     assert offline.identical_pairs == 1
     assert offline.pool.valid.tolist() == [True, False, True]
-    with pytest.raises(DataError, match=r"prefs\.jsonl: 2 usable preference records .*1 with identical responses.*"
-                                        r"fewer than one global batch \(trainer.global_batch_size=3\)"):
+    with pytest.raises(
+        DataError,
+        match=r"prefs\.jsonl: 2 usable preference records .*1 with identical responses.*"
+        r"fewer than one global batch \(trainer.global_batch_size=3\)",
+    ):
         _offline(path, min_records=3)
 
 
 # ------------------------------------------------------------ experiment dirs
 def test_exp_dir_with_a_different_config_is_refused_and_kept(tmp_path):
-    cfg = {"method": "optune", "trainer": {"iterations": 4},
-           "model": {"optune": {"rho": 0.5}, "tensor_model_parallel_size": 1}}
+    cfg = {
+        "method": "optune",
+        "trainer": {"iterations": 4},
+        "model": {"optune": {"rho": 0.5}, "tensor_model_parallel_size": 1},
+    }
     assert exp_dir.prepare(str(tmp_path), cfg, True, None, False) is None
     marker = tmp_path / "checkpoints" / "iter_000002"
     marker.mkdir(parents=True)
@@ -317,8 +365,9 @@ def test_fewer_iterations_than_a_checkpoint_has_done_are_refused(tmp_path):
     (tmp_path / "checkpoints" / "iter_000004").mkdir(parents=True)
     before = (tmp_path / "config.json").read_text()
     fewer = {**cfg, "trainer": {"iterations": 2}}
-    with pytest.raises(exp_dir.ExperimentDirError,
-                       match=r"config key trainer.iterations: 2, but .*iter_000004 has 4 iterations done"):
+    with pytest.raises(
+        exp_dir.ExperimentDirError, match=r"config key trainer.iterations: 2, but .*iter_000004 has 4 iterations done"
+    ):
         exp_dir.prepare(str(tmp_path), fewer, True, None, False)
     assert (tmp_path / "config.json").read_text() == before  # the record of the run is not rewritten
     assert exp_dir.prepare(str(tmp_path), {**cfg, "trainer": {"iterations": 6}}, True, None, False) == exp_dir.AUTO
@@ -332,9 +381,17 @@ def test_unwritable_exp_dir(tmp_path):
 
 
 def test_a_second_run_on_a_locked_exp_dir_is_refused_naming_the_holder(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nemo_optune.runtime import exp_dir; "
-                               f"h = exp_dir.lock({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from nemo_optune.runtime import exp_dir; "
+            f"h = exp_dir.lock({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(exp_dir.ExperimentDirError, match=rf"is in use by another run \(pid {holder.pid} on "):
@@ -360,9 +417,12 @@ def test_full_disk_during_a_checkpoint_keeps_the_earlier_one(tmp_path, monkeypat
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(dist_checkpointing, "save", save)
-    cfg = load_config("optune_tiny", TINY + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.checkpoint_every=1",
-                                             "sft.steps=5"])
-    with pytest.raises(CheckpointError, match=r"iter_000001 failed on rank 0: \[Errno 28\] No space left on device; earlier"):
+    cfg = load_config(
+        "optune_tiny", TINY + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.checkpoint_every=1", "sft.steps=5"]
+    )
+    with pytest.raises(
+        CheckpointError, match=r"iter_000001 failed on rank 0: \[Errno 28\] No space left on device; earlier"
+    ):
         run_experiment(cfg)  # save 1 = SFT, save 2 = iteration 1 fails
     monkeypatch.setattr(dist_checkpointing, "save", real_save)
     assert list_checkpoints(str(tmp_path / "checkpoints")) == []
@@ -372,22 +432,39 @@ def test_full_disk_during_a_checkpoint_keeps_the_earlier_one(tmp_path, monkeypat
     assert len(summary["iterations"]) == 2 and "sft_seconds" not in summary
 
 
-@pytest.mark.parametrize("args,line", [
-    (["model.optune.rho=0"], "error: config key model.optune.rho: must be in (0, 1], got 0.0"),
-    (["--config-name", "optune_tinyy"], "error: --config-name optune_tinyy: no recipe conf/optune_tinyy.yaml (recipes: "
-                                        "dpo_offline, hypo, online_dpo, optune, optune_adaptive, optune_llama3_8b, optune_random, "
-                                        "optune_tiny, optune_zephyr_7b, sft_tiny)"),
-    (["model.optune.rhoo=0.5"], "error: config key model.optune.rhoo: Key 'rhoo' is not a config key"),
-    (["generation.eval_temperature=0.5"], "error: config key generation.eval_temperature: Key 'eval_temperature' is not a config key"),
-    (["model.optune.rho=abc"], "error: config key model.optune.rho: Value 'abc' of type 'str' could not be converted to Float"),
-    (["--seed", "3"], "error: unknown argument '--seed': expected --config-name NAME and key=value overrides"),
-])
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (["model.optune.rho=0"], "error: config key model.optune.rho: must be in (0, 1], got 0.0"),
+        (
+            ["--config-name", "optune_tinyy"],
+            "error: --config-name optune_tinyy: no recipe conf/optune_tinyy.yaml (recipes: "
+            "dpo_offline, hypo, online_dpo, optune, optune_adaptive, optune_llama3_8b, optune_random, "
+            "optune_tiny, optune_zephyr_7b, sft_tiny)",
+        ),
+        (["model.optune.rhoo=0.5"], "error: config key model.optune.rhoo: Key 'rhoo' is not a config key"),
+        (
+            ["generation.eval_temperature=0.5"],
+            "error: config key generation.eval_temperature: Key 'eval_temperature' is not a config key",
+        ),
+        (
+            ["model.optune.rho=abc"],
+            "error: config key model.optune.rho: Value 'abc' of type 'str' could not be converted to Float",
+        ),
+        (["--seed", "3"], "error: unknown argument '--seed': expected --config-name NAME and key=value overrides"),
+    ],
+)
 def test_cli_prints_one_line_and_exits_2(tmp_path, args, line):
     """The launcher itself, as a user runs it: exactly one line on stderr, status 2."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_optune.py"),
-                          f"exp_manager.exp_dir={tmp_path}", *args],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "train_optune.py"), f"exp_manager.exp_dir={tmp_path}", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert (out.returncode, out.stderr.strip().splitlines()) == (2, [line])
     assert not os.listdir(tmp_path)  # refused before anything was written
 
@@ -399,23 +476,42 @@ def test_a_shape_not_divisible_by_the_layout_names_the_key():
     from nemo_optune.models.hf_spec import tiny_llama_spec
     from nemo_optune.trainers.common import check_layout
 
-    spec = tiny_llama_spec(ModelConfig(num_attention_heads=12, num_query_groups=6, num_layers=3, hidden_size=48), 13, 1, 16)
+    spec = tiny_llama_spec(
+        ModelConfig(num_attention_heads=12, num_query_groups=6, num_layers=3, hidden_size=48), 13, 1, 16
+    )
     check_layout(spec, 2, 3, "M")
-    with pytest.raises(ValueError, match="config key model.tensor_model_parallel_size: M has 16 vocabulary rows "
-                                         r"\(padded\), not divisible by 3"):
+    with pytest.raises(
+        ValueError,
+        match="config key model.tensor_model_parallel_size: M has 16 vocabulary rows "
+        r"\(padded\), not divisible by 3",
+    ):
         check_layout(dataclasses.replace(spec, num_query_groups=12), 3, 1, "M")
-    with pytest.raises(ValueError, match="config key model.tensor_model_parallel_size: M has 6 query groups, not divisible by 4"):
+    with pytest.raises(
+        ValueError, match="config key model.tensor_model_parallel_size: M has 6 query groups, not divisible by 4"
+    ):
         check_layout(spec, 4, 1, "M")
-    with pytest.raises(ValueError, match="config key model.pipeline_model_parallel_size: M has 3 layers, not divisible by 2"):
+    with pytest.raises(
+        ValueError, match="config key model.pipeline_model_parallel_size: M has 3 layers, not divisible by 2"
+    ):
         check_layout(spec, 1, 2, "M")
 
 
 def test_an_sft_only_run_reports_what_it_did(tmp_path):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_sft.py"), f"exp_manager.exp_dir={tmp_path}",
-                          *TINY], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "train_sft.py"), f"exp_manager.exp_dir={tmp_path}", *TINY],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     done = [line for line in out.stdout.splitlines() if line.startswith("[done]")]
-    assert len(done) == 1 and done[0].startswith("[done] sft in ") and "nan" not in out.stdout and "RSS 0" not in out.stdout
+    assert (
+        len(done) == 1
+        and done[0].startswith("[done] sft in ")
+        and "nan" not in out.stdout
+        and "RSS 0" not in out.stdout
+    )
     assert out.stdout.strip().splitlines()[-1] == str(tmp_path)
 
 
@@ -424,8 +520,22 @@ def test_torchrun_with_one_process_initialises_and_reports(tmp_path):
     gets past process-group set-up and stops on the unwritable directory with one line."""
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node", "1",
-                          os.path.join(ROOT, "examples", "train_optune.py"), f"exp_manager.exp_dir={blocker / 'run'}"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "1",
+            os.path.join(ROOT, "examples", "train_optune.py"),
+            f"exp_manager.exp_dir={blocker / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: config key exp_manager.exp_dir: {blocker / 'run'} is not writable (Not a directory)"], out.stderr[-2000:]
+    assert errors == [f"error: config key exp_manager.exp_dir: {blocker / 'run'} is not writable (Not a directory)"], (
+        out.stderr[-2000:]
+    )

@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import TINY
+
 from nemo_optune.data.sort_task import SortTask
 from nemo_optune.data.tokenizer import HFTokenizer
 
@@ -51,8 +51,14 @@ def test_the_sft_checkpoint_exports_to_a_model_transformers_runs_alike(sft_check
 
     manifest = json.load(open(os.path.join(sft_checkpoint, "manifest.json")))
     arch = manifest["architecture"]
-    assert (arch["family"], arch["normalization"], arch["gated_linear_unit"], arch["num_attention_heads"],
-            arch["num_query_groups"], arch["position_embedding_type"]) == ("llama", "RMSNorm", True, 4, 2, "rope")
+    assert (
+        arch["family"],
+        arch["normalization"],
+        arch["gated_linear_unit"],
+        arch["num_attention_heads"],
+        arch["num_query_groups"],
+        arch["position_embedding_type"],
+    ) == ("llama", "RMSNorm", True, 4, 2, "rope")
     assert "tokenizer/tokenizer.json" in manifest["files"]  # checksummed like the weights
     out = str(tmp_path / "hf")
     assert convert.main(["--to", "hf", "--checkpoint", sft_checkpoint, "--out", out]) == 0
@@ -75,8 +81,10 @@ def test_a_restored_checkpoint_brings_its_architecture_and_tokenizer(sft_checkpo
     from nemo_optune.data.task_data import build_task_data
     from nemo_optune.trainers.common import model_and_tokenizer
 
-    cfg = load_config("optune_tiny", TINY + [f"model.restore_from_path={sft_checkpoint}", "model.num_layers=4",
-                                             f"exp_manager.exp_dir={tmp_path}"])
+    cfg = load_config(
+        "optune_tiny",
+        TINY + [f"model.restore_from_path={sft_checkpoint}", "model.num_layers=4", f"exp_manager.exp_dir={tmp_path}"],
+    )
     spec, tokenizer, _ = model_and_tokenizer(cfg, build_task_data(cfg.data).task, tp=1)
     assert spec.num_layers == 2 and isinstance(tokenizer, HFTokenizer)
     assert tokenizer.encode("3141>") == SortTask().tokenizer.encode("3141>")

@@ -9,12 +9,12 @@ import shutil
 
 import pytest
 import torch.multiprocessing as mp
-
 from conftest import TINY
+from parallel_harness import _free_port
+
 from nemo_optune.config import load_config
 from nemo_optune.run import main, run_experiment
 from nemo_optune.runtime.checkpoint import MANIFEST, list_checkpoints
-from parallel_harness import _free_port
 
 
 # ------------------------------------------------------- publishing (2 ranks, gloo)
@@ -53,11 +53,17 @@ def test_a_checkpoint_is_published_only_after_every_rank_wrote_it(tmp_path, fail
         assert manifest["kind"] == "model" and manifest["architecture"] == {"num_layers": 2}
         for rank in range(2):  # both ranks' shards, hashed by whichever rank, exactly
             data = bytes([rank]) * (1000 + rank)
-            assert manifest["files"][f"shard_rank{rank}.bin"] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            assert manifest["files"][f"shard_rank{rank}.bin"] == {
+                "size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
     else:  # rank 0 wrote its part, rank 1 failed: nobody publishes, both say so
         assert not os.path.exists(directory)
         for outcome in outcomes:
-            assert outcome.startswith("error: writing checkpoint") and "failed on rank 1: [Errno 28] No space left on device" in outcome
+            assert (
+                outcome.startswith("error: writing checkpoint")
+                and "failed on rank 1: [Errno 28] No space left on device" in outcome
+            )
 
 
 # ----------------------------------------------------- loading damaged checkpoints
@@ -80,7 +86,10 @@ def _truncate(path: str) -> None:
 DAMAGE = {  # name: (damage(directory) -> the path the error names, expected message)
     "bit_rot": (lambda d: (_flip_bytes(_largest_shard(d)), _largest_shard(d))[1], "checksum mismatch"),
     "truncated_shard": (lambda d: (lambda p: (_truncate(p), p)[1])(_largest_shard(d)), "truncated or overwritten"),
-    "missing_shard": (lambda d: (lambda p: (os.remove(p), p)[1])(_largest_shard(d)), "file missing from the checkpoint"),
+    "missing_shard": (
+        lambda d: (lambda p: (os.remove(p), p)[1])(_largest_shard(d)),
+        "file missing from the checkpoint",
+    ),
     "no_manifest": (lambda d: (os.remove(os.path.join(d, MANIFEST)), d)[1], "not a nemo_optune checkpoint"),
     "empty_dir": (lambda d: (shutil.rmtree(d), os.makedirs(d), d)[2], r"is an empty directory"),
 }
@@ -110,26 +119,44 @@ def test_a_damaged_model_checkpoint_is_refused_with_one_line(damage, sft_checkpo
 def trained(tmp_path_factory, sft_checkpoint):
     """A finished 2-iteration run with a checkpoint after each iteration."""
     exp = tmp_path_factory.mktemp("trained")
-    cfg = load_config("optune_tiny", TINY + [f"exp_manager.exp_dir={exp}", f"model.restore_from_path={sft_checkpoint}",
-                                             "exp_manager.checkpoint_every=1", "exp_manager.keep_last=3"])
+    cfg = load_config(
+        "optune_tiny",
+        TINY
+        + [
+            f"exp_manager.exp_dir={exp}",
+            f"model.restore_from_path={sft_checkpoint}",
+            "exp_manager.checkpoint_every=1",
+            "exp_manager.keep_last=3",
+        ],
+    )
     run_experiment(cfg)
     return str(exp)
 
 
 WRONG = {  # name: (overrides given sft = the SFT checkpoint and newest = a training checkpoint, expected line)
-    "training_as_restore": (lambda sft, newest: [f"model.restore_from_path={newest}"],
-                            "{newest}: a training checkpoint where a model checkpoint is needed (pass it as exp_manager.resume_from)"),
-    "model_as_resume": (lambda sft, newest: [f"model.restore_from_path={sft}", f"exp_manager.resume_from={sft}"],
-                        "{sft}: a model checkpoint where a training checkpoint is needed (pass it as model.restore_from_path)"),
-    "old_builtin_restore": (lambda sft, newest: [f"model.restore_from_path={newest}"],  # newest: see below
-                            "{newest}: a checkpoint of a model this version does not build (family None; the built-in "
-                            "model before 0.2 was LayerNorm/GELU: rerun its SFT warm start)"),
-    "other_architecture_resume": (lambda sft, newest: [f"model.restore_from_path={sft}", f"exp_manager.resume_from={newest}"],
-                                  "{newest}: another model architecture (num_layers 4 in the checkpoint, 2 in the config)"),
-    "absent": (lambda sft, newest: [f"model.restore_from_path={sft}_absent"],
-               "config key model.restore_from_path: {sft}_absent does not exist (expected a nemo_optune checkpoint "
-               "with manifest.json, a Hugging Face directory with config.json + model.safetensors, or a NeMo 2 "
-               "directory with weights/ + context/model.yaml)"),
+    "training_as_restore": (
+        lambda sft, newest: [f"model.restore_from_path={newest}"],
+        "{newest}: a training checkpoint where a model checkpoint is needed (pass it as exp_manager.resume_from)",
+    ),
+    "model_as_resume": (
+        lambda sft, newest: [f"model.restore_from_path={sft}", f"exp_manager.resume_from={sft}"],
+        "{sft}: a model checkpoint where a training checkpoint is needed (pass it as model.restore_from_path)",
+    ),
+    "old_builtin_restore": (
+        lambda sft, newest: [f"model.restore_from_path={newest}"],  # newest: see below
+        "{newest}: a checkpoint of a model this version does not build (family None; the built-in "
+        "model before 0.2 was LayerNorm/GELU: rerun its SFT warm start)",
+    ),
+    "other_architecture_resume": (
+        lambda sft, newest: [f"model.restore_from_path={sft}", f"exp_manager.resume_from={newest}"],
+        "{newest}: another model architecture (num_layers 4 in the checkpoint, 2 in the config)",
+    ),
+    "absent": (
+        lambda sft, newest: [f"model.restore_from_path={sft}_absent"],
+        "config key model.restore_from_path: {sft}_absent does not exist (expected a nemo_optune checkpoint "
+        "with manifest.json, a Hugging Face directory with config.json + model.safetensors, or a NeMo 2 "
+        "directory with weights/ + context/model.yaml)",
+    ),
 }
 
 
@@ -161,8 +188,17 @@ def test_auto_resume_falls_back_to_the_newest_intact_checkpoint(damage, trained,
     else:
         _truncate(os.path.join(second, "trainer_state.pt"))
     config = json.loads(open(os.path.join(exp, "config.json")).read())
-    cfg = load_config("optune_tiny", TINY + [f"exp_manager.exp_dir={exp}", f"model.restore_from_path={config['model']['restore_from_path']}",
-                                             "exp_manager.checkpoint_every=1", "exp_manager.keep_last=3", "trainer.iterations=3"])
+    cfg = load_config(
+        "optune_tiny",
+        TINY
+        + [
+            f"exp_manager.exp_dir={exp}",
+            f"model.restore_from_path={config['model']['restore_from_path']}",
+            "exp_manager.checkpoint_every=1",
+            "exp_manager.keep_last=3",
+            "trainer.iterations=3",
+        ],
+    )
     summary = run_experiment(cfg)
     out = capsys.readouterr().out
     assert f"[resume] skipping a damaged checkpoint: {second}" in out
@@ -184,16 +220,29 @@ def test_disk_full_while_writing_the_summary_is_one_line_and_keeps_checkpoints(t
 
     def dump(obj, f, **kwargs):
         if f.name.endswith("summary.json.tmp"):
-            f.write("{\"partial")
+            f.write('{"partial')
             raise OSError(28, "No space left on device")
         return real_dump(obj, f, **kwargs)
 
     monkeypatch.setattr(json, "dump", dump)
-    line = _cli(TINY + [f"exp_manager.exp_dir={exp}", f"model.restore_from_path={config['model']['restore_from_path']}",
-                        "exp_manager.checkpoint_every=1", "exp_manager.keep_last=3"], capsys)
+    line = _cli(
+        TINY
+        + [
+            f"exp_manager.exp_dir={exp}",
+            f"model.restore_from_path={config['model']['restore_from_path']}",
+            "exp_manager.checkpoint_every=1",
+            "exp_manager.keep_last=3",
+        ],
+        capsys,
+    )
     monkeypatch.undo()
-    assert line == f"error: [Errno 28] cannot write {os.path.join(exp, 'summary.json')} (No space left on device); checkpoints are intact"
-    assert open(os.path.join(exp, "summary.json")).read() == before and not os.path.exists(os.path.join(exp, "summary.json.tmp"))
+    assert (
+        line
+        == f"error: [Errno 28] cannot write {os.path.join(exp, 'summary.json')} (No space left on device); checkpoints are intact"
+    )
+    assert open(os.path.join(exp, "summary.json")).read() == before and not os.path.exists(
+        os.path.join(exp, "summary.json.tmp")
+    )
     assert len(list_checkpoints(os.path.join(exp, "checkpoints"))) == 2
 
 
@@ -205,8 +254,14 @@ def test_the_generate_command_reads_a_training_checkpoints_policy(trained, tmp_p
     newest = list_checkpoints(os.path.join(trained, "checkpoints"))[-1]
     prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
     prompts.write_text('{"prompt": "3141>"}\n{"prompt": "987>"}\n')
-    generate_main([f"model.restore_from_path={newest}", f"generate.input_path={prompts}", f"generate.output_path={out}",
-                   "generation.temperature=0"])
+    generate_main(
+        [
+            f"model.restore_from_path={newest}",
+            f"generate.input_path={prompts}",
+            f"generate.output_path={out}",
+            "generation.temperature=0",
+        ]
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["3141>", "987>"]
     assert all(len(r["token_ids"]) == len(r["logprobs"]) > 0 and max(r["logprobs"]) <= 0 for r in rows)

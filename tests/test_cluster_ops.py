@@ -9,22 +9,32 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, TINY
+
 from nemo_optune.runtime.preemption import EXIT_STOPPED, StopRequests
 
 TRAIN = [sys.executable, os.path.join(ROOT, "examples", "train_optune.py")]
 
 
 def test_max_time_saves_and_stops_then_the_same_command_resumes(sft_checkpoint, tmp_path):
-    run = TRAIN + TINY + [f"model.restore_from_path={sft_checkpoint}", f"exp_manager.exp_dir={tmp_path}",
-                          "trainer.iterations=3", "exp_manager.checkpoint_every=0"]
+    run = (
+        TRAIN
+        + TINY
+        + [
+            f"model.restore_from_path={sft_checkpoint}",
+            f"exp_manager.exp_dir={tmp_path}",
+            "trainer.iterations=3",
+            "exp_manager.checkpoint_every=0",
+        ]
+    )
     # One second is used up before the first safe point: the run stops after iteration 1.
     out = subprocess.run(run + ["trainer.max_time=00:00:00:01"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == EXIT_STOPPED, out.stderr[-2000:]
     assert "[stop] max_time: checkpoint of iteration 1 written; exiting with status 3" in out.stdout
     assert os.listdir(tmp_path / "checkpoints") == ["iter_000001"]
-    again = subprocess.run(run + ["trainer.max_time=01:00:00:00"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    again = subprocess.run(
+        run + ["trainer.max_time=01:00:00:00"], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "[resume] from" in again.stdout and "[iter 3/3]" in again.stdout and "[iter 1/3]" not in again.stdout
 
@@ -60,12 +70,33 @@ def test_a_lost_rank_makes_the_other_exit_naming_it_within_the_timeout(sft_check
     port, timeout = _free_port(), 20
     procs = []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen(TRAIN + TINY + [
-            f"model.restore_from_path={sft_checkpoint}", f"exp_manager.exp_dir={tmp_path}", "trainer.iterations=20",
-            "model.tensor_model_parallel_size=2", f"trainer.collective_timeout_seconds={timeout}"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                TRAIN
+                + TINY
+                + [
+                    f"model.restore_from_path={sft_checkpoint}",
+                    f"exp_manager.exp_dir={tmp_path}",
+                    "trainer.iterations=20",
+                    "model.tensor_model_parallel_size=2",
+                    f"trainer.collective_timeout_seconds={timeout}",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     try:
         for line in procs[0].stdout:
             if line.startswith("[iter 1/20]"):

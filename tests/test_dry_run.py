@@ -10,12 +10,28 @@ from nemo_optune.models.hf_io import read_hf_spec
 from nemo_optune.models.memory import parameter_count, per_gpu_estimate
 
 LLAMA_31_8B = {  # the public config.json of Llama-3.1-8B-Instruct (architecture fields)
-    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
-    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "torch_dtype": "bfloat16",
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+    "torch_dtype": "bfloat16",
 }
 
 
@@ -32,8 +48,18 @@ def test_parameter_count_of_llama_31_8b(llama_dir):
 
 def test_estimate_terms_by_hand(llama_dir):
     spec = read_hf_spec(llama_dir)
-    rows = per_gpu_estimate(spec, tp=2, pp=1, dp=4, bf16=True, distributed_optimizer=True, micro_batch_pairs=1,
-                            micro_batches=16, sequence_length=1024, generation_batch=64)
+    rows = per_gpu_estimate(
+        spec,
+        tp=2,
+        pp=1,
+        dp=4,
+        bf16=True,
+        distributed_optimizer=True,
+        micro_batch_pairs=1,
+        micro_batches=16,
+        sequence_length=1024,
+        generation_batch=64,
+    )
     per_gpu = (8_030_261_248 - 4096) / 2  # everything but the final norm is split over TP (norms: within rounding)
     assert rows["policy weights"] == pytest.approx(per_gpu * 2 / 2**30, rel=1e-3)
     assert rows["optimizer (fp32 main + Adam)"] == pytest.approx(per_gpu * 12 / 4 / 2**30, rel=1e-3)
@@ -47,8 +73,16 @@ def test_dry_run_prints_the_estimate_and_loads_nothing(llama_dir, tmp_path, caps
     from nemo_optune.run import main
 
     exp = tmp_path / "exp"
-    main([f"model.restore_from_path={llama_dir}", "trainer.dry_run=true", "model.precision=bf16",
-          "data.max_prompt_tokens=512", "generation.max_new_tokens=512", f"exp_manager.exp_dir={exp}"])
+    main(
+        [
+            f"model.restore_from_path={llama_dir}",
+            "trainer.dry_run=true",
+            "model.precision=bf16",
+            "data.max_prompt_tokens=512",
+            "generation.max_new_tokens=512",
+            f"exp_manager.exp_dir={exp}",
+        ]
+    )
     out = capsys.readouterr().out
     assert "[dry run] llama model, TP=1 PP=1 DP=1 (world 1), 1024 positions" in out
     assert "8.03 B" in out and "peak while training" in out
@@ -56,21 +90,31 @@ def test_dry_run_prints_the_estimate_and_loads_nothing(llama_dir, tmp_path, caps
 
 
 @pytest.mark.parametrize("layout,world", [("1x8", 8), ("4x8", 32)])
-@pytest.mark.parametrize("recipe,model", [("optune_zephyr_7b", "zephyr-7b-sft-full"),
-                                          ("optune_llama3_8b", "llama-3.1-8b-instruct")])
+@pytest.mark.parametrize(
+    "recipe,model", [("optune_zephyr_7b", "zephyr-7b-sft-full"), ("optune_llama3_8b", "llama-3.1-8b-instruct")]
+)
 def test_the_7b_recipes_fit_80_gb_gpus_in_both_layouts(recipe, model, layout, world, tmp_path, monkeypatch, capsys):
     """The shipped recipes validate at 1 node and 4 nodes x 8 GPUs with the models' public
     config.json (examples/hf_configs/) and the estimate leaves headroom on an 80 GB GPU."""
     from conftest import ROOT
-    from nemo_optune.config import load_config
-    from nemo_optune.run import run_experiment
     from test_reward_models import make_reward_model
 
+    from nemo_optune.config import load_config
+    from nemo_optune.run import run_experiment
+
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    cfg = load_config(recipe, [f"layout={layout}", f"model.restore_from_path={ROOT}/examples/hf_configs/{model}",
-                               "data.train_prompts_path=p.jsonl", "data.heldout_prompts_path=p.jsonl",
-                               f"reward.hf.path={make_reward_model(tmp_path / 'rm')}", "trainer.dry_run=true",
-                               f"exp_manager.exp_dir={tmp_path}/x"])
+    cfg = load_config(
+        recipe,
+        [
+            f"layout={layout}",
+            f"model.restore_from_path={ROOT}/examples/hf_configs/{model}",
+            "data.train_prompts_path=p.jsonl",
+            "data.heldout_prompts_path=p.jsonl",
+            f"reward.hf.path={make_reward_model(tmp_path / 'rm')}",
+            "trainer.dry_run=true",
+            f"exp_manager.exp_dir={tmp_path}/x",
+        ],
+    )
     rows = run_experiment(cfg)["dry_run"]
     dp = world // 2
     assert f"TP=2 PP=1 DP={dp} (world {world}), 1024 positions" in capsys.readouterr().out

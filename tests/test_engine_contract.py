@@ -29,14 +29,36 @@ SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, top_k=12, max_new_tokens=12
 
 ENGINES = [
     "megatron",
-    pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                                                     reason="vllm is not installed (make test-vllm)")]),
+    pytest.param(
+        "vllm",
+        marks=[
+            pytest.mark.vllm,
+            pytest.mark.skipif(
+                importlib.util.find_spec("vllm") is None, reason="vllm is not installed (make test-vllm)"
+            ),
+        ],
+    ),
     # vLLM's own tensor parallelism (two CPU workers, a core each here): shards loaded by refit.
-    pytest.param("vllm_tp2", marks=[pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                                                         reason="vllm is not installed (make test-vllm)")]),
-    pytest.param("trtllm", marks=[pytest.mark.trtllm, pytest.mark.skipif(
-        importlib.util.find_spec("tensorrt_llm") is None or importlib.util.find_spec(
-            "nemo_optune.generation.trtllm_engine") is None, reason="tensorrt_llm is not installed")]),
+    pytest.param(
+        "vllm_tp2",
+        marks=[
+            pytest.mark.vllm,
+            pytest.mark.skipif(
+                importlib.util.find_spec("vllm") is None, reason="vllm is not installed (make test-vllm)"
+            ),
+        ],
+    ),
+    pytest.param(
+        "trtllm",
+        marks=[
+            pytest.mark.trtllm,
+            pytest.mark.skipif(
+                importlib.util.find_spec("tensorrt_llm") is None
+                or importlib.util.find_spec("nemo_optune.generation.trtllm_engine") is None,
+                reason="tensorrt_llm is not installed",
+            ),
+        ],
+    ),
 ]
 
 
@@ -45,8 +67,11 @@ def _config(engine: str):
     from nemo_optune.config import GenerationConfig, RootConfig
 
     tp = 2 if engine.endswith("_tp2") else 1
-    return RootConfig(generation=GenerationConfig(engine=engine.removesuffix("_tp2"), micro_batch_size=64,
-                                                  refit_bucket_mb=1, engine_tp_size=tp))
+    return RootConfig(
+        generation=GenerationConfig(
+            engine=engine.removesuffix("_tp2"), micro_batch_size=64, refit_bucket_mb=1, engine_tp_size=tp
+        )
+    )
 
 
 def _tiny_model():
@@ -57,8 +82,16 @@ def _tiny_model():
 
     layout = distributed.initialize(1, 1, seed=0)
     cfg = ModelConfig(num_attention_heads=2, num_query_groups=1)
-    return MegatronGPTOPTuneModel(cfg, tiny_llama_spec(cfg, VOCAB, STOP, WIDTH), layout, seed=0, lr=0.0,
-                                  weight_decay=0.0, grad_clip=0.0, with_reference=False)
+    return MegatronGPTOPTuneModel(
+        cfg,
+        tiny_llama_spec(cfg, VOCAB, STOP, WIDTH),
+        layout,
+        seed=0,
+        lr=0.0,
+        weight_decay=0.0,
+        grad_clip=0.0,
+        with_reference=False,
+    )
 
 
 class _Tokenizer:
@@ -167,8 +200,10 @@ def test_a_refit_of_half_the_tensors_is_refused(setup):
 
     name, engine, model, _ = setup
     if name == "megatron":
-        pytest.skip("vacuous for the in-process engine: it generates with the policy module itself, so there is "
-                    "no second copy of the weights that could be half-updated (its refit is a no-op)")
+        pytest.skip(
+            "vacuous for the in-process engine: it generates with the policy module itself, so there is "
+            "no second copy of the weights that could be half-updated (its refit is a no-op)"
+        )
     weights = list(stream_hf_weights(model))
     with pytest.raises(RuntimeError, match="refit"):
         engine.refit(weights[: len(weights) // 2])
@@ -191,8 +226,13 @@ def test_megatron_refit_streams_nothing(monkeypatch):
 def test_bucketing():
     from nemo_optune.generation.refit import weight_buckets
 
-    weights = [("a", torch.zeros(10)), ("b", torch.zeros(20)), ("c", torch.zeros(100)), ("d", torch.zeros(5)),
-               ("e", torch.zeros(5))]  # 40, 80, 400, 20, 20 bytes
+    weights = [
+        ("a", torch.zeros(10)),
+        ("b", torch.zeros(20)),
+        ("c", torch.zeros(100)),
+        ("d", torch.zeros(5)),
+        ("e", torch.zeros(5)),
+    ]  # 40, 80, 400, 20, 20 bytes
     buckets = [[n for n, _ in b] for b in weight_buckets(weights, 128)]
     assert buckets == [["a", "b"], ["c"], ["d", "e"]]
     assert [[n for n, _ in b] for b in weight_buckets(weights, 10_000)] == [["a", "b", "c", "d", "e"]]
@@ -206,13 +246,17 @@ def test_a_missing_engine_package_is_one_line_before_any_work():
 
     with pytest.raises(ConfigError) as err:
         load_config("optune_tiny", ["generation.engine=vllm"])
-    assert str(err.value).startswith("generation.engine=vllm but vllm is not installed: ") and "\n" not in str(err.value)
+    assert str(err.value).startswith("generation.engine=vllm but vllm is not installed: ") and "\n" not in str(
+        err.value
+    )
 
 
 def test_engine_keys_are_checked():
     from nemo_optune.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="config key generation.engine: 'sglang' is not one of megatron, vllm, trtllm"):
+    with pytest.raises(
+        ConfigError, match="config key generation.engine: 'sglang' is not one of megatron, vllm, trtllm"
+    ):
         load_config("optune_tiny", ["generation.engine=sglang"])
     with pytest.raises(ConfigError, match="config key generation.refit_bucket_mb: must be >= 1"):
         load_config("optune_tiny", ["generation.refit_bucket_mb=0"])

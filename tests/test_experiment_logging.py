@@ -13,8 +13,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, TINY
+
 from nemo_optune.config import WandbConfig
 from nemo_optune.runtime.experiment import ExperimentLog, metric_names
 from nemo_optune.runtime.progress import PhaseProgress, progress
@@ -33,8 +33,16 @@ def _env(tmp) -> dict:
 
 
 def run_piped(overrides: list[str], tmp) -> str:
-    proc = subprocess.run([sys.executable, SCRIPT, *overrides], cwd=ROOT, env=_env(tmp), stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, *overrides],
+        cwd=ROOT,
+        env=_env(tmp),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     return proc.stdout
 
@@ -46,8 +54,15 @@ def run_on_terminal(overrides: list[str], tmp) -> str:
 
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    proc = subprocess.Popen([sys.executable, SCRIPT, *overrides], cwd=ROOT, env=_env(tmp), stdin=subprocess.DEVNULL,
-                            stdout=slave, stderr=slave, close_fds=True)
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, *overrides],
+        cwd=ROOT,
+        env=_env(tmp),
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+        close_fds=True,
+    )
     os.close(slave)
     chunks, deadline = [], time.monotonic() + 600
     try:
@@ -87,12 +102,12 @@ def wandb_history(exp: str) -> tuple[list[str], dict[int, dict]]:
         pos, parts = 7, b""  # file header; then 32 KiB blocks of records: crc (4), length (2), type (1), data
         while pos + 7 <= len(data):
             left = 32768 - pos % 32768
-            crc_length_type = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+            crc_length_type = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
             if crc_length_type[1:] == (0, 0):  # block padding
                 pos += left
                 continue
             _, length, kind = crc_length_type
-            parts += data[pos + 7:pos + 7 + length]
+            parts += data[pos + 7 : pos + 7 + length]
             pos += 7 + length
             if kind in (1, 4):  # a whole record, or the last piece of one
                 record = wandb_internal_pb2.Record()
@@ -112,8 +127,16 @@ def wandb_run(tmp_path_factory):
     pytest.importorskip("wandb")
     tmp = tmp_path_factory.mktemp("logged")
     exp = str(tmp / "exp")
-    out = run_piped(TINY + [f"exp_manager.exp_dir={exp}", "exp_manager.wandb.enabled=true",
-                            "exp_manager.wandb.mode=offline", "exp_manager.wandb.tags=[ci,tiny]"], tmp)
+    out = run_piped(
+        TINY
+        + [
+            f"exp_manager.exp_dir={exp}",
+            "exp_manager.wandb.enabled=true",
+            "exp_manager.wandb.mode=offline",
+            "exp_manager.wandb.tags=[ci,tiny]",
+        ],
+        tmp,
+    )
     return out, exp, tmp
 
 
@@ -162,7 +185,9 @@ def test_wandb_offline_logs_the_metrics_and_a_resumed_run_continues_it(wandb_run
         assert {"train/accuracy", "train/grad_norm", "train/lr", "val/kl", "rollout/pool_mean_reward"} <= set(logged)
 
     # the requeued job (one more iteration) resumes the checkpoint and the same W&B run
-    out = run_piped(TINY + [f"exp_manager.exp_dir={exp}", "exp_manager.wandb.enabled=true", "trainer.iterations=3"], tmp)
+    out = run_piped(
+        TINY + [f"exp_manager.exp_dir={exp}", "exp_manager.wandb.enabled=true", "trainer.iterations=3"], tmp
+    )
     assert "[resume]" in out and "[iter 3/3]" in out
     ids, history = wandb_history(exp)
     assert ids == [run_id, run_id] and sorted(history) == [1, 2, 3] and "train/loss" in history[3]
@@ -174,8 +199,15 @@ def test_wandb_offline_logs_the_metrics_and_a_resumed_run_continues_it(wandb_run
 
 def test_a_terminal_gets_a_bar_per_phase(wandb_run, tmp_path):
     _, exp, _ = wandb_run
-    out = run_on_terminal(TINY + ["trainer.iterations=1", f"exp_manager.exp_dir={tmp_path / 'exp'}",
-                                  f"model.restore_from_path={exp}/sft_checkpoint"], tmp_path)
+    out = run_on_terminal(
+        TINY
+        + [
+            "trainer.iterations=1",
+            f"exp_manager.exp_dir={tmp_path / 'exp'}",
+            f"model.restore_from_path={exp}/sft_checkpoint",
+        ],
+        tmp_path,
+    )
     assert {m.group(1) for m in BAR.finditer(out)} == {"generation", "training", "evaluation"}, out[-3000:]
     assert "rows/s" in out or "s/rows" in out  # rate and ETA: [elapsed<remaining, rate]
     assert re.search(r"\[\d\d:\d\d<", out)
@@ -189,7 +221,11 @@ class _Terminal(io.StringIO):
 
 
 def test_bars_only_when_enabled_and_on_a_terminal():
-    for stream, enabled, shown in ((_Terminal(), True, True), (_Terminal(), False, False), (io.StringIO(), True, False)):
+    for stream, enabled, shown in (
+        (_Terminal(), True, True),
+        (_Terminal(), False, False),
+        (io.StringIO(), True, False),
+    ):
         with progress("training", 4, enabled, unit="step", stream=stream) as bar:
             bar.update(2)
         assert ("training:" in stream.getvalue()) == shown
@@ -205,19 +241,40 @@ def test_bars_only_when_enabled_and_on_a_terminal():
 
 
 def test_metric_names_are_grouped():
-    record = {"iteration": 3, "train_loss": 0.5, "train_accuracy": 0.75, "heldout_reward": 0.2, "heldout_kl": 0.1,
-              "rho": None, "regenerated": 16, "reward_by_source": {"task": 0.3},
-              "heldout_reward_by_source": {"task": 0.2}, "seconds": {"training": 1.5, "total": 2.0}, "new_key": 7}
+    record = {
+        "iteration": 3,
+        "train_loss": 0.5,
+        "train_accuracy": 0.75,
+        "heldout_reward": 0.2,
+        "heldout_kl": 0.1,
+        "rho": None,
+        "regenerated": 16,
+        "reward_by_source": {"task": 0.3},
+        "heldout_reward_by_source": {"task": 0.2},
+        "seconds": {"training": 1.5, "total": 2.0},
+        "new_key": 7,
+    }
     assert metric_names(record) == {
-        "train/loss": 0.5, "train/accuracy": 0.75, "val/reward": 0.2, "val/kl": 0.1, "rollout/regenerated": 16.0,
-        "rollout/reward_by_source/task": 0.3, "val/reward_by_source/task": 0.2, "timing/training": 1.5,
-        "timing/total": 2.0, "train/new_key": 7.0}
+        "train/loss": 0.5,
+        "train/accuracy": 0.75,
+        "val/reward": 0.2,
+        "val/kl": 0.1,
+        "rollout/regenerated": 16.0,
+        "rollout/reward_by_source/task": 0.3,
+        "val/reward_by_source/task": 0.2,
+        "timing/training": 1.5,
+        "timing/total": 2.0,
+        "train/new_key": 7.0,
+    }
 
 
 def test_wandb_missing_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
-    with pytest.raises(ValueError, match=r"config key exp_manager.wandb.enabled: wandb is not installed "
-                                         r"\(pip install -e '.\[wandb\]'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"config key exp_manager.wandb.enabled: wandb is not installed "
+        r"\(pip install -e '.\[wandb\]'\)",
+    ):
         ExperimentLog(str(tmp_path), enabled=True, tensorboard=False, wandb=WandbConfig(enabled=True))
     ExperimentLog(str(tmp_path), enabled=True, tensorboard=False, wandb=WandbConfig(enabled=False)).close()
 

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
 from test_hf_training import make_hf_model
 
@@ -27,9 +26,16 @@ def transformers_greedy(hf_dir, prompt_ids, new_tokens):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                         eos_token_id=2, output_scores=True, return_dict_in_generate=True)
-    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    out = model.generate(
+        torch.tensor([prompt_ids]),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=2,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    tokens = out.sequences[0, len(prompt_ids) :].tolist()
     logprobs = [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(out.scores, tokens)]
     if 2 in tokens:  # up to and including the end-of-sequence token
         end = tokens.index(2) + 1
@@ -50,12 +56,24 @@ def test_greedy_generation_equals_transformers(hf_dir, tmp_path, source, tp):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n" for p in PROMPTS))
     out = tmp_path / "out.jsonl"
-    args = [f"model.restore_from_path={start}", f"generate.input_path={prompts}", f"generate.output_path={out}",
-            "generation.temperature=0", "generation.max_new_tokens=12", "data.max_prompt_tokens=20",
-            f"model.tensor_model_parallel_size={tp}"]
+    args = [
+        f"model.restore_from_path={start}",
+        f"generate.input_path={prompts}",
+        f"generate.output_path={out}",
+        "generation.temperature=0",
+        "generation.max_new_tokens=12",
+        "data.max_prompt_tokens=20",
+        f"model.tensor_model_parallel_size={tp}",
+    ]
     launcher = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", f"--nproc_per_node={tp}"]
-    done = subprocess.run([*launcher, "-m", "nemo_optune.generate", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [*launcher, "-m", "nemo_optune.generate", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     tokenizer = HFTokenizer(hf_dir)
@@ -89,11 +107,20 @@ def test_prompts_may_take_the_positions_the_model_leaves(hf_dir, tmp_path, capsy
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"messages": [{"role": "user", "content": long_prompt}]}) + "\n")
     out = tmp_path / "out.jsonl"
-    base = [f"model.restore_from_path={hf_dir}", f"generate.input_path={prompts}", f"generate.output_path={out}",
-            "generation.temperature=0"]
+    base = [
+        f"model.restore_from_path={hf_dir}",
+        f"generate.input_path={prompts}",
+        f"generate.output_path={out}",
+        "generation.temperature=0",
+    ]
     main(base + ["generation.max_new_tokens=12"])
     assert len(out.read_text().splitlines()) == 1
     with pytest.raises(SystemExit):
         main(base + [f"generation.max_new_tokens={64 - n + 1}"])
-    assert capsys.readouterr().err.strip().endswith(
-        f"{prompts}:1: prompt has {n} tokens, over the limit of {n - 1} (data.long_prompts: skip or truncate)")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            f"{prompts}:1: prompt has {n} tokens, over the limit of {n - 1} (data.long_prompts: skip or truncate)"
+        )
+    )

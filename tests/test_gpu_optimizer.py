@@ -62,8 +62,9 @@ def megatron_model(monkeypatch):
 
     def build(cfg: ModelConfig, seed: int):
         spec = tiny_llama_spec(cfg, VOCAB, 1, LENGTH)
-        return gpt_optune.MegatronGPTOPTuneModel(cfg, spec, layout, seed, lr=LR, weight_decay=0.0, grad_clip=1.0,
-                                                 with_reference=False)
+        return gpt_optune.MegatronGPTOPTuneModel(
+            cfg, spec, layout, seed, lr=LR, weight_decay=0.0, grad_clip=1.0, with_reference=False
+        )
 
     with contextlib.nullcontext() if torch.cuda.is_available() else _CudaNamesOnCpu():
         yield build
@@ -88,8 +89,9 @@ def test_first_step_starts_from_the_loaded_sft_weights(megatron_model, tmp_path,
     """The optimizer is built (fp32 main params copied) before the SFT weights are loaded.
     load_policy re-copies them; a bare load_model (reload=False) leaves the optimizer's
     copy of the random init, which the first step writes back over the SFT weights."""
-    cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, precision="bf16",
-                      distributed_optimizer=sharded)
+    cfg = ModelConfig(
+        num_layers=1, hidden_size=32, num_attention_heads=2, precision="bf16", distributed_optimizer=sharded
+    )
     sft = megatron_model(cfg, seed=1)
     save_model(str(tmp_path / "sft"), sft)
     model = megatron_model(cfg, seed=0)
@@ -116,16 +118,18 @@ def test_first_step_starts_from_the_loaded_sft_weights(megatron_model, tmp_path,
 
 # megatron-core 0.16.1's DistributedOptimizer loads its checkpoint state only into TE/apex
 # FusedAdam: with torch's Adam (its per-parameter "step"; CPU installs) it raises KeyError 'step'.
-_TORCH_ADAM = pytest.mark.xfail(not HAVE_APEX_OR_TE, raises=KeyError, strict=True,
-                                reason="megatron DistributedOptimizer + torch Adam cannot resume")
+_TORCH_ADAM = pytest.mark.xfail(
+    not HAVE_APEX_OR_TE, raises=KeyError, strict=True, reason="megatron DistributedOptimizer + torch Adam cannot resume"
+)
 
 
 @pytest.mark.parametrize("sharded", [pytest.param(True, marks=_TORCH_ADAM), False])
 def test_training_checkpoint_restores_main_params(megatron_model, tmp_path, sharded):
     """Resuming needs no reload: megatron's optimizer state carries the fp32 main params
     (and Adam moments), so a resumed step equals the uninterrupted one."""
-    cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, precision="bf16",
-                      distributed_optimizer=sharded)
+    cfg = ModelConfig(
+        num_layers=1, hidden_size=32, num_attention_heads=2, precision="bf16", distributed_optimizer=sharded
+    )
     run = megatron_model(cfg, seed=0)
     _train_step(run)
     _train_step(run)

@@ -13,11 +13,16 @@ import json
 import os
 
 import torch
-
 from parallel_harness import _env, _free_port, _spawn
 
-SHAPE = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, intermediate_size=96,
-             num_hidden_layers=2, max_position_embeddings=64)
+SHAPE = dict(
+    hidden_size=64,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    max_position_embeddings=64,
+)
 CASES = {  # name: (config.json, layout (tp, pp), safetensors files)
     "qwen2_tp2": (dict(SHAPE, model_type="qwen2", vocab_size=100), (2, 1), 1),
     "llama_tied_pp2": (dict(SHAPE, model_type="llama", vocab_size=100, tie_word_embeddings=True), (1, 2), 3),
@@ -30,14 +35,27 @@ def _hf_tensors(config: dict) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (vocab, h)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (h, h),
-                       p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
-                       p + "self_attn.o_proj.weight": (h, h), p + "post_attention_layernorm.weight": (h,),
-                       p + "mlp.gate_proj.weight": (ffn, h), p + "mlp.up_proj.weight": (ffn, h),
-                       p + "mlp.down_proj.weight": (h, ffn)})
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "mlp.gate_proj.weight": (ffn, h),
+                p + "mlp.up_proj.weight": (ffn, h),
+                p + "mlp.down_proj.weight": (h, ffn),
+            }
+        )
         if config["model_type"] == "qwen2":
-            shapes.update({p + "self_attn.q_proj.bias": (h,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
+            shapes.update(
+                {
+                    p + "self_attn.q_proj.bias": (h,),
+                    p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.bias": (kv,),
+                }
+            )
     shapes["model.norm.weight"] = (h,)
     if not config.get("tie_word_embeddings"):
         shapes["lm_head.weight"] = (vocab, h)
@@ -50,7 +68,9 @@ def _write_checkpoint(directory: str, config: dict, files: int) -> None:
 
     os.makedirs(directory)
     gen = torch.Generator().manual_seed(0)
-    tensors = {name: torch.randn(shape, generator=gen).to(torch.bfloat16) for name, shape in _hf_tensors(config).items()}
+    tensors = {
+        name: torch.randn(shape, generator=gen).to(torch.bfloat16) for name, shape in _hf_tensors(config).items()
+    }
     names = list(tensors)
     if files == 1:
         save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
@@ -143,14 +163,18 @@ def _worker(rank, world, port, root, result_dir):
         for sh, param in local_shards(model.policy):
             name = megatron_name(sh.key, _layer(sh))
             expected = hf_to_megatron(name, [full[n] for n in hf_names(name, spec)], spec)
-            region = shard_region(sh)[sh.prepend_axis_num:]
+            region = shard_region(sh)[sh.prepend_axis_num :]
             if not torch.equal(param, expected[region].float()):
                 mismatched.append((name, region))
             if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
                 rows = range(region[0].start, region[0].stop)
                 padding += sum(1 for r in rows if r >= spec.vocab_size)
-        results[case] = {"reads": counted, "mismatched": mismatched, "padding_rows": padding,
-                         "padded_vocab": spec.padded_vocab_size}
+        results[case] = {
+            "reads": counted,
+            "mismatched": mismatched,
+            "padding_rows": padding,
+            "padded_vocab": spec.padded_vocab_size,
+        }
     torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
     distributed.shutdown()
 
@@ -214,7 +238,8 @@ def test_row_slices_equal_the_full_conversion_at_tp_1_2_4_8():
     h, ffn, rows = spec.hidden_size, spec.ffn_hidden_size, spec.padded_vocab_size
     qkv = (spec.num_attention_heads + 2 * spec.num_query_groups) * spec.head_dim
     megatron = {  # name: (shape, how TP splits it)
-        "embedding.word_embeddings.weight": ((rows, h), "rows"), "output_layer.weight": ((rows, h), "rows"),
+        "embedding.word_embeddings.weight": ((rows, h), "rows"),
+        "output_layer.weight": ((rows, h), "rows"),
         "decoder.final_layernorm.weight": ((h,), None),
         "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight": ((h,), None),
         "decoder.layers.1.self_attention.linear_qkv.weight": ((qkv, h), "rows"),
@@ -243,8 +268,10 @@ def test_row_slices_equal_the_full_conversion_at_tp_1_2_4_8():
                     regions = [(slice(rank * step, (rank + 1) * step), *(slice(0, s) for s in shape[1:]))]
                 else:  # SwiGLU fc1: this rank's rows of gate, then of up (two shards of one parameter)
                     step = ffn // tp
-                    regions = [(slice(half * ffn + rank * step, half * ffn + (rank + 1) * step), slice(0, h))
-                               for half in (0, 1)]
+                    regions = [
+                        (slice(half * ffn + rank * step, half * ffn + (rank + 1) * step), slice(0, h))
+                        for half in (0, 1)
+                    ]
                 for region in regions:
                     param = torch.full([r.stop - r.start for r in region], float("nan"))
                     _copy_shard(reader, parts, sources, region, param)

@@ -10,10 +10,10 @@ import os
 
 import pytest
 import torch
+from parallel_harness import _env, _free_port, _spawn
 
 from nemo_optune.models.hf_mapping import hf_names, hf_to_megatron, megatron_to_hf
 from nemo_optune.models.hf_spec import hf_config_from_spec, spec_from_architecture, spec_from_hf_config
-from parallel_harness import _env, _free_port, _spawn
 
 TOKENS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
 MASK = torch.zeros(2, 12)
@@ -21,13 +21,28 @@ MASK[0, 3:11], MASK[1, 5:9] = 1.0, 1.0  # position i scores token i+1
 SHAPE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, initializer_range=0.2)
 CASES = {  # name: (transformers config class, arguments)
     # vocab 100: padded to 128 megatron rows, whose logits must not count
-    "llama": ("LlamaConfig", dict(SHAPE, num_hidden_layers=2, vocab_size=100, rope_theta=500000.0,
-                                  max_position_embeddings=16384,
-                                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+    "llama": (
+        "LlamaConfig",
+        dict(
+            SHAPE,
+            num_hidden_layers=2,
+            vocab_size=100,
+            rope_theta=500000.0,
+            max_position_embeddings=16384,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        ),
+    ),
     "llama_tied": ("LlamaConfig", dict(SHAPE, num_hidden_layers=2, vocab_size=96, tie_word_embeddings=True)),
-    "mistral": ("MistralConfig", dict(SHAPE, num_hidden_layers=4, vocab_size=128, max_position_embeddings=4096,
-                                      sliding_window=4096)),
+    "mistral": (
+        "MistralConfig",
+        dict(SHAPE, num_hidden_layers=4, vocab_size=128, max_position_embeddings=4096, sliding_window=4096),
+    ),
     "qwen2": ("Qwen2Config", dict(SHAPE, num_hidden_layers=2, vocab_size=112)),
 }
 TOLERANCE = 1e-4
@@ -36,14 +51,22 @@ TOLERANCE = 1e-4
 # ----------------------------------------------------------------------- pure mapping
 def _spec(**changes):
     """A llama spec from config.json fields; a change to None removes the field."""
-    config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "intermediate_size": 96, "num_hidden_layers": 2, "vocab_size": 100, "max_position_embeddings": 64}
+    config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "vocab_size": 100,
+        "max_position_embeddings": 64,
+    }
     return spec_from_hf_config({k: v for k, v in {**config, **changes}.items() if v is not None}, "config.json")
 
 
 def test_fused_qkv_is_interleaved_per_query_group():
     spec = dataclasses.replace(_spec(), hidden_size=4)  # head_dim 1: one row per head
-    q, k, v = torch.tensor([[0.], [1.], [2.], [3.]]), torch.tensor([[10.], [11.]]), torch.tensor([[20.], [21.]])
+    q, k, v = torch.tensor([[0.0], [1.0], [2.0], [3.0]]), torch.tensor([[10.0], [11.0]]), torch.tensor([[20.0], [21.0]])
     name = "decoder.layers.1.self_attention.linear_qkv.weight"
     assert hf_names(name, spec) == tuple(f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv")
     fused = hf_to_megatron(name, [q, k, v], spec)
@@ -51,17 +74,35 @@ def test_fused_qkv_is_interleaved_per_query_group():
     assert [t.tolist() for _, t in megatron_to_hf(name, fused, spec)] == [q.tolist(), k.tolist(), v.tolist()]
 
 
-@pytest.mark.parametrize("name", ["decoder.layers.0.self_attention.linear_qkv.weight",
-                                  "decoder.layers.0.self_attention.linear_qkv.bias",
-                                  "decoder.layers.0.mlp.linear_fc1.weight", "embedding.word_embeddings.weight",
-                                  "output_layer.weight", "decoder.layers.1.mlp.linear_fc2.weight"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "decoder.layers.0.self_attention.linear_qkv.weight",
+        "decoder.layers.0.self_attention.linear_qkv.bias",
+        "decoder.layers.0.mlp.linear_fc1.weight",
+        "embedding.word_embeddings.weight",
+        "output_layer.weight",
+        "decoder.layers.1.mlp.linear_fc2.weight",
+    ],
+)
 def test_mapping_round_trips(name):
     spec = _spec(model_type="qwen2")
-    shapes = {"self_attn.q_proj.weight": (64, 64), "self_attn.k_proj.weight": (32, 64), "self_attn.v_proj.weight": (32, 64),
-              "self_attn.q_proj.bias": (64,), "self_attn.k_proj.bias": (32,), "self_attn.v_proj.bias": (32,),
-              "mlp.gate_proj.weight": (96, 64), "mlp.up_proj.weight": (96, 64), "mlp.down_proj.weight": (64, 96),
-              "model.embed_tokens.weight": (100, 64), "lm_head.weight": (100, 64)}
-    parts = [torch.randn(shapes[n.split(".", 3)[-1] if n.startswith("model.layers") else n]) for n in hf_names(name, spec)]
+    shapes = {
+        "self_attn.q_proj.weight": (64, 64),
+        "self_attn.k_proj.weight": (32, 64),
+        "self_attn.v_proj.weight": (32, 64),
+        "self_attn.q_proj.bias": (64,),
+        "self_attn.k_proj.bias": (32,),
+        "self_attn.v_proj.bias": (32,),
+        "mlp.gate_proj.weight": (96, 64),
+        "mlp.up_proj.weight": (96, 64),
+        "mlp.down_proj.weight": (64, 96),
+        "model.embed_tokens.weight": (100, 64),
+        "lm_head.weight": (100, 64),
+    }
+    parts = [
+        torch.randn(shapes[n.split(".", 3)[-1] if n.startswith("model.layers") else n]) for n in hf_names(name, spec)
+    ]
     fused = hf_to_megatron(name, parts, spec)
     if "word_embeddings" in name or "output_layer" in name:  # zero rows up to the padded vocabulary
         assert fused.shape[0] == 128 and not fused[100:].any()
@@ -71,41 +112,62 @@ def test_mapping_round_trips(name):
 
 
 def test_spec_round_trips_through_config_json_and_a_manifest():
-    llama3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": 8192}
+    llama3 = {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     spec = _spec(eos_token_id=[128001, 128009], rope_theta=500000.0, rope_scaling=llama3, torch_dtype="bfloat16")
     assert (spec.rotary_base, spec.rope_scaling_factor, spec.eos_token_id) == (500000.0, 32.0, (128001, 128009))
     assert spec_from_hf_config(hf_config_from_spec(spec), "config.json") == spec
     assert spec_from_architecture(json.loads(json.dumps(spec.as_json())), "CKPT") == spec
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"model_type": "gemma"}, "field model_type='gemma' is not supported (llama, mistral, qwen2)"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "field rope_scaling.rope_type='yarn' is not supported (llama3 or null)"),
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
-     "field rope_parameters.rope_type='linear' is not supported (llama3 or null)"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}},
-     "field rope_scaling.low_freq_factor=2.0 is not supported (megatron-core 0.16.1 fixes it at 1.0)"),
-    ({"attention_bias": True}, "field attention_bias=True is not supported (false)"),
-    ({"mlp_bias": True}, "field mlp_bias=True is not supported (false)"),
-    ({"hidden_act": "gelu"}, "field hidden_act='gelu' is not supported (silu)"),
-    ({"head_dim": 32}, "field head_dim=32 is not supported (16 = hidden_size / num_attention_heads)"),
-    ({"model_type": "qwen2", "use_sliding_window": True}, "field use_sliding_window=True is not supported (false)"),
-    ({"quantization_config": {"quant_method": "gptq"}}, "field quantization_config={'quant_method': 'gptq'} is not supported"),
-    ({"hidden_size": None}, "field hidden_size missing"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"model_type": "gemma"}, "field model_type='gemma' is not supported (llama, mistral, qwen2)"),
+        (
+            {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+            "field rope_scaling.rope_type='yarn' is not supported (llama3 or null)",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+            "field rope_parameters.rope_type='linear' is not supported (llama3 or null)",
+        ),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}},
+            "field rope_scaling.low_freq_factor=2.0 is not supported (megatron-core 0.16.1 fixes it at 1.0)",
+        ),
+        ({"attention_bias": True}, "field attention_bias=True is not supported (false)"),
+        ({"mlp_bias": True}, "field mlp_bias=True is not supported (false)"),
+        ({"hidden_act": "gelu"}, "field hidden_act='gelu' is not supported (silu)"),
+        ({"head_dim": 32}, "field head_dim=32 is not supported (16 = hidden_size / num_attention_heads)"),
+        ({"model_type": "qwen2", "use_sliding_window": True}, "field use_sliding_window=True is not supported (false)"),
+        (
+            {"quantization_config": {"quant_method": "gptq"}},
+            "field quantization_config={'quant_method': 'gptq'} is not supported",
+        ),
+        ({"hidden_size": None}, "field hidden_size missing"),
+    ],
+)
 def test_unsupported_configs_are_refused_with_one_line(changes, message):
     with pytest.raises(ValueError) as err:
         _spec(**changes)
     assert str(err.value).startswith(f"config.json: {message}") and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("changes,window", [
-    ({"model_type": "mistral", "sliding_window": 16}, 16),
-    ({"model_type": "mistral", "max_position_embeddings": 8192}, 4096),  # transformers' default window
-    ({"model_type": "mistral", "sliding_window": None}, None),
-    ({"model_type": "mistral", "sliding_window": 9000, "max_position_embeddings": 8192}, None),
-])
+@pytest.mark.parametrize(
+    "changes,window",
+    [
+        ({"model_type": "mistral", "sliding_window": 16}, 16),
+        ({"model_type": "mistral", "max_position_embeddings": 8192}, 4096),  # transformers' default window
+        ({"model_type": "mistral", "sliding_window": None}, None),
+        ({"model_type": "mistral", "sliding_window": 9000, "max_position_embeddings": 8192}, None),
+    ],
+)
 def test_a_sliding_window_bounds_the_sequences_a_run_may_use(changes, window):
     """zephyr-7b-sft-full (Mistral v0.1) has a 4096-token window and 32768 positions: it loads,
     and only sequences longer than the window are refused."""
@@ -116,8 +178,11 @@ def test_a_sliding_window_bounds_the_sequences_a_run_may_use(changes, window):
     assert hf_config_from_spec(spec)["sliding_window"] == window  # exported as it came
     check_sequence_length(spec, 16, "generation.max_new_tokens")
     if window is not None:
-        with pytest.raises(ValueError, match=f"config key generation.max_new_tokens: sequences of {window + 1} "
-                                             f"positions exceed the model's sliding attention window of {window}"):
+        with pytest.raises(
+            ValueError,
+            match=f"config key generation.max_new_tokens: sequences of {window + 1} "
+            f"positions exceed the model's sliding attention window of {window}",
+        ):
             check_sequence_length(spec, window + 1, "generation.max_new_tokens")
 
 
@@ -240,13 +305,35 @@ def layouts(hf_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
     originals = {name: hf_dir for name, (hf_dir, _) in hf_models.items()}
     ckpt = str(root / "llama_ckpt")
-    two = _run(2, [
-        ("tp2", 2, 1, originals, str(root / "tp2"), ("megatron", originals["llama"], ckpt)),
-        ("pp2", 1, 2, {name: str(root / "tp2" / name) for name in originals}, str(root / "pp2"),
-         ("hf", ckpt, str(root / "llama_cli"))),
-    ], str(root / "two.pt"))
-    four = _run(4, [("tp2pp2", 2, 2, {name: originals[name] for name in ("llama_tied", "qwen2")}, str(root / "tp2pp2"),
-                     ("hf", ckpt, str(root / "llama_cli4")))], str(root / "four.pt"))
+    two = _run(
+        2,
+        [
+            ("tp2", 2, 1, originals, str(root / "tp2"), ("megatron", originals["llama"], ckpt)),
+            (
+                "pp2",
+                1,
+                2,
+                {name: str(root / "tp2" / name) for name in originals},
+                str(root / "pp2"),
+                ("hf", ckpt, str(root / "llama_cli")),
+            ),
+        ],
+        str(root / "two.pt"),
+    )
+    four = _run(
+        4,
+        [
+            (
+                "tp2pp2",
+                2,
+                2,
+                {name: originals[name] for name in ("llama_tied", "qwen2")},
+                str(root / "tp2pp2"),
+                ("hf", ckpt, str(root / "llama_cli4")),
+            )
+        ],
+        str(root / "four.pt"),
+    )
     out = {layout: (results, str(root / layout)) for layout, results in {**two, **four}.items()}
     out["cli"] = (str(root / "llama_cli"), str(root / "llama_cli4"))
     return out
@@ -393,7 +480,9 @@ def _broken_copy(hf_dir: str, tmp_path, edit) -> str:
     return str(out)
 
 
-@pytest.mark.parametrize("case", ["no_config", "no_weights", "missing_tensor", "wrong_shape", "unsupported", "old_builtin"])
+@pytest.mark.parametrize(
+    "case", ["no_config", "no_weights", "missing_tensor", "wrong_shape", "unsupported", "old_builtin"]
+)
 def test_cli_bad_inputs_give_one_line_and_exit_2(case, hf_models, tmp_path, capsys):
     from nemo_optune import convert
 
@@ -401,7 +490,10 @@ def test_cli_bad_inputs_give_one_line_and_exit_2(case, hf_models, tmp_path, caps
     to, expected = "megatron", None
     if case == "no_config":
         (tmp_path / "empty").mkdir()
-        source, expected = str(tmp_path / "empty"), f"--from: {tmp_path / 'empty'} is an empty directory (expected a nemo_optune checkpoint"
+        source, expected = (
+            str(tmp_path / "empty"),
+            f"--from: {tmp_path / 'empty'} is an empty directory (expected a nemo_optune checkpoint",
+        )
     elif case == "no_weights":
         os.makedirs(tmp_path / "w")
         with open(tmp_path / "w" / "config.json", "w") as f:
@@ -412,10 +504,14 @@ def test_cli_bad_inputs_give_one_line_and_exit_2(case, hf_models, tmp_path, caps
         source = _broken_copy(hf_dir, tmp_path, lambda t: t.pop("model.layers.3.mlp.up_proj.weight"))
         expected = "model.safetensors: tensor model.layers.3.mlp.up_proj.weight missing"
     elif case == "wrong_shape":
+
         def truncate(t):
             t["model.layers.1.self_attn.k_proj.weight"] = t["model.layers.1.self_attn.k_proj.weight"][:16]
+
         source = _broken_copy(hf_dir, tmp_path, truncate)
-        expected = "model.safetensors: tensor model.layers.1.self_attn.k_proj.weight has shape [16, 64], expected [32, 64]"
+        expected = (
+            "model.safetensors: tensor model.layers.1.self_attn.k_proj.weight has shape [16, 64], expected [32, 64]"
+        )
     elif case == "unsupported":
         os.makedirs(tmp_path / "u")
         config = json.load(open(os.path.join(hf_dir, "config.json")))
@@ -426,7 +522,9 @@ def test_cli_bad_inputs_give_one_line_and_exit_2(case, hf_models, tmp_path, caps
     else:  # the built-in model before 0.2 (LayerNorm/GELU) is no longer built: its manifest had no family
         os.makedirs(tmp_path / "old")
         with open(tmp_path / "old" / "manifest.json", "w") as f:
-            json.dump({"format": 1, "kind": "model", "files": {}, "architecture": {"num_layers": 2, "hidden_size": 64}}, f)
+            json.dump(
+                {"format": 1, "kind": "model", "files": {}, "architecture": {"num_layers": 2, "hidden_size": 64}}, f
+            )
         to, source = "hf", str(tmp_path / "old")
         expected = f"{source}: a checkpoint of a model this version does not build (family None"
     flag = "--from" if to == "megatron" else "--checkpoint"
@@ -447,7 +545,18 @@ def test_checkpoint_of_another_family_is_refused_before_loading(hf_models, tmp_p
     layout = distributed.initialize(1, 1, seed=0)
     llama = build_hf_model(read_hf_spec(hf_models["llama_tied"][0]), layout)
     save_model(str(tmp_path / "llama"), llama)
-    tiny = MegatronGPTOPTuneModel(ModelConfig(), tiny_llama_spec(ModelConfig(), 96, 1, 16), layout, 0, lr=0.0,
-                                  weight_decay=0.0, grad_clip=0.0, with_reference=False)
-    with pytest.raises(CheckpointError, match=r"another model architecture \(.*tie_word_embeddings True in the checkpoint, False in the config"):
+    tiny = MegatronGPTOPTuneModel(
+        ModelConfig(),
+        tiny_llama_spec(ModelConfig(), 96, 1, 16),
+        layout,
+        0,
+        lr=0.0,
+        weight_decay=0.0,
+        grad_clip=0.0,
+        with_reference=False,
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"another model architecture \(.*tie_word_embeddings True in the checkpoint, False in the config",
+    ):
         load_model(str(tmp_path / "llama"), tiny)

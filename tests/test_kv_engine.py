@@ -4,8 +4,8 @@ noise that makes both draw the same samples whatever the batch."""
 
 import pytest
 import torch
-
 from conftest import TINY
+
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.generation.megatron_engine import MegatronInProcessEngine, MegatronRecomputeEngine
 from nemo_optune.generation.sampling import counter_uniform
@@ -55,8 +55,9 @@ def tiny(tmp_path_factory, sft_checkpoint):
         "recompute": MegatronRecomputeEngine(trainer.model, tok.eos_ids, tok.pad_id, micro_batch_size=4),
         "cached": MegatronInProcessEngine(trainer.model, tok.eos_ids, tok.pad_id, micro_batch_size=4),
         # A bounded cache: passes of at most 5 rows.
-        "cached_5_rows": MegatronInProcessEngine(trainer.model, tok.eos_ids, tok.pad_id, micro_batch_size=4,
-                                                 rows_per_pass=5),
+        "cached_5_rows": MegatronInProcessEngine(
+            trainer.model, tok.eos_ids, tok.pad_id, micro_batch_size=4, rows_per_pass=5
+        ),
     }
     return trainer, prompts, engines
 
@@ -68,7 +69,11 @@ def test_trainer_uses_the_cached_engine(tiny, monkeypatch):
     # step; no recompute.
     widths, model = [], trainer.model
     cached = model.next_token_logits_cached
-    monkeypatch.setattr(model, "next_token_logits_cached", lambda ctx, tokens, *a: (widths.append(tokens.shape), cached(ctx, tokens, *a))[1])
+    monkeypatch.setattr(
+        model,
+        "next_token_logits_cached",
+        lambda ctx, tokens, *a: (widths.append(tokens.shape), cached(ctx, tokens, *a))[1],
+    )
     monkeypatch.setattr(model, "next_token_logits", lambda *a: pytest.fail("recomputed the prefix"))
     out = trainer.engine.generate(prompts, 2, SAMPLED, seeds=list(range(len(prompts))))
     assert len(set(map(tuple, prompts))) == len(prompts)
@@ -119,7 +124,6 @@ def test_sampled_matches_recompute_and_ignores_the_batch(tiny, cached):
 def test_plain_linears_cover_decoder_and_output_layer(tiny):
     """At TP = 1 every decoder linear and the output layer run as plain matmuls during
     generation, with megatron's outputs; the tiny model's weights are too small to pack."""
-    import torch.nn.functional as F
 
     from nemo_optune.models.kv_cache import _plain_linear, _plain_linears
 
@@ -174,7 +178,7 @@ def test_logprobs_match_sequence_logprobs(tiny):
         seq = prompt + out.response_tokens[r, :n].tolist()
         for j in range(n):  # one sequence per response token: its own log-prob
             tokens = torch.full((width,), tok.pad_id, dtype=torch.long)
-            tokens[:len(seq)] = torch.tensor(seq)
+            tokens[: len(seq)] = torch.tensor(seq)
             mask = torch.zeros(width)
             mask[len(prompt) - 1 + j] = 1.0  # position t predicts token t + 1
             rows.append(tokens)
@@ -198,10 +202,15 @@ def _layout_worker(rank, world, port, overrides, checkpoint, prompts, out_path):
     from nemo_optune.trainers.preference import PreferenceTrainer
 
     cfg = load_config("optune_tiny", overrides)
-    trainer = PreferenceTrainer(cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False))
+    trainer = PreferenceTrainer(
+        cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False)
+    )
     trainer.model.load_policy(checkpoint)
     seeds = list(range(len(prompts)))
-    out = {name: trainer.engine.generate(prompts, 2, params, seeds) for name, params in (("greedy", GREEDY), ("sampled", SAMPLED))}
+    out = {
+        name: trainer.engine.generate(prompts, 2, params, seeds)
+        for name, params in (("greedy", GREEDY), ("sampled", SAMPLED))
+    }
     if rank == 0:
         torch.save(out, out_path)
     distributed.shutdown()

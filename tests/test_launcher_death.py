@@ -11,7 +11,6 @@ import textwrap
 import time
 
 import psutil
-
 from conftest import ROOT, TINY
 
 MESSAGE = "is gone; rank"
@@ -99,8 +98,14 @@ def test_rank_and_its_group_stop_when_launcher_dies(tmp_path):
     log = tmp_path / "log.txt"
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log, "w") as out:
-        launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, _RANK], stdout=subprocess.PIPE,
-                                    stderr=out, text=True, env=env, start_new_session=True)
+        launcher = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER, _RANK],
+            stdout=subprocess.PIPE,
+            stderr=out,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
     procs = []
     try:
         procs.append(psutil.Process(int(launcher.stdout.readline())))  # the rank
@@ -121,13 +126,25 @@ def test_rank_and_its_group_stop_when_launcher_dies(tmp_path):
 def test_torchrun_sigkill_stops_both_ranks(tmp_path):
     exp = tmp_path / "exp"
     log = tmp_path / "torchrun.log"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "examples/train_optune.py", "--config-name", "optune_tiny",
-           *TINY, "trainer.iterations=200", f"exp_manager.exp_dir={exp}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "examples/train_optune.py",
+        "--config-name",
+        "optune_tiny",
+        *TINY,
+        "trainer.iterations=200",
+        f"exp_manager.exp_dir={exp}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log, "w") as out:
-        torchrun = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+        torchrun = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     launcher = psutil.Process(torchrun.pid)
     seen: dict[int, psutil.Process] = {}
     try:

@@ -10,25 +10,45 @@ import tarfile
 import pytest
 import torch
 import yaml
-
 from nemo2_layout import write_nemo2_checkpoint
 from parallel_harness import _env, _free_port, _spawn
 from test_hf_models import random_transformers_model
 
 TOKENS = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(5))
-SHAPE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, num_hidden_layers=2,
-             initializer_range=0.2, bos_token_id=1, eos_token_id=2)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+SHAPE = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    initializer_range=0.2,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 CASES = {  # name: (transformers config class, arguments, dtype, NeMo's TP when it padded the vocabulary itself)
-    "llama": ("LlamaConfig", dict(SHAPE, vocab_size=100, rope_theta=500000.0, max_position_embeddings=16384,
-                                  rope_scaling=LLAMA3_ROPE), torch.float32, None),
+    "llama": (
+        "LlamaConfig",
+        dict(SHAPE, vocab_size=100, rope_theta=500000.0, max_position_embeddings=16384, rope_scaling=LLAMA3_ROPE),
+        torch.float32,
+        None,
+    ),
     # trained by NeMo from its tokenizer at TP2: 256 rows in weights/, and optimizer state
     "llama_padded": ("LlamaConfig", dict(SHAPE, vocab_size=100), torch.float32, 2),
     "llama_tied_bf16": ("LlamaConfig", dict(SHAPE, vocab_size=96, tie_word_embeddings=True), torch.bfloat16, None),
     "qwen2": ("Qwen2Config", dict(SHAPE, vocab_size=112), torch.float32, None),
-    "mistral": ("MistralConfig", dict(SHAPE, vocab_size=128, max_position_embeddings=4096, sliding_window=4096),
-                torch.float32, None),
+    "mistral": (
+        "MistralConfig",
+        dict(SHAPE, vocab_size=128, max_position_embeddings=4096, sliding_window=4096),
+        torch.float32,
+        None,
+    ),
 }
 IN_LAYOUTS = ("llama", "llama_padded", "llama_tied_bf16", "qwen2")
 TOLERANCE = 1e-4
@@ -51,8 +71,9 @@ def _hf_dir(name: str, directory: str) -> torch.Tensor:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, kwargs["vocab_size"])}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
-                                         eos_token="</s>").save_pretrained(directory)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(directory)
     return logits
 
 
@@ -80,14 +101,18 @@ def _load_both(hf_dir: str, nemo_dir: str, layout) -> dict:
     from nemo_optune.models.nemo2_io import import_nemo2, nemo2_model_and_tokenizer
 
     out = {}
-    for source, spec, load, directory in (("nemo2", nemo2_model_and_tokenizer(nemo_dir)[0], import_nemo2, nemo_dir),
-                                          ("hf", read_hf_spec(hf_dir), import_hf, hf_dir)):
+    for source, spec, load, directory in (
+        ("nemo2", nemo2_model_and_tokenizer(nemo_dir)[0], import_nemo2, nemo_dir),
+        ("hf", read_hf_spec(hf_dir), import_hf, hf_dir),
+    ):
         model = build_hf_model(spec, layout)
         load(directory, model)
         length = TOKENS.shape[1]
         rows, last = TOKENS.repeat_interleave(length, 0), torch.arange(length).repeat(len(TOKENS))
-        out[source] = {"logits": model.next_token_logits(rows, last, micro_batch_size=32).reshape(*TOKENS.shape, -1),
-                       "weights": gather_full_tensors(model.policy)}
+        out[source] = {
+            "logits": model.next_token_logits(rows, last, micro_batch_size=32).reshape(*TOKENS.shape, -1),
+            "weights": gather_full_tensors(model.policy),
+        }
     return out
 
 
@@ -183,26 +208,51 @@ def _edited_copy(nemo_dir: str, tmp_path, key: str, value) -> str:
 GPT = "nemo.collections.llm.gpt.model."
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("_target_", GPT + "mixtral.MixtralModel",
-     f"field _target_='{GPT}mixtral.MixtralModel' is not supported "
-     f"({GPT}llama.LlamaModel, {GPT}mistral.MistralModel, {GPT}qwen2.Qwen2Model)"),
-    ("config._target_", GPT + "llama.Llama4Config", f"field config._target_='{GPT}llama.Llama4Config' is not supported "
-                                                    "(LlamaConfig, Llama2Config7B"),
-    ("config.num_moe_experts", 8, "field config.num_moe_experts=8 is not supported (null)"),
-    ("config.activation_func", {"_call_": False, "_target_": "torch._C._nn.gelu"},
-     "field config.activation_func='torch._C._nn.gelu' is not supported (torch.nn.functional.silu)"),
-    ("config.normalization", "LayerNorm", "field config.normalization='LayerNorm' is not supported (\"RMSNorm\")"),
-    ("config.position_embedding_type", "learned_absolute",
-     "field config.position_embedding_type='learned_absolute' is not supported (\"rope\")"),
-    ("config.low_freq_factor", 2.0, "field config.low_freq_factor=2.0 is not supported (megatron-core 0.16.1 fixes it"),
-    ("config.params_dtype", {"_call_": False, "_target_": "torch.float8_e4m3fn"},
-     "field config.params_dtype='torch.float8_e4m3fn' is not supported"),
-    ("config.num_layers", None, "field config.num_layers missing"),
-    ("tokenizer._target_", "nemo.collections.common.tokenizers.sentencepiece_tokenizer.SentencePieceTokenizer",
-     "field tokenizer._target_='nemo.collections.common.tokenizers.sentencepiece_tokenizer.SentencePieceTokenizer' is "
-     "not supported"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        (
+            "_target_",
+            GPT + "mixtral.MixtralModel",
+            f"field _target_='{GPT}mixtral.MixtralModel' is not supported "
+            f"({GPT}llama.LlamaModel, {GPT}mistral.MistralModel, {GPT}qwen2.Qwen2Model)",
+        ),
+        (
+            "config._target_",
+            GPT + "llama.Llama4Config",
+            f"field config._target_='{GPT}llama.Llama4Config' is not supported (LlamaConfig, Llama2Config7B",
+        ),
+        ("config.num_moe_experts", 8, "field config.num_moe_experts=8 is not supported (null)"),
+        (
+            "config.activation_func",
+            {"_call_": False, "_target_": "torch._C._nn.gelu"},
+            "field config.activation_func='torch._C._nn.gelu' is not supported (torch.nn.functional.silu)",
+        ),
+        ("config.normalization", "LayerNorm", "field config.normalization='LayerNorm' is not supported (\"RMSNorm\")"),
+        (
+            "config.position_embedding_type",
+            "learned_absolute",
+            "field config.position_embedding_type='learned_absolute' is not supported (\"rope\")",
+        ),
+        (
+            "config.low_freq_factor",
+            2.0,
+            "field config.low_freq_factor=2.0 is not supported (megatron-core 0.16.1 fixes it",
+        ),
+        (
+            "config.params_dtype",
+            {"_call_": False, "_target_": "torch.float8_e4m3fn"},
+            "field config.params_dtype='torch.float8_e4m3fn' is not supported",
+        ),
+        ("config.num_layers", None, "field config.num_layers missing"),
+        (
+            "tokenizer._target_",
+            "nemo.collections.common.tokenizers.sentencepiece_tokenizer.SentencePieceTokenizer",
+            "field tokenizer._target_='nemo.collections.common.tokenizers.sentencepiece_tokenizer.SentencePieceTokenizer' is "
+            "not supported",
+        ),
+    ],
+)
 def test_unsupported_model_yaml_is_refused_with_one_line(key, value, message, cases, tmp_path):
     from nemo_optune.models.nemo2_io import nemo2_model_and_tokenizer
 
@@ -232,11 +282,15 @@ def test_weights_that_do_not_fit_are_one_line_errors(cases, tmp_path):
     nemo = cases["llama"][1]
     assert _import_error(cases["dropped"][1]) == f"{cases['dropped'][1]}/weights: tensor {DROPPED} missing"
     wider = _edited_copy(nemo, tmp_path, "config.ffn_hidden_size", 128)
-    assert _import_error(wider) == (f"{wider}/weights: tensor module.decoder.layers.mlp.linear_fc1.weight has shape "
-                                    "[2, 192, 64], expected [2, 256, 64]")
+    assert _import_error(wider) == (
+        f"{wider}/weights: tensor module.decoder.layers.mlp.linear_fc1.weight has shape "
+        "[2, 192, 64], expected [2, 256, 64]"
+    )
     other = dataclasses.replace(nemo2_model_and_tokenizer(nemo)[0], norm_epsilon=1e-3)
-    assert _import_error(nemo, other).startswith(f"{nemo}/context/model.yaml: another model than the one built "
-                                                 "(norm_epsilon 1e-06 in the file, 0.001 in the model)")
+    assert _import_error(nemo, other).startswith(
+        f"{nemo}/context/model.yaml: another model than the one built "
+        "(norm_epsilon 1e-06 in the file, 0.001 in the model)"
+    )
     broken = str(tmp_path / "broken")
     shutil.copytree(nemo, broken)
     with open(os.path.join(broken, "weights", ".metadata"), "wb") as f:
@@ -248,8 +302,9 @@ def test_weights_that_do_not_fit_are_one_line_errors(cases, tmp_path):
         if name.endswith(".distcp"):
             with open(os.path.join(truncated, "weights", name), "r+b") as f:
                 f.truncate(os.path.getsize(f.name) // 2)
-    assert _import_error(truncated) == (f"{truncated}/weights: cannot load (EOFError; "
-                                        "a damaged or incomplete checkpoint?)")
+    assert _import_error(truncated) == (
+        f"{truncated}/weights: cannot load (EOFError; a damaged or incomplete checkpoint?)"
+    )
 
 
 def test_a_nemo_archive_and_other_directories_are_refused(cases, tmp_path):
@@ -261,9 +316,11 @@ def test_a_nemo_archive_and_other_directories_are_refused(cases, tmp_path):
         tar.add(tmp_path / "model_config.yaml", arcname="model_config.yaml")
     hf, nemo, _ = cases["llama"]
     assert is_nemo2_checkpoint(nemo) and not is_nemo2_checkpoint(hf) and not is_nemo2_checkpoint(archive)
-    for path, message in ((archive, "a .nemo archive (NeMo 1 / NeMo-Aligner) is not supported; convert it with NeMo's"),
-                          (hf, "not a NeMo 2 checkpoint directory (no weights/ and context/model.yaml)"),
-                          (str(tmp_path), "not a NeMo 2 checkpoint directory")):
+    for path, message in (
+        (archive, "a .nemo archive (NeMo 1 / NeMo-Aligner) is not supported; convert it with NeMo's"),
+        (hf, "not a NeMo 2 checkpoint directory (no weights/ and context/model.yaml)"),
+        (str(tmp_path), "not a NeMo 2 checkpoint directory"),
+    ):
         with pytest.raises(ValueError) as err:
             nemo2_model_and_tokenizer(path)
         assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)

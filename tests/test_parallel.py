@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import TINY
 from parallel_harness import run_layout
 
@@ -12,8 +11,10 @@ LAYOUTS = {  # name: (world size, overrides)
     "dp2": (2, []),
     "tp2pp2": (4, ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2"]),
     # one row per pair, own positions and mask, through TP-sharded heads and both pipeline stages
-    "tp2pp2_packed": (4, ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2",
-                          "trainer.pack_pairs=true"]),
+    "tp2pp2_packed": (
+        4,
+        ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2", "trainer.pack_pairs=true"],
+    ),
 }
 
 
@@ -33,10 +34,16 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_layout_matches_single_process(name, single, tmp_path):
     single_exp, ref = single
     world, layout_overrides = LAYOUTS[name]
-    got = run_layout(world, TINY + layout_overrides + [
-        f"exp_manager.exp_dir={tmp_path / 'exp'}",
-        f"model.restore_from_path={single_exp / 'sft_checkpoint'}",  # resharded on load
-    ], str(tmp_path / "result.pt"))
+    got = run_layout(
+        world,
+        TINY
+        + layout_overrides
+        + [
+            f"exp_manager.exp_dir={tmp_path / 'exp'}",
+            f"model.restore_from_path={single_exp / 'sft_checkpoint'}",  # resharded on load
+        ],
+        str(tmp_path / "result.pt"),
+    )
 
     tp = 2 if "tp2" in name else 1
     pp = 2 if "pp2" in name else 1
@@ -66,8 +73,12 @@ def hypo_single(sft_checkpoint, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("hypo")
     make_preferences(["--out", str(root / "prefs.jsonl"), *TINY])
-    base = TINY + ["method=hypo", f"data.offline_path={root / 'prefs.jsonl'}", "model.optune.weighting=none",
-                   f"model.restore_from_path={sft_checkpoint}"]
+    base = TINY + [
+        "method=hypo",
+        f"data.offline_path={root / 'prefs.jsonl'}",
+        "model.optune.weighting=none",
+        f"model.restore_from_path={sft_checkpoint}",
+    ]
     return base, run_layout(1, base + [f"exp_manager.exp_dir={root / 'run'}"], str(root / "result.pt"))
 
 
@@ -75,8 +86,9 @@ def hypo_single(sft_checkpoint, tmp_path_factory):
 def test_hypo_layout_matches_single_process(name, hypo_single, tmp_path):
     base, ref = hypo_single
     world, layout_overrides = LAYOUTS[name]
-    got = run_layout(world, base + layout_overrides + [f"exp_manager.exp_dir={tmp_path / 'run'}"],
-                     str(tmp_path / "result.pt"))
+    got = run_layout(
+        world, base + layout_overrides + [f"exp_manager.exp_dir={tmp_path / 'run'}"], str(tmp_path / "result.pt")
+    )
     for it_ref, it_got in zip(ref["summary"]["iterations"], got["summary"]["iterations"]):
         for key in ("train_loss", "hypo_kl", "heldout_kl"):
             assert it_got[key] == pytest.approx(it_ref[key], rel=1e-5), key

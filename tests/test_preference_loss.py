@@ -39,13 +39,16 @@ def make_pool() -> PromptPool:
 
 
 # Batch order [2, 0, 1]: gaps 0, 0.8, 0.2; with beta_w = 0.5 the weight inputs are 0, 0.4, 0.1.
-@pytest.mark.parametrize("scheme,beta_w,cap,weights", [
-    ("none", 0.5, None, [1.0, 1.0, 1.0]),
-    ("linear", 0.5, None, [0.0, 0.4, 0.1]),
-    ("exp", 0.5, None, [1.0, math.exp(0.4), math.exp(0.1)]),
-    ("sigmoid", 0.5, None, [0.5, sigmoid(0.4), sigmoid(0.1)]),
-    ("exp", 5.0, 3.0, [1.0, 3.0, math.e]),  # e^4 = 54.6 capped at 3; e^1 = 2.72 under the cap
-])
+@pytest.mark.parametrize(
+    "scheme,beta_w,cap,weights",
+    [
+        ("none", 0.5, None, [1.0, 1.0, 1.0]),
+        ("linear", 0.5, None, [0.0, 0.4, 0.1]),
+        ("exp", 0.5, None, [1.0, math.exp(0.4), math.exp(0.1)]),
+        ("sigmoid", 0.5, None, [0.5, sigmoid(0.4), sigmoid(0.1)]),
+        ("exp", 5.0, 3.0, [1.0, 3.0, math.e]),  # e^4 = 54.6 capped at 3; e^1 = 2.72 under the cap
+    ],
+)
 def test_global_batch_weights(scheme, beta_w, cap, weights):
     w, valid, total = global_batch_weights(make_pool(), torch.tensor([2, 0, 1]), scheme, beta_w, cap)
     assert w.tolist() == pytest.approx(weights, rel=1e-6)
@@ -66,12 +69,21 @@ def test_preference_micro_batches_rows_and_split(micro_batch_size, sizes):
     pool = make_pool()
     order = [2, 0, 1]
     weights, valid = torch.tensor([5.0, 6.0, 7.0]), torch.tensor([0.0, 1.0, 1.0])
-    mbs = preference_micro_batches(pool, PROMPTS, torch.tensor(order), weights, valid, weight_total=13.0,
-                                   micro_batch_size=micro_batch_size, width=6, pad_id=PAD)
+    mbs = preference_micro_batches(
+        pool,
+        PROMPTS,
+        torch.tensor(order),
+        weights,
+        valid,
+        weight_total=13.0,
+        micro_batch_size=micro_batch_size,
+        width=6,
+        pad_id=PAD,
+    )
     assert [len(mb["indices"]) for mb in mbs] == sizes
     start = 0
     for mb, size in zip(mbs, sizes):
-        ids = order[start:start + size]
+        ids = order[start : start + size]
         assert mb["indices"].tolist() == ids
         # rows 0..B-1: prompt + chosen, rows B..2B-1: prompt + rejected
         assert mb["tokens"].tolist() == [CHOSEN_ROWS[i] for i in ids] + [REJECTED_ROWS[i] for i in ids]
@@ -80,18 +92,21 @@ def test_preference_micro_batches_rows_and_split(micro_batch_size, sizes):
         assert mb["ref_rejected_logps"].tolist() == [[-5.0, -3.0, -6.0][i] for i in ids]
         assert mb["chosen_lengths"].dtype == torch.float32
         assert mb["chosen_lengths"].tolist() == [[3, 2, 1][i] for i in ids]
-        assert mb["weights"].tolist() == weights[start:start + size].tolist()
-        assert mb["valid"].tolist() == valid[start:start + size].tolist()
+        assert mb["weights"].tolist() == weights[start : start + size].tolist()
+        assert mb["valid"].tolist() == valid[start : start + size].tolist()
         assert mb["weight_total"] == 13.0  # the GLOBAL normaliser, not this micro-batch's sum
         start += size
 
 
-@pytest.mark.parametrize("budget,groups", [
-    (20, [[1, 0], [2]]),   # lengths: pair 1: 1 + 2 = 3, pair 0: 2 + 3 = 5, pair 2: 3 + 3 = 6; 2 x 2 x 5 = 20 fits
-    (19, [[1], [0], [2]]),  # 2 x 2 x 5 = 20 > 19
-    (36, [[1, 0, 2]]),      # 2 x 3 x 6 = 36
-    (1, [[1], [0], [2]]),   # every pair over the budget: each alone, none dropped
-])
+@pytest.mark.parametrize(
+    "budget,groups",
+    [
+        (20, [[1, 0], [2]]),  # lengths: pair 1: 1 + 2 = 3, pair 0: 2 + 3 = 5, pair 2: 3 + 3 = 6; 2 x 2 x 5 = 20 fits
+        (19, [[1], [0], [2]]),  # 2 x 2 x 5 = 20 > 19
+        (36, [[1, 0, 2]]),  # 2 x 3 x 6 = 36
+        (1, [[1], [0], [2]]),  # every pair over the budget: each alone, none dropped
+    ],
+)
 def test_preference_micro_batches_by_tokens(budget, groups):
     """Pairs sorted by length (prompt + the longer response), grouped under the padded-token budget;
     each micro-batch's rows, weights and validity follow its own pairs."""
@@ -99,8 +114,18 @@ def test_preference_micro_batches_by_tokens(budget, groups):
     order = torch.tensor([2, 0, 1])
     weights, valid = torch.tensor([5.0, 6.0, 7.0]), torch.tensor([0.0, 1.0, 1.0])  # of pairs 2, 0, 1
     by_pair = {2: (5.0, 0.0), 0: (6.0, 1.0), 1: (7.0, 1.0)}
-    mbs = preference_micro_batches(pool, PROMPTS, order, weights, valid, weight_total=13.0, micro_batch_size=3,
-                                   width=6, pad_id=PAD, token_budget=budget)
+    mbs = preference_micro_batches(
+        pool,
+        PROMPTS,
+        order,
+        weights,
+        valid,
+        weight_total=13.0,
+        micro_batch_size=3,
+        width=6,
+        pad_id=PAD,
+        token_budget=budget,
+    )
     assert [mb["indices"].tolist() for mb in mbs] == groups
     for mb, ids in zip(mbs, groups):
         assert mb["tokens"].tolist() == [CHOSEN_ROWS[i] for i in ids] + [REJECTED_ROWS[i] for i in ids]
@@ -117,7 +142,14 @@ def test_token_budget_groups():
     groups = token_budget_groups(lengths, max_rows=8, token_budget=20, rows_per_item=2)
     # sorted: 2 (1), 2 (3), 5 (2), 5 (5), 9 (0), 30 (4): 2x2x2 = 8, 3x2x5 = 30 > 20 -> cut, ...
     assert [g.tolist() for g in groups] == [[1, 3], [2, 5], [0], [4]]
-    assert [g.tolist() for g in token_budget_groups(lengths, max_rows=1, token_budget=10**6)] == [[1], [3], [2], [5], [0], [4]]
+    assert [g.tolist() for g in token_budget_groups(lengths, max_rows=1, token_budget=10**6)] == [
+        [1],
+        [3],
+        [2],
+        [5],
+        [0],
+        [4],
+    ]
     assert [g.tolist() for g in token_budget_groups(lengths, max_rows=6, token_budget=10**6)] == [[1, 3, 2, 5, 0, 4]]
     assert token_budget_groups(torch.tensor([], dtype=torch.long), 4, 100) == []
     # every item exactly once, for random lengths and budgets
@@ -148,9 +180,20 @@ def test_packed_pair_sequences_hand_built():
     chosen = packed["loss_mask"] - packed["rejected_mask"]
     assert chosen[:, :8].tolist() == [[0, 1, 1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]]
     sees = ~packed_attention_mask(packed["pack_layout"], 8)[:, 0]  # [pair, query, key], trimmed to 8
-    keys = lambda b, q: sees[b, q].nonzero().squeeze(-1).tolist()
-    assert [keys(0, q) for q in range(8)] == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3, 4],
-                                              [0, 5], [0, 5, 6], [0, 5, 6, 7]]  # rejected: never the chosen
+
+    def keys(b, q):
+        return sees[b, q].nonzero().squeeze(-1).tolist()
+
+    assert [keys(0, q) for q in range(8)] == [
+        [0],
+        [0, 1],
+        [0, 1, 2],
+        [0, 1, 2, 3],
+        [0, 1, 2, 3, 4],
+        [0, 5],
+        [0, 5, 6],
+        [0, 5, 6, 7],
+    ]  # rejected: never the chosen
     assert [keys(1, q) for q in range(8)] == [[0], [0, 1], [0, 1, 2], [3], [3, 4], [5], [6], [7]]  # padding: itself
     with pytest.raises(ValueError, match="does not fit width 7"):
         packed_pair_sequences(PROMPTS[:2], rows, 7, PAD)
@@ -160,17 +203,32 @@ def test_packed_pair_sequences_hand_built():
 def test_packed_micro_batches_by_tokens(budget, groups):
     """Packed rows are prompt + chosen + 1 + rejected long: pair 1: 5, pair 2: 8, pair 0: 8 (equal
     lengths keep batch order: 2 before 0)."""
-    mbs = preference_micro_batches(make_pool(), PROMPTS, torch.tensor([2, 0, 1]), torch.ones(3), torch.ones(3),
-                                   weight_total=3.0, micro_batch_size=3, width=6, pad_id=PAD, token_budget=budget,
-                                   pack=True)
+    mbs = preference_micro_batches(
+        make_pool(),
+        PROMPTS,
+        torch.tensor([2, 0, 1]),
+        torch.ones(3),
+        torch.ones(3),
+        weight_total=3.0,
+        micro_batch_size=3,
+        width=6,
+        pad_id=PAD,
+        token_budget=budget,
+        pack=True,
+    )
     assert [mb["indices"].tolist() for mb in mbs] == groups
     assert all(mb["tokens"].shape[0] == len(mb["indices"]) for mb in mbs)  # one row per pair
 
 
 def pair_mb(weights, valid, total, ref_chosen, ref_rejected, chosen_lengths):
-    return {"weights": torch.tensor(weights), "valid": torch.tensor(valid), "weight_total": total,
-            "ref_chosen_logps": torch.tensor(ref_chosen), "ref_rejected_logps": torch.tensor(ref_rejected),
-            "chosen_lengths": torch.tensor(chosen_lengths)}
+    return {
+        "weights": torch.tensor(weights),
+        "valid": torch.tensor(valid),
+        "weight_total": total,
+        "ref_chosen_logps": torch.tensor(ref_chosen),
+        "ref_rejected_logps": torch.tensor(ref_rejected),
+        "chosen_lengths": torch.tensor(chosen_lengths),
+    }
 
 
 # Policy chosen [-3, -2.5], rejected [-5.5, -3.5]; reference chosen [-4, -2], rejected [-5, -3]
@@ -179,18 +237,22 @@ DPO0, DPO1 = -math.log(sigmoid(0.15)), math.log(2)  # beta = 0.1
 IPO0, IPO1 = (1.5 - 5) ** 2, (0.0 - 5) ** 2  # target 1 / (2 beta) = 5
 
 
-@pytest.mark.parametrize("loss_type,sft_weight,valid,total,expected", [
-    ("dpo", 0.0, [1.0, 1.0], 4.0, (1 * DPO0 + 3 * DPO1) / 4),
-    ("ipo", 0.0, [1.0, 1.0], 4.0, (1 * IPO0 + 3 * IPO1) / 4),
-    ("dpo", 0.5, [1.0, 1.0], 4.0, (1 * (DPO0 + 0.5 * 1.0) + 3 * (DPO1 + 0.5 * 1.25)) / 4),
-    ("dpo", 0.0, [0.0, 1.0], 3.0, DPO1),  # the invalid pair contributes nothing
-    ("dpo", 0.0, [1.0, 1.0], 8.0, (1 * DPO0 + 3 * DPO1) / 8),  # part of a larger global batch
-    ("dpo", 0.0, [0.0, 0.0], 0.0, 0.0),  # nothing valid anywhere: zero, not nan
-])
+@pytest.mark.parametrize(
+    "loss_type,sft_weight,valid,total,expected",
+    [
+        ("dpo", 0.0, [1.0, 1.0], 4.0, (1 * DPO0 + 3 * DPO1) / 4),
+        ("ipo", 0.0, [1.0, 1.0], 4.0, (1 * IPO0 + 3 * IPO1) / 4),
+        ("dpo", 0.5, [1.0, 1.0], 4.0, (1 * (DPO0 + 0.5 * 1.0) + 3 * (DPO1 + 0.5 * 1.25)) / 4),
+        ("dpo", 0.0, [0.0, 1.0], 3.0, DPO1),  # the invalid pair contributes nothing
+        ("dpo", 0.0, [1.0, 1.0], 8.0, (1 * DPO0 + 3 * DPO1) / 8),  # part of a larger global batch
+        ("dpo", 0.0, [0.0, 0.0], 0.0, 0.0),  # nothing valid anywhere: zero, not nan
+    ],
+)
 def test_preference_loss_fn_hand_computed(loss_type, sft_weight, valid, total, expected):
     mb = pair_mb([1.0, 3.0], valid, total, [-4.0, -2.0], [-5.0, -3.0], [3.0, 2.0])
     loss, metrics = preference_loss_fn(0.1, loss_type, sft_weight, kl_weight=0.0, kl_prompts_total=1)(
-        mb, torch.tensor([-3.0, -2.5, -5.5, -3.5]))
+        mb, torch.tensor([-3.0, -2.5, -5.5, -3.5])
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert metrics["loss"].item() == pytest.approx(expected, rel=1e-6)
     assert metrics["pairs"].item() == sum(valid)
@@ -269,9 +331,15 @@ def test_loss_and_gradient_invariant_to_micro_batch_split():
         sums = {}
         for s in range(0, n, size):
             sl, ss = slice(s, s + size), slice(s * k, (s + size) * k)
-            mb = {"weights": weights[sl], "valid": valid[sl], "weight_total": total,
-                  "ref_chosen_logps": ref_c[sl], "ref_rejected_logps": ref_r[sl], "chosen_lengths": lengths[sl],
-                  "sample_ref_logps": sample_ref[ss]}
+            mb = {
+                "weights": weights[sl],
+                "valid": valid[sl],
+                "weight_total": total,
+                "ref_chosen_logps": ref_c[sl],
+                "ref_rejected_logps": ref_r[sl],
+                "chosen_lengths": lengths[sl],
+                "sample_ref_logps": sample_ref[ss],
+            }
             loss, metrics = loss_fn(mb, torch.cat([leaves[0][sl], leaves[1][sl], leaves[2][ss]]))
             loss.backward()
             for key, value in metrics.items():
@@ -294,7 +362,7 @@ def test_iteration_batches_whole_epochs(num_records, batch, epochs):
         assert all(b.shape == (batch,) for b in batches)
         stream = torch.cat(batches)
         for e in range(epochs):  # each epoch, in order, is a permutation of all records
-            assert sorted(stream[e * num_records:(e + 1) * num_records].tolist()) == list(range(num_records))
+            assert sorted(stream[e * num_records : (e + 1) * num_records].tolist()) == list(range(num_records))
 
 
 def test_iteration_batches_carry_remainder():
@@ -305,7 +373,7 @@ def test_iteration_batches_carry_remainder():
     stream = torch.cat([b for batches in per_iteration for b in batches])
     assert stream.shape == (160,) and torch.bincount(stream, minlength=40).tolist() == [4] * 40
     for e in range(4):
-        assert sorted(stream[e * 40:(e + 1) * 40].tolist()) == list(range(40))
+        assert sorted(stream[e * 40 : (e + 1) * 40].tolist()) == list(range(40))
     # deterministic for a seed, different for another
     again = torch.cat([b for it in range(4) for b in iteration_batches(40, 32, 1, it, seed=3)])
     assert again.tolist() == stream.tolist()
@@ -321,14 +389,16 @@ def test_iteration_windows_are_shuffled_passes_over_the_pool():
     windows = [iteration_window(70, 32, it, seed=1) for it in range(6)]
     assert all(w.shape == (32,) for w in windows)
     for p in range(3):
-        both = torch.cat(windows[2 * p:2 * p + 2]).tolist()
+        both = torch.cat(windows[2 * p : 2 * p + 2]).tolist()
         assert len(set(both)) == 64 and set(both) <= set(range(70))  # a pass: no prompt twice
     assert windows[0].tolist() != windows[2].tolist()  # a new pass, a new order
     assert [w.tolist() for w in windows] == [iteration_window(70, 32, it, seed=1).tolist() for it in range(6)]
     assert iteration_window(70, 32, 0, seed=2).tolist() != windows[0].tolist()
 
 
-@pytest.mark.parametrize("share,cap,size", [(32, 64, 32), (64, 16, 16), (48, 32, 24), (50, 16, 10), (7, 4, 1), (8, 8, 8)])
+@pytest.mark.parametrize(
+    "share,cap,size", [(32, 64, 32), (64, 16, 16), (48, 32, 24), (50, 16, 10), (7, 4, 1), (8, 8, 8)]
+)
 def test_micro_batch_size_is_a_cap_that_splits_a_rank_share_evenly(share, cap, size):
     from nemo_optune.data.batching import micro_batch_size_for
 

@@ -4,14 +4,17 @@ import glob
 import os
 
 import pytest
-
 from conftest import ROOT, TINY
+
 from nemo_optune.config import load_config
 
 # Recipes for 7-8B checkpoints need their model and data (tests/test_dry_run.py checks them).
 REAL_MODEL_RECIPES = ("optune_zephyr_7b", "optune_llama3_8b")
-RECIPES = sorted(name for name in (os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "conf", "*.yaml")))
-                 if name != "base" and name not in REAL_MODEL_RECIPES)
+RECIPES = sorted(
+    name
+    for name in (os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "conf", "*.yaml")))
+    if name != "base" and name not in REAL_MODEL_RECIPES
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +30,16 @@ def offline_jsonl(tmp_path_factory):
 def test_recipe_runs_one_iteration(recipe, sft_checkpoint, offline_jsonl, tmp_path):
     from nemo_optune.run import run_experiment
 
-    cfg = load_config(recipe, TINY + ["trainer.iterations=1", f"exp_manager.exp_dir={tmp_path}",
-                                      f"model.restore_from_path={sft_checkpoint}", f"data.offline_path={offline_jsonl}"])
+    cfg = load_config(
+        recipe,
+        TINY
+        + [
+            "trainer.iterations=1",
+            f"exp_manager.exp_dir={tmp_path}",
+            f"model.restore_from_path={sft_checkpoint}",
+            f"data.offline_path={offline_jsonl}",
+        ],
+    )
     summary = run_experiment(cfg)
     assert summary["method"] == cfg.method
     if cfg.method == "sft":

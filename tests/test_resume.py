@@ -5,13 +5,18 @@ import os
 
 import pytest
 import torch
-
 from conftest import TINY
 from parallel_harness import loss_at_layout, run_layout
 
 # Warm-up + cosine decay: a resumed run must also pick the learning-rate schedule up where it was.
-RUN = TINY + ["trainer.iterations=3", "exp_manager.checkpoint_every=1", "exp_manager.keep_last=2",
-              "trainer.lr_warmup_steps=2", "trainer.lr_decay=cosine", "trainer.min_lr=3e-5"]
+RUN = TINY + [
+    "trainer.iterations=3",
+    "exp_manager.checkpoint_every=1",
+    "exp_manager.keep_last=2",
+    "trainer.lr_warmup_steps=2",
+    "trainer.lr_decay=cosine",
+    "trainer.min_lr=3e-5",
+]
 TP2 = ["model.tensor_model_parallel_size=2"]
 KILL_POINTS = [("generation", 1), ("training", 2), ("checkpoint", 1)]
 
@@ -55,8 +60,10 @@ def test_sigkill_then_resume_is_bit_identical(kill_at, uninterrupted, sft_checkp
 STOPS = {
     "SIGTERM-generation-iter1-rank0": [("generation", 0, "SIGTERM", [0])],
     # A second signal while the stop's checkpoint is being written changes nothing.
-    "SIGUSR1-training-iter2-then-again-while-saving": [("training", 1, "SIGUSR1", None),
-                                                       ("checkpoint", 1, "SIGUSR1", None)],
+    "SIGUSR1-training-iter2-then-again-while-saving": [
+        ("training", 1, "SIGUSR1", None),
+        ("checkpoint", 1, "SIGUSR1", None),
+    ],
 }
 
 
@@ -66,8 +73,15 @@ def test_a_stop_signal_saves_and_the_rerun_ends_bit_identical(stop, uninterrupte
     of that iteration with a checkpoint, though checkpoint_every=0 asks for none before the
     end; the same command resumes and ends bit-identical to the uninterrupted run."""
     world, layout, ref, _ = uninterrupted
-    overrides = RUN + layout + [f"model.restore_from_path={sft_checkpoint}", f"exp_manager.exp_dir={tmp_path}",
-                                "exp_manager.checkpoint_every=0"]
+    overrides = (
+        RUN
+        + layout
+        + [
+            f"model.restore_from_path={sft_checkpoint}",
+            f"exp_manager.exp_dir={tmp_path}",
+            "exp_manager.checkpoint_every=0",
+        ]
+    )
     stopped = run_layout(world, overrides, str(tmp_path / "stopped.pt"), signals=STOPS[stop])
     _, iteration, name, _ = STOPS[stop][0]
     done = iteration + 1
@@ -96,8 +110,13 @@ def test_more_iterations_on_resume_keep_the_schedule_horizon(sft_checkpoint, tmp
     from nemo_optune.config import load_config
     from nemo_optune.run import run_experiment
 
-    base = TINY + [f"model.restore_from_path={sft_checkpoint}", f"exp_manager.exp_dir={tmp_path}", "trainer.lr_decay=cosine",
-                   "trainer.min_lr=3e-5", "exp_manager.checkpoint_every=1"]
+    base = TINY + [
+        f"model.restore_from_path={sft_checkpoint}",
+        f"exp_manager.exp_dir={tmp_path}",
+        "trainer.lr_decay=cosine",
+        "trainer.min_lr=3e-5",
+        "exp_manager.checkpoint_every=1",
+    ]
     first = run_experiment(load_config("optune_tiny", base + ["trainer.iterations=2"]))
     extended = run_experiment(load_config("optune_tiny", base + ["trainer.iterations=3"]))
     assert [i["lr"] for i in extended["iterations"][:2]] == [i["lr"] for i in first["iterations"]]

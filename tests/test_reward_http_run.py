@@ -9,8 +9,8 @@ import sys
 import threading
 
 import torch
-
 from conftest import ROOT, TINY
+
 from nemo_optune.config import load_config
 from nemo_optune.runtime.checkpoint import _sha256, list_checkpoints, read_manifest
 
@@ -19,11 +19,26 @@ TESTS = os.path.join(ROOT, "tests")
 
 def start_server(port: int = 0, die_after_pairs: int = 0) -> tuple[subprocess.Popen, str]:
     """The reward server serving the task reward through a Python function; (process, URL)."""
-    env = {**os.environ, "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "REWARD_DIE_AFTER_PAIRS": str(die_after_pairs)}
-    server = subprocess.Popen([sys.executable, "-m", "nemo_optune.serve_reward", f"server.port={port}",
-                               "reward.source=python", "reward.function=reward_functions:sort_reward_dies"],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "REWARD_DIE_AFTER_PAIRS": str(die_after_pairs),
+    }
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nemo_optune.serve_reward",
+            f"server.port={port}",
+            "reward.source=python",
+            "reward.function=reward_functions:sort_reward_dies",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in server.stdout:
         found = re.search(r"listening on (http://\S+)", line)
         if found:
@@ -38,9 +53,16 @@ def final_pool(exp_dir) -> dict:
 
 
 def http_overrides(url: str, exp_dir) -> list[str]:
-    return TINY + [f"exp_manager.exp_dir={exp_dir}", "reward.source=http", f"reward.http.urls=[{url}]",
-                   "reward.http.batch_size=48", "reward.retries=6", "reward.backoff_seconds=0.25",
-                   "reward.timeout_seconds=30", "reward.http.dead_server_seconds=0"]
+    return TINY + [
+        f"exp_manager.exp_dir={exp_dir}",
+        "reward.source=http",
+        f"reward.http.urls=[{url}]",
+        "reward.http.batch_size=48",
+        "reward.retries=6",
+        "reward.backoff_seconds=0.25",
+        "reward.timeout_seconds=30",
+        "reward.http.dead_server_seconds=0",
+    ]
 
 
 def assert_same_run(a: dict, b: dict, pool_a: dict, pool_b: dict) -> None:
@@ -95,11 +117,23 @@ def test_a_server_lost_for_good_stops_the_run_with_one_line_and_keeps_its_checkp
     # Dies in iteration 2's scoring: evaluations of 64 pairs, 256 + 128 new samples; iteration 1 is checkpointed.
     server, url = start_server(die_after_pairs=64 + 256 + 64 + 50)
     try:
-        out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_optune.py"),
-                              f"model.restore_from_path={sft_checkpoint}", "exp_manager.checkpoint_every=1",
-                              *http_overrides(url, exp)[:-4], "reward.retries=2", "reward.backoff_seconds=0.1",
-                              "reward.timeout_seconds=10", "reward.http.dead_server_seconds=0"],
-                             capture_output=True, text=True, cwd=ROOT, timeout=300)
+        out = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "examples", "train_optune.py"),
+                f"model.restore_from_path={sft_checkpoint}",
+                "exp_manager.checkpoint_every=1",
+                *http_overrides(url, exp)[:-4],
+                "reward.retries=2",
+                "reward.backoff_seconds=0.1",
+                "reward.timeout_seconds=10",
+                "reward.http.dead_server_seconds=0",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+        )
     finally:
         server.kill()
     assert out.returncode == 2, out.stderr[-3000:]

@@ -28,11 +28,18 @@ def reference_sample(logits, uniform, temperature, top_k, top_p):
     return order.gather(-1, position).squeeze(-1)
 
 
-@pytest.mark.parametrize("vocab,temperature,top_k,top_p", [
-    (13, 1.0, 0, 1.0), (13, 0.7, 0, 0.9), (13, 1.3, 4, 1.0), (13, 1.0, 5, 0.6),
-    (5000, 1.0, 0, 0.95),  # flat-ish logits: the first 64 candidates hold < 0.95, candidates widen
-    (5000, 0.5, 50, 0.9), (200, 1.0, 0, 0.3),
-])
+@pytest.mark.parametrize(
+    "vocab,temperature,top_k,top_p",
+    [
+        (13, 1.0, 0, 1.0),
+        (13, 0.7, 0, 0.9),
+        (13, 1.3, 4, 1.0),
+        (13, 1.0, 5, 0.6),
+        (5000, 1.0, 0, 0.95),  # flat-ish logits: the first 64 candidates hold < 0.95, candidates widen
+        (5000, 0.5, 50, 0.9),
+        (200, 1.0, 0, 0.3),
+    ],
+)
 def test_sample_tokens_equals_the_full_sort_reference(vocab, temperature, top_k, top_p):
     gen = torch.Generator().manual_seed(vocab + top_k)
     scale = torch.tensor([2.0, 8.0]).repeat(150)[:, None]  # flat rows and peaked rows
@@ -45,15 +52,18 @@ def test_sample_tokens_equals_the_full_sort_reference(vocab, temperature, top_k,
         assert float(best.min()) < top_p <= float(best.max())
 
 
-@pytest.mark.parametrize("top_k,top_p,expected", [
-    (0, 1.0, [math.exp(v) for v in (3.0, 2.0, 1.0, 0.0)]),
-    (2, 1.0, [math.exp(3.0), math.exp(2.0), 0, 0]),
-    # masses of logits 3, 2, 1, 0: 0.644, 0.237, 0.087, 0.032. A token stays while the mass before it
-    # is under top_p: at 0.85 the mass before the third is 0.881 (two stay), at 0.9 three stay.
-    (0, 0.85, [math.exp(3.0), math.exp(2.0), 0, 0]),
-    (0, 0.9, [math.exp(3.0), math.exp(2.0), math.exp(1.0), 0]),
-    (0, 0.5, [1, 0, 0, 0]),  # the best token always stays
-])
+@pytest.mark.parametrize(
+    "top_k,top_p,expected",
+    [
+        (0, 1.0, [math.exp(v) for v in (3.0, 2.0, 1.0, 0.0)]),
+        (2, 1.0, [math.exp(3.0), math.exp(2.0), 0, 0]),
+        # masses of logits 3, 2, 1, 0: 0.644, 0.237, 0.087, 0.032. A token stays while the mass before it
+        # is under top_p: at 0.85 the mass before the third is 0.881 (two stay), at 0.9 three stay.
+        (0, 0.85, [math.exp(3.0), math.exp(2.0), 0, 0]),
+        (0, 0.9, [math.exp(3.0), math.exp(2.0), math.exp(1.0), 0]),
+        (0, 0.5, [1, 0, 0, 0]),  # the best token always stays
+    ],
+)
 def test_sample_tokens_draws_the_truncated_distribution(top_k, top_p, expected):
     n = 200_000
     logits = torch.tensor([[1.0, 3.0, 0.0, 2.0, float("-inf")]]).expand(n, 5)  # token 4: probability 0

@@ -22,7 +22,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY
 
 STANDIN = os.path.join(ROOT, "tests", "slurm_standin")
@@ -63,22 +62,52 @@ def _job_id_with_free_port() -> int:
 
 def batch_env(state: str, exp: str, job_id: int, tasks_per_node: int = 2, **extra) -> dict:
     """The environment Slurm gives a batch script of a 2-node job, plus the stand-in's settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM", "MASTER_", "TORCHELASTIC", "PET_", "CONTAINER_", "NEMO_"))
-           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "EXP_DIR",
-                         "EXP_ROOT", "MAX_TIME", "ENGINE", "RECIPE", "TP", "PP")}
-    env.update({
-        "PATH": os.pathsep.join([STANDIN, os.path.dirname(sys.executable), env.get("PATH", "")]),
-        "SLURM_JOB_ID": str(job_id), "SLURM_JOBID": str(job_id), "SLURM_JOB_NAME": "optune",
-        "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NODELIST": "node[1-2]", "SLURM_NNODES": "2",
-        "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": str(tasks_per_node),
-        "SLURM_NTASKS": str(2 * tasks_per_node), "SLURM_TASKS_PER_NODE": f"{tasks_per_node}(x2)",
-        "SLURM_SUBMIT_DIR": ROOT, "SLURMD_NODENAME": "node1",
-        # node1 is not a name this machine resolves: the stand-in's scontrol prints its address.
-        "SLURM_STANDIN_DIR": state, "SLURM_STANDIN_HOST_ADDRS": "node1=127.0.0.1,node2=127.0.0.1",
-        "EXP_DIR": exp, "RECIPE": "optune_tiny", "TP": "2", "PP": "1",
-        "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-    })
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM", "MASTER_", "TORCHELASTIC", "PET_", "CONTAINER_", "NEMO_"))
+        and k
+        not in (
+            "RANK",
+            "LOCAL_RANK",
+            "WORLD_SIZE",
+            "LOCAL_WORLD_SIZE",
+            "GROUP_RANK",
+            "EXP_DIR",
+            "EXP_ROOT",
+            "MAX_TIME",
+            "ENGINE",
+            "RECIPE",
+            "TP",
+            "PP",
+        )
+    }
+    env.update(
+        {
+            "PATH": os.pathsep.join([STANDIN, os.path.dirname(sys.executable), env.get("PATH", "")]),
+            "SLURM_JOB_ID": str(job_id),
+            "SLURM_JOBID": str(job_id),
+            "SLURM_JOB_NAME": "optune",
+            "SLURM_JOB_NODELIST": "node[1-2]",
+            "SLURM_NODELIST": "node[1-2]",
+            "SLURM_NNODES": "2",
+            "SLURM_JOB_NUM_NODES": "2",
+            "SLURM_NTASKS_PER_NODE": str(tasks_per_node),
+            "SLURM_NTASKS": str(2 * tasks_per_node),
+            "SLURM_TASKS_PER_NODE": f"{tasks_per_node}(x2)",
+            "SLURM_SUBMIT_DIR": ROOT,
+            "SLURMD_NODENAME": "node1",
+            # node1 is not a name this machine resolves: the stand-in's scontrol prints its address.
+            "SLURM_STANDIN_DIR": state,
+            "SLURM_STANDIN_HOST_ADDRS": "node1=127.0.0.1,node2=127.0.0.1",
+            "EXP_DIR": exp,
+            "RECIPE": "optune_tiny",
+            "TP": "2",
+            "PP": "1",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -86,8 +115,15 @@ def batch_env(state: str, exp: str, job_id: int, tasks_per_node: int = 2, **extr
 def run_batch(script: str, env: dict, args: list[str], on_line=None, timeout: float = 240) -> tuple[int, str]:
     """bash SCRIPT ARGS in the repository, as slurmd starts a batch script; on_line(line, proc)
     sees the merged output as it comes. Returns (exit status, output)."""
-    proc = subprocess.Popen(["bash", script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", script, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines = []
 
     def read():
@@ -102,7 +138,7 @@ def run_batch(script: str, env: dict, args: list[str], on_line=None, timeout: fl
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # bash and srun; the ranks stop when srun is gone
-        raise AssertionError(f"{os.path.basename(script)} ran past {timeout}s:\n{''.join(lines)[-4000:]}")
+        raise AssertionError(f"{os.path.basename(script)} ran past {timeout}s:\n{''.join(lines)[-4000:]}") from None
     reader.join(timeout=30)
     return code, "".join(lines)
 
@@ -114,16 +150,21 @@ def _records(state: str, name: str) -> list[dict]:
 
 def _overrides(sft_checkpoint: str) -> list[str]:
     # checkpoint_every=0: a checkpoint at the end only, so one before it is the stop's.
-    return TINY + [f"model.restore_from_path={sft_checkpoint}", f"trainer.iterations={ITERATIONS}",
-                   "exp_manager.checkpoint_every=0"]
+    return TINY + [
+        f"model.restore_from_path={sft_checkpoint}",
+        f"trainer.iterations={ITERATIONS}",
+        "exp_manager.checkpoint_every=0",
+    ]
 
 
 def _signal_at_first_iteration(sent: list):
     """on_line: SIGUSR1 to the batch shell once rank 0 has printed its first iteration."""
+
     def on_line(line, proc):
         if line.startswith("[iter 1/") and not sent:
             sent.append(time.monotonic())
             os.kill(proc.pid, signal.SIGUSR1)
+
     return on_line
 
 
@@ -152,8 +193,13 @@ def test_both_scripts_parse():
 def test_scontrol_standin_expands_hostlists_like_slurm():
     env = {**os.environ, "PATH": STANDIN + os.pathsep + os.environ["PATH"]}
     env.pop("SLURM_STANDIN_HOST_ADDRS", None)
-    out = subprocess.run(["scontrol", "show", "hostnames", "node[1-2],gpu[07-08,10]"], env=env,
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", "node[1-2],gpu[07-08,10]"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert out == ["node1", "node2", "gpu07", "gpu08", "gpu10"]
 
 
@@ -177,15 +223,37 @@ def preempted(sft_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm_srun")
     exp, state, job = str(root / "exp"), str(root / "slurm"), _job_id_with_free_port()
     sent = []
-    first = run_batch(MULTINODE, batch_env(state, exp, job, MASTER_PORT=_free_port()), _overrides(sft_checkpoint),
-                      on_line=_signal_at_first_iteration(sent))
-    stopped = json.load(open(os.path.join(exp, "summary.json"))) if os.path.exists(os.path.join(exp, "summary.json")) else None
-    checkpoints = sorted(os.listdir(os.path.join(exp, "checkpoints"))) if os.path.isdir(os.path.join(exp, "checkpoints")) else []
+    first = run_batch(
+        MULTINODE,
+        batch_env(state, exp, job, MASTER_PORT=_free_port()),
+        _overrides(sft_checkpoint),
+        on_line=_signal_at_first_iteration(sent),
+    )
+    stopped = (
+        json.load(open(os.path.join(exp, "summary.json")))
+        if os.path.exists(os.path.join(exp, "summary.json"))
+        else None
+    )
+    checkpoints = (
+        sorted(os.listdir(os.path.join(exp, "checkpoints"))) if os.path.isdir(os.path.join(exp, "checkpoints")) else []
+    )
     requeues = _records(state, "requeue.jsonl")
-    second = run_batch(MULTINODE, batch_env(state, exp, job, MASTER_PORT=_free_port(), SLURM_RESTART_COUNT=1),
-                       _overrides(sft_checkpoint))
-    return {"first": first, "second": second, "sent": sent, "stopped": stopped, "checkpoints": checkpoints,
-            "requeues": requeues, "exp": exp, "state": state, "job": job}
+    second = run_batch(
+        MULTINODE,
+        batch_env(state, exp, job, MASTER_PORT=_free_port(), SLURM_RESTART_COUNT=1),
+        _overrides(sft_checkpoint),
+    )
+    return {
+        "first": first,
+        "second": second,
+        "sent": sent,
+        "stopped": stopped,
+        "checkpoints": checkpoints,
+        "requeues": requeues,
+        "exp": exp,
+        "state": state,
+        "job": job,
+    }
 
 
 def test_torchrun_script_runs_to_the_end(uninterrupted):
@@ -221,7 +289,11 @@ def test_requeued_srun_job_resumes_and_runs_to_the_end_with_ranks_from_slurm(pre
     assert len(_records(preempted["state"], "requeue.jsonl")) == 1  # not again
     start, end = _records(preempted["state"], "srun.jsonl")[2:]
     assert [(t["procid"], t["localid"], t["nodeid"], t["node"]) for t in start["tasks"]] == [
-        (0, 0, 0, "node1"), (1, 1, 0, "node1"), (2, 0, 1, "node2"), (3, 1, 1, "node2")]
+        (0, 0, 0, "node1"),
+        (1, 1, 0, "node1"),
+        (2, 0, 1, "node2"),
+        (3, 1, 1, "node2"),
+    ]
     assert start["step_id"] == 1 and end["signals_forwarded"] == []
     _assert_srun_ended_well(end, out)
     summary = json.load(open(os.path.join(preempted["exp"], "summary.json")))
@@ -268,8 +340,16 @@ def test_container_options_reach_srun_and_the_command_runs_here(tmp_path):
     ignores the options). ENGINE and the job's end time become overrides, before the script's
     arguments (which win)."""
     exp, state = str(tmp_path / "runs" / "exp"), str(tmp_path / "slurm")
-    env = batch_env(state, exp, 4242, MASTER_PORT=1, CONTAINER_IMAGE="/x.sqsh", ENGINE="megatron",
-                    SLURM_JOB_END_TIME=int(time.time()) + 3600, STOP_MARGIN=300)
+    env = batch_env(
+        state,
+        exp,
+        4242,
+        MASTER_PORT=1,
+        CONTAINER_IMAGE="/x.sqsh",
+        ENGINE="megatron",
+        SLURM_JOB_END_TIME=int(time.time()) + 3600,
+        STOP_MARGIN=300,
+    )
     env["PATH"] = FAKE_TRAINER + os.pathsep + env["PATH"]
     code, out = run_batch(MULTINODE, env, ["trainer.iterations=3"], timeout=60)
     assert code == 0, out
@@ -297,16 +377,28 @@ PROTOCOL = {
     "all-finish": ({"FAKE_TASK_0": "summary null; exit 0"}, None, 0, False),
     "all-stop-exit-3": ({"FAKE_TASK_0": f"summary SIGUSR1; {STOP_3}", "FAKE_TASK_DEFAULT": STOP_3}, None, 3, True),
     # --kill-on-bad-exit SIGTERMs the others once rank 3 exited 3: srun says 143, summary.json says stopped.
-    "stop-then-stragglers-killed": ({"FAKE_TASK_0": "summary SIGUSR1; hang", "FAKE_TASK_3": "sleep 0.5; exit 3",
-                                     "FAKE_TASK_DEFAULT": "hang"}, None, 3, True),
+    "stop-then-stragglers-killed": (
+        {"FAKE_TASK_0": "summary SIGUSR1; hang", "FAKE_TASK_3": "sleep 0.5; exit 3", "FAKE_TASK_DEFAULT": "hang"},
+        None,
+        3,
+        True,
+    ),
     "crash-kills-the-rest": ({"FAKE_TASK_1": "exit 1", "FAKE_TASK_DEFAULT": "hang"}, None, 128 + 15, False),
     "bad-config": ({"FAKE_TASK_0": "sleep 0.5; exit 2", "FAKE_TASK_DEFAULT": "on TERM 2"}, None, 2, False),
     # A summary.json from an earlier start does not make a crash look like a stop.
-    "old-summary-then-crash": ({"FAKE_TASK_0": "sleep 0.5; exit 1", "FAKE_TASK_DEFAULT": "on TERM 1"}, "old-summary",
-                               1, False),
+    "old-summary-then-crash": (
+        {"FAKE_TASK_0": "sleep 0.5; exit 1", "FAKE_TASK_DEFAULT": "on TERM 1"},
+        "old-summary",
+        1,
+        False,
+    ),
     # SIGTERM (scancel, preemption, the time limit): saved and exit 3, but the script does not requeue.
-    "sigterm-stops-without-requeue": ({"FAKE_TASK_0": "summary SIGTERM; on TERM 3", "FAKE_TASK_DEFAULT": "on TERM 3"},
-                                      signal.SIGTERM, 3, False),
+    "sigterm-stops-without-requeue": (
+        {"FAKE_TASK_0": "summary SIGTERM; on TERM 3", "FAKE_TASK_DEFAULT": "on TERM 3"},
+        signal.SIGTERM,
+        3,
+        False,
+    ),
     "sigusr1-stops-and-requeues": ({"FAKE_TASK_DEFAULT": "on USR1 3"}, signal.SIGUSR1, 3, True),
 }
 
@@ -335,10 +427,21 @@ def test_exit_status_protocol(case, tmp_path):
     assert code == expected, out
     assert bool(_records(state, "requeue.jsonl")) == requeued, out
     if case == "all-finish":  # what the stand-in gave each task
-        envs = [dict(line.rstrip("\n").split("=", 1) for line in open(os.path.join(state, f"task{r}.env")))
-                for r in range(4)]
+        envs = [
+            dict(line.rstrip("\n").split("=", 1) for line in open(os.path.join(state, f"task{r}.env")))
+            for r in range(4)
+        ]
         assert [(e["SLURM_PROCID"], e["SLURM_LOCALID"], e["SLURM_NODEID"], e["SLURMD_NODENAME"]) for e in envs] == [
-            ("0", "0", "0", "node1"), ("1", "1", "0", "node1"), ("2", "0", "1", "node2"), ("3", "1", "1", "node2")]
+            ("0", "0", "0", "node1"),
+            ("1", "1", "0", "node1"),
+            ("2", "0", "1", "node2"),
+            ("3", "1", "1", "node2"),
+        ]
         for e in envs:
-            assert (e["SLURM_NTASKS"], e["SLURM_NNODES"], e["SLURM_JOB_ID"], e["SLURM_STEP_ID"]) == ("4", "2", "4242", "0")
+            assert (e["SLURM_NTASKS"], e["SLURM_NNODES"], e["SLURM_JOB_ID"], e["SLURM_STEP_ID"]) == (
+                "4",
+                "2",
+                "4242",
+                "0",
+            )
             assert e["SLURM_JOB_NODELIST"] == "node[1-2]" and e["SLURM_TASKS_PER_NODE"] == "2(x2)"

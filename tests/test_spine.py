@@ -5,14 +5,14 @@ import os
 
 import pytest
 import torch
+from conftest import TINY
 
 from nemo_optune.config import load_config
-from nemo_optune.runtime.experiment import ExperimentLog
 from nemo_optune.data.task_data import build_task_data
+from nemo_optune.runtime.experiment import ExperimentLog
 from nemo_optune.trainers.common import setup, sft_checkpoint_dir
 from nemo_optune.trainers.preference import PreferenceTrainer
 from nemo_optune.trainers.sft import run_sft
-from conftest import TINY
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,11 @@ def test_a_window_iteration_regenerates_and_trains_its_window_only(trainer, monk
     expected = sorted(sorted(window.tolist(), key=lambda i: (float(keys[i]), int(age[i]), i))[:16])
     trained = []
     real_train_step = trainer.model.train_step
-    monkeypatch.setattr(trainer.model, "train_step", lambda mbs, fn: (
-        trained.extend(int(i) for mb in mbs for i in mb["indices"]), real_train_step(mbs, fn))[1])
+    monkeypatch.setattr(
+        trainer.model,
+        "train_step",
+        lambda mbs, fn: (trained.extend(int(i) for mb in mbs for i in mb["indices"]), real_train_step(mbs, fn))[1],
+    )
 
     record = trainer.iteration(it)
     assert record["regenerated"] == 16 and record["optimizer_steps"] == 1
@@ -118,7 +121,7 @@ def test_equal_keys_go_to_the_stalest_pairs(trainer, monkeypatch):
     monkeypatch.setattr(store, "chosen_rewards", torch.ones(len(store)))
     monkeypatch.setattr(store, "refreshed_at", ages)
     selected, rho = trainer.pool.select(99, torch.arange(len(store)))
-    assert rho == 0.5 and selected.tolist() == sorted(torch.argsort(ages)[:len(store) // 2].tolist())
+    assert rho == 0.5 and selected.tolist() == sorted(torch.argsort(ages)[: len(store) // 2].tolist())
 
 
 def test_eval_every_skips_held_out_evaluation_between_and_keeps_the_last(trainer, monkeypatch):
@@ -163,7 +166,7 @@ def test_end_to_end_two_iterations(tiny_overrides):
     assert 0 <= summary["heldout_reward_initial"] <= 1
     assert on_disk["wall_seconds"] >= on_disk["sft_seconds"] > 0
     lines = open(os.path.join(exp, "selections.jsonl")).read().splitlines()
-    assert [json.loads(l)["iteration"] for l in lines] == [1, 2]
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2]
     assert len(json.loads(lines[1])["regenerated"]) == 32
     assert os.path.getsize(os.path.join(exp, "report.png")) > 1000
     assert os.listdir(os.path.join(exp, "tensorboard"))
@@ -174,8 +177,8 @@ def test_stored_pairs_are_the_best_and_worst_samples_with_their_own_rewards(trai
     the pool's pairs are oriented (a swap of tokens or of rewards anywhere in the refresh fails)."""
     pool, tok, task = trainer.pool.store, trainer.tokenizer, trainer.data.task
     for i, prompt in enumerate(trainer.pool.prompt_texts):
-        chosen = task.reward(prompt, tok.decode(pool.chosen_tokens[i, :pool.chosen_lengths[i]]))
-        rejected = task.reward(prompt, tok.decode(pool.rejected_tokens[i, :pool.rejected_lengths[i]]))
+        chosen = task.reward(prompt, tok.decode(pool.chosen_tokens[i, : pool.chosen_lengths[i]]))
+        rejected = task.reward(prompt, tok.decode(pool.rejected_tokens[i, : pool.rejected_lengths[i]]))
         assert (chosen, rejected) == pytest.approx((float(pool.chosen_rewards[i]), float(pool.rejected_rewards[i])))
         assert chosen >= rejected
     assert (pool.chosen_rewards > pool.rejected_rewards).sum() > len(pool) // 2

@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import TINY
+
 from nemo_optune.config import load_config
 from nemo_optune.data.batching import iteration_batches
 from nemo_optune.data.task_data import build_task_data
@@ -20,7 +20,9 @@ from nemo_optune.trainers.preference import PreferenceTrainer
 
 def make_trainer(tmp_path, sft_checkpoint, overrides=()):
     cfg = load_config("optune_tiny", TINY + [f"exp_manager.exp_dir={tmp_path}", *overrides])
-    trainer = PreferenceTrainer(cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False))
+    trainer = PreferenceTrainer(
+        cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False)
+    )
     trainer.model.load_policy(sft_checkpoint)
     trainer.model.sync_reference_to_policy()
     return trainer
@@ -51,10 +53,13 @@ def pair_margins(trainer, batch: torch.Tensor) -> torch.Tensor:
     """Delta_i for each pair of the batch, from independent forward passes of policy and reference."""
     pool, prompts, out = trainer.pool.store, trainer.pool.prompt_ids, []
     for i in batch.tolist():
-        chosen = pool.chosen_tokens[i, :pool.chosen_lengths[i]]
-        rejected = pool.rejected_tokens[i, :pool.rejected_lengths[i]]
-        logps = [independent_logps(m, prompts[i], r) for m in (trainer.model.policy, trainer.model.reference)
-                 for r in (chosen, rejected)]
+        chosen = pool.chosen_tokens[i, : pool.chosen_lengths[i]]
+        rejected = pool.rejected_tokens[i, : pool.rejected_lengths[i]]
+        logps = [
+            independent_logps(m, prompts[i], r)
+            for m in (trainer.model.policy, trainer.model.reference)
+            for r in (chosen, rejected)
+        ]
         out.append((logps[0] - logps[2]) - (logps[1] - logps[3]))
     return torch.tensor(out, dtype=torch.float64)
 
@@ -206,9 +211,17 @@ def test_hypo_kl_term_alone_moves_the_policy_towards_the_reference(tmp_path, sft
     gradient step on the KL term alone (every preference pair masked out) lowers the held-out
     reverse KL. (A plain step, not Adam's: Adam's first steps move every weight by +-lr
     whatever the gradient's size, and the noise of a sampled gradient then dominates.)"""
-    trainer = make_trainer(tmp_path / "run", sft_checkpoint, [
-        "method=hypo", f"data.offline_path={offline_jsonl}", "model.optune.weighting=none",
-        "model.hypo.kl_weight=1.0", "model.hypo.samples_per_prompt=8"])
+    trainer = make_trainer(
+        tmp_path / "run",
+        sft_checkpoint,
+        [
+            "method=hypo",
+            f"data.offline_path={offline_jsonl}",
+            "model.optune.weighting=none",
+            "model.hypo.kl_weight=1.0",
+            "model.hypo.samples_per_prompt=8",
+        ],
+    )
     params = list(trainer.model.policy.parameters())
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # push the policy away from the reference
@@ -227,7 +240,7 @@ def test_hypo_kl_term_alone_moves_the_policy_towards_the_reference(tmp_path, sft
         assert sum(float(m["kl"]) for m in metrics) > 0.2
         for g, p in zip(gradient, params):
             g += p.grad
-    norm = torch.sqrt(sum((g ** 2).sum() for g in gradient))
+    norm = torch.sqrt(sum((g**2).sum() for g in gradient))
 
     def kl_after_step(size: float) -> float:
         with torch.no_grad():

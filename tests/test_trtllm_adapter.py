@@ -17,7 +17,7 @@ import inspect
 import os
 import sys
 import types
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import pytest
 import torch
@@ -42,10 +42,10 @@ class FakeSamplingParams:
     end_id: Optional[int] = None
     pad_id: Optional[int] = None
     max_tokens: int = 32
-    bad: Optional[Union[str, List[str]]] = None
-    bad_token_ids: Optional[List[int]] = None
-    stop: Optional[Union[str, List[str]]] = None
-    stop_token_ids: Optional[List[int]] = None
+    bad: Optional[Union[str, list[str]]] = None
+    bad_token_ids: Optional[list[int]] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stop_token_ids: Optional[list[int]] = None
     include_stop_str_in_output: bool = False
     embedding_bias: Any = None
     logits_processor: Any = None
@@ -70,7 +70,7 @@ class FakeSamplingParams:
     early_stopping: Optional[int] = None
     no_repeat_ngram_size: Optional[int] = None
     min_p: Optional[float] = None
-    beam_width_array: Optional[List[int]] = None
+    beam_width_array: Optional[list[int]] = None
     logprobs: Optional[int] = None
     prompt_logprobs: Optional[int] = None
     return_context_logits: bool = False
@@ -78,7 +78,7 @@ class FakeSamplingParams:
     exclude_input_from_output: bool = True
     return_encoder_output: bool = False
     return_perf_metrics: bool = False
-    additional_model_outputs: Optional[List[str]] = None
+    additional_model_outputs: Optional[list[str]] = None
     _context_logits_auto_enabled: bool = False
     _generation_logits_auto_enabled: bool = False
     _return_log_probs: bool = False
@@ -108,15 +108,15 @@ class Logprob:
 class CompletionOutput:  # R1 result.html: CompletionOutput fields (the adapter reads index, token_ids, logprobs)
     index: int
     text: str = ""
-    token_ids: Optional[List[int]] = dataclasses.field(default_factory=list)
+    token_ids: Optional[list[int]] = dataclasses.field(default_factory=list)
     cumulative_logprob: Optional[float] = None
     logprobs: Any = None  # TokenLogprobs (list[dict[int, Logprob]]) | List[float]
     prompt_logprobs: Any = None
-    finish_reason: Optional[Literal['stop', 'length', 'timeout', 'cancelled']] = None
+    finish_reason: Optional[Literal["stop", "length", "timeout", "cancelled"]] = None
     stop_reason: Optional[Union[int, str]] = None
     generation_logits: Optional[torch.Tensor] = None
-    additional_context_outputs: Optional[Dict[str, torch.Tensor]] = None
-    additional_generation_outputs: Optional[Dict[str, torch.Tensor]] = None
+    additional_context_outputs: Optional[dict[str, torch.Tensor]] = None
+    additional_generation_outputs: Optional[dict[str, torch.Tensor]] = None
     disaggregated_params: Any = None
     request_perf_metrics: Any = None
 
@@ -135,18 +135,38 @@ class RealSignatures:
     """The real methods' signatures (bodies irrelevant)."""
 
     # R1 tensorrt_llm/llmapi/llm.py (1.2.1/_modules/tensorrt_llm/llmapi/llm.html): BaseLLM.__init__
-    def llm_init(self, model, tokenizer=None, tokenizer_mode='auto', skip_tokenizer_init: bool = False,
-                 trust_remote_code: bool = False, tensor_parallel_size: int = 1, dtype: str = "auto",
-                 revision=None, tokenizer_revision=None, **kwargs): ...
+    def llm_init(
+        self,
+        model,
+        tokenizer=None,
+        tokenizer_mode="auto",
+        skip_tokenizer_init: bool = False,
+        trust_remote_code: bool = False,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        revision=None,
+        tokenizer_revision=None,
+        **kwargs,
+    ): ...
 
     # R1 tensorrt_llm/_torch/async_llm.py (1.2.1/_modules/tensorrt_llm/_torch/async_llm.html): AsyncLLM.__init__
-    def async_llm_init(self, placement_groups=None, placement_bundle_indices=None, per_worker_gpu_share=None,
-                       *args, **kwargs): ...
+    def async_llm_init(
+        self, placement_groups=None, placement_bundle_indices=None, per_worker_gpu_share=None, *args, **kwargs
+    ): ...
 
     # R1 llm.html: BaseLLM.generate
-    def generate(self, inputs, sampling_params=None, use_tqdm: bool = True, lora_request=None,
-                 prompt_adapter_request=None, kv_cache_retention_config=None, disaggregated_params=None,
-                 scheduling_params=None, cache_salt=None): ...
+    def generate(
+        self,
+        inputs,
+        sampling_params=None,
+        use_tqdm: bool = True,
+        lora_request=None,
+        prompt_adapter_request=None,
+        kv_cache_retention_config=None,
+        disaggregated_params=None,
+        scheduling_params=None,
+        cache_salt=None,
+    ): ...
 
     # R1 async_llm.html: AsyncLLM.setup_async / release / resume / collective_rpc
     async def setup_async(self): ...
@@ -155,8 +175,9 @@ class RealSignatures:
 
     async def resume(self, tags: list[str]): ...
 
-    async def collective_rpc(self, method: str, args: tuple = (), kwargs: Optional[dict] = None,
-                             unique_reply_rank: Optional[int] = None) -> list: ...
+    async def collective_rpc(
+        self, method: str, args: tuple = (), kwargs: Optional[dict] = None, unique_reply_rank: Optional[int] = None
+    ) -> list: ...
 
     # R1 llm.html: BaseLLM.shutdown (registered with exception_handler / atexit)
     def shutdown(self) -> None: ...
@@ -181,8 +202,14 @@ class FakeAsyncLLM:
         _bind(RealSignatures.async_llm_init, self, *args, **kwargs)
         _bind(RealSignatures.llm_init, self, *args, **kwargs)
         # LlmArgs fields the adapter (or this test's llm_kwargs) passes
-        assert set(kwargs) <= {"model", "skip_tokenizer_init", "tensor_parallel_size", "dtype", "kv_cache_config",
-                               "enable_sleep"}
+        assert set(kwargs) <= {
+            "model",
+            "skip_tokenizer_init",
+            "tensor_parallel_size",
+            "dtype",
+            "kv_cache_config",
+            "enable_sleep",
+        }
         CALLS.append(("AsyncLLM", kwargs))
         self.loaded: dict = {}
         self.finalised = 0
@@ -198,8 +225,10 @@ class FakeAsyncLLM:
         CALLS.append(("generate", inputs, sampling, bound.get("use_tqdm", True)))
         assert isinstance(inputs, list) and all(isinstance(p, list) for p in inputs)
         assert isinstance(sampling, list) and len(sampling) == len(inputs)
-        return [types.SimpleNamespace(prompt_token_ids=p, outputs=FakeAsyncLLM.script(p, sp))
-                for p, sp in zip(inputs, sampling)]
+        return [
+            types.SimpleNamespace(prompt_token_ids=p, outputs=FakeAsyncLLM.script(p, sp))
+            for p, sp in zip(inputs, sampling)
+        ]
 
     async def release(self, *args, **kwargs):
         tags = _bind(RealSignatures.release, self, *args, **kwargs).arguments["tags"]
@@ -240,8 +269,12 @@ def _fake_module():
     utils = types.ModuleType("tensorrt_llm._torch.utils")
     utils.get_device_uuid = get_device_uuid
     root.llmapi, root._torch, torch_pkg.utils = llmapi, torch_pkg, utils
-    return {"tensorrt_llm": root, "tensorrt_llm.llmapi": llmapi, "tensorrt_llm._torch": torch_pkg,
-            "tensorrt_llm._torch.utils": utils}
+    return {
+        "tensorrt_llm": root,
+        "tensorrt_llm.llmapi": llmapi,
+        "tensorrt_llm._torch": torch_pkg,
+        "tensorrt_llm._torch.utils": utils,
+    }
 
 
 def _ipc_handle(tensor):
@@ -257,8 +290,11 @@ def trt(monkeypatch, tmp_path):
 
     monkeypatch.setattr(trtllm_engine, "_ipc_handle", _ipc_handle)
     CALLS.clear()
-    weights = {"model.embed_tokens.weight": torch.randn(8, 4), "model.norm.weight": torch.randn(4),
-               "lm_head.weight": torch.randn(8, 4)}
+    weights = {
+        "model.embed_tokens.weight": torch.randn(8, 4),
+        "model.norm.weight": torch.randn(4),
+        "lm_head.weight": torch.randn(8, 4),
+    }
     save_file(weights, os.path.join(tmp_path, "model.safetensors"))
     return trtllm_engine, str(tmp_path), weights
 
@@ -278,9 +314,15 @@ def test_construction_and_generate(trt):
         outs = []
         for k in range(sp.n):
             tokens = [5 + k, 6, 3, 9] if k == 0 else [5 + k, 6, 7, 8]
-            outs.append(CompletionOutput(index=k, token_ids=tokens[:sp.max_tokens],
-                                         logprobs=[{t: Logprob(-0.1 * (i + 1), 1)} for i, t in enumerate(tokens)]))
+            outs.append(
+                CompletionOutput(
+                    index=k,
+                    token_ids=tokens[: sp.max_tokens],
+                    logprobs=[{t: Logprob(-0.1 * (i + 1), 1)} for i, t in enumerate(tokens)],
+                )
+            )
         return outs[::-1]  # out of order: the adapter sorts by index
+
     FakeAsyncLLM.script = script
     engine = _engine(trt, free_gpu_memory_fraction=0.3)
     assert CALLS[0][0] == "AsyncLLM" and CALLS[1] == ("setup_async",)
@@ -288,14 +330,25 @@ def test_construction_and_generate(trt):
     assert kwargs["model"] == trt[1] and kwargs["skip_tokenizer_init"] is True and kwargs["tensor_parallel_size"] == 1
     assert kwargs["kv_cache_config"].free_gpu_memory_fraction == 0.3
 
-    out = engine.generate([[1, 4], [1, 4, 4]], 2, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=4),
-                          seeds=[11, 12])
+    out = engine.generate(
+        [[1, 4], [1, 4, 4]], 2, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=4), seeds=[11, 12]
+    )
     name, inputs, sampling, use_tqdm = CALLS[-1]
     assert name == "generate" and inputs == [[1, 4], [1, 4, 4]] and use_tqdm is False
     assert [s.seed for s in sampling] == [11, 12] and all(s.n == 2 for s in sampling)
     s = sampling[0]
-    assert (s.max_tokens, s.logprobs, s.temperature, s.top_p, s.top_k, s.stop_token_ids, s.end_id, s.pad_id,
-            s.include_stop_str_in_output, s.detokenize) == (4, 1, 1.0, 0.9, None, [2, 3], 2, 0, True, False)
+    assert (
+        s.max_tokens,
+        s.logprobs,
+        s.temperature,
+        s.top_p,
+        s.top_k,
+        s.stop_token_ids,
+        s.end_id,
+        s.pad_id,
+        s.include_stop_str_in_output,
+        s.detokenize,
+    ) == (4, 1, 1.0, 0.9, None, [2, 3], 2, 0, True, False)
     assert out.response_tokens.tolist() == [[5, 6, 3, 0], [6, 6, 7, 8], [5, 6, 3, 0], [6, 6, 7, 8]]
     assert out.response_lengths.tolist() == [3, 4, 3, 4]
     expected = torch.tensor([[-0.1, -0.2, -0.3, 0.0], [-0.1, -0.2, -0.3, -0.4]]).repeat(2, 1)
@@ -318,9 +371,11 @@ def test_refit_buckets_then_finalise(trt):
     CALLS.clear()
     engine.refit(iter(weights.items()))
     rpc = [c for c in CALLS if c[0] == "update_weights"]
-    assert rpc == [("update_weights", ["model.embed_tokens.weight", "model.norm.weight"]),
-                   ("update_weights", ["lm_head.weight"]),
-                   ("update_weights", None)]
+    assert rpc == [
+        ("update_weights", ["model.embed_tokens.weight", "model.norm.weight"]),
+        ("update_weights", ["lm_head.weight"]),
+        ("update_weights", None),
+    ]
     assert CALLS[0] == ("get_device_uuid", 0)
     for name, tensor in weights.items():
         assert torch.equal(engine.llm.loaded[name], tensor)
@@ -343,14 +398,20 @@ def test_partial_refit_is_refused_before_finalise(trt):
 
 def test_release_resume(trt):
     engine = _engine(trt)
-    engine.release(); engine.resume()
+    engine.release()
+    engine.resume()
     assert not [c for c in CALLS if c[0] in ("release", "resume")]  # sleep off: nothing to free
     assert "timing/engine_sleep_seconds" not in engine.last_timings
     engine = _engine(trt, sleep=True, llm_kwargs={"enable_sleep": True})
     assert CALLS[-2][1]["enable_sleep"] is True
-    engine.release(); engine.release(); engine.resume(); engine.resume()
-    assert [c for c in CALLS if c[0] in ("release", "resume")] == [("release", ["model", "kv_cache"]),
-                                                                   ("resume", ["model", "kv_cache"])]
+    engine.release()
+    engine.release()
+    engine.resume()
+    engine.resume()
+    assert [c for c in CALLS if c[0] in ("release", "resume")] == [
+        ("release", ["model", "kv_cache"]),
+        ("resume", ["model", "kv_cache"]),
+    ]
     assert {"timing/engine_sleep_seconds", "timing/engine_wake_seconds"} <= set(engine.last_timings)
     engine.shutdown()
     assert CALLS[-1] == ("shutdown",)

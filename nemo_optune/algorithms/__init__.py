@@ -20,3 +20,23 @@ from nemo_optune.algorithms.selection import (
     select_random,
     selection_keys,
 )
+
+__all__ = [
+    "adaptive_rho",
+    "balanced_shard",
+    "best_worst_pairs",
+    "dpo_loss",
+    "dpo_margin",
+    "ipo_loss",
+    "num_selected",
+    "preference_loss",
+    "reward_gap_weights",
+    "rloo_kl_loss",
+    "rloo_kl_loss_sum",
+    "select_lowest",
+    "select_prompts",
+    "select_random",
+    "selection_keys",
+    "sft_nll",
+    "weighted_mean",
+]

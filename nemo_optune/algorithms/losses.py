@@ -4,8 +4,12 @@ import torch
 import torch.nn.functional as F
 
 
-def dpo_margin(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-               ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor) -> torch.Tensor:
+def dpo_margin(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+) -> torch.Tensor:
     """Delta = [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)], per pair [B]."""
     return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
 
@@ -29,8 +33,9 @@ def preference_loss(margin: torch.Tensor, beta: float, loss_type: str) -> torch.
     raise ValueError(f"unknown loss_type {loss_type!r} (dpo | ipo)")
 
 
-def reward_gap_weights(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, scheme: str,
-                       beta_w: float, cap: float | None) -> torch.Tensor:
+def reward_gap_weights(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, scheme: str, beta_w: float, cap: float | None
+) -> torch.Tensor:
     """Raw OPTune pair weights w = f(beta_w * (r_w - r_l)), capped; no gradient.
 
     f: none -> 1, linear -> x, exp -> e^x, sigmoid -> sigma(x). A wider reward gap marks a
@@ -49,8 +54,9 @@ def reward_gap_weights(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     return w.clamp(max=cap) if cap is not None else w
 
 
-def weighted_mean(per_pair_loss: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
-                  weight_total: float) -> torch.Tensor:
+def weighted_mean(
+    per_pair_loss: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, weight_total: float
+) -> torch.Tensor:
     """sum_i mask_i w_i loss_i / weight_total.
 
     `weight_total` is sum(mask * w) over the GLOBAL batch, so summing this over micro-batches

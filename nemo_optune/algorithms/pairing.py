@@ -3,8 +3,9 @@
 import torch
 
 
-def best_worst_pairs(rewards: torch.Tensor, drop_non_finite: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def best_worst_pairs(
+    rewards: torch.Tensor, drop_non_finite: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """rewards [N, K] -> (chosen index [N], rejected index [N], valid [N]).
 
     Ties resolve to the first occurrence. A row whose K rewards are all equal carries no

@@ -3,8 +3,9 @@
 import torch
 
 
-def rloo_kl_loss_sum(policy_logps: torch.Tensor, ref_logps: torch.Tensor, num_prompts_total: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def rloo_kl_loss_sum(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor, num_prompts_total: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, kl) summed over these prompts and divided by the GLOBAL prompt count, so
     contributions add up exactly over micro-batches and data-parallel ranks.
 

@@ -32,8 +32,14 @@ def select_random(num_prompts: int, count: int, generator: torch.Generator) -> t
     return torch.randperm(num_prompts, generator=generator)[:count].sort().values
 
 
-def select_prompts(strategy: str, count: int, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-                   key: str, generator: torch.Generator) -> torch.Tensor:
+def select_prompts(
+    strategy: str,
+    count: int,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    key: str,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """lowest: OPTune (worst data first); smallest_gap: least informative pairs first;
     random: uniform; all: every prompt (online DPO)."""
     n = chosen_rewards.shape[0]
@@ -52,4 +58,4 @@ def balanced_shard(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor
     """Rank's contiguous part of `indices`; part sizes differ by at most one."""
     base, extra = divmod(len(indices), world)
     start = rank * base + min(rank, extra)
-    return indices[start:start + base + (1 if rank < extra else 0)]
+    return indices[start : start + base + (1 if rank < extra else 0)]

@@ -11,8 +11,9 @@ import torch
 from nemo_optune.runtime.seeds import mix_seed
 
 
-def iteration_batches(num_records: int, global_batch_size: int, epochs_per_iteration: int, iteration: int,
-                      seed: int) -> list[torch.Tensor]:
+def iteration_batches(
+    num_records: int, global_batch_size: int, epochs_per_iteration: int, iteration: int, seed: int
+) -> list[torch.Tensor]:
     """The global batches (pool indices) of one iteration: the batches whose last record falls
     in this iteration's share of the stream."""
     per_iteration = epochs_per_iteration * num_records
@@ -22,7 +23,9 @@ def iteration_batches(num_records: int, global_batch_size: int, epochs_per_itera
 
     def order(epoch: int) -> torch.Tensor:
         if epoch not in epochs:
-            epochs[epoch] = torch.randperm(num_records, generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 7)))
+            epochs[epoch] = torch.randperm(
+                num_records, generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 7))
+            )
         return epochs[epoch]
 
     batches = []
@@ -39,9 +42,11 @@ def iteration_window(num_prompts: int, per_iteration: int | None, iteration: int
     if per_iteration is None:
         return torch.arange(num_prompts)
     windows = num_prompts // per_iteration
-    order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(mix_seed(seed, iteration // windows, 11)))
+    order = torch.randperm(
+        num_prompts, generator=torch.Generator().manual_seed(mix_seed(seed, iteration // windows, 11))
+    )
     start = (iteration % windows) * per_iteration
-    return order[start:start + per_iteration]
+    return order[start : start + per_iteration]
 
 
 def micro_batch_size_for(share: int, cap: int) -> int:
@@ -51,8 +56,9 @@ def micro_batch_size_for(share: int, cap: int) -> int:
     return max(size for size in range(1, min(share, cap) + 1) if share % size == 0)
 
 
-def token_budget_groups(lengths: torch.Tensor, max_rows: int, token_budget: int, rows_per_item: int = 1
-                        ) -> list[torch.Tensor]:
+def token_budget_groups(
+    lengths: torch.Tensor, max_rows: int, token_budget: int, rows_per_item: int = 1
+) -> list[torch.Tensor]:
     """Positions of `lengths` (one item each, `rows_per_item` sequences of that length) in
     micro-batches bounded by padded tokens: items sorted by length (stable), consecutive ones
     grouped while items <= max_rows and rows x longest <= token_budget. An item longer than
@@ -64,7 +70,7 @@ def token_budget_groups(lengths: torch.Tensor, max_rows: int, token_budget: int,
         longest = int(lengths[order[end - 1]])
         if end - start > max_rows or (end - start) * rows_per_item * longest > token_budget:
             if end - 1 > start:
-                groups.append(order[start:end - 1])
+                groups.append(order[start : end - 1])
                 start = end - 1
     if len(order):
         groups.append(order[start:])

@@ -21,8 +21,15 @@ class OfflinePool:
     identical_pairs: int  # records whose chosen and rejected responses are the same: kept out of the loss
 
 
-def build_offline_pool(path: str, tokenizer, max_prompt_tokens: int, max_new_tokens: int, long_prompts: str,
-                       min_records: int, apply_chat_template: bool = False) -> OfflinePool:
+def build_offline_pool(
+    path: str,
+    tokenizer,
+    max_prompt_tokens: int,
+    max_new_tokens: int,
+    long_prompts: str,
+    min_records: int,
+    apply_chat_template: bool = False,
+) -> OfflinePool:
     """Pairs (and rewards, when the file gives them; else 1 / 0) from a preference file.
 
     Prompts over `max_prompt_tokens` follow `long_prompts` (error | skip | truncate, keeping
@@ -38,8 +45,10 @@ def build_offline_pool(path: str, tokenizer, max_prompt_tokens: int, max_new_tok
             raise DataError(f"{r.where}: {err}") from None
         for side, ids in zip(("chosen", "rejected"), pair):
             if len(ids) > max_new_tokens:
-                raise DataError(f"{r.where}: {side} response has {len(ids)} tokens with EOS, more than "
-                                f"generation.max_new_tokens={max_new_tokens}")
+                raise DataError(
+                    f"{r.where}: {side} response has {len(ids)} tokens with EOS, more than "
+                    f"generation.max_new_tokens={max_new_tokens}"
+                )
         fitted = fit_prompt(prompt, max_prompt_tokens, long_prompts, r.where)
         too_long += fitted is not prompt
         if fitted is None:
@@ -50,14 +59,16 @@ def build_offline_pool(path: str, tokenizer, max_prompt_tokens: int, max_new_tok
         records.append(r)
     usable = len(records) - identical
     if usable < min_records:
-        raise DataError(f"{path}: {usable} usable preference records ({too_long} over the length limit, "
-                        f"{identical} with identical responses), fewer than one global batch "
-                        f"(trainer.global_batch_size={min_records})")
+        raise DataError(
+            f"{path}: {usable} usable preference records ({too_long} over the length limit, "
+            f"{identical} with identical responses), fewer than one global batch "
+            f"(trainer.global_batch_size={min_records})"
+        )
     pool = PromptPool.empty(len(records), max_new_tokens)
     for i, ((chosen, rejected), r) in enumerate(zip(pairs, records)):
-        pool.chosen_tokens[i, :len(chosen)] = torch.tensor(chosen)
+        pool.chosen_tokens[i, : len(chosen)] = torch.tensor(chosen)
         pool.chosen_lengths[i] = len(chosen)
-        pool.rejected_tokens[i, :len(rejected)] = torch.tensor(rejected)
+        pool.rejected_tokens[i, : len(rejected)] = torch.tensor(rejected)
         pool.rejected_lengths[i] = len(rejected)
         pool.chosen_rewards[i] = 1.0 if r.chosen_reward is None else r.chosen_reward
         pool.rejected_rewards[i] = 0.0 if r.rejected_reward is None else r.rejected_reward

@@ -31,14 +31,19 @@ def packed_pair_sequences(prompts: list[list[int]], rows: dict, width: int, pad_
         tokens[b, :p] = torch.tensor(prompt)
         tokens[b, p:bridge] = rows["chosen_tokens"][b, :c]
         tokens[b, bridge] = prompt[-1]
-        tokens[b, bridge + 1:bridge + 1 + r] = rows["rejected_tokens"][b, :r]
+        tokens[b, bridge + 1 : bridge + 1 + r] = rows["rejected_tokens"][b, :r]
         positions[b, :bridge] = torch.arange(bridge)
-        positions[b, bridge:bridge + 1 + r] = torch.arange(p - 1, p + r)
-        loss_mask[b, p - 1:bridge - 1] = 1.0  # labels: the chosen response
-        rejected_mask[b, bridge:bridge + r] = 1.0  # labels: the rejected response
+        positions[b, bridge : bridge + 1 + r] = torch.arange(p - 1, p + r)
+        loss_mask[b, p - 1 : bridge - 1] = 1.0  # labels: the chosen response
+        rejected_mask[b, bridge : bridge + r] = 1.0  # labels: the rejected response
         layout[b] = torch.tensor([p, bridge, bridge + 1 + r])
-    return {"tokens": tokens, "positions": positions, "loss_mask": loss_mask + rejected_mask,
-            "rejected_mask": rejected_mask, "pack_layout": layout}
+    return {
+        "tokens": tokens,
+        "positions": positions,
+        "loss_mask": loss_mask + rejected_mask,
+        "rejected_mask": rejected_mask,
+        "pack_layout": layout,
+    }
 
 
 def packed_attention_mask(layout: torch.Tensor, width: int) -> torch.Tensor:

@@ -58,8 +58,9 @@ class PromptPool:
             value.copy_(state[name])
 
 
-def build_sequences(prompts: list[list[int]], responses: torch.Tensor, response_lengths: torch.Tensor,
-                    width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def build_sequences(
+    prompts: list[list[int]], responses: torch.Tensor, response_lengths: torch.Tensor, width: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded prompt+response token rows [B, width] and the loss mask [B, width] that
     selects the positions whose NEXT token is a response token (labels are tokens shifted by one)."""
     rows = len(prompts)
@@ -68,6 +69,6 @@ def build_sequences(prompts: list[list[int]], responses: torch.Tensor, response_
     for b, prompt in enumerate(prompts):
         p, n = len(prompt), int(response_lengths[b])
         tokens[b, :p] = torch.tensor(prompt)
-        tokens[b, p:p + n] = responses[b, :n]
-        loss_mask[b, p - 1:p + n - 1] = 1.0
+        tokens[b, p : p + n] = responses[b, :n]
+        loss_mask[b, p - 1 : p + n - 1] = 1.0
     return tokens, loss_mask

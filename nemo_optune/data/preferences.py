@@ -44,7 +44,9 @@ def _prompt(row: dict, where: str, fields: tuple[str, str]):
         chats = [check_messages(row[f], where, f) for f in fields]
         prompts = [prompt_messages(chat, where, f) for chat, f in zip(chats, fields)]
         if prompts[0] != prompts[1]:
-            raise DataError(f"{where}: {fields[0]!r} and {fields[1]!r} do not share their turns up to the last user turn")
+            raise DataError(
+                f"{where}: {fields[0]!r} and {fields[1]!r} do not share their turns up to the last user turn"
+            )
         return prompts[0]
     if isinstance(row["prompt"], str):
         if not row["prompt"].strip():
@@ -57,7 +59,9 @@ def _rewards(row: dict, where: str) -> list[float | None]:
     rewards = []
     for key in ("chosen_reward", "rejected_reward"):
         value = row.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
             raise DataError(f"{where}: field {key!r} must be a finite number, got {value!r}")
         rewards.append(None if value is None else float(value))
     if (rewards[0] is None) != (rewards[1] is None):

@@ -7,8 +7,9 @@ from nemo_optune.data.records import DataError, check_messages, prompt_messages,
 Prompt = str | tuple[dict, ...]  # text, or chat messages ending with a user turn
 
 
-def read_prompts(path: str, prompt_field: str = "prompt", messages_field: str = "messages"
-                 ) -> tuple[list[Prompt], list[str]]:
+def read_prompts(
+    path: str, prompt_field: str = "prompt", messages_field: str = "messages"
+) -> tuple[list[Prompt], list[str]]:
     """(prompts, where each came from)."""
     prompts, wheres = [], []
     for where, row in read_records(path):
@@ -18,10 +19,14 @@ def read_prompts(path: str, prompt_field: str = "prompt", messages_field: str = 
                 raise DataError(f"{where}: empty prompt")
             prompts.append(row[prompt_field])
         elif messages_field in row:
-            prompts.append(prompt_messages(check_messages(row[messages_field], where, messages_field), where, messages_field))
+            prompts.append(
+                prompt_messages(check_messages(row[messages_field], where, messages_field), where, messages_field)
+            )
         else:
-            raise DataError(f"{where}: needs a string field {prompt_field!r} or a list field {messages_field!r} "
-                            f"(data.prompt_field / data.messages_field)")
+            raise DataError(
+                f"{where}: needs a string field {prompt_field!r} or a list field {messages_field!r} "
+                f"(data.prompt_field / data.messages_field)"
+            )
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts, wheres
@@ -52,8 +57,9 @@ def fit_prompt(ids: list[int], limit: int, policy: str, where: str) -> list[int]
     if len(ids) <= limit:
         return ids
     if policy == "error":
-        raise DataError(f"{where}: prompt has {len(ids)} tokens, over the limit of {limit} "
-                        f"(data.long_prompts: skip or truncate)")
+        raise DataError(
+            f"{where}: prompt has {len(ids)} tokens, over the limit of {limit} (data.long_prompts: skip or truncate)"
+        )
     return None if policy == "skip" else ids[-limit:]
 
 
@@ -63,8 +69,9 @@ def encode_prompt_file(path: str, tokenizer, data_cfg, limit: int) -> tuple[list
     return encode_prompt_set(prompts, where, tokenizer, data_cfg, limit)
 
 
-def encode_prompt_set(prompts: list[Prompt], where: list[str], tokenizer, data_cfg, limit: int
-                      ) -> tuple[list[Prompt], list[list[int]], int]:
+def encode_prompt_set(
+    prompts: list[Prompt], where: list[str], tokenizer, data_cfg, limit: int
+) -> tuple[list[Prompt], list[list[int]], int]:
     """(prompts as reward sources see them, token ids, how many were over the limit). A reward
     source gets a text prompt as is and a conversation as its list of {role, content} turns (as
     TRL's reward functions do), never the policy's chat-template rendering, which a reward model
@@ -77,8 +84,13 @@ def encode_prompt_set(prompts: list[Prompt], where: list[str], tokenizer, data_c
         too_long += fitted is not encoded
         if fitted is not None:
             ids.append(fitted)
-            texts.append(tokenizer.decode(fitted) if fitted is not encoded
-                         else prompt if isinstance(prompt, str) else [dict(turn) for turn in prompt])
+            texts.append(
+                tokenizer.decode(fitted)
+                if fitted is not encoded
+                else prompt
+                if isinstance(prompt, str)
+                else [dict(turn) for turn in prompt]
+            )
     if not ids:
         raise DataError(f"{where[0].rsplit(':', 1)[0]}: no usable prompts (all {too_long} over the length limit)")
     return texts, ids, too_long

@@ -3,7 +3,7 @@ conventions shared by prompt and preference sets. Every problem is `FILE:LINE: w
 (`FILE:row N` for parquet), raised before any model is built."""
 
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 ROLES = ("system", "user", "assistant")
 
@@ -27,7 +27,9 @@ def read_records(path: str) -> Iterator[tuple[str, dict]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
+                raise DataError(
+                    f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -59,7 +61,7 @@ def check_messages(messages, where: str, field: str) -> list[dict]:
         raise DataError(f"{where}: field {field!r} must be a non-empty list of messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: {field}[{i}] must be {{\"role\": system|user|assistant, \"content\": string}}")
+            raise DataError(f'{where}: {field}[{i}] must be {{"role": system|user|assistant, "content": string}}')
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -69,4 +71,4 @@ def prompt_messages(messages: list[dict], where: str, field: str) -> tuple[dict,
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
     if last_user is None:
         raise DataError(f"{where}: field {field!r} has no user turn")
-    return tuple(messages[:last_user + 1])
+    return tuple(messages[: last_user + 1])

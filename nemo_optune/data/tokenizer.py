@@ -84,8 +84,11 @@ class HFTokenizer:
             raise ValueError(f"cannot tokenize {text[:40]!r} ({err})") from None
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return list(self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=True, return_dict=False))
+        return list(
+            self.tok.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+            )
+        )
 
     def save_pretrained(self, directory: str) -> None:
         self.tok.save_pretrained(directory)

@@ -26,13 +26,17 @@ class Rollouts:
     @classmethod
     def empty(cls, rows: int, max_new_tokens: int, pad_id: int) -> "Rollouts":
         """`rows` responses of no tokens yet, for an engine to fill in."""
-        return cls(torch.full((rows, max_new_tokens), pad_id, dtype=torch.long), torch.zeros(rows, dtype=torch.long),
-                   torch.zeros(rows, max_new_tokens))
+        return cls(
+            torch.full((rows, max_new_tokens), pad_id, dtype=torch.long),
+            torch.zeros(rows, dtype=torch.long),
+            torch.zeros(rows, max_new_tokens),
+        )
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[list[int]], num_samples: int, params: SamplingParams,
-                 seeds: list[int]) -> Rollouts:
+    def generate(
+        self, prompts: list[list[int]], num_samples: int, params: SamplingParams, seeds: list[int]
+    ) -> Rollouts:
         """Sample `num_samples` responses per prompt (token ids). `seeds[p]` fixes prompt p's
         randomness, so a prompt's samples do not depend on which rank or batch it lands in."""
 

@@ -23,12 +23,24 @@ def build_engine(cfg, model, tokenizer, progress=None, exp_dir: str | None = Non
     if g.engine == "megatron":
         from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
 
-        return MegatronInProcessEngine(model, tokenizer.eos_ids, tokenizer.pad_id, g.micro_batch_size,
-                                       rows_per_pass=g.micro_batch_size,  # bounds the KV cache
-                                       progress=progress)
+        return MegatronInProcessEngine(
+            model,
+            tokenizer.eos_ids,
+            tokenizer.pad_id,
+            g.micro_batch_size,
+            rows_per_pass=g.micro_batch_size,  # bounds the KV cache
+            progress=progress,
+        )
     if g.engine in ("vllm", "trtllm"):
-        return ExternalEngine(g.engine, model, tokenizer.eos_ids, tokenizer.pad_id, g,
-                              engine_dir=g.engine_dir, tokenizer_dir=_tokenizer_dir(tokenizer))
+        return ExternalEngine(
+            g.engine,
+            model,
+            tokenizer.eos_ids,
+            tokenizer.pad_id,
+            g,
+            engine_dir=g.engine_dir,
+            tokenizer_dir=_tokenizer_dir(tokenizer),
+        )
     raise ValueError(f"config key generation.engine: {g.engine!r} is not one of megatron, vllm, trtllm")
 
 
@@ -72,8 +84,16 @@ class ExternalEngine:
 
     Runs in a single training process (config.validate_engine refuses more for now)."""
 
-    def __init__(self, kind: str, model, stop_ids, pad_id: int, gen_cfg, engine_dir: str | None = None,
-                 tokenizer_dir: str | None = None):
+    def __init__(
+        self,
+        kind: str,
+        model,
+        stop_ids,
+        pad_id: int,
+        gen_cfg,
+        engine_dir: str | None = None,
+        tokenizer_dir: str | None = None,
+    ):
         self.kind, self.model, self.stop_ids, self.pad_id, self.gen_cfg = kind, model, list(stop_ids), pad_id, gen_cfg
         self.engine_dir, self.tokenizer_dir = engine_dir, tokenizer_dir
         self.backend = None
@@ -100,12 +120,16 @@ class ExternalEngine:
         export_hf(self.model, self.hf_dir, self.tokenizer_dir)
         exported = time.perf_counter()
         self.backend = _backend_class(self.kind)(self.hf_dir, self.stop_ids, self.pad_id, self.gen_cfg)
-        self.last_timings = {"timing/engine_export_seconds": exported - begin,
-                             "timing/engine_start_seconds": time.perf_counter() - exported}
+        self.last_timings = {
+            "timing/engine_export_seconds": exported - begin,
+            "timing/engine_start_seconds": time.perf_counter() - exported,
+        }
         self._start_timings = dict(self.last_timings)  # reported with the first refit's
 
     # ------------------------------------------------------- RolloutEngine
-    def generate(self, prompts: list[list[int]], num_samples: int, params: SamplingParams, seeds: list[int]) -> Rollouts:
+    def generate(
+        self, prompts: list[list[int]], num_samples: int, params: SamplingParams, seeds: list[int]
+    ) -> Rollouts:
         self.start()
         return self.backend.generate(prompts, num_samples, params, seeds)
 

@@ -49,7 +49,9 @@ class _Engine:
         return [torch.arange(len(prompt_lengths))]
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], num_samples: int, params: SamplingParams, seeds: list[int]) -> Rollouts:
+    def generate(
+        self, prompts: list[list[int]], num_samples: int, params: SamplingParams, seeds: list[int]
+    ) -> Rollouts:
         new = params.max_new_tokens
         rows = len(prompts) * num_samples
         rollouts = Rollouts.empty(rows, new, self.pad_id)
@@ -101,12 +103,12 @@ class MegatronRecomputeEngine(_Engine):
         lengths = torch.tensor([len(p) for p in prompts])
         tokens = torch.full((len(prompts), int(lengths.max()) + new), self.pad_id, dtype=torch.long)
         for r, ids in enumerate(prompts):
-            tokens[r, :len(ids)] = torch.tensor(ids)
+            tokens[r, : len(ids)] = torch.tensor(ids)
         return {"tokens": tokens, "lengths": lengths}
 
     def _logits(self, state: dict, active: torch.Tensor) -> torch.Tensor:
         lengths = state["lengths"][active]
-        prefix = state["tokens"][active, :int(lengths.max())]
+        prefix = state["tokens"][active, : int(lengths.max())]
         return self.model.next_token_logits(prefix, lengths - 1, self.micro_batch_size)
 
     def _advance(self, state: dict, active: torch.Tensor, chosen: torch.Tensor) -> None:
@@ -136,7 +138,7 @@ class _CachePass:
         self.pad = self.prefill_pad[self.prefill_row]  # per row
         self.tokens = torch.full((len(distinct), self.width), pad_id, dtype=torch.long)  # the prefill's rows
         for r, ids in enumerate(distinct):
-            self.tokens[r, self.prefill_pad[r]:] = torch.tensor(ids)
+            self.tokens[r, self.prefill_pad[r] :] = torch.tensor(ids)
         self.cached_rows = self._padded(len(distinct))  # rows the cache holds now
         self.cache = KVCache(self.cached_rows, self.width + new)
         self.cache_row = torch.arange(len(prompts))  # row r's row in the cache (after the prefill)
@@ -177,8 +179,9 @@ class _CachePass:
         full_positions[:n] = positions
         full_mask = torch.zeros(self.cached_rows, 1, 1, step + 1, dtype=torch.bool)
         full_mask[:n] = mask
-        return self.model.next_token_logits_cached(self.cache, tokens, full_positions, full_mask,
-                                                   self.micro_batch_size)[:n]
+        return self.model.next_token_logits_cached(
+            self.cache, tokens, full_positions, full_mask, self.micro_batch_size
+        )[:n]
 
     def _compact(self, active: torch.Tensor) -> None:
         """Move the active rows to the front of the cache; shrink it when the micro-batch-padded
@@ -195,8 +198,9 @@ class _CachePass:
 class MegatronInProcessEngine(_Engine):
     """The KV-cached engine (the default). See _CachePass."""
 
-    def __init__(self, model, stop_ids, pad_id: int, micro_batch_size: int, rows_per_pass: int | None = None,
-                 progress=None):
+    def __init__(
+        self, model, stop_ids, pad_id: int, micro_batch_size: int, rows_per_pass: int | None = None, progress=None
+    ):
         """rows_per_pass bounds the KV cache (rows x (prompt + new tokens) per layer): None, all
         rows in one pass. A row's tokens do not depend on its pass. progress: see _Engine."""
         super().__init__(model, stop_ids, pad_id, micro_batch_size, progress)

@@ -6,7 +6,7 @@ full copy of the model; `RefitStats` is what one refit cost."""
 
 import dataclasses
 import time
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -19,8 +19,12 @@ class RefitStats:
     buckets: int = 0
 
     def as_timings(self, prefix: str = "refit") -> dict:
-        return {f"timing/{prefix}_seconds": self.seconds, f"{prefix}_bytes": self.bytes,
-                f"{prefix}_tensors": self.tensors, f"{prefix}_buckets": self.buckets}
+        return {
+            f"timing/{prefix}_seconds": self.seconds,
+            f"{prefix}_bytes": self.bytes,
+            f"{prefix}_tensors": self.tensors,
+            f"{prefix}_buckets": self.buckets,
+        }
 
 
 def timed(timings: dict, key: str, call) -> None:
@@ -34,8 +38,9 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def weight_buckets(weights: Iterable[tuple[str, torch.Tensor]],
-                   bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def weight_buckets(
+    weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Group (name, tensor) pairs, in order, into lists of at most `bucket_bytes` bytes.
 
     A tensor larger than a bucket goes alone in its own list. Empty lists are never yielded."""

@@ -5,7 +5,9 @@ import torch
 FIRST_CANDIDATES = 64  # top-p looks at this many best tokens first (then, for rows they do not cover, at all)
 
 
-def sample_tokens(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def sample_tokens(
+    logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:
     """Draw one token per row of `logits` [B, V] from softmax(logits / temperature), truncated to
     the top_k best and to the smallest best-first prefix whose mass reaches top_p (the best token
     always stays), using `uniform` [B] in (0, 1): inverse-CDF sampling, token i is drawn when
@@ -39,8 +41,9 @@ def sample_tokens(logits: torch.Tensor, uniform: torch.Tensor, temperature: floa
     return tokens
 
 
-def _draw_from_best(best: torch.Tensor, index: torch.Tensor, log_total: torch.Tensor, uniform: torch.Tensor,
-                    top_p: float) -> torch.Tensor:
+def _draw_from_best(
+    best: torch.Tensor, index: torch.Tensor, log_total: torch.Tensor, uniform: torch.Tensor, top_p: float
+) -> torch.Tensor:
     """Tokens drawn among candidates `best` (scores, best first) at vocabulary `index`, with
     probabilities exp(best - log_total), cut to the smallest prefix whose mass reaches top_p
     (the first candidate always stays)."""

@@ -35,8 +35,10 @@ import torch
 from nemo_optune.generation.base import Rollouts, SamplingParams
 from nemo_optune.generation.refit import RefitStats, tensor_bytes, timed, weight_buckets
 
-IMPORT_HINT = ("use the NGC container (Dockerfile: nvcr.io/nvidia/tensorrt-llm/release) or "
-               "pip install -e '.[trtllm]' from NVIDIA's index on a CUDA machine")
+IMPORT_HINT = (
+    "use the NGC container (Dockerfile: nvcr.io/nvidia/tensorrt-llm/release) or "
+    "pip install -e '.[trtllm]' from NVIDIA's index on a CUDA machine"
+)
 
 
 def _import_tensorrt_llm():
@@ -47,8 +49,9 @@ def _import_tensorrt_llm():
         from tensorrt_llm.llmapi import SamplingParams as TRTSamplingParams
     except Exception as err:  # ImportError, or libcuda missing at import time
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
-        raise RuntimeError(f"generation.engine=trtllm but tensorrt_llm is not importable ({reason}): "
-                           f"{IMPORT_HINT}") from None
+        raise RuntimeError(
+            f"generation.engine=trtllm but tensorrt_llm is not importable ({reason}): {IMPORT_HINT}"
+        ) from None
     return AsyncLLM, TRTSamplingParams, KvCacheConfig, get_device_uuid
 
 
@@ -78,8 +81,9 @@ def checkpoint_weight_names(hf_dir: str) -> set[str]:
 
 
 def _has_tokenizer(hf_dir: str) -> bool:
-    return any(os.path.exists(os.path.join(hf_dir, n))
-               for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    return any(
+        os.path.exists(os.path.join(hf_dir, n)) for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    )
 
 
 class TRTLLMEngine:
@@ -103,8 +107,10 @@ class TRTLLMEngine:
         if tp != 1:
             # The IPC payload carries the tensors of this process's GPU only; each TP worker on
             # another GPU would find no handles for its device.
-            raise ValueError(f"generation.engine_tp_size={tp}: the TensorRT-LLM engine refits through CUDA IPC "
-                             "from one GPU and runs at tensor-parallel size 1 for now")
+            raise ValueError(
+                f"generation.engine_tp_size={tp}: the TensorRT-LLM engine refits through CUDA IPC "
+                "from one GPU and runs at tensor-parallel size 1 for now"
+            )
         self.expected_names = checkpoint_weight_names(hf_dir)
         self.last_timings: dict = {}
         self._loop = asyncio.new_event_loop()
@@ -129,10 +135,18 @@ class TRTLLMEngine:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     def _sampling_params(self, params: SamplingParams, num_samples: int, seed: int):
-        kwargs = dict(max_tokens=params.max_new_tokens, n=num_samples, seed=int(seed),
-                      temperature=float(params.temperature), end_id=self.stop_ids[0], pad_id=self.pad_id,
-                      stop_token_ids=list(self.stop_ids), include_stop_str_in_output=True,
-                      logprobs=1, detokenize=False)
+        kwargs = dict(
+            max_tokens=params.max_new_tokens,
+            n=num_samples,
+            seed=int(seed),
+            temperature=float(params.temperature),
+            end_id=self.stop_ids[0],
+            pad_id=self.pad_id,
+            stop_token_ids=list(self.stop_ids),
+            include_stop_str_in_output=True,
+            logprobs=1,
+            detokenize=False,
+        )
         if params.top_k > 0:
             kwargs["top_k"] = int(params.top_k)
         if params.top_p < 1.0:
@@ -150,7 +164,9 @@ class TRTLLMEngine:
         return float(entry)
 
     # ------------------------------------------------------------ RolloutEngine
-    def generate(self, prompts: list[list[int]], num_samples: int, params: SamplingParams, seeds: list[int]) -> Rollouts:
+    def generate(
+        self, prompts: list[list[int]], num_samples: int, params: SamplingParams, seeds: list[int]
+    ) -> Rollouts:
         new = params.max_new_tokens
         rows = len(prompts) * num_samples
         out = Rollouts.empty(rows, new, self.pad_id)
@@ -167,24 +183,28 @@ class TRTLLMEngine:
         for p, request in enumerate(outputs):
             completions = sorted(request.outputs, key=lambda c: c.index)
             if len(completions) != per_prompt:
-                raise RuntimeError(f"TensorRT-LLM returned {len(completions)} completions for prompt {p}, "
-                                   f"expected {per_prompt}")
+                raise RuntimeError(
+                    f"TensorRT-LLM returned {len(completions)} completions for prompt {p}, expected {per_prompt}"
+                )
             for k in range(num_samples):
                 c = completions[k if per_prompt > 1 else 0]
                 tokens = [int(t) for t in c.token_ids][:new]
                 # up to and including the first stop token (as the in-process engines)
                 for i, tok in enumerate(tokens):
                     if tok in stops:
-                        tokens = tokens[:i + 1]
+                        tokens = tokens[: i + 1]
                         break
                 row = p * num_samples + k
                 if tokens:
-                    response[row, :len(tokens)] = torch.tensor(tokens)
+                    response[row, : len(tokens)] = torch.tensor(tokens)
                     if c.logprobs is None or len(c.logprobs) < len(tokens):
-                        raise RuntimeError("TensorRT-LLM returned fewer logprobs than tokens "
-                                           f"({0 if c.logprobs is None else len(c.logprobs)} < {len(tokens)})")
-                    logprobs[row, :len(tokens)] = torch.tensor(
-                        [self._token_logprob(c.logprobs[i], tok) for i, tok in enumerate(tokens)])
+                        raise RuntimeError(
+                            "TensorRT-LLM returned fewer logprobs than tokens "
+                            f"({0 if c.logprobs is None else len(c.logprobs)} < {len(tokens)})"
+                        )
+                    logprobs[row, : len(tokens)] = torch.tensor(
+                        [self._token_logprob(c.logprobs[i], tok) for i, tok in enumerate(tokens)]
+                    )
                 lengths[row] = len(tokens)
         return out
 
@@ -199,8 +219,10 @@ class TRTLLMEngine:
         for bucket in weight_buckets(weights, self.bucket_bytes):
             unknown = [n for n, _ in bucket if n not in self.expected_names]
             if unknown:
-                raise RuntimeError(f"refit refused: {len(unknown)} weight(s) the engine's checkpoint does not have "
-                                   f"(e.g. {unknown[0]!r})")
+                raise RuntimeError(
+                    f"refit refused: {len(unknown)} weight(s) the engine's checkpoint does not have "
+                    f"(e.g. {unknown[0]!r})"
+                )
             staged = [(name, tensor.detach().to(device).contiguous()) for name, tensor in bucket]
             payload = {uuid: [(name, _ipc_handle(t)) for name, t in staged]}
             self._run(self.llm.collective_rpc("update_weights", args=(payload,)))
@@ -211,8 +233,10 @@ class TRTLLMEngine:
             stats.bytes += sum(tensor_bytes(t) for _, t in bucket)
         missing = self.expected_names - seen
         if missing:
-            raise RuntimeError(f"refit refused: the weight stream missed {len(missing)} of {len(self.expected_names)} "
-                               f"tensors (e.g. {sorted(missing)[0]!r}); the engine was not finalised")
+            raise RuntimeError(
+                f"refit refused: the weight stream missed {len(missing)} of {len(self.expected_names)} "
+                f"tensors (e.g. {sorted(missing)[0]!r}); the engine was not finalised"
+            )
         self._run(self.llm.collective_rpc("update_weights", args=(None,)))  # finalise
         stats.seconds = time.perf_counter() - begin
         self.last_timings = {**self.last_timings, **stats.as_timings()}
@@ -221,13 +245,19 @@ class TRTLLMEngine:
         """Free the engine's GPU memory (generation.trtllm.sleep); otherwise nothing."""
         if not self.sleep or self._released:
             return
-        timed(self.last_timings, "timing/engine_sleep_seconds", lambda: self._run(self.llm.release(list(self.release_tags))))
+        timed(
+            self.last_timings,
+            "timing/engine_sleep_seconds",
+            lambda: self._run(self.llm.release(list(self.release_tags))),
+        )
         self._released = True
 
     def resume(self) -> None:
         if not self._released:
             return
-        timed(self.last_timings, "timing/engine_wake_seconds", lambda: self._run(self.llm.resume(list(self.release_tags))))
+        timed(
+            self.last_timings, "timing/engine_wake_seconds", lambda: self._run(self.llm.resume(list(self.release_tags)))
+        )
         self._released = False
 
     def shutdown(self) -> None:

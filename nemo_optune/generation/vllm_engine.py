@@ -98,8 +98,10 @@ class RefitWorkerExtension:
         repeated = sorted(n for n, c in seen.items() if c > 1)
         problem = None
         if missing or unexpected or repeated:
-            problem = (f"{len(missing)} tensors missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                       f"(e.g. {unexpected[:3]}), {len(repeated)} sent twice")
+            problem = (
+                f"{len(missing)} tensors missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                f"(e.g. {unexpected[:3]}), {len(repeated)} sent twice"
+            )
         return {"tensors": len(seen), "problem": problem}
 
     def refit_probe(self, name: str) -> list:
@@ -153,9 +155,11 @@ def _check_head_size(hf_dir: str) -> None:
     config = _hf_config(hf_dir)
     head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if head not in sizes:
-        raise ValueError(f"generation.engine=vllm: vLLM's CPU attention supports head sizes {sizes}, the model's is "
-                         f"{head} (hidden_size {config['hidden_size']} / {config['num_attention_heads']} heads; for the "
-                         f"built-in model e.g. model.num_attention_heads=2 model.num_query_groups=1 gives 32)")
+        raise ValueError(
+            f"generation.engine=vllm: vLLM's CPU attention supports head sizes {sizes}, the model's is "
+            f"{head} (hidden_size {config['hidden_size']} / {config['num_attention_heads']} heads; for the "
+            f"built-in model e.g. model.num_attention_heads=2 model.num_query_groups=1 gives 32)"
+        )
 
 
 def cpu_binding(ranks: int, cpus: list[int] | None = None) -> str:
@@ -163,10 +167,12 @@ def cpu_binding(ranks: int, cpus: list[int] | None = None) -> str:
     process's affinity) in `ranks` equal contiguous groups, e.g. "0,1|2,3"."""
     cpus = sorted(os.sched_getaffinity(0)) if cpus is None else sorted(cpus)
     if len(cpus) < ranks:
-        raise ValueError(f"config key generation.engine_tp_size: {ranks} vLLM CPU workers need a core each, "
-                         f"this process may use {len(cpus)}")
+        raise ValueError(
+            f"config key generation.engine_tp_size: {ranks} vLLM CPU workers need a core each, "
+            f"this process may use {len(cpus)}"
+        )
     per_rank = len(cpus) // ranks
-    return "|".join(",".join(map(str, cpus[r * per_rank:(r + 1) * per_rank])) for r in range(ranks))
+    return "|".join(",".join(map(str, cpus[r * per_rank : (r + 1) * per_rank])) for r in range(ranks))
 
 
 def default_cpu_binding(engine_tp_size: int) -> str | None:
@@ -189,8 +195,10 @@ class VLLMEngine:
 
         v = gen_cfg.vllm
         if v.sleep_mode and not torch.cuda.is_available():
-            raise ValueError("config key generation.vllm.sleep_mode: vLLM's sleep mode needs a GPU "
-                             "(its CPU worker ignores sleep/wake_up); set it to false on CPU")
+            raise ValueError(
+                "config key generation.vllm.sleep_mode: vLLM's sleep mode needs a GPU "
+                "(its CPU worker ignores sleep/wake_up); set it to false on CPU"
+            )
         self.stop_ids = sorted(set(int(i) for i in stop_ids) | {int(pad_id)})
         self.pad_id = int(pad_id)
         self.bucket_bytes = int(gen_cfg.refit_bucket_mb) << 20
@@ -201,10 +209,18 @@ class VLLMEngine:
         self.last_timings: dict = {}
         dtype = v.dtype if v.dtype != "auto" else _export_dtype(hf_dir)  # vLLM's auto: bf16 on CPU
         _check_head_size(hf_dir)
-        kwargs = dict(model=hf_dir, skip_tokenizer_init=True, tensor_parallel_size=gen_cfg.engine_tp_size,
-                      dtype=dtype, enforce_eager=v.enforce_eager, max_num_seqs=v.max_num_seqs,
-                      logprobs_mode="raw_logprobs", worker_extension_cls=f"{__name__}.RefitWorkerExtension",
-                      enable_prefix_caching=False, seed=0)
+        kwargs = dict(
+            model=hf_dir,
+            skip_tokenizer_init=True,
+            tensor_parallel_size=gen_cfg.engine_tp_size,
+            dtype=dtype,
+            enforce_eager=v.enforce_eager,
+            max_num_seqs=v.max_num_seqs,
+            logprobs_mode="raw_logprobs",
+            worker_extension_cls=f"{__name__}.RefitWorkerExtension",
+            enable_prefix_caching=False,
+            seed=0,
+        )
         if torch.cuda.is_available():
             kwargs.update(gpu_memory_utilization=v.gpu_memory_utilization, enable_sleep_mode=v.sleep_mode)
         else:
@@ -220,7 +236,9 @@ class VLLMEngine:
                 os.environ.pop(CPU_BINDING, None)
 
     # ------------------------------------------------------------- generate
-    def generate(self, prompts: list[list[int]], num_samples: int, params: SamplingParams, seeds: list[int]) -> Rollouts:
+    def generate(
+        self, prompts: list[list[int]], num_samples: int, params: SamplingParams, seeds: list[int]
+    ) -> Rollouts:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -238,11 +256,21 @@ class VLLMEngine:
         for p, ids in enumerate(prompts):
             for k in range(num_samples):
                 requests.append(TokensPrompt(prompt_token_ids=[int(i) for i in ids]))
-                sampling.append(VLLMSamplingParams(
-                    n=1, temperature=params.temperature, top_p=params.top_p,
-                    top_k=params.top_k if params.top_k > 0 else -1, max_tokens=new, min_tokens=0,
-                    stop_token_ids=self.stop_ids, ignore_eos=self.ignore_eos, logprobs=0, detokenize=False,
-                    seed=mix_seed(int(seeds[p]), k)))
+                sampling.append(
+                    VLLMSamplingParams(
+                        n=1,
+                        temperature=params.temperature,
+                        top_p=params.top_p,
+                        top_k=params.top_k if params.top_k > 0 else -1,
+                        max_tokens=new,
+                        min_tokens=0,
+                        stop_token_ids=self.stop_ids,
+                        ignore_eos=self.ignore_eos,
+                        logprobs=0,
+                        detokenize=False,
+                        seed=mix_seed(int(seeds[p]), k),
+                    )
+                )
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         for r, request in enumerate(outputs):
             completion = request.outputs[0]

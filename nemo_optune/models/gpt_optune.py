@@ -9,7 +9,7 @@ and (distributed) optimizer on GPU (`_MegatronGPUOptimizer`).
 """
 
 import importlib.util
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -33,8 +33,7 @@ def build_gpt(spec: ModelSpec, layout: Layout, seed: int, precision: str = "fp32
     a no-op init method rather than perform_initialization=False, which would also skip
     setting the tensor-parallel attributes that the gradient norm needs."""
     from megatron.core import tensor_parallel
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.models.gpt import GPTModel, gpt_layer_specs
     from megatron.core.transformer import TransformerConfig
 
     if spec.padded_vocab_size % layout.tp:
@@ -61,8 +60,11 @@ def build_gpt(spec: ModelSpec, layout: Layout, seed: int, precision: str = "fp32
         # Initialise full weights on CPU from one seed and slice them: the model is then
         # identical whatever the TP/PP layout, which the equivalence tests rely on.
         use_cpu_initialization=True,
-        **({} if initialize else dict(init_method=_no_init, output_layer_init_method=_no_init,
-                                      embedding_init_method=_no_init)),
+        **(
+            {}
+            if initialize
+            else dict(init_method=_no_init, output_layer_init_method=_no_init, embedding_init_method=_no_init)
+        ),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # Losses come back pre-scaled by the global normaliser (no per-micro-batch mean).
@@ -143,7 +145,7 @@ def split_micro_batches(tensors: dict[str, torch.Tensor], micro_batch_size: int)
         k: torch.cat([v, v.new_zeros((padded_rows - rows, *v.shape[1:]))]) if padded_rows > rows else v
         for k, v in tensors.items()
     }
-    return [{k: v[i:i + size] for k, v in padded.items()} for i in range(0, padded_rows, size)]
+    return [{k: v[i : i + size] for k, v in padded.items()} for i in range(0, padded_rows, size)]
 
 
 def use_megatron_optimizer() -> bool:
@@ -163,8 +165,12 @@ def megatron_optimizer_configs(cfg: ModelConfig, lr: float, weight_decay: float,
     bf16 = cfg.precision == "bf16"
     ddp = DistributedDataParallelConfig(use_distributed_optimizer=sharded, grad_reduce_in_fp32=True)
     opt = OptimizerConfig(
-        optimizer="adam", lr=lr, weight_decay=weight_decay, clip_grad=grad_clip,
-        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        optimizer="adam",
+        lr=lr,
+        weight_decay=weight_decay,
+        clip_grad=grad_clip,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=sharded,
     )
     return ddp, opt
@@ -182,8 +188,11 @@ class _CPUOptimizer:
         # Tied embeddings at PP>1: the first stage's word embedding and the last stage's output
         # weight are copies of one parameter, each with part of its gradient.
         self.tied_copy = None
-        if (model.share_embeddings_and_output_weights and mpu.get_pipeline_model_parallel_world_size() > 1
-                and mpu.is_rank_in_embedding_group()):
+        if (
+            model.share_embeddings_and_output_weights
+            and mpu.get_pipeline_model_parallel_world_size() > 1
+            and mpu.is_rank_in_embedding_group()
+        ):
             self.tied_copy = model.shared_embedding_or_output_weight()
 
     def set_lr(self, lr: float) -> None:
@@ -243,8 +252,11 @@ class _CPUOptimizer:
 
         if is_loading:  # a template to load into: zeros where the moments will go
             for p in self.params:
-                self.torch_opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                           "exp_avg_sq": torch.zeros_like(p)}
+                self.torch_opt.state[p] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(p),
+                    "exp_avg_sq": torch.zeros_like(p),
+                }
         state = self.torch_opt.state_dict()
         steps = {float(s["step"]) for s in state["state"].values()}
         id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.params)
@@ -293,8 +305,10 @@ class _MegatronGPUOptimizer:
         # The distributed optimizer's default format (fully_sharded_model_space) fails to save
         # in megatron-core 0.16.1; fully_reshardable also reshards across TP/PP/DP.
         return self.megatron_opt.sharded_state_dict(
-            model_sharded_state_dict, is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+            model_sharded_state_dict,
+            is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"},
+        )
 
     def load_sharded(self, state: dict) -> None:
         # Restores the fp32 main params too (saved with the moments), so no reload is needed.
@@ -309,9 +323,20 @@ class _MegatronGPUOptimizer:
 class MegatronGPTOPTuneModel:
     """Policy + frozen reference; response log-probs; train and inference hooks."""
 
-    def __init__(self, cfg: ModelConfig, spec: ModelSpec, layout: Layout, seed: int, lr: float, weight_decay: float,
-                 grad_clip: float, with_reference: bool = True, lr_schedule: Callable[[int], float] | None = None,
-                 tokenizer=None, initialize: bool = True):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        spec: ModelSpec,
+        layout: Layout,
+        seed: int,
+        lr: float,
+        weight_decay: float,
+        grad_clip: float,
+        with_reference: bool = True,
+        lr_schedule: Callable[[int], float] | None = None,
+        tokenizer=None,
+        initialize: bool = True,
+    ):
         """`spec` describes the network (models/sources.py: a checkpoint's, or the built-in
         model's); cfg gives precision and the optimizer settings. `tokenizer` is saved with
         every checkpoint. initialize=False: random weights are not drawn, because load_policy
@@ -362,8 +387,14 @@ class MegatronGPTOPTuneModel:
         # megatron convention: True = masked out. Explicit, so no CUDA default mask is needed.
         return torch.triu(torch.ones(1, 1, length, length, dtype=torch.bool, device=self.device), diagonal=1)
 
-    def _run_schedule(self, module, micro_batches: list[dict], forward_only: bool,
-                      output_fn: Callable[[dict, torch.Tensor], tuple[torch.Tensor, dict]], with_labels: bool) -> list[dict]:
+    def _run_schedule(
+        self,
+        module,
+        micro_batches: list[dict],
+        forward_only: bool,
+        output_fn: Callable[[dict, torch.Tensor], tuple[torch.Tensor, dict]],
+        with_labels: bool,
+    ) -> list[dict]:
         """Run micro-batches through megatron's forward(-backward) schedule for this layout.
 
         `output_fn(micro_batch, last_stage_output)` -> (loss, metrics) runs on the last stage;
@@ -408,8 +439,9 @@ class MegatronGPTOPTuneModel:
         )
 
     @staticmethod
-    def _packed_forward(model, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor,
-                        labels: torch.Tensor | None) -> torch.Tensor:
+    def _packed_forward(
+        model, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
         """A forward of rows with their own token positions and attention mask. megatron's GPT
         applies RoPE at 0..s-1 whatever position_ids say, so for the call each attention layer
         runs models/kv_cache's attention (megatron's projections, RoPE at `positions`, the mask
@@ -457,8 +489,9 @@ class MegatronGPTOPTuneModel:
         if tensor is None:
             tensor = torch.empty(shape, dtype=dtype, device=self.device)
         tensor = tensor.contiguous()
-        dist.broadcast(tensor, src=mpu.get_pipeline_model_parallel_last_rank(),
-                       group=mpu.get_pipeline_model_parallel_group())
+        dist.broadcast(
+            tensor, src=mpu.get_pipeline_model_parallel_last_rank(), group=mpu.get_pipeline_model_parallel_group()
+        )
         return tensor
 
     def global_metric_sums(self, values: torch.Tensor) -> torch.Tensor:
@@ -469,7 +502,9 @@ class MegatronGPTOPTuneModel:
 
     # --------------------------------------------------------------- log-probs
     @torch.no_grad()
-    def sequence_logprobs(self, which: str, tokens: torch.Tensor, loss_mask: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+    def sequence_logprobs(
+        self, which: str, tokens: torch.Tensor, loss_mask: torch.Tensor, micro_batch_size: int
+    ) -> torch.Tensor:
         """Summed response log-probs [B] of `which` in {policy, reference}, on every rank.
 
         Computed from vocab-parallel logits by megatron's vocab-parallel cross entropy:
@@ -479,15 +514,23 @@ class MegatronGPTOPTuneModel:
         module.eval()
         batches = split_micro_batches({"tokens": tokens, "loss_mask": loss_mask}, micro_batch_size)
         outs = self._run_schedule(
-            module, batches, forward_only=True, with_labels=True,
-            output_fn=lambda mb, nll: (nll.sum() * 0, {"logps": response_logprobs(nll, mb["loss_mask"].to(nll.device))}),
+            module,
+            batches,
+            forward_only=True,
+            with_labels=True,
+            output_fn=lambda mb, nll: (
+                nll.sum() * 0,
+                {"logps": response_logprobs(nll, mb["loss_mask"].to(nll.device))},
+            ),
         )
         module.train(was_training)
-        logps = torch.cat([o["logps"] for o in outs])[:tokens.shape[0]] if outs else None
+        logps = torch.cat([o["logps"] for o in outs])[: tokens.shape[0]] if outs else None
         return self._from_last_stage(logps, (tokens.shape[0],), torch.float32).cpu()
 
     @torch.no_grad()
-    def next_token_logits(self, tokens: torch.Tensor, last_positions: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+    def next_token_logits(
+        self, tokens: torch.Tensor, last_positions: torch.Tensor, micro_batch_size: int
+    ) -> torch.Tensor:
         """Full-vocabulary logits [B, V] (float32) at `last_positions`, on every rank.
 
         Generation samples from the full distribution, so here the TP shards of the
@@ -498,16 +541,17 @@ class MegatronGPTOPTuneModel:
             full = gather_from_tensor_model_parallel_region(logits)  # [b, s, V]
             rows = torch.arange(full.shape[0], device=full.device)
             # Padding rows of the vocabulary (logits -inf) are not part of the model's output.
-            return logits.sum() * 0, {"logits": full[rows, mb["last"].to(full.device), :self.vocab_size].float()}
+            return logits.sum() * 0, {"logits": full[rows, mb["last"].to(full.device), : self.vocab_size].float()}
 
         batches = split_micro_batches({"tokens": tokens, "last": last_positions}, micro_batch_size)
         outs = self._run_schedule(self.policy, batches, forward_only=True, output_fn=pick, with_labels=False)
-        logits = torch.cat([o["logits"] for o in outs])[:tokens.shape[0]] if outs else None
+        logits = torch.cat([o["logits"] for o in outs])[: tokens.shape[0]] if outs else None
         return self._from_last_stage(logits, (tokens.shape[0], self.vocab_size), torch.float32).cpu()
 
     @torch.no_grad()
-    def next_token_logits_cached(self, cache, tokens: torch.Tensor, positions: torch.Tensor,
-                                 attention_mask: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+    def next_token_logits_cached(
+        self, cache, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, micro_batch_size: int
+    ) -> torch.Tensor:
         """Run the next `s` positions `tokens` [B, s] of every cached row through the policy with
         `cache` (models/kv_cache.KVCache: each attention layer of this pipeline stage appends its
         keys/values at cache.sequence_len_offset and attends over all cached positions). Row b of
@@ -524,7 +568,9 @@ class MegatronGPTOPTuneModel:
 
         self._require_weights()
         rows, length = tokens.shape
-        batches = split_micro_batches({"tokens": tokens, "positions": positions, "mask": attention_mask}, micro_batch_size)
+        batches = split_micro_batches(
+            {"tokens": tokens, "positions": positions, "mask": attention_mask}, micro_batch_size
+        )
         size = batches[0]["tokens"].shape[0]
 
         def forward_step(data_iterator, model):
@@ -533,13 +579,18 @@ class MegatronGPTOPTuneModel:
             cache.set_positions(mb["positions"].to(self.device))
             # megatron's inference path gathers the TP logits itself (gpt_model.py _postprocess
             # asserts runtime_gather_output).
-            out = model(mb["tokens"].to(self.device), mb["positions"].to(self.device), mb["mask"].to(self.device),
-                        inference_context=cache, runtime_gather_output=True)
+            out = model(
+                mb["tokens"].to(self.device),
+                mb["positions"].to(self.device),
+                mb["mask"].to(self.device),
+                inference_context=cache,
+                runtime_gather_output=True,
+            )
 
             def loss_func(logits):
                 # materialize_only_last_token_logits: megatron computed the last position only.
                 # Padding rows of the vocabulary are cut off here.
-                full = logits[:, -1, :self.vocab_size].float()
+                full = logits[:, -1, : self.vocab_size].float()
                 return logits.sum() * 0, torch.tensor(1, dtype=torch.int), {"logits": full}
 
             return out, loss_func
@@ -560,8 +611,14 @@ class MegatronGPTOPTuneModel:
                         outs.append(loss_func(out)[2])
                 else:
                     outs = get_forward_backward_func()(
-                        forward_step_func=forward_step, data_iterator=iter(enumerate(batches)), model=self.policy,
-                        num_microbatches=len(batches), seq_length=length, micro_batch_size=size, forward_only=True)
+                        forward_step_func=forward_step,
+                        data_iterator=iter(enumerate(batches)),
+                        model=self.policy,
+                        num_microbatches=len(batches),
+                        seq_length=length,
+                        micro_batch_size=size,
+                        forward_only=True,
+                    )
         finally:
             if hooks:
                 output_layer._forward_hooks.update(hooks)
@@ -575,8 +632,9 @@ class MegatronGPTOPTuneModel:
         self.policy.train()
         self.optimizer.zero_grad()
 
-    def get_loss_and_metrics(self, micro_batches: list[dict], loss_fn: MicroBatchLoss,
-                             forward_only: bool = False) -> list[dict]:
+    def get_loss_and_metrics(
+        self, micro_batches: list[dict], loss_fn: MicroBatchLoss, forward_only: bool = False
+    ) -> list[dict]:
         """Forward + backward over this rank's micro-batches of one global batch; with
         `forward_only`, the loss metrics alone (eval mode, no gradients). Metrics: last stage."""
 
@@ -584,18 +642,22 @@ class MegatronGPTOPTuneModel:
             mask = mb["loss_mask"].to(nll.device)
             if "rejected_mask" in mb:  # packed: each row holds a pair, chosen then rejected labels
                 rejected = mb["rejected_mask"].to(nll.device)
-                return loss_fn(mb, torch.cat([response_logprobs(nll, mask - rejected), response_logprobs(nll, rejected)]))
+                return loss_fn(
+                    mb, torch.cat([response_logprobs(nll, mask - rejected), response_logprobs(nll, rejected)])
+                )
             return loss_fn(mb, response_logprobs(nll, mask))
 
         if not forward_only:
-            return self._run_schedule(self._train_module, micro_batches, forward_only=False, output_fn=output_fn,
-                                      with_labels=True)
+            return self._run_schedule(
+                self._train_module, micro_batches, forward_only=False, output_fn=output_fn, with_labels=True
+            )
         was_training = self.policy.training
         self.policy.eval()
         try:
             with torch.no_grad():
-                return self._run_schedule(self.policy, micro_batches, forward_only=True, output_fn=output_fn,
-                                          with_labels=True)
+                return self._run_schedule(
+                    self.policy, micro_batches, forward_only=True, output_fn=output_fn, with_labels=True
+                )
         finally:
             self.policy.train(was_training)
 
@@ -628,4 +690,3 @@ class MegatronGPTOPTuneModel:
         from nemo_optune.models.export import gather_full_tensors
 
         return gather_full_tensors(self.policy, of="param")
-

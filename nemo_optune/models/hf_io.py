@@ -27,14 +27,23 @@ from nemo_optune.models.hf_spec import ModelSpec, hf_config_from_spec, spec_from
 from nemo_optune.runtime.distributed import raise_if_any_rank_failed
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 def is_hf_checkpoint(path: str) -> bool:
     """A Hugging Face model directory: config.json and safetensors weights (single or sharded)."""
     return os.path.isfile(os.path.join(path, "config.json")) and any(
-        os.path.isfile(os.path.join(path, name)) for name in ("model.safetensors", "model.safetensors.index.json"))
+        os.path.isfile(os.path.join(path, name)) for name in ("model.safetensors", "model.safetensors.index.json")
+    )
 
 
 def _read_json(path: str) -> dict:
@@ -66,8 +75,10 @@ def eos_ids(value) -> list[int]:
 
 def check_tokenizer(tokenizer, spec: ModelSpec, where: str) -> None:
     if tokenizer.vocab_size > spec.vocab_size:
-        raise ValueError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary "
-                         f"{spec.vocab_size} (config.json vocab_size)")
+        raise ValueError(
+            f"{where}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary "
+            f"{spec.vocab_size} (config.json vocab_size)"
+        )
 
 
 def has_tokenizer(directory: str) -> bool:
@@ -91,8 +102,18 @@ def build_hf_model(spec: ModelSpec, layout, seed: int = 0, tokenizer=None):
     from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 
     cfg = ModelConfig(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp)
-    return MegatronGPTOPTuneModel(cfg, spec, layout, seed, lr=0.0, weight_decay=0.0, grad_clip=0.0,
-                                  with_reference=False, tokenizer=tokenizer, initialize=False)
+    return MegatronGPTOPTuneModel(
+        cfg,
+        spec,
+        layout,
+        seed,
+        lr=0.0,
+        weight_decay=0.0,
+        grad_clip=0.0,
+        with_reference=False,
+        tokenizer=tokenizer,
+        initialize=False,
+    )
 
 
 class _SafetensorsReader:
@@ -156,13 +177,20 @@ def _row_sources(name: str, shape: torch.Size, expected: dict[str, torch.Size], 
     index = [torch.stack([torch.full((p[0],), i + 1), torch.arange(p[0])], dim=1) for i, p in enumerate(parts)]
     sources = hf_to_megatron(name, index, spec)
     if sources.shape != (shape[0], 2) or any(p[1:] != shape[1:] for p in parts):
-        raise ValueError(f"megatron tensor {name}: its Hugging Face layout is not a rearrangement of rows "
-                         f"(import_hf reads row slices)")
+        raise ValueError(
+            f"megatron tensor {name}: its Hugging Face layout is not a rearrangement of rows "
+            f"(import_hf reads row slices)"
+        )
     return sources
 
 
-def _copy_shard(reader: _SafetensorsReader, names: tuple[str, ...], sources: torch.Tensor,
-                region: tuple[slice, ...], param: torch.Tensor) -> None:
+def _copy_shard(
+    reader: _SafetensorsReader,
+    names: tuple[str, ...],
+    sources: torch.Tensor,
+    region: tuple[slice, ...],
+    param: torch.Tensor,
+) -> None:
     """Fill `param`, the `region` of a megatron tensor whose rows come from `sources`
     (_row_sources), reading from each HF tensor only the rows and columns the region needs:
     consecutive rows in one slice, copied straight into `param` (converted to its dtype)."""
@@ -190,7 +218,7 @@ def _copy_shard(reader: _SafetensorsReader, names: tuple[str, ...], sources: tor
         for first, end, block_runs in blocks:
             data = reader.read(names[i], (slice(first, end), *cols))
             for hf_row, start, count in block_runs:
-                param[start:start + count].copy_(data[hf_row - first:hf_row - first + count])
+                param[start : start + count].copy_(data[hf_row - first : hf_row - first + count])
             del data
 
 
@@ -212,8 +240,10 @@ def import_hf(hf_dir: str, model) -> None:
         # unpadded): a HF export of the built-in model (padded to 16) loads back into it.
         spec = dataclasses.replace(read_hf_spec(hf_dir), vocab_multiple=model.spec.vocab_multiple)
         for f in (f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) != getattr(model.spec, f.name)):
-            raise ValueError(f"{hf_dir}/config.json: another model than the one built "
-                             f"({f} {getattr(spec, f)!r} in the file, {getattr(model.spec, f)!r} in the model)")
+            raise ValueError(
+                f"{hf_dir}/config.json: another model than the one built "
+                f"({f} {getattr(spec, f)!r} in the file, {getattr(model.spec, f)!r} in the model)"
+            )
         with ExitStack() as stack, torch.no_grad():
             reader = _SafetensorsReader(hf_dir, stack)
             name, names, sources = None, (), None
@@ -245,8 +275,10 @@ def stream_hf_weights(model):
         shards.setdefault((sh.key, _layer(sh)), []).append((sh, value))
     # Every rank runs the same sequence of all-reduces: agree on the tensors of all stages.
     described = [None] * dist.get_world_size()
-    dist.all_gather_object(described, {unit: (sh.global_shape[sh.prepend_axis_num:], value.dtype)
-                                       for unit, ((sh, value), *_) in shards.items()})
+    dist.all_gather_object(
+        described,
+        {unit: (sh.global_shape[sh.prepend_axis_num :], value.dtype) for unit, ((sh, value), *_) in shards.items()},
+    )
     units = {unit: what for part in described for unit, what in part.items()}
 
     def hf_order(unit):  # embedding, layers, final norm, output layer
@@ -259,7 +291,7 @@ def stream_hf_weights(model):
         full = torch.zeros(shape, dtype=dtype, device=device)
         for sh, value in shards.get((key, layer), []):
             if is_main_replica(sh.replica_id):  # TP-duplicated and DP-replicated shards once
-                full[shard_region(sh)[sh.prepend_axis_num:]] = value.detach()
+                full[shard_region(sh)[sh.prepend_axis_num :]] = value.detach()
         dist.all_reduce(full)
         yield from megatron_to_hf(megatron_name(key, layer), full, spec)
 
@@ -293,11 +325,15 @@ class _ShardWriter:
         if len(self.files) == 1:
             os.replace(os.path.join(self.out_dir, self.files[0][0]), os.path.join(self.out_dir, SINGLE))
             return
-        names = {file: f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors" for i, (file, _) in enumerate(self.files)}
+        names = {
+            file: f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors" for i, (file, _) in enumerate(self.files)
+        }
         for old, new in names.items():
             os.replace(os.path.join(self.out_dir, old), os.path.join(self.out_dir, new))
-        index = {"metadata": {"total_size": sum(size for _, size in self.files)},
-                 "weight_map": {name: names[file] for name, file in sorted(self.weight_map.items())}}
+        index = {
+            "metadata": {"total_size": sum(size for _, size in self.files)},
+            "weight_map": {name: names[file] for name, file in sorted(self.weight_map.items())},
+        }
         _write_json(os.path.join(self.out_dir, INDEX), index)
 
 
@@ -313,8 +349,11 @@ def export_hf(model, out_dir: str, tokenizer_dir: str | None = None, max_shard_b
     spec, writing, error = model.spec, dist.get_rank() == 0, None
     try:
         config = hf_config_from_spec(spec)
-        tokenizer = [os.path.join(tokenizer_dir, n) for n in TOKENIZER_FILES
-                     if os.path.exists(os.path.join(tokenizer_dir, n))] if tokenizer_dir else []
+        tokenizer = (
+            [os.path.join(tokenizer_dir, n) for n in TOKENIZER_FILES if os.path.exists(os.path.join(tokenizer_dir, n))]
+            if tokenizer_dir
+            else []
+        )
         if tokenizer_dir and not tokenizer:
             raise ValueError(f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
         if os.path.exists(out_dir) and os.listdir(out_dir):
@@ -335,8 +374,10 @@ def export_hf(model, out_dir: str, tokenizer_dir: str | None = None, max_shard_b
         try:
             writer.close()
             _write_json(os.path.join(out_dir, "config.json"), config)
-            _write_json(os.path.join(out_dir, "generation_config.json"),
-                        {k: config[k] for k in ("bos_token_id", "eos_token_id") if config[k] is not None})
+            _write_json(
+                os.path.join(out_dir, "generation_config.json"),
+                {k: config[k] for k in ("bos_token_id", "eos_token_id") if config[k] is not None},
+            )
             for path in tokenizer:
                 shutil.copy(path, out_dir)
         except OSError as err:

@@ -16,7 +16,11 @@ from nemo_optune.models.hf_spec import HF_FAMILIES, ModelSpec
 # qwen2 share it (the q/k/v biases exist in qwen2 models only).
 _LAYER = {
     "self_attention.linear_qkv.layer_norm_weight": ("input_layernorm.weight",),
-    "self_attention.linear_qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "self_attention.linear_qkv.weight": (
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+    ),
     "self_attention.linear_qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
     "self_attention.linear_proj.weight": ("self_attn.o_proj.weight",),
     "mlp.linear_fc1.layer_norm_weight": ("post_attention_layernorm.weight",),
@@ -78,11 +82,13 @@ def megatron_to_hf(name: str, tensor: torch.Tensor, spec: ModelSpec) -> list[tup
     if kind == "qkv":
         per_group = spec.num_attention_heads // spec.num_query_groups * spec.head_dim
         grouped = tensor.reshape(spec.num_query_groups, per_group + 2 * spec.head_dim, *tensor.shape[1:])
-        parts = [p.reshape(-1, *tensor.shape[1:]) for p in grouped.split([per_group, spec.head_dim, spec.head_dim], dim=1)]
+        parts = [
+            p.reshape(-1, *tensor.shape[1:]) for p in grouped.split([per_group, spec.head_dim, spec.head_dim], dim=1)
+        ]
     elif kind == "gate_up":
         parts = list(tensor.chunk(2))
     elif kind == "vocab":
-        parts = [tensor[:spec.vocab_size]]
+        parts = [tensor[: spec.vocab_size]]
     else:
         parts = [tensor]
     return list(zip(hf_names(name, spec), parts))

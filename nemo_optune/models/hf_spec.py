@@ -73,23 +73,42 @@ def tiny_llama_spec(cfg: ModelConfig, vocab_size: int, eos_token_id: int, seq_le
     """The built-in model of model.* (trained from scratch by the SFT warm start): a small
     member of the Llama family, so it takes the same path as real checkpoints (and exports)."""
     return ModelSpec(
-        family="llama", num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size or 3 * cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_query_groups or cfg.num_attention_heads, vocab_size=vocab_size,
-        max_position_embeddings=seq_length, normalization="RMSNorm", norm_epsilon=1e-5, gated_linear_unit=True,
-        activation="silu", add_qkv_bias=False, add_bias_linear=False, position_embedding_type="rope",
-        rotary_base=10000.0, rope_scaling_factor=None, tie_word_embeddings=False, vocab_multiple=16,
-        dtype="float32", bos_token_id=None, eos_token_id=eos_token_id)
+        family="llama",
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size or 3 * cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups or cfg.num_attention_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=seq_length,
+        normalization="RMSNorm",
+        norm_epsilon=1e-5,
+        gated_linear_unit=True,
+        activation="silu",
+        add_qkv_bias=False,
+        add_bias_linear=False,
+        position_embedding_type="rope",
+        rotary_base=10000.0,
+        rope_scaling_factor=None,
+        tie_word_embeddings=False,
+        vocab_multiple=16,
+        dtype="float32",
+        bos_token_id=None,
+        eos_token_id=eos_token_id,
+    )
 
 
 def spec_from_architecture(architecture: dict, where: str) -> ModelSpec:
     """The spec a checkpoint manifest stores (see MegatronGPTOPTuneModel.architecture)."""
     if architecture.get("family") not in HF_FAMILIES:
-        raise ValueError(f"{where}: a checkpoint of a model this version does not build (family "
-                         f"{architecture.get('family')!r}; the built-in model before 0.2 was LayerNorm/GELU: "
-                         f"rerun its SFT warm start)")
-    missing = [f.name for f in dataclasses.fields(ModelSpec)
-               if f.name not in architecture and f.default is dataclasses.MISSING]
+        raise ValueError(
+            f"{where}: a checkpoint of a model this version does not build (family "
+            f"{architecture.get('family')!r}; the built-in model before 0.2 was LayerNorm/GELU: "
+            f"rerun its SFT warm start)"
+        )
+    missing = [
+        f.name for f in dataclasses.fields(ModelSpec) if f.name not in architecture and f.default is dataclasses.MISSING
+    ]
     if missing:
         raise ValueError(f"{where}: the manifest's architecture lacks {', '.join(missing)}")
     return ModelSpec(**{f.name: architecture.get(f.name, f.default) for f in dataclasses.fields(ModelSpec)})
@@ -135,14 +154,23 @@ def _spec_from_hf_config(config: dict, where: str) -> ModelSpec:
     dtype = config.get("torch_dtype") or config.get("dtype") or "float32"  # transformers 4 | 5
     checks = [  # (field, value, is it supported, what is)
         ("hidden_act", config.get("hidden_act", "silu"), lambda v: v == "silu", "silu"),
-        ("head_dim", config.get("head_dim"), lambda v: v in (None, hidden // heads),
-         f"{hidden // heads} = hidden_size / num_attention_heads"),
+        (
+            "head_dim",
+            config.get("head_dim"),
+            lambda v: v in (None, hidden // heads),
+            f"{hidden // heads} = hidden_size / num_attention_heads",
+        ),
         ("attention_bias", config.get("attention_bias", False), lambda v: not v, "false"),
         ("mlp_bias", config.get("mlp_bias", False), lambda v: not v, "false"),
         ("attention_dropout", config.get("attention_dropout", 0.0), lambda v: v == 0, "0.0"),
         ("quantization_config", config.get("quantization_config"), lambda v: v is None, "unquantized weights only"),
         ("use_sliding_window", config.get("use_sliding_window", False), lambda v: not v, "false"),
-        ("layer_types", config.get("layer_types"), lambda v: v is None or set(v) == {"full_attention"}, "full_attention only"),
+        (
+            "layer_types",
+            config.get("layer_types"),
+            lambda v: v is None or set(v) == {"full_attention"},
+            "full_attention only",
+        ),
         ("torch_dtype", dtype, lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
     ]
     for field, value, ok, supported in checks:
@@ -151,27 +179,44 @@ def _spec_from_hf_config(config: dict, where: str) -> ModelSpec:
     rotary_base, scaling = _rope(config, where)
     window = config.get("sliding_window", 4096) if family == "mistral" else None  # transformers' default
     return ModelSpec(
-        family=family, num_layers=config["num_hidden_layers"], hidden_size=hidden,
-        ffn_hidden_size=config["intermediate_size"], num_attention_heads=heads,
-        num_query_groups=config.get("num_key_value_heads") or heads, vocab_size=config["vocab_size"],
-        max_position_embeddings=config["max_position_embeddings"], normalization="RMSNorm",
-        norm_epsilon=float(config.get("rms_norm_eps", 1e-6)), gated_linear_unit=True, activation="silu",
-        add_qkv_bias=family == "qwen2", add_bias_linear=False, position_embedding_type="rope",
-        rotary_base=rotary_base, rope_scaling_factor=scaling,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)), vocab_multiple=128,
+        family=family,
+        num_layers=config["num_hidden_layers"],
+        hidden_size=hidden,
+        ffn_hidden_size=config["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=config.get("num_key_value_heads") or heads,
+        vocab_size=config["vocab_size"],
+        max_position_embeddings=config["max_position_embeddings"],
+        normalization="RMSNorm",
+        norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
+        gated_linear_unit=True,
+        activation="silu",
+        add_qkv_bias=family == "qwen2",
+        add_bias_linear=False,
+        position_embedding_type="rope",
+        rotary_base=rotary_base,
+        rope_scaling_factor=scaling,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        vocab_multiple=128,
         dtype=dtype,
-        bos_token_id=config.get("bos_token_id"), eos_token_id=config.get("eos_token_id"),
-        attention_window=window if window is not None and window < config["max_position_embeddings"] else None)
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_id=config.get("eos_token_id"),
+        attention_window=window if window is not None and window < config["max_position_embeddings"] else None,
+    )
 
 
 def check_sequence_length(spec: ModelSpec, positions: int, key: str) -> None:
     """Refuse, naming `key`, sequences the model would compute differently from its original."""
     if positions > spec.max_position_embeddings:
-        raise ValueError(f"config key {key}: sequences of {positions} positions exceed the model's "
-                         f"max_position_embeddings={spec.max_position_embeddings}")
+        raise ValueError(
+            f"config key {key}: sequences of {positions} positions exceed the model's "
+            f"max_position_embeddings={spec.max_position_embeddings}"
+        )
     if spec.attention_window is not None and positions > spec.attention_window:
-        raise ValueError(f"config key {key}: sequences of {positions} positions exceed the model's sliding attention "
-                         f"window of {spec.attention_window} (megatron attends over the whole prefix)")
+        raise ValueError(
+            f"config key {key}: sequences of {positions} positions exceed the model's sliding attention "
+            f"window of {spec.attention_window} (megatron attends over the whole prefix)"
+        )
 
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -182,17 +227,31 @@ def hf_config_from_spec(spec: ModelSpec) -> dict:
     (transformers 4 and 5, vLLM, TensorRT-LLM) understands."""
     if spec.family not in HF_FAMILIES:
         raise ValueError(f"family {spec.family!r} has no Hugging Face layout ({', '.join(HF_FAMILIES)})")
-    scaling = None if spec.rope_scaling_factor is None else {
-        "rope_type": "llama3", "factor": spec.rope_scaling_factor, **MEGATRON_LLAMA3_ROPE}
+    scaling = (
+        None
+        if spec.rope_scaling_factor is None
+        else {"rope_type": "llama3", "factor": spec.rope_scaling_factor, **MEGATRON_LLAMA3_ROPE}
+    )
     config = {
-        "architectures": [_ARCHITECTURES[spec.family]], "model_type": spec.family,
-        "hidden_size": spec.hidden_size, "intermediate_size": spec.ffn_hidden_size,
-        "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_attention_heads,
-        "num_key_value_heads": spec.num_query_groups, "head_dim": spec.head_dim, "vocab_size": spec.vocab_size,
-        "max_position_embeddings": spec.max_position_embeddings, "rms_norm_eps": spec.norm_epsilon,
-        "hidden_act": "silu", "rope_theta": spec.rotary_base, "rope_scaling": scaling,
-        "tie_word_embeddings": spec.tie_word_embeddings, "torch_dtype": spec.dtype,
-        "bos_token_id": spec.bos_token_id, "eos_token_id": spec.eos_token_id, "attention_dropout": 0.0,
+        "architectures": [_ARCHITECTURES[spec.family]],
+        "model_type": spec.family,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.ffn_hidden_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_query_groups,
+        "head_dim": spec.head_dim,
+        "vocab_size": spec.vocab_size,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": spec.norm_epsilon,
+        "hidden_act": "silu",
+        "rope_theta": spec.rotary_base,
+        "rope_scaling": scaling,
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "torch_dtype": spec.dtype,
+        "bos_token_id": spec.bos_token_id,
+        "eos_token_id": spec.eos_token_id,
+        "attention_dropout": 0.0,
     }
     if spec.family == "llama":
         config.update(attention_bias=False, mlp_bias=False)

@@ -71,8 +71,9 @@ def _rotate(t: torch.Tensor, cache: KVCache, interleaved: bool) -> torch.Tensor:
     return rotated if dim == t.shape[-1] else torch.cat((rotated, t[..., dim:]), dim=-1)
 
 
-def _cached_self_attention(attention, cache: KVCache, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
-                           **unused):
+def _cached_self_attention(
+    attention, cache: KVCache, hidden_states: torch.Tensor, attention_mask: torch.Tensor, **unused
+):
     """SelfAttention.forward on the cache; hidden_states [s, b, h], attention_mask [b, 1, s,
     cached + s] (True = masked; every query must see at least one key) -> (output, bias)."""
     config = attention.config
@@ -94,8 +95,9 @@ def _cached_self_attention(attention, cache: KVCache, hidden_states: torch.Tenso
     if s > 1:  # a decoding step's one query row broadcasts over the group's heads as it is
         allowed = allowed.repeat(1, 1, group, 1)  # [b, 1, group * s, end]
     scale = config.softmax_scale or 1.0 / math.sqrt(dim)
-    context = F.scaled_dot_product_attention(q, keys[rows, :, :end], values[rows, :, :end], attn_mask=allowed,
-                                             scale=scale)
+    context = F.scaled_dot_product_attention(
+        q, keys[rows, :, :end], values[rows, :, :end], attn_mask=allowed, scale=scale
+    )
     context = context.reshape(b, kv_heads * group, s, dim).permute(2, 0, 1, 3).reshape(s, b, -1)
     return attention.linear_proj(context)
 
@@ -115,13 +117,17 @@ def cached_attention(gpt_model, cache: KVCache, plain_linears: bool = True):
     layers = [layer.self_attention for layer in gpt_model.decoder.layers]
     for attention in layers:
         attention.forward = lambda hidden, attention_mask, _attention=attention, **k: _cached_self_attention(
-            _attention, cache, hidden, attention_mask, **k)
+            _attention, cache, hidden, attention_mask, **k
+        )
     if cache.plain_linears is None:
         cache.plain_linears = _plain_linears(gpt_model) if plain_linears else []
     linears = [linear for linear, _, _ in cache.plain_linears]
     for linear, source, packed in cache.plain_linears:
-        linear.forward = lambda x, weight=None, runtime_gather_output=None, _linear=linear, _source=source, \
-            _packed=packed: _plain_linear(_linear, x, weight, _source, _packed)
+        linear.forward = (
+            lambda x, weight=None, runtime_gather_output=None, _linear=linear, _source=source, _packed=packed: (
+                _plain_linear(_linear, x, weight, _source, _packed)
+            )
+        )
     try:
         yield
     finally:
@@ -169,8 +175,9 @@ def _packed_weight(weight: torch.Tensor | None) -> torch.Tensor | None:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACKING_ROWS)
 
 
-def _plain_linear(linear, x: torch.Tensor, weight: torch.Tensor | None, source: torch.Tensor,
-                  packed: torch.Tensor | None):
+def _plain_linear(
+    linear, x: torch.Tensor, weight: torch.Tensor | None, source: torch.Tensor, packed: torch.Tensor | None
+):
     """ColumnParallelLinear / RowParallelLinear.forward at TP = 1: (output, bias left to the
     caller). `packed` is `source` (the weight the linear uses: its own, or the tied embedding
     the output layer is passed) in oneDNN's layout (_packed_weight), or None."""

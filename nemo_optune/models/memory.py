@@ -22,15 +22,27 @@ def parameter_count(spec: ModelSpec) -> int:
     return spec.num_layers * layer_params(spec) + embeddings + spec.hidden_size
 
 
-def per_gpu_estimate(spec: ModelSpec, tp: int, pp: int, dp: int, *, bf16: bool, distributed_optimizer: bool,
-                     micro_batch_pairs: int, micro_batches: int, sequence_length: int, generation_batch: int
-                     ) -> dict[str, float]:
+def per_gpu_estimate(
+    spec: ModelSpec,
+    tp: int,
+    pp: int,
+    dp: int,
+    *,
+    bf16: bool,
+    distributed_optimizer: bool,
+    micro_batch_pairs: int,
+    micro_batches: int,
+    sequence_length: int,
+    generation_batch: int,
+) -> dict[str, float]:
     """GiB per GPU on the most loaded stage (the first or last: it holds an embedding table)."""
     weight_bytes = 2 if bf16 else 4
     # One stage holds every table at PP=1; at PP>1 the first holds the embedding, the last the
     # output layer (a copy of the embedding when tied).
     tables = (1 if spec.tie_word_embeddings else 2) if pp == 1 else 1
-    stage_params = (spec.num_layers // pp * layer_params(spec) + tables * spec.padded_vocab_size * spec.hidden_size) / tp
+    stage_params = (
+        spec.num_layers // pp * layer_params(spec) + tables * spec.padded_vocab_size * spec.hidden_size
+    ) / tp
     s, h, a = sequence_length, spec.hidden_size, spec.num_attention_heads
     b = 2 * micro_batch_pairs  # chosen and rejected sequences
     # Korthikanti et al. (2022), per layer, 16-bit, tensor parallel, no recomputation; the first
@@ -55,7 +67,9 @@ def per_gpu_estimate(spec: ModelSpec, tp: int, pp: int, dp: int, *, bf16: bool, 
         "generation KV cache": kv_cache / GIB,
         "generation logits": generation / GIB,
     }
-    resident = sum(rows[k] for k in ("policy weights", "reference weights", "gradients (fp32)", "optimizer (fp32 main + Adam)"))
+    resident = sum(
+        rows[k] for k in ("policy weights", "reference weights", "gradients (fp32)", "optimizer (fp32 main + Adam)")
+    )
     rows["peak while training"] = resident + rows["training activations"] + rows["training logits"]
     rows["peak while generating"] = resident + rows["generation KV cache"] + rows["generation logits"]
     return rows

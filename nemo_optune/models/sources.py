@@ -10,8 +10,14 @@ Each brings its architecture and its tokenizer; anything else is one line naming
 import os
 
 from nemo_optune.data.tokenizer import HFTokenizer
-from nemo_optune.models.hf_io import (check_tokenizer, eos_ids, hf_model_and_tokenizer, import_hf, is_hf_checkpoint,
-                                      read_hf_spec)
+from nemo_optune.models.hf_io import (
+    check_tokenizer,
+    eos_ids,
+    hf_model_and_tokenizer,
+    import_hf,
+    is_hf_checkpoint,
+    read_hf_spec,
+)
 from nemo_optune.models.hf_spec import ModelSpec, spec_from_architecture
 from nemo_optune.models.nemo2_io import import_nemo2, is_nemo2_checkpoint, nemo2_model_and_tokenizer, refuse_nemo_tar
 from nemo_optune.runtime.checkpoint import MANIFEST, TOKENIZER_DIR, load_model, read_manifest
@@ -30,13 +36,22 @@ def source_kind(path: str, key: str = "config key model.restore_from_path") -> s
     refuse_nemo_tar(path)
     if os.path.isfile(os.path.join(path, "config.json")):
         read_hf_spec(path)  # an unsupported model says so first
-        raise ValueError(f"{key}: {path} has a config.json but no model.safetensors or model.safetensors.index.json "
-                         "(Hugging Face weights are read from safetensors only)")
-    what = ("does not exist" if not os.path.exists(path) else
-            "is an empty directory" if os.path.isdir(path) and not os.listdir(path) else "is none of them")
-    raise ValueError(f"{key}: {path} {what} (expected a nemo_optune checkpoint with {MANIFEST}, a Hugging "
-                     "Face directory with config.json + model.safetensors, or a NeMo 2 directory with weights/ + "
-                     "context/model.yaml)")
+        raise ValueError(
+            f"{key}: {path} has a config.json but no model.safetensors or model.safetensors.index.json "
+            "(Hugging Face weights are read from safetensors only)"
+        )
+    what = (
+        "does not exist"
+        if not os.path.exists(path)
+        else "is an empty directory"
+        if os.path.isdir(path) and not os.listdir(path)
+        else "is none of them"
+    )
+    raise ValueError(
+        f"{key}: {path} {what} (expected a nemo_optune checkpoint with {MANIFEST}, a Hugging "
+        "Face directory with config.json + model.safetensors, or a NeMo 2 directory with weights/ + "
+        "context/model.yaml)"
+    )
 
 
 def checkpoint_spec(directory: str) -> ModelSpec:

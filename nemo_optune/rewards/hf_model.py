@@ -35,8 +35,10 @@ def check_reward_model_dir(path: str, key: str) -> None:
         raise ValueError(f"config key {key}: {config_path} is not readable JSON ({err})") from None
     architectures = config.get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise ValueError(f"config key {key}: {config_path} architectures {architectures} has no "
-                         f"*ForSequenceClassification (a reward model scores a sequence with one output)")
+        raise ValueError(
+            f"config key {key}: {config_path} architectures {architectures} has no "
+            f"*ForSequenceClassification (a reward model scores a sequence with one output)"
+        )
     labels = config.get("num_labels", len(config.get("id2label") or {0: "LABEL_0", 1: "LABEL_1"}))
     if labels != 1:
         raise ValueError(f"config key {key}: {config_path} has {labels} labels; a reward model has exactly 1")
@@ -90,13 +92,18 @@ class HFRewardModel:
         ids = self.tokenizer(texts, add_special_tokens=special)["input_ids"]
         long = [i for i, row in enumerate(ids) if len(row) > self.max_length]
         if long:
-            cut = self.tokenizer([texts[i] for i in long], add_special_tokens=special, truncation=True,
-                                 max_length=self.max_length)["input_ids"]
+            cut = self.tokenizer(
+                [texts[i] for i in long], add_special_tokens=special, truncation=True, max_length=self.max_length
+            )["input_ids"]
             for i, row in zip(long, cut):
                 ids[i] = row
             self.truncated += len(long)
-            log.warning("reward model: %d of %d texts longer than %d tokens kept their last tokens",
-                        len(long), len(texts), self.max_length)
+            log.warning(
+                "reward model: %d of %d texts longer than %d tokens kept their last tokens",
+                len(long),
+                len(texts),
+                self.max_length,
+            )
         return ids
 
     def count_tokens(self, prompts: list, responses: list[str]) -> list[int]:
@@ -142,7 +149,9 @@ class HFRewardModel:
         configured = self.text_config.pad_token_id
         self.text_config.pad_token_id = pad
         try:
-            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)).logits
+            logits = self.model(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+            ).logits
         finally:
             self.text_config.pad_token_id = configured
         return logits[:, 0].float()

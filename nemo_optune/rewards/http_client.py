@@ -29,19 +29,26 @@ class RewardServerError(RuntimeError):
 
 
 class HTTPReward:
-    def __init__(self, cfg: HTTPRewardConfig, timeout_seconds: float, key: str = "reward.http",
-                 check_health: bool = False):
+    def __init__(
+        self, cfg: HTTPRewardConfig, timeout_seconds: float, key: str = "reward.http", check_health: bool = False
+    ):
         headers = {}
         if cfg.bearer_token_env:
             token = os.environ.get(cfg.bearer_token_env)
             if token is None:
-                raise ValueError(f"config key {key}.bearer_token_env: environment variable {cfg.bearer_token_env} is not set")
+                raise ValueError(
+                    f"config key {key}.bearer_token_env: environment variable {cfg.bearer_token_env} is not set"
+                )
             headers["Authorization"] = f"Bearer {token}"
         self.urls = [url.rstrip("/") for url in cfg.urls]
         self.batch_size, self.dead_seconds = cfg.batch_size, cfg.dead_server_seconds
         # One client: keep-alive connections are reused across calls (it is thread-safe).
-        self.client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout_seconds, connect=cfg.connect_timeout_seconds))
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2 * len(self.urls), thread_name_prefix="reward-http")
+        self.client = httpx.Client(
+            headers=headers, timeout=httpx.Timeout(timeout_seconds, connect=cfg.connect_timeout_seconds)
+        )
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2 * len(self.urls), thread_name_prefix="reward-http"
+        )
         self.dead_until = dict.fromkeys(self.urls, 0.0)  # time.monotonic() until which a server is skipped
         self.next_server = 0  # round-robin across calls, so one-request calls spread too
         if check_health:
@@ -62,7 +69,7 @@ class HTTPReward:
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         b, n = self.batch_size, len(self.urls)
-        chunks = [(prompts[i:i + b], responses[i:i + b]) for i in range(0, len(prompts), b)]
+        chunks = [(prompts[i : i + b], responses[i : i + b]) for i in range(0, len(prompts), b)]
         first, self.next_server = self.next_server, (self.next_server + len(chunks)) % n
         futures = [self.pool.submit(self._score_chunk, p, r, (first + i) % n) for i, (p, r) in enumerate(chunks)]
         try:
@@ -98,8 +105,10 @@ class HTTPReward:
                 else:
                     raise RewardServerError(f"reward server refused the request: {last}")
             if not busy or waited:
-                raise RewardServerError(f"no reward server could score {len(prompts)} pairs "
-                                        f"(servers: {', '.join(self.urls)}); last error: {last}")
+                raise RewardServerError(
+                    f"no reward server could score {len(prompts)} pairs "
+                    f"(servers: {', '.join(self.urls)}); last error: {last}"
+                )
             time.sleep(min(min(busy.values()), MAX_RETRY_AFTER_SECONDS))
             servers, waited = list(busy), True
 
@@ -109,14 +118,16 @@ def _rewards(url: str, response: httpx.Response, n: int) -> list[float]:
     try:
         rewards = response.json()["rewards"]
     except (ValueError, KeyError, TypeError):
-        raise RewardServerError(f"reward server {url} answered without a JSON {{\"rewards\": [...]}}") from None
+        raise RewardServerError(f'reward server {url} answered without a JSON {{"rewards": [...]}}') from None
     if not isinstance(rewards, list) or len(rewards) != n:
         got = len(rewards) if isinstance(rewards, list) else type(rewards).__name__
         raise RewardServerError(f"reward server {url} answered {got} rewards for {n} pairs")
     out = []
     for r in rewards:
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r)):
-            raise RewardServerError(f"reward server {url} answered {r!r} as a reward (expected a finite number or null)")
+            raise RewardServerError(
+                f"reward server {url} answered {r!r} as a reward (expected a finite number or null)"
+            )
         out.append(float("nan") if r is None else float(r))
     return out
 

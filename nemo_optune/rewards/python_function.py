@@ -19,8 +19,9 @@ def import_reward_function(spec: str, key: str = "reward.function"):
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # ImportError, or the module failing on import
-        raise RewardFunctionError(f"config key {key}: cannot import {module_name!r} "
-                                  f"({type(err).__name__}: {err})") from None
+        raise RewardFunctionError(
+            f"config key {key}: cannot import {module_name!r} ({type(err).__name__}: {err})"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise RewardFunctionError(f"config key {key}: {module_name!r} has no callable {attr!r}")

@@ -38,5 +38,7 @@ class ResilientRewardSource:
                 else:
                     return [float(r) for r in rewards]
             self.failures += 1
-        raise RewardSourceError(f"reward source {self.name!r} failed {self.retries + 1} times (last: {last}); "
-                                f"the prompt pool was not updated")
+        raise RewardSourceError(
+            f"reward source {self.name!r} failed {self.retries + 1} times (last: {last}); "
+            f"the prompt pool was not updated"
+        )

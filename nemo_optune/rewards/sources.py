@@ -51,9 +51,16 @@ class RewardSources:
         configs = cfg.source_configs()
         self.names = [s.display_name() for _, s in configs]
         self.weights = torch.tensor([s.weight for _, s in configs], dtype=torch.float64)
-        self.sources = [ResilientRewardSource(build_source(s, key, task, cfg.timeout_seconds, load), name,
-                                              cfg.retries, cfg.backoff_seconds, cfg.timeout_seconds)
-                        for (key, s), name in zip(configs, self.names)]
+        self.sources = [
+            ResilientRewardSource(
+                build_source(s, key, task, cfg.timeout_seconds, load),
+                name,
+                cfg.retries,
+                cfg.backoff_seconds,
+                cfg.timeout_seconds,
+            )
+            for (key, s), name in zip(configs, self.names)
+        ]
 
     @property
     def failures(self) -> int:
@@ -74,7 +81,9 @@ class RewardSources:
         """Weighted total per pair (the RewardSource interface, e.g. for the reward server)."""
         return self.total(self.score_columns(prompts, responses)).tolist()
 
-    def score_once_per_model_parallel_group(self, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_once_per_model_parallel_group(
+        self, prompts: list[str], responses: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Collective: (total [n], columns [n, sources]) on every rank; scored by the first rank
         of each model-parallel group. If a scoring rank fails, every rank raises its error."""
         group, scorer = model_parallel_scorer()

@@ -63,13 +63,15 @@ def _files(directory: str) -> list[str]:
 
 def _my_share(items: list) -> list:
     """This rank's share of a list (hashing is split over ranks: big checkpoints hash in parallel)."""
-    return items[dist.get_rank()::dist.get_world_size()]
+    return items[dist.get_rank() :: dist.get_world_size()]
 
 
 def _hash_files(directory: str) -> dict:
     """{relative path: {size, sha256}} of every file, each rank hashing its share. Collective."""
-    mine = {name: {"size": os.path.getsize(os.path.join(directory, name)), "sha256": _sha256(os.path.join(directory, name))}
-            for name in _my_share(_files(directory))}
+    mine = {
+        name: {"size": os.path.getsize(os.path.join(directory, name)), "sha256": _sha256(os.path.join(directory, name))}
+        for name in _my_share(_files(directory))
+    }
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
     return {name: entry for part in parts for name, entry in sorted(part.items())}
@@ -123,7 +125,9 @@ def read_manifest(directory: str) -> dict:
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
         what = "is empty" if not os.listdir(directory) else f"has no {MANIFEST}"
-        raise CheckpointError(f"{directory}: not a nemo_optune checkpoint ({what}; an unfinished save or another format)")
+        raise CheckpointError(
+            f"{directory}: not a nemo_optune checkpoint ({what}; an unfinished save or another format)"
+        )
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -153,14 +157,22 @@ def verify_checkpoint(directory: str, kind: str, architecture: dict, also: tuple
     try:
         manifest = read_manifest(directory)
         if manifest["kind"] != kind and manifest["kind"] not in also:
-            hint = ("pass it as exp_manager.resume_from" if manifest["kind"] == "training"
-                    else "pass it as model.restore_from_path")
-            raise CheckpointError(f"{directory}: a {manifest['kind']} checkpoint where a {kind} checkpoint is needed ({hint})")
+            hint = (
+                "pass it as exp_manager.resume_from"
+                if manifest["kind"] == "training"
+                else "pass it as model.restore_from_path"
+            )
+            raise CheckpointError(
+                f"{directory}: a {manifest['kind']} checkpoint where a {kind} checkpoint is needed ({hint})"
+            )
         # Keys of either side: a key the config lacks (a field of another model family) differs too.
         saved = manifest["architecture"]
         keys = list(architecture) + [k for k in saved if k not in architecture]
-        differences = [f"{k} {saved.get(k)} in the checkpoint, {architecture.get(k)} in the config"
-                       for k in keys if saved.get(k) != architecture.get(k)]
+        differences = [
+            f"{k} {saved.get(k)} in the checkpoint, {architecture.get(k)} in the config"
+            for k in keys
+            if saved.get(k) != architecture.get(k)
+        ]
         if differences:
             raise CheckpointError(f"{directory}: another model architecture ({'; '.join(differences)})")
         for name in _my_share(sorted(manifest["files"])):
@@ -249,7 +261,8 @@ def load_training_checkpoint(directory: str, model) -> dict:
     verify_checkpoint(directory, "training", model.architecture())
     model_sd = model.policy.sharded_state_dict()
     loaded = dist_checkpointing.load(
-        {"model": model_sd, "optimizer": model.optimizer.sharded_state_dict(model_sd, is_loading=True)}, directory)
+        {"model": model_sd, "optimizer": model.optimizer.sharded_state_dict(model_sd, is_loading=True)}, directory
+    )
     model.policy.load_state_dict(loaded["model"])
     model.weights_loaded = True
     model.optimizer.load_sharded(loaded["optimizer"])

@@ -88,8 +88,11 @@ def initialize(tp: int, pp: int, seed: int, collective_timeout_seconds: float = 
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     # megatron's groups take the same timeout (its argument is in minutes; a float works: timedelta).
-    mpu.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                  distributed_timeout_minutes=collective_timeout_seconds / 60)
+    mpu.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        distributed_timeout_minutes=collective_timeout_seconds / 60,
+    )
     start_heartbeat()  # names a lost rank if a collective fails (runtime/lost_ranks.py)
     seed_everything(seed)
     # The inference tracker avoids forking CUDA RNG state, which does not exist on CPU.
@@ -150,8 +153,10 @@ def dp_share(indices: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, list[
     gather_rows_over_dp)."""
     from nemo_optune.algorithms import balanced_shard
 
-    return (balanced_shard(indices, layout.dp_rank, layout.dp),
-            [len(balanced_shard(indices, r, layout.dp)) for r in range(layout.dp)])
+    return (
+        balanced_shard(indices, layout.dp_rank, layout.dp),
+        [len(balanced_shard(indices, r, layout.dp)) for r in range(layout.dp)],
+    )
 
 
 def sum_over_dp(values: torch.Tensor) -> torch.Tensor:

@@ -65,8 +65,10 @@ def lock(exp_dir: str):
         handle.seek(0)
         holder = handle.read().strip() or "unknown pid"
         handle.close()
-        raise ExperimentDirError(f"config key exp_manager.exp_dir: {exp_dir} is in use by another run ({holder}); "
-                                 f"wait for it to end or use another exp_dir") from None
+        raise ExperimentDirError(
+            f"config key exp_manager.exp_dir: {exp_dir} is in use by another run ({holder}); "
+            f"wait for it to end or use another exp_dir"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -74,8 +76,14 @@ def lock(exp_dir: str):
     return handle
 
 
-def prepare(exp_dir: str, config: dict, resume_if_exists: bool, resume_from: str | None, overwrite: bool,
-            defaults: dict | None = None) -> str | None:
+def prepare(
+    exp_dir: str,
+    config: dict,
+    resume_if_exists: bool,
+    resume_from: str | None,
+    overwrite: bool,
+    defaults: dict | None = None,
+) -> str | None:
     """Check and prepare `exp_dir` (rank 0 only, after `lock`); return the checkpoint to
     resume from, AUTO (find the newest intact one once the model exists), or None. `defaults`:
     the config's default values (see config_differences).
@@ -92,7 +100,8 @@ def prepare(exp_dir: str, config: dict, resume_if_exists: bool, resume_from: str
             raise ExperimentDirError(
                 f"config key exp_manager.exp_dir: {exp_dir} holds a run with a different config "
                 f"({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}); use another exp_dir, "
-                f"or exp_manager.overwrite=true to start over")
+                f"or exp_manager.overwrite=true to start over"
+            )
         if changed:  # overwrite asked for: the old run's outputs go
             for name in ("checkpoints", "sft_checkpoint", "selections.jsonl", "summary.json", "report.png"):
                 path = os.path.join(exp_dir, name)
@@ -108,8 +117,10 @@ def prepare(exp_dir: str, config: dict, resume_if_exists: bool, resume_from: str
     done = iterations_done(newest) if newest else None
     asked = config["trainer"]["iterations"]
     if resume is not None and done is not None and asked < done:
-        raise ExperimentDirError(f"config key trainer.iterations: {asked}, but {newest} has {done} iterations done; "
-                                 f"ask for at least {done}, or use another exp_manager.exp_dir")
+        raise ExperimentDirError(
+            f"config key trainer.iterations: {asked}, but {newest} has {done} iterations done; "
+            f"ask for at least {done}, or use another exp_manager.exp_dir"
+        )
     tmp = config_file + ".tmp"
     with open(tmp, "w") as f:
         json.dump(config, f, indent=2)
@@ -125,7 +136,9 @@ def check_writable(exp_dir: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as err:
-        raise ExperimentDirError(f"config key exp_manager.exp_dir: {exp_dir} is not writable ({err.strerror})") from None
+        raise ExperimentDirError(
+            f"config key exp_manager.exp_dir: {exp_dir} is not writable ({err.strerror})"
+        ) from None
 
 
 def truncate_jsonl(path: str, keep_iterations: int) -> None:

@@ -110,8 +110,15 @@ class ExperimentLog:
     """Console lines, TensorBoard and W&B scalars, JSON outputs. Construct it on every rank
     (only the logging rank, enabled=True, writes): with W&B on, its verdict reaches all ranks."""
 
-    def __init__(self, exp_dir: str, enabled: bool, tensorboard: bool, wandb=None, config: dict | None = None,
-                 resuming: bool = False):
+    def __init__(
+        self,
+        exp_dir: str,
+        enabled: bool,
+        tensorboard: bool,
+        wandb=None,
+        config: dict | None = None,
+        resuming: bool = False,
+    ):
         """wandb: the exp_manager.wandb config (WandbConfig) or None; config: the resolved
         config, stored with the W&B run; resuming: the run continues from a checkpoint, so it
         continues the W&B run whose id exp_dir/wandb_run_id holds (else a new W&B run)."""
@@ -126,8 +133,11 @@ class ExperimentLog:
                 try:
                     self.wandb_run = self._start_wandb(wandb, config or {}, resuming)
                 except Exception as err:  # every rank must hear of it (below), or they hang
-                    error = str(err) if str(err).startswith("config key") else \
-                        f"config key exp_manager.wandb: wandb.init failed ({type(err).__name__}: {err})"
+                    error = (
+                        str(err)
+                        if str(err).startswith("config key")
+                        else f"config key exp_manager.wandb: wandb.init failed ({type(err).__name__}: {err})"
+                    )
             if tensorboard and error is None:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -142,8 +152,9 @@ class ExperimentLog:
         try:
             import wandb
         except ImportError:
-            raise ValueError("config key exp_manager.wandb.enabled: wandb is not installed "
-                             "(pip install -e '.[wandb]')") from None
+            raise ValueError(
+                "config key exp_manager.wandb.enabled: wandb is not installed (pip install -e '.[wandb]')"
+            ) from None
         id_file = os.path.join(self.exp_dir, WANDB_ID_FILE)
         run_id = None
         if resuming and os.path.exists(id_file):
@@ -154,14 +165,25 @@ class ExperimentLog:
             with atomic_output(id_file) as tmp, open(tmp, "w") as f:
                 f.write(run_id + "\n")
         quiet = {"silent": True} if w.mode != "online" else {"quiet": True}  # online: the run's URL only
-        run = wandb.init(project=w.project, name=w.name or os.path.basename(os.path.abspath(self.exp_dir)),
-                         entity=w.entity, group=w.group, tags=list(w.tags) or None, mode=w.mode,
-                         dir=self.exp_dir, config=config, id=run_id, resume="allow",
-                         settings=wandb.Settings(**quiet))
+        run = wandb.init(
+            project=w.project,
+            name=w.name or os.path.basename(os.path.abspath(self.exp_dir)),
+            entity=w.entity,
+            group=w.group,
+            tags=list(w.tags) or None,
+            mode=w.mode,
+            dir=self.exp_dir,
+            config=config,
+            id=run_id,
+            resume="allow",
+            settings=wandb.Settings(**quiet),
+        )
         self.wandb_mode = w.mode
         if w.mode == "offline":
-            self.print(f"[wandb] offline run {run_id} in {os.path.join(self.exp_dir, 'wandb')} "
-                       f"(upload: wandb sync {os.path.join(self.exp_dir, 'wandb', 'offline-run-*')})")
+            self.print(
+                f"[wandb] offline run {run_id} in {os.path.join(self.exp_dir, 'wandb')} "
+                f"(upload: wandb sync {os.path.join(self.exp_dir, 'wandb', 'offline-run-*')})"
+            )
         return run
 
     def print(self, message: str) -> None:
@@ -245,19 +267,23 @@ def source_revision() -> dict | None:
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", "--no-optional-locks", "-C", package, *args], capture_output=True, text=True,
-                              timeout=20, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "--no-optional-locks", "-C", package, *args], capture_output=True, text=True, timeout=20, check=True
+        ).stdout.strip()
 
     try:
         git("ls-files", "--error-unmatch", "__init__.py")  # this package is tracked, not just inside some repo
-        return {"revision": git("rev-parse", "HEAD"),
-                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        return {
+            "revision": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        }
     except (OSError, subprocess.SubprocessError):
         return None
 
 
 def package_versions() -> dict:
     """Versions of python and the core packages (None if missing), plus the optional ones present."""
+
     def version(name: str) -> str | None:
         try:
             return metadata.version(name)
@@ -278,9 +304,19 @@ def package_versions() -> dict:
 
 def run_info(config: dict, layout: dict, resume: str | None = None) -> dict:
     """One start of a run: what ran, where, from which source."""
-    scheduler = {k: v for k, v in os.environ.items()
-                 if k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
-                          "SLURM_JOB_NODELIST", "TORCHELASTIC_RESTART_COUNT")}
+    scheduler = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        in (
+            "SLURM_JOB_ID",
+            "SLURM_ARRAY_JOB_ID",
+            "SLURM_ARRAY_TASK_ID",
+            "SLURM_RESTART_COUNT",
+            "SLURM_JOB_NODELIST",
+            "TORCHELASTIC_RESTART_COUNT",
+        )
+    }
     return {
         "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "hostname": socket.gethostname(),

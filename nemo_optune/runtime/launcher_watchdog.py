@@ -50,8 +50,12 @@ def _rank() -> str:
 
 def _stop(launcher_pid: int) -> None:
     try:
-        print(f"error: launcher (pid {launcher_pid}) is gone; rank {_rank()} stops so that nothing more "
-              f"is written to the experiment directory", file=sys.stderr, flush=True)
+        print(
+            f"error: launcher (pid {launcher_pid}) is gone; rank {_rank()} stops so that nothing more "
+            f"is written to the experiment directory",
+            file=sys.stderr,
+            flush=True,
+        )
     except Exception:  # stderr may be a pipe the dead launcher held: stop regardless
         pass
     if os.getpgrp() == os.getpid():  # we lead our group: take its children (Manager, workers) along
@@ -76,7 +80,8 @@ def watch_launcher(poll_seconds: float = POLL_SECONDS, force: bool = False) -> b
         if not (force or started_by_launcher()):
             return False
         launcher_pid = os.getppid()
-        threading.Thread(target=_watch, args=(launcher_pid, poll_seconds),
-                         name="launcher-watchdog", daemon=True).start()
+        threading.Thread(
+            target=_watch, args=(launcher_pid, poll_seconds), name="launcher-watchdog", daemon=True
+        ).start()
         _watching_pid = os.getpid()
         return True

@@ -71,9 +71,18 @@ def is_collective_failure(err: BaseException) -> bool:
     if isinstance(err, getattr(dist, "DistBackendError", ())):
         return True
     text = str(err)
-    return isinstance(err, RuntimeError) and any(s in text for s in (
-        "Connection closed by peer", "Connection reset by peer", "Timed out waiting", "Gloo", "NCCL",
-        "Socket Timeout", "Broken pipe"))
+    return isinstance(err, RuntimeError) and any(
+        s in text
+        for s in (
+            "Connection closed by peer",
+            "Connection reset by peer",
+            "Timed out waiting",
+            "Gloo",
+            "NCCL",
+            "Socket Timeout",
+            "Broken pipe",
+        )
+    )
 
 
 def lost_ranks(window: float = 3 * HEARTBEAT_SECONDS) -> list[int] | None:
@@ -93,13 +102,17 @@ def exit_for_lost_rank(err: BaseException, timeout_seconds: float) -> None:
     exit could wait on the dead peer again in shutdown or at exit handlers)."""
     rank, lost = dist.get_rank(), lost_ranks()
     if lost is None:
-        who = (f"the rendezvous store at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} is gone "
-               f"(rank 0 or its launcher died)")
+        who = (
+            f"the rendezvous store at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} is gone "
+            f"(rank 0 or its launcher died)"
+        )
     elif lost:
         who = f"lost rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} (no heartbeat)"
     else:
-        who = (f"a collective failed though every rank's heartbeat is alive: a rank is stuck or its connection "
-               f"broke (trainer.collective_timeout_seconds={timeout_seconds:g})")
+        who = (
+            f"a collective failed though every rank's heartbeat is alive: a rank is stuck or its connection "
+            f"broke (trainer.collective_timeout_seconds={timeout_seconds:g})"
+        )
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
     print(f"error: rank {rank}: {who}, during {where()}; stopping this rank ({first})", file=sys.stderr, flush=True)
     sys.stdout.flush()

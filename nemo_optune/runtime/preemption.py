@@ -33,11 +33,19 @@ class StopRequests:
         name = signal.Signals(number).name
         if self.signal_name is None:
             self.signal_name = name
-            print(f"[stop] {name} received: saving a checkpoint at the end of this iteration, then exiting "
-                  f"with status {EXIT_STOPPED}", file=sys.stderr, flush=True)
+            print(
+                f"[stop] {name} received: saving a checkpoint at the end of this iteration, then exiting "
+                f"with status {EXIT_STOPPED}",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
-            print(f"[stop] {name} received again: already stopping (a checkpoint being written is finished, "
-                  f"not cut short)", file=sys.stderr, flush=True)
+            print(
+                f"[stop] {name} received again: already stopping (a checkpoint being written is finished, "
+                f"not cut short)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def restore(self) -> None:
         """Put back the handlers that were there before (in-process runs, tests)."""

@@ -26,19 +26,26 @@ def setup(cfg: RootConfig):
     validate(cfg, world_size=world)
     if cfg.model.precision == "bf16" and not torch.cuda.is_available():
         raise ValueError("config key model.precision: bf16 needs a GPU; use fp32 on CPU")
-    return distributed.initialize(cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size, cfg.trainer.seed,
-                                  collective_timeout_seconds=cfg.trainer.collective_timeout_seconds)
+    return distributed.initialize(
+        cfg.model.tensor_model_parallel_size,
+        cfg.model.pipeline_model_parallel_size,
+        cfg.trainer.seed,
+        collective_timeout_seconds=cfg.trainer.collective_timeout_seconds,
+    )
 
 
 def check_layout(spec, tp: int, pp: int, where: str) -> None:
     """A restored model's shape against the layout (model.* of the built-in one: config.validate)."""
-    for count, what, size, key in ((spec.num_attention_heads, "attention heads", tp, "tensor"),
-                                   (spec.num_query_groups, "query groups", tp, "tensor"),
-                                   (spec.padded_vocab_size, "vocabulary rows (padded)", tp, "tensor"),
-                                   (spec.num_layers, "layers", pp, "pipeline")):
+    for count, what, size, key in (
+        (spec.num_attention_heads, "attention heads", tp, "tensor"),
+        (spec.num_query_groups, "query groups", tp, "tensor"),
+        (spec.padded_vocab_size, "vocabulary rows (padded)", tp, "tensor"),
+        (spec.num_layers, "layers", pp, "pipeline"),
+    ):
         if count % size:
-            raise ValueError(f"config key model.{key}_model_parallel_size: {where} has {count} {what}, "
-                             f"not divisible by {size}")
+            raise ValueError(
+                f"config key model.{key}_model_parallel_size: {where} has {count} {what}, not divisible by {size}"
+            )
 
 
 def builtin_spec(cfg: RootConfig, task: SortTask, tokenizer=None):
@@ -63,8 +70,10 @@ def model_and_tokenizer(cfg: RootConfig, task: SortTask, tp: int):
     else:
         spec, tokenizer = sources.model_and_tokenizer(m.restore_from_path)
         if tokenizer is None:
-            raise ValueError(f"config key model.restore_from_path: {m.restore_from_path} has no tokenizer files "
-                             "(tokenizer.json, or what transformers loads)")
+            raise ValueError(
+                f"config key model.restore_from_path: {m.restore_from_path} has no tokenizer files "
+                "(tokenizer.json, or what transformers loads)"
+            )
         check_sequence_length(spec, width, "generation.max_new_tokens")  # data.max_prompt_tokens + max_new_tokens
     check_layout(spec, tp, m.pipeline_model_parallel_size, m.restore_from_path or "the built-in model")
     return spec, tokenizer, width

@@ -11,24 +11,43 @@ from nemo_optune.runtime.seeds import mix_seed
 
 
 class OnlineKLSamples:
-    def __init__(self, *, model, engine, prompt_ids: list[list[int]], samples_per_prompt: int, width: int, pad_id: int,
-                 reference_micro_batch_size: int):
+    def __init__(
+        self,
+        *,
+        model,
+        engine,
+        prompt_ids: list[list[int]],
+        samples_per_prompt: int,
+        width: int,
+        pad_id: int,
+        reference_micro_batch_size: int,
+    ):
         self.model, self.engine, self.prompt_ids = model, engine, prompt_ids
         self.k, self.width, self.pad_id = samples_per_prompt, width, pad_id
         self.reference_micro_batch_size = reference_micro_batch_size
 
-    def add_to(self, micro_batches: list[dict], indices: torch.Tensor, seed: int, max_new_tokens: int,
-               timer: PhaseTimer) -> int:
+    def add_to(
+        self, micro_batches: list[dict], indices: torch.Tensor, seed: int, max_new_tokens: int, timer: PhaseTimer
+    ) -> int:
         """Sample k responses for each prompt in `indices` (this rank's share of the batch, in
         micro-batch order) and append them to the micro-batches after their pair rows.
         Samples come from the policy itself (temperature 1, no truncation): the RLOO estimate
         is of KL(pi || ref) only for such samples. Returns the responses generated."""
         prompts = [self.prompt_ids[i] for i in indices.tolist()]
         with timer.phase("generation"):
-            rollouts = self.engine.generate(prompts, self.k, SamplingParams(max_new_tokens=max_new_tokens),
-                                            [mix_seed(seed, i) for i in indices.tolist()])
-        tokens, mask = build_sequences([p for p in prompts for _ in range(self.k)], rollouts.response_tokens,
-                                       rollouts.response_lengths, self.width, self.pad_id)
+            rollouts = self.engine.generate(
+                prompts,
+                self.k,
+                SamplingParams(max_new_tokens=max_new_tokens),
+                [mix_seed(seed, i) for i in indices.tolist()],
+            )
+        tokens, mask = build_sequences(
+            [p for p in prompts for _ in range(self.k)],
+            rollouts.response_tokens,
+            rollouts.response_lengths,
+            self.width,
+            self.pad_id,
+        )
         with timer.phase("reference"):
             ref = self.model.sequence_logprobs("reference", tokens, mask, self.reference_micro_batch_size)
         start = 0

@@ -59,39 +59,79 @@ class PreferenceTrainer:
             pool = PromptPool.empty(len(prompt_ids), g.max_new_tokens)
             self.data_stats = {"long_prompts": long_prompts}
         else:
-            offline = build_offline_pool(cfg.data.offline_path, tok, limit, g.max_new_tokens, cfg.data.long_prompts,
-                                         min_records=t.global_batch_size, apply_chat_template=cfg.data.apply_chat_template)
+            offline = build_offline_pool(
+                cfg.data.offline_path,
+                tok,
+                limit,
+                g.max_new_tokens,
+                cfg.data.long_prompts,
+                min_records=t.global_batch_size,
+                apply_chat_template=cfg.data.apply_chat_template,
+            )
             prompts, prompt_ids, pool = offline.prompts, offline.prompt_ids, offline.pool
             self.data_stats = {"long_prompts": offline.long_prompts, "identical_pairs": offline.identical_pairs}
-        self.heldout_prompts, self.heldout_ids, _ = self.prompt_set(cfg.data.heldout_prompts_path, data.heldout_prompts, limit)
+        self.heldout_prompts, self.heldout_ids, _ = self.prompt_set(
+            cfg.data.heldout_prompts_path, data.heldout_prompts, limit
+        )
         # Built before any policy model: a bad function or reward model directory fails fast.
         # Only the rank that scores for its model-parallel group loads a reward model.
         self.reward = RewardSources(cfg.reward, data.task, load=is_scoring_rank())
         # The LR schedule's horizon is fixed when the run starts; a resumed run keeps it (see resume).
         per_iteration = t.prompts_per_iteration or len(pool)
         if per_iteration > len(pool):
-            raise ValueError(f"trainer.prompts_per_iteration={per_iteration} is more than the {len(pool)} training prompts")
+            raise ValueError(
+                f"trainer.prompts_per_iteration={per_iteration} is more than the {len(pool)} training prompts"
+            )
         self.lr_total_steps = t.iterations * t.epochs_per_iteration * per_iteration // t.global_batch_size
-        self.model = MegatronGPTOPTuneModel(cfg.model, spec, layout, seed=t.seed, lr=t.lr, weight_decay=t.weight_decay,
-                                            grad_clip=t.grad_clip, lr_schedule=self.lr_at_step, tokenizer=tok,
-                                            initialize=False)  # run.py loads the SFT policy
+        self.model = MegatronGPTOPTuneModel(
+            cfg.model,
+            spec,
+            layout,
+            seed=t.seed,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            grad_clip=t.grad_clip,
+            lr_schedule=self.lr_at_step,
+            tokenizer=tok,
+            initialize=False,
+        )  # run.py loads the SFT policy
         self.progress = PhaseProgress(t.progress_bar and layout.is_logging_rank)  # bars only on a terminal
         self.engine = build_engine(cfg, self.model, tok, progress=self.progress.rows)  # generation.engine
-        self.pool = PreferencePool(pool, prompt_ids, prompts, model=self.model, engine=self.engine, reward=self.reward,
-                                   tokenizer=tok, layout=layout, cfg=cfg, width=self.width)
+        self.pool = PreferencePool(
+            pool,
+            prompt_ids,
+            prompts,
+            model=self.model,
+            engine=self.engine,
+            reward=self.reward,
+            tokenizer=tok,
+            layout=layout,
+            cfg=cfg,
+            width=self.width,
+        )
         self.online_kl = None
         if cfg.method == "hypo":
-            self.online_kl = OnlineKLSamples(model=self.model, engine=self.engine, prompt_ids=prompt_ids,
-                                             samples_per_prompt=cfg.model.hypo.samples_per_prompt, width=self.width,
-                                             pad_id=tok.pad_id, reference_micro_batch_size=g.micro_batch_size)
+            self.online_kl = OnlineKLSamples(
+                model=self.model,
+                engine=self.engine,
+                prompt_ids=prompt_ids,
+                samples_per_prompt=cfg.model.hypo.samples_per_prompt,
+                width=self.width,
+                pad_id=tok.pad_id,
+                reference_micro_batch_size=g.micro_batch_size,
+            )
         o = cfg.model.optune
-        self.loss_fn = preference_loss_fn(o.beta, o.loss_type, o.sft_weight, cfg.model.hypo.kl_weight, t.global_batch_size)
+        self.loss_fn = preference_loss_fn(
+            o.beta, o.loss_type, o.sft_weight, cfg.model.hypo.kl_weight, t.global_batch_size
+        )
         self.history: list[dict] = []
         self.responses_generated = 0
         self.initial: tuple[float, float] | None = None  # held-out (reward, KL) of the SFT start
         self.checkpoint_seconds: list[float] = []
 
-    def prompt_set(self, path: str | None, task_prompts: list[str], limit: int) -> tuple[list[str], list[list[int]], int]:
+    def prompt_set(
+        self, path: str | None, task_prompts: list[str], limit: int
+    ) -> tuple[list[str], list[list[int]], int]:
         """(texts, token ids, how many were over the limit) of a prompt file, or of the task's prompts."""
         if path:
             return encode_prompt_file(path, self.tokenizer, self.cfg.data, limit)
@@ -99,8 +139,14 @@ class PreferenceTrainer:
 
     def lr_at_step(self, step: int) -> float:
         t = self.cfg.trainer
-        return learning_rate(step, base_lr=t.lr, warmup_steps=t.lr_warmup_steps, total_steps=self.lr_total_steps,
-                             decay=t.lr_decay, min_lr=t.min_lr)
+        return learning_rate(
+            step,
+            base_lr=t.lr,
+            warmup_steps=t.lr_warmup_steps,
+            total_steps=self.lr_total_steps,
+            decay=t.lr_decay,
+            min_lr=t.min_lr,
+        )
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop: StopRequests | None = None) -> dict:
@@ -123,11 +169,14 @@ class PreferenceTrainer:
             if self.checkpoint_due(it + 1) or stopped_by:
                 self.save_checkpoint()
             if stopped_by:
-                self.log.print(f"[stop] {stopped_by}: checkpoint of iteration {it + 1} written; exiting with status "
-                               f"{EXIT_STOPPED}, the same command resumes")
+                self.log.print(
+                    f"[stop] {stopped_by}: checkpoint of iteration {it + 1} written; exiting with status "
+                    f"{EXIT_STOPPED}, the same command resumes"
+                )
                 break
-        last = [r for r in self.history if r["heldout_reward"] is not None][-1:] or [{"heldout_reward": initial,
-                                                                                       "heldout_kl": 0.0}]
+        last = [r for r in self.history if r["heldout_reward"] is not None][-1:] or [
+            {"heldout_reward": initial, "heldout_kl": 0.0}
+        ]
         return {
             "stopped_by": stopped_by,
             "heldout_reward_initial": initial,
@@ -146,7 +195,9 @@ class PreferenceTrainer:
         note_phase("iteration start", it + 1)
         timer = PhaseTimer()
         refresh, rho = RefreshStats(), None
-        window = iteration_window(len(self.pool.store), self.cfg.trainer.prompts_per_iteration, it, self.cfg.trainer.seed)
+        window = iteration_window(
+            len(self.pool.store), self.cfg.trainer.prompts_per_iteration, it, self.cfg.trainer.seed
+        )
         if self.online:
             with timer.phase("selection"):
                 selected, rho = self.pool.select(it, window)  # 1. identical on every rank
@@ -179,8 +230,11 @@ class PreferenceTrainer:
             "reward_by_source": refresh.reward_by_source,  # mean over this iteration's new samples
             "heldout_reward_by_source": self.heldout_by_source if evaluated else {},
             **train,
-            "seconds": {**{p: timer.seconds[p] for p in TIMED_PHASES}, "total": iteration_seconds,
-                        "eval": time.perf_counter() - eval_start},
+            "seconds": {
+                **{p: timer.seconds[p] for p in TIMED_PHASES},
+                "total": iteration_seconds,
+                "eval": time.perf_counter() - eval_start,
+            },
         }
 
     # ------------------------------------------------------------- 3. train
@@ -188,7 +242,9 @@ class PreferenceTrainer:
         t = self.cfg.trainer
         totals = torch.zeros(5)  # loss, pairs, correct, margin sum, HyPO KL sum
         grad_norms, skipped = [], 0
-        batches = [window[b] for b in iteration_batches(len(window), t.global_batch_size, t.epochs_per_iteration, it, t.seed)]
+        batches = [
+            window[b] for b in iteration_batches(len(window), t.global_batch_size, t.epochs_per_iteration, it, t.seed)
+        ]
         for b, batch in enumerate(self.progress.iterate("training", batches, unit="step")):
             micro_batches, weight_total = self.micro_batches(batch)
             if weight_total == 0 and self.online_kl is None:
@@ -196,8 +252,12 @@ class PreferenceTrainer:
                 continue
             if self.online_kl is not None:
                 mine = torch.cat([mb["indices"] for mb in micro_batches])
-                self.responses_generated += self.online_kl.add_to(
-                    micro_batches, mine, mix_seed(t.seed, it, b), self.cfg.generation.max_new_tokens, timer) * self.layout.dp
+                self.responses_generated += (
+                    self.online_kl.add_to(
+                        micro_batches, mine, mix_seed(t.seed, it, b), self.cfg.generation.max_new_tokens, timer
+                    )
+                    * self.layout.dp
+                )
             with timer.phase("training"):
                 metrics, grad_norm = self.model.train_step(micro_batches, self.loss_fn)
             grad_norms.append(grad_norm)
@@ -221,19 +281,34 @@ class PreferenceTrainer:
         """This rank's micro-batches of a global batch, and the batch's weight total (the
         normaliser every micro-batch of every rank divides by)."""
         o, t, dp = self.cfg.model.optune, self.cfg.trainer, self.layout.dp
-        weights, valid, weight_total = global_batch_weights(self.pool.store, batch, o.weighting, o.weight_beta, o.weight_cap)
+        weights, valid, weight_total = global_batch_weights(
+            self.pool.store, batch, o.weighting, o.weight_beta, o.weight_cap
+        )
         per_rank = len(batch) // dp
         mine = slice(self.layout.dp_rank * per_rank, (self.layout.dp_rank + 1) * per_rank)
-        return preference_micro_batches(self.pool.store, self.pool.prompt_ids, batch[mine], weights[mine], valid[mine],
-                                        weight_total, t.micro_batch_size, self.width, self.tokenizer.pad_id,
-                                        token_budget=t.micro_batch_tokens, pack=t.pack_pairs), weight_total
+        return preference_micro_batches(
+            self.pool.store,
+            self.pool.prompt_ids,
+            batch[mine],
+            weights[mine],
+            valid[mine],
+            weight_total,
+            t.micro_batch_size,
+            self.width,
+            self.tokenizer.pad_id,
+            token_budget=t.micro_batch_tokens,
+            pack=t.pack_pairs,
+        ), weight_total
 
     def batch_loss(self, batch: torch.Tensor) -> dict:
         """Forward only: the loss metrics of one global batch summed over DP (no update)."""
         micro_batches, _ = self.micro_batches(batch)
         metrics = self.model.get_loss_and_metrics(micro_batches, self.loss_fn, forward_only=True)
-        local = torch.stack([torch.stack([m["loss"], m["pairs"], m["correct"]]) for m in metrics]).sum(0) \
-            if metrics else torch.zeros(3)
+        local = (
+            torch.stack([torch.stack([m["loss"], m["pairs"], m["correct"]]) for m in metrics]).sum(0)
+            if metrics
+            else torch.zeros(3)
+        )
         loss, pairs, correct = self.model.global_metric_sums(local.float()).tolist()
         return {"loss": loss, "pairs": pairs, "correct": correct}
 
@@ -251,21 +326,37 @@ class PreferenceTrainer:
         prompts = [self.heldout_ids[i] for i in mine]
         n = g.eval_samples_per_prompt
         with self.progress.phase("evaluation"):
-            rollouts = self.engine.generate(prompts, n, SamplingParams(max_new_tokens=g.max_new_tokens),
-                                            [mix_seed(self.cfg.data.seed, HELD_OUT_SEED, i) for i in mine])
+            rollouts = self.engine.generate(
+                prompts,
+                n,
+                SamplingParams(max_new_tokens=g.max_new_tokens),
+                [mix_seed(self.cfg.data.seed, HELD_OUT_SEED, i) for i in mine],
+            )
         texts = [self.tokenizer.decode(r) for r in rollouts.response_tokens]
         rewards, by_source = self.reward.score_once_per_model_parallel_group(
-            [self.heldout_prompts[i] for i in mine for _ in range(n)], texts)
-        tokens, mask = build_sequences([p for p in prompts for _ in range(n)], rollouts.response_tokens,
-                                       rollouts.response_lengths, self.width, self.tokenizer.pad_id)
+            [self.heldout_prompts[i] for i in mine for _ in range(n)], texts
+        )
+        tokens, mask = build_sequences(
+            [p for p in prompts for _ in range(n)],
+            rollouts.response_tokens,
+            rollouts.response_lengths,
+            self.width,
+            self.tokenizer.pad_id,
+        )
         ref = self.model.sequence_logprobs("reference", tokens, mask, g.micro_batch_size)
         policy = rollouts.logprobs.sum(dim=1)
         finite = torch.isfinite(rewards)
-        total = sum_over_dp(torch.tensor([float(rewards[finite].sum()), float(finite.sum()),
-                                          float((policy - ref).sum()), float(len(texts))], dtype=torch.float64))
+        total = sum_over_dp(
+            torch.tensor(
+                [float(rewards[finite].sum()), float(finite.sum()), float((policy - ref).sum()), float(len(texts))],
+                dtype=torch.float64,
+            )
+        )
         if total[1] < total[3] and self.cfg.reward.non_finite == "error":  # the same verdict on every rank
-            raise RewardSourceError(f"the reward source returned {int(total[3] - total[1])} non-finite rewards on "
-                                    f"held-out samples (reward.non_finite=error; =drop leaves them out of the mean)")
+            raise RewardSourceError(
+                f"the reward source returned {int(total[3] - total[1])} non-finite rewards on "
+                f"held-out samples (reward.non_finite=error; =drop leaves them out of the mean)"
+            )
         self.heldout_by_source = self.reward.means_over_dp(by_source)
         return float(total[0] / total[1].clamp(min=1)), float(total[2] / total[3])
 
@@ -286,24 +377,33 @@ class PreferenceTrainer:
     def save_checkpoint(self) -> None:
         note_phase("checkpoint save")
         start = time.perf_counter()
-        save_training_checkpoint(self.cfg.exp_manager.exp_dir, len(self.history), self.model, self.state_dict(),
-                                 keep_last=self.cfg.exp_manager.keep_last)
+        save_training_checkpoint(
+            self.cfg.exp_manager.exp_dir,
+            len(self.history),
+            self.model,
+            self.state_dict(),
+            keep_last=self.cfg.exp_manager.keep_last,
+        )
         self.checkpoint_seconds.append(time.perf_counter() - start)
 
     def resume(self, path: str) -> None:
         state = load_training_checkpoint(path, self.model)
         done, asked = len(state["history"]), self.cfg.trainer.iterations
         if asked < done:
-            raise ValueError(f"config key trainer.iterations: {asked}, but the checkpoint {path} has {done} iterations "
-                             f"done; ask for at least {done}, or use another exp_manager.exp_dir")
+            raise ValueError(
+                f"config key trainer.iterations: {asked}, but the checkpoint {path} has {done} iterations "
+                f"done; ask for at least {done}, or use another exp_manager.exp_dir"
+            )
         self.pool.store.load_state_dict(state["pool"])
         self.history = state["history"]
         self.responses_generated = state["responses_generated"]
         self.initial = state["initial"]
         self.model.optimizer_steps = state["optimizer_steps"]
         if state["lr_total_steps"] != self.lr_total_steps and self.cfg.trainer.lr_decay != "constant":
-            self.log.print(f"[resume] trainer.iterations changed: the {self.cfg.trainer.lr_decay} LR schedule keeps "
-                           f"its horizon of {state['lr_total_steps']} optimizer steps (later steps use trainer.min_lr)")
+            self.log.print(
+                f"[resume] trainer.iterations changed: the {self.cfg.trainer.lr_decay} LR schedule keeps "
+                f"its horizon of {state['lr_total_steps']} optimizer steps (later steps use trainer.min_lr)"
+            )
         self.lr_total_steps = state["lr_total_steps"]
         self.log.print(f"[resume] from {path}: {done} iterations done")
 
@@ -325,7 +425,9 @@ def iteration_line(record: dict, iterations: int) -> str:
     s = record["seconds"]
     heldout = "  -   " if record["heldout_reward"] is None else f"{record['heldout_reward']:.4f}"
     kl = "  -  " if record["heldout_kl"] is None else f"{record['heldout_kl']:.3f}"
-    return (f"[iter {record['iteration']}/{iterations}] heldout {heldout}  kl {kl}  pool {record['pool_mean_reward']:.4f}  regen {record['regenerated']:4d}  "
-            f"ties {record['ties_dropped']:3d}  loss {record['train_loss']:.4f}  acc {record['train_accuracy']:.3f}  | "
-            f"gen {s['generation']:.2f}s score {s['scoring']:.2f}s ref {s['reference']:.2f}s "
-            f"train {s['training']:.2f}s total {s['total']:.2f}s eval {s['eval']:.2f}s")
+    return (
+        f"[iter {record['iteration']}/{iterations}] heldout {heldout}  kl {kl}  pool {record['pool_mean_reward']:.4f}  regen {record['regenerated']:4d}  "
+        f"ties {record['ties_dropped']:3d}  loss {record['train_loss']:.4f}  acc {record['train_accuracy']:.3f}  | "
+        f"gen {s['generation']:.2f}s score {s['scoring']:.2f}s ref {s['reference']:.2f}s "
+        f"train {s['training']:.2f}s total {s['total']:.2f}s eval {s['eval']:.2f}s"
+    )

@@ -12,14 +12,16 @@ from nemo_optune.data.packing import packed_pair_sequences
 from nemo_optune.data.pool import PromptPool, build_sequences
 
 
-def global_batch_weights(pool: PromptPool, batch: torch.Tensor, weighting: str, weight_beta: float,
-                         weight_cap: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def global_batch_weights(
+    pool: PromptPool, batch: torch.Tensor, weighting: str, weight_beta: float, weight_cap: float | None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(raw weights [B], valid [B] as float, sum of valid weights) over the WHOLE global batch.
 
     The sum is the normaliser every micro-batch on every DP rank divides by, so the loss is
     the global weighted mean whatever the micro-batch split (every rank holds the pool)."""
-    weights = alg.reward_gap_weights(pool.chosen_rewards[batch], pool.rejected_rewards[batch],
-                                     weighting, weight_beta, weight_cap)
+    weights = alg.reward_gap_weights(
+        pool.chosen_rewards[batch], pool.rejected_rewards[batch], weighting, weight_beta, weight_cap
+    )
     valid = pool.valid[batch].float()
     return weights, valid, float((weights * valid).sum())
 
@@ -31,10 +33,19 @@ def pair_sequences(prompts: list[list[int]], rows: dict, width: int, pad_id: int
     return torch.cat([c_tok, r_tok]), torch.cat([c_mask, r_mask])
 
 
-def preference_micro_batches(pool: PromptPool, prompt_ids: list[list[int]], indices: torch.Tensor,
-                             weights: torch.Tensor, valid: torch.Tensor, weight_total: float,
-                             micro_batch_size: int, width: int, pad_id: int,
-                             token_budget: int | None = None, pack: bool = False) -> list[dict]:
+def preference_micro_batches(
+    pool: PromptPool,
+    prompt_ids: list[list[int]],
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    valid: torch.Tensor,
+    weight_total: float,
+    micro_batch_size: int,
+    width: int,
+    pad_id: int,
+    token_budget: int | None = None,
+    pack: bool = False,
+) -> list[dict]:
     """This rank's share of a global batch (`indices` with their weights) as micro-batches of at
     most `micro_batch_size` pairs; each carries the global normaliser `weight_total`, so the
     grouping changes no gradient. token_budget None: equal parts in batch order. Else pairs
@@ -50,8 +61,9 @@ def preference_micro_batches(pool: PromptPool, prompt_ids: list[list[int]], indi
         if pack:
             groups = token_budget_groups(prompt_lengths + chosen + 1 + rejected, micro_batch_size, token_budget)
         else:
-            groups = token_budget_groups(prompt_lengths + torch.maximum(chosen, rejected), micro_batch_size,
-                                         token_budget, rows_per_item=2)
+            groups = token_budget_groups(
+                prompt_lengths + torch.maximum(chosen, rejected), micro_batch_size, token_budget, rows_per_item=2
+            )
     out = []
     for group in groups:
         idx = indices[group]
@@ -62,12 +74,18 @@ def preference_micro_batches(pool: PromptPool, prompt_ids: list[list[int]], indi
         else:
             tokens, mask = pair_sequences(prompts, rows, width, pad_id)
             sequences = {"tokens": tokens, "loss_mask": mask}
-        out.append({
-            "indices": idx, **sequences,
-            "ref_chosen_logps": rows["ref_chosen_logps"], "ref_rejected_logps": rows["ref_rejected_logps"],
-            "chosen_lengths": rows["chosen_lengths"].float(),
-            "weights": weights[group], "valid": valid[group], "weight_total": weight_total,
-        })
+        out.append(
+            {
+                "indices": idx,
+                **sequences,
+                "ref_chosen_logps": rows["ref_chosen_logps"],
+                "ref_rejected_logps": rows["ref_rejected_logps"],
+                "chosen_lengths": rows["chosen_lengths"].float(),
+                "weights": weights[group],
+                "valid": valid[group],
+                "weight_total": weight_total,
+            }
+        )
     return out
 
 
@@ -79,7 +97,7 @@ def preference_loss_fn(beta: float, loss_type: str, sft_weight: float, kl_weight
 
     def loss_fn(mb: dict, sequence_logps: torch.Tensor):
         n = mb["weights"].shape[0]
-        policy_chosen, policy_rejected = sequence_logps[:n], sequence_logps[n:2 * n]
+        policy_chosen, policy_rejected = sequence_logps[:n], sequence_logps[n : 2 * n]
         margin = alg.dpo_margin(policy_chosen, policy_rejected, mb["ref_chosen_logps"], mb["ref_rejected_logps"])
         per_pair = alg.preference_loss(margin, beta, loss_type)
         if sft_weight > 0:
@@ -88,8 +106,9 @@ def preference_loss_fn(beta: float, loss_type: str, sft_weight: float, kl_weight
         kl = torch.zeros(())
         if "sample_ref_logps" in mb:
             k = mb["sample_ref_logps"].shape[0] // n
-            kl_loss, kl = alg.rloo_kl_loss_sum(sequence_logps[2 * n:].view(n, k), mb["sample_ref_logps"].view(n, k),
-                                               kl_prompts_total)
+            kl_loss, kl = alg.rloo_kl_loss_sum(
+                sequence_logps[2 * n :].view(n, k), mb["sample_ref_logps"].view(n, k), kl_prompts_total
+            )
             loss = loss + kl_weight * kl_loss
         valid = mb["valid"]
         return loss, {

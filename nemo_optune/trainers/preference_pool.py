@@ -30,8 +30,20 @@ class PreferencePool:
     """The pool's entries (`store`, replicated on every rank), the prompts they are for, and
     how to refresh them."""
 
-    def __init__(self, store: PromptPool, prompt_ids: list[list[int]], prompt_texts: list[str], *, model, engine,
-                 reward, tokenizer, layout, cfg, width: int):
+    def __init__(
+        self,
+        store: PromptPool,
+        prompt_ids: list[list[int]],
+        prompt_texts: list[str],
+        *,
+        model,
+        engine,
+        reward,
+        tokenizer,
+        layout,
+        cfg,
+        width: int,
+    ):
         self.store, self.prompt_ids, self.prompt_texts = store, prompt_ids, prompt_texts
         self.model, self.engine, self.reward, self.tokenizer = model, engine, reward, tokenizer
         self.layout, self.cfg, self.width = layout, cfg, width
@@ -51,11 +63,13 @@ class PreferencePool:
         chosen, rejected = self.store.chosen_rewards[window], self.store.rejected_rewards[window]
         rho, a = self.opt.rho, self.opt.adaptive_rho
         if a.enabled:
-            rho = alg.adaptive_rho(alg.selection_keys(chosen, rejected, self.opt.selection_key), a.target,
-                                   a.rho_min, a.rho_max)
+            rho = alg.adaptive_rho(
+                alg.selection_keys(chosen, rejected, self.opt.selection_key), a.target, a.rho_min, a.rho_max
+            )
         generator = torch.Generator().manual_seed(mix_seed(self.cfg.trainer.seed, it, 0xC0FFEE))
-        selected = alg.select_prompts(self.opt.selection, alg.num_selected(len(window), rho), chosen, rejected,
-                                      self.opt.selection_key, generator)
+        selected = alg.select_prompts(
+            self.opt.selection, alg.num_selected(len(window), rho), chosen, rejected, self.opt.selection_key, generator
+        )
         return window[selected].sort().values, rho
 
     # ------------------------------------------- generate, score, pair, replace
@@ -67,11 +81,14 @@ class PreferencePool:
         K = self.opt.samples_per_prompt
         prompts = [self.prompt_ids[i] for i in mine.tolist()]
         with timer.phase("generation"):
-            rollouts = self.engine.generate(prompts, K, sampling, [mix_seed(self.cfg.trainer.seed, it, i) for i in mine.tolist()])
+            rollouts = self.engine.generate(
+                prompts, K, sampling, [mix_seed(self.cfg.trainer.seed, it, i) for i in mine.tolist()]
+            )
         with timer.phase("scoring"):
             texts = [self.tokenizer.decode(r) for r in rollouts.response_tokens]
             rewards, by_source = self.reward.score_once_per_model_parallel_group(
-                [self.prompt_texts[i] for i in mine.tolist() for _ in range(K)], texts)
+                [self.prompt_texts[i] for i in mine.tolist() for _ in range(K)], texts
+            )
             rewards = rewards.view(-1, K)
         chosen, rejected, valid = alg.best_worst_pairs(rewards, drop_non_finite=True)
         rows = torch.arange(len(prompts)) * K
@@ -82,7 +99,9 @@ class PreferencePool:
             "rejected_lengths": rollouts.response_lengths[rows + rejected],
             # A prompt with no finite reward at all gets key 0: it is regenerated first next time.
             "chosen_rewards": torch.nan_to_num(rewards.gather(1, chosen[:, None]).squeeze(1), 0.0, 0.0, 0.0).float(),
-            "rejected_rewards": torch.nan_to_num(rewards.gather(1, rejected[:, None]).squeeze(1), 0.0, 0.0, 0.0).float(),
+            "rejected_rewards": torch.nan_to_num(
+                rewards.gather(1, rejected[:, None]).squeeze(1), 0.0, 0.0, 0.0
+            ).float(),
             "valid": valid,
             "refreshed_at": torch.full((len(prompts),), it, dtype=torch.long),
             "ref_chosen_logps": torch.zeros(len(prompts)),
@@ -96,18 +115,24 @@ class PreferencePool:
             gathered = {name: gather_rows_over_dp(value, counts) for name, value in new.items()}
         dropped = int(gathered.pop("non_finite").sum())
         if dropped and self.cfg.reward.non_finite == "error":
-            raise RewardSourceError(f"the reward source returned {dropped} non-finite rewards at iteration {it + 1} "
-                                    f"(reward.non_finite=error; =drop leaves them out); the prompt pool was not updated")
+            raise RewardSourceError(
+                f"the reward source returned {dropped} non-finite rewards at iteration {it + 1} "
+                f"(reward.non_finite=error; =drop leaves them out); the prompt pool was not updated"
+            )
         self.store.update(selected, gathered)
-        return RefreshStats(regenerated=len(selected), ties_dropped=int(len(selected) - gathered["valid"].sum()),
-                            non_finite_rewards=dropped, responses=len(selected) * K,
-                            reward_by_source=self.reward.means_over_dp(by_source))
+        return RefreshStats(
+            regenerated=len(selected),
+            ties_dropped=int(len(selected) - gathered["valid"].sum()),
+            non_finite_rewards=dropped,
+            responses=len(selected) * K,
+            reward_by_source=self.reward.means_over_dp(by_source),
+        )
 
     # -------------------------------------------------------------- reference
     def reference_logprobs(self, prompts: list[list[int]], rows: dict) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, mask = pair_sequences(prompts, rows, self.width, self.tokenizer.pad_id)
         logps = self.model.sequence_logprobs("reference", tokens, mask, self.cfg.generation.micro_batch_size)
-        return logps[: len(prompts)], logps[len(prompts):]
+        return logps[: len(prompts)], logps[len(prompts) :]
 
     def refresh_all_reference_logprobs(self) -> None:
         """Recompute every entry's reference log-probs (offline pools once; every iteration

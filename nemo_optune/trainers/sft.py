@@ -7,11 +7,11 @@ import torch
 
 from nemo_optune.config import RootConfig
 from nemo_optune.data.pool import build_sequences
+from nemo_optune.data.task_data import TaskData
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 from nemo_optune.runtime.checkpoint import save_model
 from nemo_optune.runtime.distributed import Layout
 from nemo_optune.runtime.lost_ranks import note_phase
-from nemo_optune.data.task_data import TaskData
 from nemo_optune.runtime.seeds import mix_seed
 from nemo_optune.trainers.common import builtin_spec, check_layout, sequence_width
 
@@ -42,8 +42,17 @@ def run_sft(cfg: RootConfig, layout: Layout, data: TaskData, out_dir: str, log=p
     tok, s, t = data.tokenizer, cfg.sft, cfg.trainer
     spec = builtin_spec(cfg, data.task, tok)
     check_layout(spec, layout.tp, layout.pp, "the built-in model")
-    model = MegatronGPTOPTuneModel(cfg.model, spec, layout, seed=t.seed, lr=s.lr, weight_decay=t.weight_decay,
-                                   grad_clip=t.grad_clip, with_reference=False, tokenizer=tok)
+    model = MegatronGPTOPTuneModel(
+        cfg.model,
+        spec,
+        layout,
+        seed=t.seed,
+        lr=s.lr,
+        weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip,
+        with_reference=False,
+        tokenizer=tok,
+    )
     demos = demonstrations(cfg, data)
     prompts = [tok.encode(p) for p, _ in demos]
     answers = [tok.encode(a) + [tok.eos_id] for _, a in demos]
@@ -51,22 +60,24 @@ def run_sft(cfg: RootConfig, layout: Layout, data: TaskData, out_dir: str, log=p
     max_answer = max(len(a) for a in answers)
     responses = torch.zeros(len(answers), max_answer, dtype=torch.long)
     for i, a in enumerate(answers):
-        responses[i, :len(a)] = torch.tensor(a)
+        responses[i, : len(a)] = torch.tensor(a)
     lengths = torch.tensor([len(a) for a in answers])
     tokens, loss_mask = build_sequences(prompts, responses, lengths, width, tok.pad_id)
 
     per_rank = s.batch_size // layout.dp
     micro = min(t.micro_batch_size * 2, per_rank)  # a DPO micro-batch holds 2 sequences per pair
     if s.batch_size % layout.dp or per_rank % micro:
-        raise ValueError(f"config key sft.batch_size: {s.batch_size} does not split into DP={layout.dp} ranks of micro-batches of {micro}")
+        raise ValueError(
+            f"config key sft.batch_size: {s.batch_size} does not split into DP={layout.dp} ranks of micro-batches of {micro}"
+        )
     generator = torch.Generator().manual_seed(mix_seed(s.seed, 0))
     loss_value = float("nan")
     for step in range(s.steps):
         batch = torch.randint(0, len(demos), (s.batch_size,), generator=generator)
         total_tokens = float(loss_mask[batch].sum())
-        mine = batch[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
+        mine = batch[layout.dp_rank * per_rank : (layout.dp_rank + 1) * per_rank]
         micro_batches = [
-            {"tokens": tokens[mine[i:i + micro]], "loss_mask": loss_mask[mine[i:i + micro]]}
+            {"tokens": tokens[mine[i : i + micro]], "loss_mask": loss_mask[mine[i : i + micro]]}
             for i in range(0, per_rank, micro)
         ]
         metrics, _ = model.train_step(micro_batches, token_nll_loss(total_tokens))

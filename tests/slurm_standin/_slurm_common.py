@@ -31,7 +31,7 @@ def _expand_one(name: str) -> list[str]:
     match = re.search(r"\[([^\]]*)\]", name)
     if not match:
         return [name]
-    head, tail = name[: match.start()], name[match.end():]
+    head, tail = name[: match.start()], name[match.end() :]
     values = []
     for item in match.group(1).split(","):
         if "-" in item:
@@ -81,5 +81,7 @@ def host_address(host: str) -> str:
     """The address the stand-in prints for `host`: $SLURM_STANDIN_HOST_ADDRS maps names that do
     not resolve on this machine ('node1=127.0.0.1,node2=127.0.0.1'); unmapped names print as
     themselves, which is what Slurm prints."""
-    mapping = dict(item.split("=", 1) for item in os.environ.get("SLURM_STANDIN_HOST_ADDRS", "").split(",") if "=" in item)
+    mapping = dict(
+        item.split("=", 1) for item in os.environ.get("SLURM_STANDIN_HOST_ADDRS", "").split(",") if "=" in item
+    )
     return mapping.get(host, host)
