@@ -117,7 +117,7 @@ class DataConfig:
     train_prompts_path: Optional[str] = None
     heldout_prompts_path: Optional[str] = None
     prompt_field: str = "prompt"  # a string prompt per row ...
-    messages_field: str = "messages"  # ... or a chat: the prompt is every turn up to the last user turn
+    messages_field: str = "messages"  # ... or a chat (wins over prompt_field): every turn up to the last user turn
     apply_chat_template: bool = False  # text prompts through the tokenizer's chat template (chats always are)
     max_prompt_tokens: Optional[int] = None  # null: the task's limit (data.max_digits + 1)
     long_prompts: str = "error"  # error | skip | truncate (keep the end) offline prompts over the limit

@@ -30,11 +30,13 @@ def write(path, rows):
 @pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
 def test_prompts_from_strings_and_ultrachat_messages(tmp_path, suffix):
     rows = [
-        {"prompt": "321>", "messages": None},
-        {"prompt": None, "messages": [SYSTEM, USER1, BOT1, USER2, BOT2]},
+        {"prompt": "321>", "prompt_id": None, "messages": None},
+        {"prompt": None, "prompt_id": None, "messages": [SYSTEM, USER1, BOT1, USER2, BOT2]},
+        # UltraChat's own rows: `prompt` is the first user turn as plain text; the chat wins
+        {"prompt": "hi", "prompt_id": "9f1c", "messages": [USER1, BOT1, USER2, BOT2]},
     ]  # the answer after the last user turn is not prompt
     prompts, where = read_prompts(write(tmp_path / f"p.{suffix}", rows))
-    assert prompts == ["321>", (SYSTEM, USER1, BOT1, USER2)]
+    assert prompts == ["321>", (SYSTEM, USER1, BOT1, USER2), (USER1, BOT1, USER2)]
     assert where[1].endswith(":2" if suffix == "jsonl" else ":row 2")
 
 
@@ -81,6 +83,19 @@ def test_configurable_prompt_fields(tmp_path):
                 "rejected": [SYSTEM, USER2, {"role": "assistant", "content": "2"}],
             },  # implicit prompt
             ((SYSTEM, USER2), "12", "2", None, None),
+        ),
+        (
+            {  # UltraFeedback's rows: `prompt` is the user turn as plain text, the conversations hold the chat
+                "prompt": "hi",
+                "prompt_id": "9f1c",
+                "chosen": [USER1, BOT1, USER2, BOT2],
+                "rejected": [USER1, BOT1, USER2, {"role": "assistant", "content": "2"}],
+            },
+            ((USER1, BOT1, USER2), "12", "2", None, None),
+        ),
+        (  # responses as assistant turns alone: the string prompt stays
+            {"prompt": "21>", "chosen": [BOT2], "rejected": [{"role": "assistant", "content": "2"}]},
+            ("21>", "12", "2", None, None),
         ),
     ],
 )

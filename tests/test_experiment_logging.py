@@ -289,3 +289,22 @@ def test_tensorboard_gets_the_grouped_names(tmp_path):
     events.Reload()
     assert sorted(events.Tags()["scalars"]) == ["timing/total", "train/loss", "val/reward"]
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 0.5)]
+
+
+def test_report_with_evaluations_skipped(tmp_path):
+    """trainer.eval_every=2 over 4 iterations: held-out rewards at iterations 2 and 4 only, timing
+    bars for all 4 (the report once failed here, after the whole run, with a shape mismatch)."""
+    from nemo_optune.runtime.experiment import write_report
+
+    phases = ("generation", "scoring", "reference", "training")
+    iterations = [
+        {
+            "iteration": i,
+            "heldout_reward": 0.1 * i if i % 2 == 0 else None,
+            "seconds": {p: 0.5 for p in phases} | {"total": 3.0},
+        }
+        for i in range(1, 5)
+    ]
+    path = tmp_path / "report.png"
+    write_report(str(path), {"method": "online_dpo", "heldout_reward_initial": 0.0, "iterations": iterations})
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -54,7 +54,20 @@ def test_greedy_generation_equals_transformers(hf_dir, tmp_path, source, tp):
         start = str(tmp_path / "nemo2")
         write_nemo2_checkpoint(start, hf_dir)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n" for p in PROMPTS))
+    # UltraChat's rows: the plain-text `prompt` beside the chat; the chat (up to its last user turn) is rendered
+    prompts.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": p,
+                    "prompt_id": str(i),
+                    "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "0"}],
+                }
+            )
+            + "\n"
+            for i, p in enumerate(PROMPTS)
+        )
+    )
     out = tmp_path / "out.jsonl"
     args = [
         f"model.restore_from_path={start}",

@@ -70,8 +70,20 @@ def test_optune_from_a_model_directory_and_back_to_hugging_face(source, tmp_path
         start = str(tmp_path / "nemo2")
         write_nemo2_checkpoint(start, hf)
     train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
-    for path, prompts in ((train, data.train_prompts), (heldout, data.heldout_prompts)):
-        path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n" for p in prompts))
+    for path, prompts in ((train, data.train_prompts), (heldout, data.heldout_prompts)):  # UltraChat's rows
+        path.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "prompt": p,  # plain text: chat_sort_reward fails on it, the chat must win
+                        "prompt_id": str(i),
+                        "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": task.target(p)}],
+                    }
+                )
+                + "\n"
+                for i, p in enumerate(prompts)
+            )
+        )
     summary = run_experiment(
         load_config(
             "optune_tiny",

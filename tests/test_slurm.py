@@ -346,6 +346,7 @@ def test_container_options_reach_srun_and_the_command_runs_here(tmp_path):
         4242,
         MASTER_PORT=1,
         CONTAINER_IMAGE="/x.sqsh",
+        MOUNTS="/models,/lustre/data:/data:ro",
         ENGINE="megatron",
         SLURM_JOB_END_TIME=int(time.time()) + 3600,
         STOP_MARGIN=300,
@@ -358,6 +359,7 @@ def test_container_options_reach_srun_and_the_command_runs_here(tmp_path):
     assert argv[argv.index("--container-image") + 1] == "/x.sqsh"
     mounts = argv[argv.index("--container-mounts") + 1].split(",")
     assert f"{ROOT}:/workspace/nemo_optune" in mounts and f"{tmp_path / 'runs'}:{tmp_path / 'runs'}" in mounts
+    assert mounts[-2:] == ["/models", "/lustre/data:/data:ro"]  # MOUNTS: model and data directories
     assert argv[argv.index("--container-workdir") + 1] == "/workspace/nemo_optune"
     command = start["command"]
     assert command[:2] == ["python", "examples/train_optune.py"] and command[-1] == "trainer.iterations=3"
@@ -366,6 +368,41 @@ def test_container_options_reach_srun_and_the_command_runs_here(tmp_path):
     days, hours, minutes, seconds = map(int, max_time.split(":"))
     assert 3300 - 60 <= ((days * 24 + hours) * 60 + minutes) * 60 + seconds <= 3300
     assert all(os.path.exists(os.path.join(state, f"task{r}.env")) for r in range(4))  # ran, here
+
+
+def test_mounts_without_a_container_is_refused(tmp_path):
+    env = batch_env(str(tmp_path / "slurm"), str(tmp_path / "exp"), 4242, MASTER_PORT=1, MOUNTS="/models")
+    env["PATH"] = FAKE_TRAINER + os.pathsep + env["PATH"]
+    code, out = run_batch(MULTINODE, env, [], timeout=60)
+    assert code == 2 and "MOUNTS=/models needs CONTAINER_IMAGE" in out, out
+    assert _records(str(tmp_path / "slurm"), "srun.jsonl") == []  # before any step
+
+
+def _defaults_env(state: str, exp: str, tasks_per_node: int, **extra) -> dict:
+    """A batch environment with none of the scripts' own settings (RECIPE, TP, PP): their defaults."""
+    env = batch_env(state, exp, _job_id_with_free_port(), tasks_per_node=tasks_per_node, **extra)
+    for key in ("RECIPE", "TP", "PP"):
+        del env[key]
+    return env
+
+
+def test_the_srun_scripts_defaults_pass_their_dry_run(tmp_path):
+    """RECIPE, TP and PP left unset (2 nodes x 1 task here: every rank runs the dry run's checks)."""
+    state = str(tmp_path / "slurm")
+    code, out = run_batch(MULTINODE, _defaults_env(state, str(tmp_path / "exp"), 1), ["trainer.dry_run=true"])
+    assert code == 0 and "[dry run] llama model, TP=1 PP=1 DP=2 (world 2)" in out, out[-3000:]
+    (start, _) = _records(state, "srun.jsonl")
+    assert start["command"][2:4] == ["--config-name", "optune"]
+
+
+@pytest.mark.slow  # 2 x 16 processes, each importing megatron (~2 min on 2 cores)
+@pytest.mark.parametrize("script", [MULTINODE, TORCHRUN], ids=["srun", "torchrun"])
+def test_both_scripts_defaults_pass_their_dry_run_at_their_sbatch_shape(script, tmp_path):
+    """2 nodes x 8 GPUs (the scripts' #SBATCH lines), RECIPE, TP, PP, GPUS_PER_NODE left unset."""
+    srun = script == MULTINODE
+    env = _defaults_env(str(tmp_path / "slurm"), str(tmp_path / "exp"), 8 if srun else 1, MASTER_PORT=_free_port())
+    code, out = run_batch(script, env, ["trainer.dry_run=true"], timeout=600)
+    assert code == 0 and "[dry run] llama model, TP=1 PP=1 DP=16 (world 16)" in out, out[-3000:]
 
 
 # The exit-status protocol, with a fake trainer (tests/slurm_standin/fake_trainer/python): each

@@ -4,7 +4,9 @@
   `chosen_reward`, `rejected_reward`;
 - Hugging Face / TRL: `prompt`, `chosen`, `rejected`, each a string or a list of chat messages
   (the response is the last assistant turn); without `prompt`, `chosen` and `rejected` are
-  whole conversations whose shared turns up to the last user turn are the prompt.
+  whole conversations whose shared turns up to the last user turn are the prompt. So are they
+  when `prompt` is a plain string but `chosen` and `rejected` are conversations with a user turn
+  (UltraFeedback's rows; TRL's rule too): the chat, not the plain text, is the prompt.
 
 Every problem is reported as `FILE:LINE: what is wrong`, before any model is built."""
 
@@ -40,7 +42,11 @@ def _response(value, where: str, field: str) -> str:
 
 
 def _prompt(row: dict, where: str, fields: tuple[str, str]):
-    if "prompt" not in row:  # implicit prompt: the conversations share it
+    conversations = all(
+        isinstance(row[f], list) and any(isinstance(m, dict) and m.get("role") == "user" for m in row[f])
+        for f in fields
+    )
+    if "prompt" not in row or (isinstance(row["prompt"], str) and conversations):  # implicit: the chats share it
         chats = [check_messages(row[f], where, f) for f in fields]
         prompts = [prompt_messages(chat, where, f) for chat, f in zip(chats, fields)]
         if prompts[0] != prompts[1]:

@@ -1,6 +1,8 @@
 """Prompt sets from files (JSONL or parquet): a `prompt` string or a `messages` list per row
 (UltraChat's schema: the prompt is the conversation up to its last user turn; field names
-configurable), and how a prompt becomes token ids (a chat template where asked for)."""
+configurable), and how a prompt becomes token ids (a chat template where asked for). A row with
+both (UltraChat's own rows: `prompt` is the first user turn as plain text) is read as its
+`messages`, so that it goes through the chat template whatever data.apply_chat_template says."""
 
 from nemo_optune.data.records import DataError, check_messages, prompt_messages, read_records
 
@@ -14,14 +16,14 @@ def read_prompts(
     prompts, wheres = [], []
     for where, row in read_records(path):
         wheres.append(where)
-        if isinstance(row.get(prompt_field), str):
-            if not row[prompt_field].strip():
-                raise DataError(f"{where}: empty prompt")
-            prompts.append(row[prompt_field])
-        elif messages_field in row:
+        if row.get(messages_field) is not None:  # the chat wins over a plain-text `prompt`
             prompts.append(
                 prompt_messages(check_messages(row[messages_field], where, messages_field), where, messages_field)
             )
+        elif isinstance(row.get(prompt_field), str):
+            if not row[prompt_field].strip():
+                raise DataError(f"{where}: empty prompt")
+            prompts.append(row[prompt_field])
         else:
             raise DataError(
                 f"{where}: needs a string field {prompt_field!r} or a list field {messages_field!r} "

@@ -341,7 +341,7 @@ def write_report(path: str, summary: dict) -> None:
 
     iters = summary["iterations"]
     evaluated = [(it["iteration"], it["heldout_reward"]) for it in iters if it["heldout_reward"] is not None]
-    xs, rewards = zip(*([(0, summary["heldout_reward_initial"])] + evaluated))
+    xs, rewards = zip(*([(0, summary["heldout_reward_initial"])] + evaluated))  # trainer.eval_every > 1: fewer
     fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 4))
     left.plot(xs, rewards, marker="o")
     left.set_xlabel("iteration (0 = SFT start)")
@@ -355,7 +355,7 @@ def write_report(path: str, summary: dict) -> None:
             values = [it["seconds"]["total"] - sum(it["seconds"][p] for p in phases[:-1]) for it in iters]
         else:
             values = [it["seconds"][phase] for it in iters]
-        right.bar(xs[1:], values, bottom=bottom, label=phase)
+        right.bar([it["iteration"] for it in iters], values, bottom=bottom, label=phase)
         bottom = [b + v for b, v in zip(bottom, values)]
     right.set_xlabel("iteration")
     right.set_ylabel("seconds (held-out eval excluded)")
