@@ -4,7 +4,20 @@ setup(
     name="nemo_optune",
     version="0.2.0",
     description="Megatron-scale online preference tuning: OPTune, online DPO, HyPO and baselines",
-    packages=find_packages(include=["nemo_optune", "nemo_optune.*"]),
+    packages=find_packages(include=["nemo_optune", "nemo_optune.*"]) + ["nemo_optune.conf"],
+    # The recipes ship inside the package (nemo_optune/conf of an installed copy: config.conf_dir),
+    # from the checkout's conf/, their one source.
+    package_dir={"nemo_optune.conf": "conf"},
+    package_data={"nemo_optune.conf": ["*.yaml", "*/*.yaml"]},
+    entry_points={
+        "console_scripts": [
+            "optune-train = nemo_optune.cli:train",
+            "optune-sft = nemo_optune.cli:sft",
+            "optune-generate = nemo_optune.generate:main",
+            "optune-serve-reward = nemo_optune.serve_reward:main",
+            "optune-convert = nemo_optune.convert:console",
+        ]
+    },
     python_requires=">=3.10",
     # Pinned: what CI installs (Python 3.11, CPU). In an NGC container (Python 3.12) the
     # container's torch/megatron-core are used instead; see README.

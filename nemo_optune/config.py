@@ -6,6 +6,7 @@ cross-key consistency, raising ConfigError naming the key, before any heavy work
 """
 
 import dataclasses
+import math
 from dataclasses import field
 from typing import Any, Optional
 
@@ -295,6 +296,204 @@ class RootConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
+# ------------------------------------------------------------------ value domains
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    """Where a numeric key's value means something; a float must also be finite. Checked for
+    every key of the config (whatever reads it) before anything else: ConfigError naming it."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False  # low itself excluded
+    note: str = ""  # what the bounds mean, in the message
+
+    def holds(self, value) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return (value > self.low if self.low_open else value >= self.low) and value <= self.high
+
+    def describe(self) -> str:
+        if self.high < math.inf:
+            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        elif self.low > -math.inf:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = "finite"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+COUNT = Domain(1)  # a zero count would leave nothing to do
+NON_NEGATIVE = Domain(0)
+POSITIVE = Domain(0, low_open=True)
+SHARE = Domain(0, 1, low_open=True)
+FINITE = Domain()
+
+# Every numeric key, by the dataclass that holds it (so reward.hf and reward.sources[i].hf share
+# theirs). Optional keys may be null; cross-key conditions are in validate().
+DOMAINS: dict[type, dict[str, Domain]] = {
+    TrainerConfig: {
+        "iterations": COUNT,
+        "global_batch_size": COUNT,
+        "micro_batch_size": COUNT,
+        "micro_batch_tokens": COUNT,
+        "epochs_per_iteration": COUNT,
+        "prompts_per_iteration": COUNT,
+        "eval_every": COUNT,
+        "lr": POSITIVE,
+        "lr_warmup_steps": NON_NEGATIVE,
+        "min_lr": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
+        "grad_clip": Domain(0, note="0 = no clipping"),
+        "seed": NON_NEGATIVE,
+        "collective_timeout_seconds": POSITIVE,
+    },
+    AdaptiveRhoConfig: {"target": FINITE, "rho_min": SHARE, "rho_max": SHARE},
+    OPTuneConfig: {
+        "rho": SHARE,
+        "samples_per_prompt": Domain(2, note="K samples form a best-vs-worst pair"),
+        "beta": POSITIVE,
+        "weight_beta": Domain(0, note="a negative value weighs the least reliable pairs most"),
+        "weight_cap": POSITIVE,
+        "sft_weight": NON_NEGATIVE,
+    },
+    HyPOConfig: {"kl_weight": NON_NEGATIVE, "samples_per_prompt": Domain(2, note="the RLOO baseline needs k >= 2")},
+    ModelConfig: {
+        "num_layers": COUNT,
+        "hidden_size": COUNT,
+        "num_attention_heads": COUNT,
+        "num_query_groups": COUNT,
+        "ffn_hidden_size": COUNT,
+        "tensor_model_parallel_size": COUNT,
+        "pipeline_model_parallel_size": COUNT,
+    },
+    DataConfig: {
+        "min_digits": COUNT,
+        "max_digits": COUNT,
+        "num_train_prompts": COUNT,
+        "num_heldout_prompts": COUNT,
+        "seed": NON_NEGATIVE,
+        "max_prompt_tokens": COUNT,
+    },
+    VLLMConfig: {"gpu_memory_utilization": SHARE, "kv_cache_gb": POSITIVE, "max_num_seqs": COUNT},
+    TRTLLMConfig: {"free_gpu_memory_fraction": SHARE},
+    GenerationConfig: {
+        "refit_bucket_mb": COUNT,
+        "engine_tp_size": COUNT,
+        "temperature": Domain(0, note="0 = greedy"),
+        "top_p": SHARE,
+        "top_k": Domain(0, note="0 = off"),
+        "max_new_tokens": COUNT,
+        "micro_batch_size": COUNT,
+        "eval_samples_per_prompt": COUNT,
+    },
+    HFRewardConfig: {"batch_tokens": COUNT, "max_length": Domain(2)},
+    HTTPRewardConfig: {"batch_size": COUNT, "connect_timeout_seconds": POSITIVE, "dead_server_seconds": NON_NEGATIVE},
+    RewardSourceConfig: {"weight": Domain(note="negative: a penalty")},
+    RewardConfig: {"retries": NON_NEGATIVE, "backoff_seconds": NON_NEGATIVE, "timeout_seconds": POSITIVE},
+    SFTConfig: {
+        "steps": COUNT,
+        "batch_size": COUNT,
+        "lr": POSITIVE,
+        "num_demonstrations": COUNT,
+        "demonstration_noise": Domain(0, 1),
+        "seed": NON_NEGATIVE,
+    },
+    GenerateConfig: {"samples_per_prompt": COUNT, "seed": NON_NEGATIVE},
+    ExpManagerConfig: {"checkpoint_every": Domain(0, note="0 = at the end only"), "keep_last": COUNT},
+}
+
+
+def check_domains(instance, prefix: str = "", domains: dict[type, dict[str, Domain]] = DOMAINS) -> None:
+    """Every numeric key of a config (dataclass) instance, and of those nested in it or listed
+    in it, against `domains`; a float key without an entry must still be finite."""
+    table = domains.get(type(instance), {})
+    for f in dataclasses.fields(instance):
+        key, value = f"{prefix}{f.name}", getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            check_domains(value, f"{key}.", domains)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    check_domains(item, f"{key}[{i}].", domains)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            domain = table.get(f.name, FINITE)
+            what = domain.describe()
+            if isinstance(value, float) and not math.isfinite(value) and domain != FINITE:
+                what = f"finite and {what}"
+            _require(domain.holds(value), key, f"must be {what}, got {value}")
+
+
+# ------------------------------------------------------------------ who reads what
+ONLINE_METHODS = ("optune", "online_dpo")
+PREFERENCE_METHODS = ("optune", "online_dpo", "dpo_offline", "hypo")
+# Keys (or groups: the longest prefix applies) that only some methods read; every other key is
+# read by all of them. The `generate` group belongs to the generate command.
+READ_BY = {
+    "data.offline_path": ("dpo_offline", "hypo"),
+    "data.train_prompts_path": ONLINE_METHODS,
+    "data.heldout_prompts_path": PREFERENCE_METHODS,
+    "data.prompt_field": PREFERENCE_METHODS,
+    "data.messages_field": PREFERENCE_METHODS,
+    "data.apply_chat_template": PREFERENCE_METHODS,
+    "data.long_prompts": PREFERENCE_METHODS,
+    "model.restore_from_path": PREFERENCE_METHODS,  # sft trains the built-in model from scratch
+    "model.optune": PREFERENCE_METHODS,  # the loss and its weighting
+    "model.optune.rho": ONLINE_METHODS,  # which prompts are regenerated
+    "model.optune.selection": ONLINE_METHODS,
+    "model.optune.selection_key": ONLINE_METHODS,
+    "model.optune.samples_per_prompt": ONLINE_METHODS,
+    "model.optune.adaptive_rho": ONLINE_METHODS,
+    "model.hypo": ("hypo",),
+    "trainer.iterations": PREFERENCE_METHODS,  # sft: sft.steps, sft.batch_size, sft.lr
+    "trainer.global_batch_size": PREFERENCE_METHODS,
+    "trainer.micro_batch_tokens": PREFERENCE_METHODS,
+    "trainer.pack_pairs": PREFERENCE_METHODS,
+    "trainer.epochs_per_iteration": PREFERENCE_METHODS,
+    "trainer.prompts_per_iteration": PREFERENCE_METHODS,
+    "trainer.eval_every": PREFERENCE_METHODS,
+    "trainer.lr": PREFERENCE_METHODS,
+    "trainer.lr_warmup_steps": PREFERENCE_METHODS,
+    "trainer.lr_decay": PREFERENCE_METHODS,
+    "trainer.min_lr": PREFERENCE_METHODS,
+    "generation": PREFERENCE_METHODS,
+    "generation.max_new_tokens": METHODS,  # sft: the sequence width
+    "generation.temperature": ("optune", "online_dpo", "hypo"),  # dpo_offline samples only to evaluate (T = 1)
+    "generation.top_p": ("optune", "online_dpo", "hypo"),
+    "generation.top_k": ("optune", "online_dpo", "hypo"),
+    "reward": PREFERENCE_METHODS,
+    "generate": (),
+}
+
+
+def unread_keys(cfg: RootConfig) -> list[str]:
+    """One line per key set off its default that cfg.method never reads (run.py warns with
+    them at start-up): `sft.*` too when the model is restored (no SFT warm start runs)."""
+    values, defaults = flatten_keys(as_dict(cfg)), flatten_keys(as_dict(RootConfig()))
+    lines = []
+    for key in sorted(k for k in values if values[k] != defaults.get(k)):
+        prefix = max((p for p in READ_BY if key == p or key.startswith(p + ".")), key=len, default=None)
+        readers = READ_BY[prefix] if prefix else METHODS
+        if key.startswith("sft.") and cfg.method != "sft" and cfg.model.restore_from_path is not None:
+            readers = ()
+        if cfg.method not in readers and prefix != "generate":
+            who = (
+                f"read by {', '.join(readers)}" if readers else "no SFT warm start runs: model.restore_from_path is set"
+            )
+            lines.append(f"config key {key}: set to {values[key]!r}, but method {cfg.method} does not read it ({who})")
+    return lines
+
+
+def flatten_keys(d: dict, prefix: str = "") -> dict:
+    """{"group.key": value} of a nested dict."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def merge_onto(schema, cfg):
     """A (Hydra/OmegaConf) config merged onto a dataclass schema, as the typed object (Hydra's
     own `hydra` key dropped)."""
@@ -328,6 +527,7 @@ def _one_of(value, allowed, key: str) -> None:
 
 def validate(cfg: RootConfig, world_size: int = 1) -> None:
     """Check values and cross-key consistency; raise ConfigError naming the key."""
+    check_domains(cfg)  # first: a value out of its domain is named before what it would break
     m, t, o, g = cfg.model, cfg.trainer, cfg.model.optune, cfg.generation
     _one_of(cfg.method, METHODS, "method")
     _one_of(o.selection, SELECTIONS, "model.optune.selection")
@@ -339,44 +539,17 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     validate_reward(cfg.reward)
     _one_of(cfg.data.long_prompts, ("error", "skip", "truncate"), "data.long_prompts")
     _one_of(cfg.data.task, ("sort",), "data.task")
-    _require(0.0 < o.rho <= 1.0, "model.optune.rho", f"must be in (0, 1], got {o.rho}")
-    _require(
-        o.samples_per_prompt >= 2,
-        "model.optune.samples_per_prompt",
-        f"K must be >= 2 to form a pair, got {o.samples_per_prompt}",
-    )
-    _require(o.beta > 0, "model.optune.beta", f"must be > 0, got {o.beta}")
-    _require(
-        o.weight_cap is None or o.weight_cap > 0, "model.optune.weight_cap", f"must be > 0 or null, got {o.weight_cap}"
-    )
-    _require(o.sft_weight >= 0, "model.optune.sft_weight", f"must be >= 0, got {o.sft_weight}")
-    _require(
-        o.weight_beta >= 0,
-        "model.optune.weight_beta",
-        f"must be >= 0 (a negative value weighs the least reliable pairs most), got {o.weight_beta}",
-    )
     a = o.adaptive_rho
     _require(
-        0 < a.rho_min <= a.rho_max <= 1,
+        a.rho_min <= a.rho_max,
         "model.optune.adaptive_rho",
         f"need 0 < rho_min <= rho_max <= 1, got {a.rho_min}, {a.rho_max}",
     )
-    _require(cfg.model.hypo.samples_per_prompt >= 2, "model.hypo.samples_per_prompt", "the RLOO baseline needs k >= 2")
-    _require(cfg.model.hypo.kl_weight >= 0, "model.hypo.kl_weight", "must be >= 0")
-    _require(t.iterations >= 1, "trainer.iterations", f"must be >= 1, got {t.iterations}")
-    _require(t.eval_every >= 1, "trainer.eval_every", f"must be >= 1, got {t.eval_every}")
-    _require(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
     _one_of(t.lr_decay, ("constant", "cosine", "linear"), "trainer.lr_decay")
-    _require(t.lr_warmup_steps >= 0, "trainer.lr_warmup_steps", "must be >= 0")
-    _require(0 <= t.min_lr <= t.lr, "trainer.min_lr", f"must be in [0, trainer.lr], got {t.min_lr}")
-    _require(g.temperature >= 0, "generation.temperature", "must be >= 0 (0 = greedy)")
-    _require(0 < g.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {g.top_p}")
-    _require(g.top_k >= 0, "generation.top_k", "must be >= 0 (0 = off)")
-    _require(g.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
-    _require(g.eval_samples_per_prompt >= 1, "generation.eval_samples_per_prompt", "must be >= 1")
+    _require(t.min_lr <= t.lr, "trainer.min_lr", f"must be in [0, trainer.lr], got {t.min_lr}")
     d = cfg.data
     _require(
-        1 <= d.min_digits <= d.max_digits,
+        d.min_digits <= d.max_digits,
         "data.min_digits",
         f"need 1 <= min_digits <= max_digits, got {d.min_digits}, {d.max_digits}",
     )
@@ -385,18 +558,11 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
         "generation.max_new_tokens",
         f"{g.max_new_tokens} cannot hold the task's longest answer ({d.max_digits} digits of data.max_digits + EOS)",
     )
-    _require(d.num_train_prompts >= 1, "data.num_train_prompts", "must be >= 1")
-    _require(d.num_heldout_prompts >= 1, "data.num_heldout_prompts", "must be >= 1")
-    _require(d.max_prompt_tokens is None or d.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1 or null")
-    _require(0 <= cfg.sft.demonstration_noise <= 1, "sft.demonstration_noise", "must be in [0, 1]")
-    _require(cfg.exp_manager.checkpoint_every >= 0, "exp_manager.checkpoint_every", "must be >= 0")
     _one_of(cfg.exp_manager.wandb.mode, ("offline", "online", "disabled"), "exp_manager.wandb.mode")
     if t.max_time is not None:
         max_time_seconds(t.max_time)  # raises naming trainer.max_time
     for name in t.stop_signals:
         _require(name in STOP_SIGNALS, "trainer.stop_signals", f"{name!r} is not one of {', '.join(STOP_SIGNALS)}")
-    _require(t.collective_timeout_seconds > 0, "trainer.collective_timeout_seconds", "must be > 0")
-    _require(cfg.exp_manager.keep_last >= 1, "exp_manager.keep_last", "must be >= 1")
     if cfg.method == "online_dpo":
         _require(
             o.selection == "all",
@@ -421,24 +587,8 @@ def validate_engine(cfg: RootConfig, world_size: int) -> None:
     before any heavy work)."""
     g = cfg.generation
     _one_of(g.engine, ENGINES, "generation.engine")
-    _require(g.refit_bucket_mb >= 1, "generation.refit_bucket_mb", f"must be >= 1, got {g.refit_bucket_mb}")
-    _require(g.engine_tp_size >= 1, "generation.engine_tp_size", f"must be >= 1, got {g.engine_tp_size}")
-    v = g.vllm
-    _require(
-        0 < v.gpu_memory_utilization <= 1,
-        "generation.vllm.gpu_memory_utilization",
-        f"must be in (0, 1], got {v.gpu_memory_utilization}",
-    )
-    _require(v.kv_cache_gb > 0, "generation.vllm.kv_cache_gb", f"must be > 0, got {v.kv_cache_gb}")
-    _require(v.max_num_seqs >= 1, "generation.vllm.max_num_seqs", f"must be >= 1, got {v.max_num_seqs}")
-    _one_of(v.dtype, ("auto", "float32", "bfloat16", "float16"), "generation.vllm.dtype")
-    t = g.trtllm
-    _require(
-        0 < t.free_gpu_memory_fraction <= 1,
-        "generation.trtllm.free_gpu_memory_fraction",
-        f"must be in (0, 1], got {t.free_gpu_memory_fraction}",
-    )
-    _one_of(t.dtype, ("auto", "float32", "bfloat16", "float16"), "generation.trtllm.dtype")
+    _one_of(g.vllm.dtype, ("auto", "float32", "bfloat16", "float16"), "generation.vllm.dtype")
+    _one_of(g.trtllm.dtype, ("auto", "float32", "bfloat16", "float16"), "generation.trtllm.dtype")
     if g.engine == "megatron":
         return
     import importlib.util
@@ -500,8 +650,6 @@ def validate_reward(r: RewardConfig) -> None:
             _require(bool(s.function), f"{key}.function", "source=python needs package.module:function")
         if s.source == "hf":
             _require(bool(s.hf.path), f"{key}.hf.path", "source=hf needs the reward model's local directory")
-            _require(s.hf.batch_tokens >= 1, f"{key}.hf.batch_tokens", "must be >= 1")
-            _require(s.hf.max_length is None or s.hf.max_length >= 2, f"{key}.hf.max_length", "must be >= 2 or null")
             _one_of(s.hf.dtype, ("auto", "fp32", "bf16"), f"{key}.hf.dtype")
             _require(
                 s.hf.device in ("auto", "cpu") or s.hf.device.split(":")[0] == "cuda",
@@ -512,10 +660,6 @@ def validate_reward(r: RewardConfig) -> None:
             _require(bool(s.http.urls), f"{key}.http.urls", "source=http needs at least one server URL")
             for url in s.http.urls:
                 _require(url.startswith(("http://", "https://")), f"{key}.http.urls", f"{url!r} is not an http(s) URL")
-            _require(s.http.batch_size >= 1, f"{key}.http.batch_size", "must be >= 1")
-            _require(s.http.connect_timeout_seconds > 0, f"{key}.http.connect_timeout_seconds", "must be > 0")
-            _require(s.http.dead_server_seconds >= 0, f"{key}.http.dead_server_seconds", "must be >= 0")
-        _require(s.weight == s.weight and abs(s.weight) != float("inf"), f"{key}.weight", "must be finite")
         names.append(s.display_name())
     duplicated = sorted({n for n in names if names.count(n) > 1})
     _require(
@@ -524,17 +668,12 @@ def validate_reward(r: RewardConfig) -> None:
         f"two sources are named {duplicated[0]!r}; give each a distinct name" if duplicated else "",
     )
     _one_of(r.non_finite, ("error", "drop"), "reward.non_finite")
-    _require(r.retries >= 0, "reward.retries", "must be >= 0")
-    _require(r.backoff_seconds >= 0, "reward.backoff_seconds", "must be >= 0")
-    _require(r.timeout_seconds > 0, "reward.timeout_seconds", "must be > 0")
 
 
 def validate_layout(cfg: RootConfig, world_size: int) -> None:
     """Parallel sizes against the world size, the model shape and the batch sizes."""
     m, t = cfg.model, cfg.trainer
     tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
-    _require(tp >= 1, "model.tensor_model_parallel_size", "must be >= 1")
-    _require(pp >= 1, "model.pipeline_model_parallel_size", "must be >= 1")
     _require(
         world_size % (tp * pp) == 0,
         "model.tensor_model_parallel_size",
@@ -560,7 +699,6 @@ def validate_layout(cfg: RootConfig, world_size: int) -> None:
         )
         _require(groups % tp == 0, "model.num_query_groups", f"{groups} query groups are not divisible by TP={tp}")
         _require(m.num_layers % pp == 0, "model.num_layers", f"{m.num_layers} layers are not divisible by PP={pp}")
-    _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", "must be >= 1")
     if t.pack_pairs:
         _require(
             cfg.method != "hypo",
@@ -568,9 +706,6 @@ def validate_layout(cfg: RootConfig, world_size: int) -> None:
             "is not supported with method=hypo (its online samples are appended as rows of their own)",
         )
     if t.micro_batch_tokens is not None:
-        _require(
-            t.micro_batch_tokens >= 1, "trainer.micro_batch_tokens", f"must be >= 1 or null, got {t.micro_batch_tokens}"
-        )
         # megatron's pipeline schedule sends one activation shape for every micro-batch of a step
         _require(
             pp == 1,
@@ -589,7 +724,7 @@ def validate_layout(cfg: RootConfig, world_size: int) -> None:
     )
     if t.prompts_per_iteration is not None:
         _require(
-            t.prompts_per_iteration > 0 and t.prompts_per_iteration % t.global_batch_size == 0,
+            t.prompts_per_iteration % t.global_batch_size == 0,
             "trainer.prompts_per_iteration",
             f"must be a positive multiple of trainer.global_batch_size={t.global_batch_size}, "
             f"got {t.prompts_per_iteration}",
@@ -608,21 +743,36 @@ def validate_layout(cfg: RootConfig, world_size: int) -> None:
 
 
 def conf_dir() -> str:
+    """The package's recipes: nemo_optune/conf in an installed package (setup.py ships the
+    checkout's conf/ there as package data), the checkout's conf/ otherwise."""
     import os
 
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    package = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(package, "conf")
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), "conf")
 
 
-def load_config(config_name: str, overrides: list[str] = ()) -> RootConfig:
-    """Compose a recipe from conf/ with command-line-style overrides (as the launchers do)."""
+def compose_recipe(package_dir: str, config_name: str, overrides: list[str], config_dir: str | None = None):
+    """A recipe composed with Hydra from `config_dir` (a user's directory, searched first) or
+    `package_dir`, plus command-line overrides. A user's recipe may use the package's own
+    (`defaults: [base, _self_]`, `layout: 1x8`): `package_dir` is on its search path."""
     import os
 
     from hydra import compose, initialize_config_dir
 
-    if not os.path.exists(os.path.join(conf_dir(), f"{config_name}.yaml")):
-        recipes = sorted(n[:-5] for n in os.listdir(conf_dir()) if n.endswith(".yaml") and n != "base.yaml")
+    primary = config_dir or package_dir
+    if not os.path.exists(os.path.join(primary, f"{config_name}.yaml")):
+        recipes = sorted(n[:-5] for n in os.listdir(primary) if n.endswith(".yaml") and n != "base.yaml")
+        where = f"{primary}/" if config_dir else f"{os.path.basename(primary)}/"
         raise ConfigError(
-            f"--config-name {config_name}: no recipe conf/{config_name}.yaml (recipes: {', '.join(recipes)})"
+            f"--config-name {config_name}: no recipe {where}{config_name}.yaml (recipes: {', '.join(recipes)})"
         )
-    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
-        return to_typed(compose(config_name=config_name, overrides=list(overrides)))
+    search = [f"hydra.searchpath=[file://{package_dir}]"] if config_dir and config_dir != package_dir else []
+    with initialize_config_dir(config_dir=primary, version_base=None):
+        return compose(config_name=config_name, overrides=search + list(overrides))
+
+
+def load_config(config_name: str, overrides: list[str] = (), config_dir: str | None = None) -> RootConfig:
+    """Compose a recipe (the package's, or one in `config_dir`) with command-line-style
+    overrides (as the launchers do); typed and validated."""
+    return to_typed(compose_recipe(conf_dir(), config_name, overrides, config_dir))

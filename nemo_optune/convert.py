@@ -12,21 +12,22 @@ import argparse
 import os
 import sys
 
-from nemo_optune.models import sources
-from nemo_optune.models.hf_io import build_hf_model, export_hf
-from nemo_optune.runtime import distributed
-from nemo_optune.runtime.checkpoint import TOKENIZER_DIR, CheckpointError, load_model, save_model
+from nemo_optune.cli import quiet_megatron_warnings
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nemo_optune.convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("--to", choices=("megatron", "hf"), required=True)
+    p = argparse.ArgumentParser(
+        prog="python -m nemo_optune.convert",
+        description=__doc__,
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32),
+    )
+    p.add_argument("--to", choices=("megatron", "hf"), required=True, help="the output's format")
     p.add_argument("--from", "--hf", dest="source", help="Hugging Face or NeMo 2 directory to import (--to megatron)")
     p.add_argument("--checkpoint", help="model or training checkpoint to export (--to hf)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the directory to write")
     p.add_argument("--tokenizer", help="write the tokenizer files of this directory, not the checkpoint's (--to hf)")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to build the model at (default: 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to build the model at (default: 1)")
     return p
 
 
@@ -35,6 +36,12 @@ def main(argv=None) -> int:
     source = args.source if args.to == "megatron" else args.checkpoint
     if source is None:
         _parser().error(f"--to {args.to} needs --{'from' if args.to == 'megatron' else 'checkpoint'}")
+    quiet_megatron_warnings()  # before anything imports megatron
+    from nemo_optune.models import sources
+    from nemo_optune.models.hf_io import build_hf_model, export_hf
+    from nemo_optune.runtime import distributed
+    from nemo_optune.runtime.checkpoint import TOKENIZER_DIR, CheckpointError, load_model, save_model
+
     try:
         # The spec first: a missing or unsupported model fails before any process group.
         if args.to == "megatron":
@@ -43,9 +50,6 @@ def main(argv=None) -> int:
             spec, tokenizer = sources.model_and_tokenizer(source)
         else:
             spec, tokenizer = sources.checkpoint_spec(source), None
-        from nemo_optune.trainers.common import quiet_megatron_warnings
-
-        quiet_megatron_warnings()
         _, _, world = distributed.world_from_env()
         if world % (args.tp * args.pp):
             raise ValueError(f"world size {world} is not divisible by TP*PP = {args.tp}*{args.pp}")
@@ -63,9 +67,15 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """python -m nemo_optune.convert, optune-convert."""
     try:
         code = main()
     finally:
-        distributed.shutdown()
+        if "nemo_optune.runtime.distributed" in sys.modules:  # not after --help or an argument error
+            sys.modules["nemo_optune.runtime.distributed"].shutdown()
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    console()

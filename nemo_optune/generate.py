@@ -13,20 +13,24 @@ import json
 import os
 import sys
 
-import torch
-
+from nemo_optune.cli import answer_help, quiet_megatron_warnings
 from nemo_optune.config import RootConfig
-from nemo_optune.data.prompts import encode_prompt_file
-from nemo_optune.data.task_data import build_task_data
-from nemo_optune.generation.factory import build_engine
-from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
-from nemo_optune.runtime.distributed import dp_share, gather_rows_over_dp
-from nemo_optune.runtime.seeds import mix_seed
-from nemo_optune.trainers.common import model_and_tokenizer, sampling_params, setup
+
+GROUPS = ("model", "data", "generation", "generate")  # the keys this command reads
 
 
 def generate(cfg: RootConfig) -> int:
     """Write cfg.generate.output_path; returns the number of rows written."""
+    import torch
+
+    from nemo_optune.data.prompts import encode_prompt_file
+    from nemo_optune.data.task_data import build_task_data
+    from nemo_optune.generation.factory import build_engine
+    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
+    from nemo_optune.runtime.distributed import dp_share, gather_rows_over_dp
+    from nemo_optune.runtime.seeds import mix_seed
+    from nemo_optune.trainers.common import model_and_tokenizer, sampling_params, setup
+
     gen, d = cfg.generate, cfg.data
     for key, value in (
         ("model.restore_from_path", cfg.model.restore_from_path),
@@ -87,13 +91,17 @@ def generate(cfg: RootConfig) -> int:
 
 
 def main(argv=None) -> None:
+    from nemo_optune.config import conf_dir
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    recipe = answer_help(argv, "python -m nemo_optune.generate", __doc__, RootConfig, "optune_tiny", conf_dir(), GROUPS)
+    quiet_megatron_warnings()  # before anything imports megatron
+    from nemo_optune.cli import fail, one_line, user_errors
     from nemo_optune.config import load_config
-    from nemo_optune.run import fail, one_line, parse_args, user_errors
     from nemo_optune.runtime import distributed
 
     try:
-        name, overrides = parse_args(sys.argv[1:] if argv is None else argv, "optune_tiny")
-        cfg = load_config(name, overrides)
+        cfg = load_config(recipe.name, recipe.overrides, recipe.config_dir)
         rows = generate(cfg)
     except user_errors() as err:
         fail(one_line(err))

@@ -8,7 +8,7 @@ import time
 
 import torch.distributed as dist
 
-from nemo_optune.config import RootConfig, as_dict, max_time_seconds
+from nemo_optune.config import RootConfig, as_dict, max_time_seconds, unread_keys
 from nemo_optune.data.task_data import build_task_data
 from nemo_optune.runtime import distributed, exp_dir
 from nemo_optune.runtime.checkpoint import newest_intact_checkpoint
@@ -91,6 +91,9 @@ def dry_run(cfg: RootConfig) -> dict:
 
 
 def run_experiment(cfg: RootConfig) -> dict:
+    if distributed.world_from_env()[0] == 0:  # set, but not read by this method: said in the log, not refused
+        for line in unread_keys(cfg):
+            print(f"[config] warning: {line}", flush=True)
     if cfg.trainer.dry_run:
         return dry_run(cfg)
     start = time.perf_counter()
@@ -177,71 +180,16 @@ def _run(cfg: RootConfig, layout, log: ExperimentLog, resume: str | None, start:
     return summary
 
 
-def one_line(err: BaseException) -> str:
-    """OmegaConf's messages span lines (value, full_key, types): keep the key on one line.
-    Hydra's override errors say what failed; their cause says why (e.g. an unknown key)."""
-    if err.__cause__ is not None and type(err).__name__ == "ConfigCompositionException":
-        err = err.__cause__
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None)
-    text = (lines[0] if lines else type(err).__name__).replace("is not in struct", "is not a config key")
-    return f"config key {key}: {text}" if key and key not in text else text
-
-
-def fail(message: str) -> None:
-    """The one-line error and exit status 2; with several ranks, rank 0 prints it."""
-    if distributed.world_from_env()[0] == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def parse_args(argv: list[str], default_config: str) -> tuple[str, list[str]]:
-    """(recipe name, overrides) from `[--config-name NAME | -cn NAME] key=value ...`."""
-    name, overrides, args = default_config, [], list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in ("--config-name", "-cn"):
-            if not args:
-                raise ValueError(f"{arg} needs a recipe name")
-            name = args.pop(0)
-        elif arg.startswith("--config-name="):
-            name = arg.split("=", 1)[1]
-        elif arg.startswith("-") or "=" not in arg:
-            raise ValueError(f"unknown argument {arg!r}: expected --config-name NAME and key=value overrides")
-        else:
-            overrides.append(arg)
-    return name, overrides
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """What bad input raises: reported as one line, exit status 2 (anything else is a bug and
-    keeps its traceback). OSError: e.g. a full disk while writing outputs."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from nemo_optune.rewards.resilient import RewardSourceError
-    from nemo_optune.runtime.checkpoint import CheckpointError
-
-    return (
-        ValueError,
-        OmegaConfBaseException,
-        HydraException,
-        exp_dir.ExperimentDirError,
-        CheckpointError,
-        RewardSourceError,
-        OSError,
-    )
-
-
 def main(argv: list[str] | None = None, default_config: str = "optune_tiny") -> None:
-    """Entry point of the launchers: a recipe from conf/ plus key=value overrides (Hydra
+    """Entry point of the launchers (nemo_optune.cli): a recipe plus key=value overrides (Hydra
     syntax), experiment out. Bad input exits with status 2 and one line naming the key,
     file or line (rank 0 prints it)."""
+    from nemo_optune.cli import fail, one_line, parse_args, user_errors
     from nemo_optune.config import load_config
 
     try:
-        name, overrides = parse_args(sys.argv[1:] if argv is None else argv, default_config)
-        typed = load_config(name, overrides)
+        recipe = parse_args(sys.argv[1:] if argv is None else argv, default_config)
+        typed = load_config(recipe.name, recipe.overrides, recipe.config_dir)
         summary = run_experiment(typed)
     except user_errors() as err:
         fail(one_line(err))

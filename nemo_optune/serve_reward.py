@@ -40,26 +40,31 @@ import sys
 import time
 from collections import deque
 from dataclasses import field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-
+from nemo_optune.cli import Recipe, answer_help, fail, one_line, quiet_megatron_warnings, user_errors
 from nemo_optune.config import (
+    COUNT,
+    DOMAINS,
+    NON_NEGATIVE,
     ConfigError,
     DataConfig,
+    Domain,
     RewardConfig,
     _one_of,
     _require,
+    check_domains,
+    compose_recipe,
     conf_dir,
     merge_onto,
     validate_reward,
 )
 from nemo_optune.data.records import DataError, check_messages
-from nemo_optune.data.sort_task import SortTask
-from nemo_optune.rewards.sources import RewardSources
-from nemo_optune.run import fail, one_line, parse_args, user_errors
+
+if TYPE_CHECKING:  # imported when a server starts: --help and config errors answer without them
+    from fastapi import FastAPI, Request
+
+    from nemo_optune.rewards.sources import RewardSources
 
 RETRY_AFTER_SECONDS = 1  # a full queue drains in about a batch's scoring time
 
@@ -77,6 +82,17 @@ class ServerConfig:
     graceful_shutdown_seconds: float = 30.0  # on SIGTERM, requests in flight get this long to finish
 
 
+SERVER_DOMAINS = {
+    "port": Domain(0, 65535, note="0 = any free port"),
+    "max_batch_tokens": COUNT,
+    "max_wait_ms": NON_NEGATIVE,
+    "max_queued_pairs": COUNT,
+    "max_request_pairs": COUNT,
+    "max_body_bytes": COUNT,
+    "graceful_shutdown_seconds": NON_NEGATIVE,
+}
+
+
 @dataclasses.dataclass
 class ServeRewardConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -84,38 +100,33 @@ class ServeRewardConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
-def load_serve_config(argv: list[str]) -> ServeRewardConfig:
-    from hydra import compose, initialize_config_dir
-
-    name, overrides = parse_args(argv, "reward")
-    with initialize_config_dir(config_dir=os.path.join(conf_dir(), "serve"), version_base=None):
-        cfg = merge_onto(ServeRewardConfig, compose(config_name=name, overrides=overrides))
+def load_serve_config(recipe: Recipe) -> ServeRewardConfig:
+    cfg = merge_onto(ServeRewardConfig, compose_recipe(_serve_dir(), recipe.name, recipe.overrides, recipe.config_dir))
     validate_serve(cfg)
     return cfg
+
+
+def _serve_dir() -> str:
+    return os.path.join(conf_dir(), "serve")
 
 
 def validate_serve(cfg: ServeRewardConfig) -> None:
     """Before anything loads: ConfigError naming the key."""
     s, d = cfg.server, cfg.data
+    check_domains(cfg, domains={**DOMAINS, ServerConfig: SERVER_DOMAINS})
     validate_reward(cfg.reward)
     _one_of(d.task, ("sort",), "data.task")
     _require(
-        1 <= d.min_digits <= d.max_digits,
+        d.min_digits <= d.max_digits,
         "data.min_digits",
         f"need 1 <= min_digits <= max_digits, got {d.min_digits}, {d.max_digits}",
     )
     _require(bool(s.host), "server.host", "must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
-    _require(0 <= s.port <= 65535, "server.port", f"must be in [0, 65535] (0 = any free port), got {s.port}")
-    _require(s.max_batch_tokens >= 1, "server.max_batch_tokens", f"must be >= 1, got {s.max_batch_tokens}")
-    _require(s.max_wait_ms >= 0, "server.max_wait_ms", f"must be >= 0, got {s.max_wait_ms}")
-    _require(s.max_request_pairs >= 1, "server.max_request_pairs", f"must be >= 1, got {s.max_request_pairs}")
     _require(
         s.max_queued_pairs >= s.max_request_pairs,
         "server.max_queued_pairs",
         f"{s.max_queued_pairs} cannot hold one request of server.max_request_pairs={s.max_request_pairs}",
     )
-    _require(s.max_body_bytes >= 1, "server.max_body_bytes", f"must be >= 1, got {s.max_body_bytes}")
-    _require(s.graceful_shutdown_seconds >= 0, "server.graceful_shutdown_seconds", "must be >= 0")
     if s.bearer_token_env:
         _require(
             s.bearer_token_env in os.environ,
@@ -144,7 +155,7 @@ class Pending:
 class Batcher:
     """The queue of admitted requests and the one task that scores them in batches."""
 
-    def __init__(self, sources: RewardSources, max_batch_tokens: int, max_wait_seconds: float):
+    def __init__(self, sources: "RewardSources", max_batch_tokens: int, max_wait_seconds: float):
         self.sources, self.budget, self.max_wait = sources, max_batch_tokens, max_wait_seconds
         self.queue: deque[Pending] = deque()
         self.arrived = asyncio.Event()
@@ -288,7 +299,7 @@ def prompt_chars(prompt) -> int:
     return len(prompt) if isinstance(prompt, str) else sum(len(turn["content"]) for turn in prompt)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: "Request", limit: int) -> bytes:
     """The body, or 413 as soon as it is known to be over the limit (declared or read)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -301,7 +312,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def build_app(sources: RewardSources, s: ServerConfig, token: str | None) -> FastAPI:
+def build_app(sources: "RewardSources", s: ServerConfig, token: str | None) -> "FastAPI":
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
     batcher = Batcher(sources, s.max_batch_tokens, s.max_wait_ms / 1000)
 
     @contextlib.asynccontextmanager
@@ -366,8 +380,16 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    recipe = answer_help(argv, "python -m nemo_optune.serve_reward", __doc__, ServeRewardConfig, "reward", _serve_dir())
     try:
-        cfg = load_serve_config(sys.argv[1:] if argv is None else argv)
+        cfg = load_serve_config(recipe)
+        quiet_megatron_warnings()  # before anything imports megatron
+        import uvicorn
+
+        from nemo_optune.data.sort_task import SortTask
+        from nemo_optune.rewards.sources import RewardSources
+
         s = cfg.server
         sock = listen(s.host, s.port)  # a port in use fails before a model loads
         sources = RewardSources(cfg.reward, SortTask(min_digits=cfg.data.min_digits, max_digits=cfg.data.max_digits))

@@ -451,7 +451,10 @@ def test_full_disk_during_a_checkpoint_keeps_the_earlier_one(tmp_path, monkeypat
             ["model.optune.rho=abc"],
             "error: config key model.optune.rho: Value 'abc' of type 'str' could not be converted to Float",
         ),
-        (["--seed", "3"], "error: unknown argument '--seed': expected --config-name NAME and key=value overrides"),
+        (
+            ["--seed", "3"],
+            "error: unknown argument '--seed': expected --config-name NAME, --config-path DIR, --config FILE.yaml, --help and key=value overrides",
+        ),
     ],
 )
 def test_cli_prints_one_line_and_exits_2(tmp_path, args, line):

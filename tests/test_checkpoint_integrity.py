@@ -151,6 +151,16 @@ WRONG = {  # name: (overrides given sft = the SFT checkpoint and newest = a trai
         lambda sft, newest: [f"model.restore_from_path={sft}", f"exp_manager.resume_from={newest}"],
         "{newest}: another model architecture (num_layers 4 in the checkpoint, 2 in the config)",
     ),
+    "other_method_resume": (
+        lambda sft, newest: [
+            f"model.restore_from_path={sft}",
+            f"exp_manager.resume_from={newest}",
+            "method=online_dpo",
+            "model.optune.selection=all",
+        ],
+        "config key exp_manager.resume_from: {newest} was written by method optune, this run is method "
+        "online_dpo; resume it with method=optune, or start this one without it (another exp_manager.exp_dir)",
+    ),
     "absent": (
         lambda sft, newest: [f"model.restore_from_path={sft}_absent"],
         "config key model.restore_from_path: {sft}_absent does not exist (expected a nemo_optune checkpoint "

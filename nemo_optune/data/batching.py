@@ -35,6 +35,12 @@ def iteration_batches(
     return batches
 
 
+def records_left_untrained(num_records: int, global_batch_size: int, epochs_per_iteration: int, iterations: int) -> int:
+    """How many records of the run's last pass no batch reaches: each iteration's remainder
+    carries into the next one (iteration_batches), the run's last one has no next."""
+    return iterations * epochs_per_iteration * num_records % global_batch_size
+
+
 def iteration_window(num_prompts: int, per_iteration: int | None, iteration: int, seed: int) -> torch.Tensor:
     """The pool indices iteration `iteration` works on: all of them, or window `iteration` of a
     stream of shuffled passes over the pool, each pass cut into num_prompts // per_iteration

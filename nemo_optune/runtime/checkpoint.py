@@ -4,7 +4,8 @@ A checkpoint directory holds the dist_checkpointing shards, the model's tokenize
 `tokenizer/` (Hugging Face format: a checkpoint restores or exports with its tokenizer), and for training checkpoints
 `trainer_state.pt` (pool, counters, history; rank 0: the pool is replicated) and
 `rng_rank{N}.pt` (every rank's RNG states). `manifest.json` is written LAST: the kind
-(model | training), the model's architecture, and every file's size and SHA-256.
+(model | training), the method that wrote a training checkpoint (resuming it into another is
+refused: exp_dir.prepare), the model's architecture, and every file's size and SHA-256.
 
 Publishing: every save goes to `<name>.tmp`; once every rank reports its write done, the
 files are hashed (split over ranks), rank 0 writes the manifest, and only then renames the
@@ -77,7 +78,7 @@ def _hash_files(directory: str) -> dict:
     return {name: entry for part in parts for name, entry in sorted(part.items())}
 
 
-def _publish(directory: str, write, kind: str, architecture: dict) -> None:
+def _publish(directory: str, write, kind: str, architecture: dict, method: str | None = None) -> None:
     """Run write(tmp_dir) on every rank; once every rank reports success, write the manifest
     and rename tmp_dir to `directory`. Collective."""
     tmp = directory.rstrip("/") + ".tmp"
@@ -101,6 +102,8 @@ def _publish(directory: str, write, kind: str, architecture: dict) -> None:
             files = _hash_files(tmp)
             if dist.get_rank() == 0:
                 manifest = {"format": MANIFEST_FORMAT, "kind": kind, "architecture": architecture, "files": files}
+                if method is not None:
+                    manifest["method"] = method
                 with open(os.path.join(tmp, MANIFEST + ".tmp"), "w") as f:
                     json.dump(manifest, f, indent=1)
                 os.replace(os.path.join(tmp, MANIFEST + ".tmp"), os.path.join(tmp, MANIFEST))
@@ -234,7 +237,9 @@ def checkpoint_path(exp_dir: str, iteration: int) -> str:
     return os.path.join(checkpoints_root(exp_dir), f"iter_{iteration:06d}")
 
 
-def save_training_checkpoint(exp_dir: str, iteration: int, model, trainer_state: dict, keep_last: int) -> str:
+def save_training_checkpoint(
+    exp_dir: str, iteration: int, model, trainer_state: dict, keep_last: int, method: str | None = None
+) -> str:
     """Model, optimizer, RNG and trainer state after `iteration`; then keep the newest
     `keep_last` checkpoints. Collective. Returns the published path."""
     from megatron.core import dist_checkpointing
@@ -248,7 +253,7 @@ def save_training_checkpoint(exp_dir: str, iteration: int, model, trainer_state:
         _save_tokenizer(tmp, model)
 
     path = checkpoint_path(exp_dir, iteration)
-    _publish(path, write, "training", model.architecture())
+    _publish(path, write, "training", model.architecture(), method)
     prune_checkpoints(checkpoints_root(exp_dir), keep_last)
     return path
 

@@ -7,7 +7,14 @@ import os
 import shutil
 import socket
 
-from nemo_optune.runtime.checkpoint import checkpoints_root, iterations_done, list_checkpoints
+from nemo_optune.config import flatten_keys
+from nemo_optune.runtime.checkpoint import (
+    CheckpointError,
+    checkpoints_root,
+    iterations_done,
+    list_checkpoints,
+    read_manifest,
+)
 
 # Keys that may change between a run and its resumption (layout, length, bookkeeping).
 RESUMABLE_CHANGES = (
@@ -30,21 +37,11 @@ class ExperimentDirError(RuntimeError):
     """The experiment directory cannot be used as asked; the message names the key."""
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
     """Keys whose values differ between the stored config `old` and `new`, but those that may
     change on resume. A key `old` lacks (written by a version before the key existed) differs
     only where `new` sets it off its default: that run behaved as the default does."""
-    a, b, d = _flatten(old), _flatten(new), _flatten(defaults or {})
+    a, b, d = flatten_keys(old), flatten_keys(new), flatten_keys(defaults or {})
 
     def differs(k: str) -> bool:
         if k not in a and k in d:
@@ -114,6 +111,8 @@ def prepare(
     if resume is None and resume_if_exists and list_checkpoints(checkpoints_root(exp_dir)):
         resume = AUTO
     newest = resume if resume not in (None, AUTO) else (list_checkpoints(checkpoints_root(exp_dir)) or [None])[-1]
+    if resume is not None and newest:
+        check_method(newest, config["method"], "exp_manager.resume_from" if resume_from else "exp_manager.exp_dir")
     done = iterations_done(newest) if newest else None
     asked = config["trainer"]["iterations"]
     if resume is not None and done is not None and asked < done:
@@ -126,6 +125,21 @@ def prepare(
         json.dump(config, f, indent=2)
     os.replace(tmp, config_file)
     return resume
+
+
+def check_method(checkpoint: str, method: str, key: str) -> None:
+    """A training checkpoint resumes only into the method that wrote it (its pool, history and
+    optimizer state mean something else to another); checkpoints from before methods were
+    recorded, and unreadable ones (verified when loaded), pass here."""
+    try:
+        written_by = read_manifest(checkpoint).get("method")
+    except CheckpointError:
+        return
+    if written_by is not None and written_by != method:
+        raise ExperimentDirError(
+            f"config key {key}: {checkpoint} was written by method {written_by}, this run is method {method}; "
+            f"resume it with method={written_by}, or start this one without it (another exp_manager.exp_dir)"
+        )
 
 
 def check_writable(exp_dir: str) -> None:

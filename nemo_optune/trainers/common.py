@@ -1,22 +1,14 @@
 """What every recipe builds the same way: validated layout, sequence width, sampling."""
 
 import os
-import warnings
 
 import torch
 
+from nemo_optune.cli import quiet_megatron_warnings
 from nemo_optune.config import RootConfig, validate
 from nemo_optune.data.sort_task import SortTask
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.runtime import distributed
-
-
-def quiet_megatron_warnings() -> None:
-    # megatron-core warns once per layer about missing apex/TE; nothing to act on here.
-    warnings.filterwarnings("ignore", module=r"megatron\..*")
-    warnings.filterwarnings("ignore", message=".*(Apex|apex|Transformer Engine|TransformerEngine).*")
-    # dist_checkpointing still uses torch's ShardedTensor, which torch marks as deprecated.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
 
 
 def setup(cfg: RootConfig):

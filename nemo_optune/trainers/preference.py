@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from nemo_optune.config import RootConfig, as_dict
-from nemo_optune.data.batching import iteration_batches, iteration_window
+from nemo_optune.config import ONLINE_METHODS, RootConfig, as_dict
+from nemo_optune.data.batching import iteration_batches, iteration_window, records_left_untrained
 from nemo_optune.data.offline_pool import build_offline_pool
 from nemo_optune.data.pool import PromptPool, build_sequences
 from nemo_optune.data.prompts import encode_prompt_file, encode_prompt_set
@@ -41,7 +41,6 @@ from nemo_optune.trainers.preference_loss import global_batch_weights, preferenc
 from nemo_optune.trainers.preference_pool import PreferencePool, RefreshStats
 
 TIMED_PHASES = ("selection", "generation", "scoring", "reference", "exchange", "training")
-ONLINE_METHODS = ("optune", "online_dpo")
 HELD_OUT_SEED = 0xE7A1
 
 
@@ -83,6 +82,22 @@ class PreferenceTrainer:
                 f"trainer.prompts_per_iteration={per_iteration} is more than the {len(pool)} training prompts"
             )
         self.lr_total_steps = t.iterations * t.epochs_per_iteration * per_iteration // t.global_batch_size
+        # Windows are whole batches; a whole pool that batches do not divide leaves its last
+        # pass's remainder untrained: said at the start, counted in summary.json.
+        left = (
+            0
+            if t.prompts_per_iteration
+            else records_left_untrained(len(pool), t.global_batch_size, t.epochs_per_iteration, t.iterations)
+        )
+        if left:
+            key = "data.train_prompts_path" if self.online else "data.offline_path"
+            log.print(
+                f"[data] warning: {key}: {len(pool)} records x {t.iterations} iterations x {t.epochs_per_iteration} "
+                f"epochs leave the last {left} records of the final pass untrained "
+                f"(trainer.global_batch_size={t.global_batch_size} does not divide the run's records; "
+                f"earlier iterations' remainders carry into the next)"
+            )
+        self.data_stats["records_left_untrained"] = left
         self.model = MegatronGPTOPTuneModel(
             cfg.model,
             spec,
@@ -383,6 +398,7 @@ class PreferenceTrainer:
             self.model,
             self.state_dict(),
             keep_last=self.cfg.exp_manager.keep_last,
+            method=self.cfg.method,
         )
         self.checkpoint_seconds.append(time.perf_counter() - start)
 
