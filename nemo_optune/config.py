@@ -427,7 +427,7 @@ def check_domains(instance, prefix: str = "", domains: dict[type, dict[str, Doma
 ONLINE_METHODS = ("optune", "online_dpo")
 PREFERENCE_METHODS = ("optune", "online_dpo", "dpo_offline", "hypo")
 # Keys (or groups: the longest prefix applies) that only some methods read; every other key is
-# read by all of them. The `generate` group belongs to the generate command.
+# read by all of them (the `generate` group belongs to the generate command: not listed).
 READ_BY = {
     "data.offline_path": ("dpo_offline", "hypo"),
     "data.train_prompts_path": ONLINE_METHODS,
@@ -461,7 +461,6 @@ READ_BY = {
     "generation.top_p": ("optune", "online_dpo", "hypo"),
     "generation.top_k": ("optune", "online_dpo", "hypo"),
     "reward": PREFERENCE_METHODS,
-    "generate": (),
 }
 
 
@@ -470,12 +469,12 @@ def unread_keys(cfg: RootConfig) -> list[str]:
     them at start-up): `sft.*` too when the model is restored (no SFT warm start runs)."""
     values, defaults = flatten_keys(as_dict(cfg)), flatten_keys(as_dict(RootConfig()))
     lines = []
-    for key in sorted(k for k in values if values[k] != defaults.get(k)):
+    for key in sorted(k for k in values if values[k] != defaults.get(k) and not k.startswith("generate.")):
         prefix = max((p for p in READ_BY if key == p or key.startswith(p + ".")), key=len, default=None)
         readers = READ_BY[prefix] if prefix else METHODS
         if key.startswith("sft.") and cfg.method != "sft" and cfg.model.restore_from_path is not None:
             readers = ()
-        if cfg.method not in readers and prefix != "generate":
+        if cfg.method not in readers:
             who = (
                 f"read by {', '.join(readers)}" if readers else "no SFT warm start runs: model.restore_from_path is set"
             )
