@@ -356,7 +356,10 @@ DOMAINS: dict[type, dict[str, Domain]] = {
         "weight_cap": POSITIVE,
         "sft_weight": NON_NEGATIVE,
     },
-    HyPOConfig: {"kl_weight": NON_NEGATIVE, "samples_per_prompt": Domain(2, note="the RLOO baseline needs k >= 2")},
+    HyPOConfig: {
+        "kl_weight": NON_NEGATIVE,
+        "samples_per_prompt": Domain(2, note="each sample's RLOO baseline is the others"),
+    },
     ModelConfig: {
         "num_layers": COUNT,
         "hidden_size": COUNT,
