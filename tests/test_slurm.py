@@ -395,7 +395,7 @@ def test_the_srun_scripts_defaults_pass_their_dry_run(tmp_path):
     assert start["command"][2:4] == ["--config-name", "optune"]
 
 
-@pytest.mark.slow  # 2 x 16 processes, each importing megatron (~2 min on 2 cores)
+@pytest.mark.slow  # 2 x 16 processes, each importing megatron (~5 min on 2 shared cores)
 @pytest.mark.parametrize("script", [MULTINODE, TORCHRUN], ids=["srun", "torchrun"])
 def test_both_scripts_defaults_pass_their_dry_run_at_their_sbatch_shape(script, tmp_path):
     """2 nodes x 8 GPUs (the scripts' #SBATCH lines), RECIPE, TP, PP, GPUS_PER_NODE left unset."""
