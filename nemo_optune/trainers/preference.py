@@ -13,6 +13,7 @@ trainers/preference_loss.py (batches and loss), trainers/hypo_kl.py (online KL s
 """
 
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -20,7 +21,7 @@ from nemo_optune.config import RootConfig, as_dict
 from nemo_optune.data.batching import iteration_batches, iteration_window
 from nemo_optune.data.offline_pool import build_offline_pool
 from nemo_optune.data.pool import PromptPool, build_sequences
-from nemo_optune.data.prompts import encode_prompt_file, encode_prompt_set
+from nemo_optune.data.prompts import Prompt, encode_prompt_file, encode_prompt_set
 from nemo_optune.data.task_data import TaskData
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.generation.factory import build_engine, refit_engine
@@ -54,11 +55,13 @@ class PreferenceTrainer:
         self.tokenizer = tok
         limit = max_prompt_tokens(cfg, data.task)
         # Read and check every data set before building any model.
+        prompts: Sequence[Prompt]
         if self.online:
             prompts, prompt_ids, long_prompts = self.prompt_set(cfg.data.train_prompts_path, data.train_prompts, limit)
             pool = PromptPool.empty(len(prompt_ids), g.max_new_tokens)
             self.data_stats = {"long_prompts": long_prompts}
         else:
+            assert cfg.data.offline_path, "config.validate requires data.offline_path for offline methods"
             offline = build_offline_pool(
                 cfg.data.offline_path,
                 tok,
@@ -131,8 +134,8 @@ class PreferenceTrainer:
 
     def prompt_set(
         self, path: str | None, task_prompts: list[str], limit: int
-    ) -> tuple[list[str], list[list[int]], int]:
-        """(texts, token ids, how many were over the limit) of a prompt file, or of the task's prompts."""
+    ) -> tuple[list[Prompt], list[list[int]], int]:
+        """(prompts, token ids, how many were over the limit) of a prompt file, or of the task's prompts."""
         if path:
             return encode_prompt_file(path, self.tokenizer, self.cfg.data, limit)
         return encode_prompt_set(task_prompts, ["task"] * len(task_prompts), self.tokenizer, self.cfg.data, limit)
