@@ -1,4 +1,5 @@
 # The two commands a newcomer runs (see README):  make demo   and   make test
+# Before committing: make lint (ruff, ruff format, mypy; .ci/run runs it before the tests).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
