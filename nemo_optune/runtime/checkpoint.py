@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_optune.runtime.distributed import first_failure
+from nemo_optune.runtime.experiment import atomic_output
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -101,9 +102,8 @@ def _publish(directory: str, write, kind: str, architecture: dict) -> None:
             files = _hash_files(tmp)
             if dist.get_rank() == 0:
                 manifest = {"format": MANIFEST_FORMAT, "kind": kind, "architecture": architecture, "files": files}
-                with open(os.path.join(tmp, MANIFEST + ".tmp"), "w") as f:
+                with atomic_output(os.path.join(tmp, MANIFEST)) as part, open(part, "w") as f:
                     json.dump(manifest, f, indent=1)
-                os.replace(os.path.join(tmp, MANIFEST + ".tmp"), os.path.join(tmp, MANIFEST))
         except OSError as err:
             error = err
         error = _first_error(error)

@@ -30,6 +30,7 @@ from nemo_optune.rewards.resilient import RewardSourceError
 from nemo_optune.rewards.sources import RewardSources, is_scoring_rank
 from nemo_optune.runtime.checkpoint import load_training_checkpoint, save_training_checkpoint
 from nemo_optune.runtime.distributed import Layout, dp_share, sum_over_dp
+from nemo_optune.runtime.exp_dir import require_iterations_cover
 from nemo_optune.runtime.experiment import ExperimentLog, PhaseTimer, peak_rss_mb
 from nemo_optune.runtime.lost_ranks import note_phase
 from nemo_optune.runtime.lr_schedule import learning_rate
@@ -391,12 +392,8 @@ class PreferenceTrainer:
 
     def resume(self, path: str) -> None:
         state = load_training_checkpoint(path, self.model)
-        done, asked = len(state["history"]), self.cfg.trainer.iterations
-        if asked < done:
-            raise ValueError(
-                f"config key trainer.iterations: {asked}, but the checkpoint {path} has {done} iterations "
-                f"done; ask for at least {done}, or use another exp_manager.exp_dir"
-            )
+        done = len(state["history"])
+        require_iterations_cover(self.cfg.trainer.iterations, done, path)
         self.pool.store.load_state_dict(state["pool"])
         self.history = state["history"]
         self.responses_generated = state["responses_generated"]
