@@ -1,10 +1,11 @@
 # The two commands a newcomer runs (see README):  make demo   and   make test
+# Before committing: make lint (ruff, ruff format, mypy; .ci/run runs it before the tests).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-vllm install bench bench-trl mutation clean
+.PHONY: demo test test-slow test-vllm install lint injected-bugs bench bench-trl mutation clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,24 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)
+
+# Lint, format and type checks (configured in pyproject.toml); .ci/run runs this before the tests.
+# mypy runs in the venv so that it reads torch's and transformers' types.
+LINT_STAMP := $(VENV)/.lint-installed
+
+$(LINT_STAMP): $(STAMP) setup.py
+	$(PY) -m pip install -q -e '.[lint]'
+	touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# The review's injected bugs, applied one at a time, must each fail a test (scripts/injected_bugs.sh).
+# Whole-behaviour bugs outside what `make mutation` mutates (the pure loss math); each file is restored.
+injected-bugs: $(STAMP)
+	PY=$(PY) scripts/injected_bugs.sh
 
 # The slow tier (tests/conftest.py SLOW): more layouts and kill/stop points, the Slurm scripts' real runs (~6 min).
 test-slow: $(STAMP)

@@ -42,6 +42,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest==9.2.0", "wandb==0.31.0"],  # wandb: the offline-mode test
+        # make lint (and .pre-commit-config.yaml's hooks): config in pyproject.toml. No stubs needed:
+        # the packages without type information are listed under [tool.mypy.overrides].
+        "lint": ["ruff==0.17.5", "mypy==2.4.1"],
         # make mutation: mutation testing of the pure loss math (config: setup.cfg [mutmut]).
         "mutation": ["pytest==9.2.0", "mutmut==3.8.1"],
         # GPU-only, imported lazily, never installed in CI. In NGC containers they ship preinstalled.

@@ -48,7 +48,7 @@ class TrainerConfig:
     grad_clip: float = 1.0
     seed: int = 1234
     dry_run: bool = False  # validate config and layout, print a per-GPU memory estimate, load nothing
-    # Cluster operation (README "Running on a cluster"):
+    # Cluster operation (docs/cluster.md, "Running on a cluster"):
     max_time: Optional[str] = None  # DD:HH:MM:SS wall-clock budget: save and stop (exit 3) before it runs out
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])  # save and stop (exit 3)
     collective_timeout_seconds: float = 600.0  # a collective waiting longer on a lost rank fails the job
@@ -190,7 +190,7 @@ class HFRewardConfig:
 
 @dataclasses.dataclass
 class HTTPRewardConfig:
-    """`source: http`: a reward server (python -m nemo_optune.serve_reward, wire format in the README)."""
+    """`source: http`: a reward server (python -m nemo_optune.serve_reward, wire format in docs/rewards.md)."""
 
     urls: list[str] = field(default_factory=list)  # base URLs; requests are spread over them, a dead one skipped
     batch_size: int = 64  # (prompt, response) pairs per request
@@ -249,7 +249,7 @@ class SFTConfig:
 
 @dataclasses.dataclass
 class GenerateConfig:
-    """python -m nemo_optune.generate: prompts in, responses out (see README)."""
+    """python -m nemo_optune.generate: prompts in, responses out (docs/models.md)."""
 
     input_path: Optional[str] = None  # prompts, JSONL/parquet (data.prompt_field / data.messages_field)
     output_path: Optional[str] = None  # JSONL: prompt, response, token ids, per-token log-probs

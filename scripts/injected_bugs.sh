@@ -1,24 +1,50 @@
 #!/usr/bin/env bash
-# The review's injected bugs, applied one at a time: each must fail at least one test.
-# Usage: scripts/injected_bugs.sh   (needs a clean tree: each file is restored with git checkout)
+# The review's injected bugs (make injected-bugs), applied one at a time: each must make at least one
+# of the tests named with it fail. They complement `make mutation`, which mutates single tokens of
+# the pure loss math only: these are behaviour bugs across the batch assembly, the pool, the
+# evaluation and the checkpoint. A pattern that does not occur exactly once in its file (the code
+# moved) is an error, never a silent pass. Each file is restored afterwards, also on interrupt.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-if ! git diff --quiet; then echo "injected_bugs.sh: the tree has uncommitted changes; it reverts files to HEAD, so commit first" >&2; exit 2; fi
+PY=${PY:-.venv/bin/python}
+backup=$(mktemp -d)
+current=""  # the file holding an injected bug right now
+trap '[ -n "$current" ] && cp "$backup/original" "$current"; rm -rf "$backup"' EXIT
+trap 'exit 130' INT TERM
+survived=0
+
 try() {
-  local name="$1" file="$2" old="$3" new="$4"; shift 4
-  python3 - "$file" "$old" "$new" <<'PY'
+  local name="$1" file="$2" old="$3" new="$4"
+  shift 4
+  cp "$file" "$backup/original"
+  current="$file"
+  if ! "$PY" - "$file" "$old" "$new" <<'PY'; then
 import sys
-p, old, new = sys.argv[1:]
-s = open(p).read()
-assert s.count(old) == 1, (p, old)
-open(p, "w").write(s.replace(old, new))
+
+path, old, new = sys.argv[1:]
+text = open(path).read()
+if text.count(old) != 1:
+    sys.exit(f"the pattern occurs {text.count(old)} times in {path}, not once:\n{old}")
+open(path, "w").write(text.replace(old, new))
 PY
-  local out; out=$(timeout 900 .venv/bin/python -m pytest -q -p no:cacheprovider "$@" 2>&1 | grep -E "^FAILED|passed|failed" | sed 's/ - .*//' | tr '\n' ';')
-  git checkout -q -- "$file"  # run only on a clean tree: this reverts the file to HEAD
-  echo "$name => $out"
+    echo "injected_bugs.sh: case $name: update its pattern" >&2
+    exit 2
+  fi
+  local out rc
+  out=$(timeout 900 "$PY" -m pytest -q -x -p no:cacheprovider "$@" 2>&1)
+  rc=$?
+  cp "$backup/original" "$file"
+  current=""
+  case $rc in
+    0) echo "$name => SURVIVED (every test passed)"; survived=$((survived + 1)) ;;
+    1) echo "$name => caught: $(grep -E '^FAILED' <<<"$out" | sed 's/ - .*//' | tr '\n' ' ')" ;;
+    *) echo "$name => pytest exit $rc, not a test failure:"; tail -20 <<<"$out"; exit 2 ;;
+  esac
 }
+
 try "(a) weights normalised per micro-batch" nemo_optune/trainers/preference_loss.py \
-  '            "weight_total": weight_total,' \
-  '            "weight_total": float((weights[s:s + micro_batch_size] * valid[s:s + micro_batch_size]).sum()),' \
+  '                "weight_total": weight_total,' \
+  '                "weight_total": float((weights[group] * valid[group]).sum()),' \
   tests/test_preference_loss.py tests/test_trainer_behaviour.py
 try "(b) chosen and rejected swapped in pair assembly" nemo_optune/trainers/preference_loss.py \
   '    return torch.cat([c_tok, r_tok]), torch.cat([c_mask, r_mask])' \
@@ -44,3 +70,9 @@ try "(b') chosen and rejected swapped when the pool is refreshed" nemo_optune/tr
   '            "chosen_tokens": rollouts.response_tokens[rows + chosen],' \
   '            "chosen_tokens": rollouts.response_tokens[rows + rejected],' \
   tests/test_spine.py
+
+if [ "$survived" -gt 0 ]; then
+  echo "injected_bugs.sh: $survived injected bug(s) passed every test" >&2
+  exit 1
+fi
+echo "injected_bugs.sh: every injected bug was caught"

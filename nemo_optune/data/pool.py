@@ -1,5 +1,5 @@
 """The OPTune prompt pool: per training prompt, its current preference pair, the pair's
-rewards and the cached reference log-probs. Replicated on every rank (see README,
+rewards and the cached reference log-probs. Replicated on every rank (see docs/cluster.md,
 'What is communicated'), so selection and weight normalisation need no communication."""
 
 import dataclasses

@@ -4,6 +4,8 @@ configurable), and how a prompt becomes token ids (a chat template where asked f
 both (UltraChat's own rows: `prompt` is the first user turn as plain text) is read as its
 `messages`, so that it goes through the chat template whatever data.apply_chat_template says."""
 
+from collections.abc import Sequence
+
 from nemo_optune.data.records import DataError, check_messages, prompt_messages, read_records
 
 Prompt = str | tuple[dict, ...]  # text, or chat messages ending with a user turn
@@ -65,14 +67,14 @@ def fit_prompt(ids: list[int], limit: int, policy: str, where: str) -> list[int]
     return None if policy == "skip" else ids[-limit:]
 
 
-def encode_prompt_file(path: str, tokenizer, data_cfg, limit: int) -> tuple[list[str], list[list[int]], int]:
+def encode_prompt_file(path: str, tokenizer, data_cfg, limit: int) -> tuple[list[Prompt], list[list[int]], int]:
     """A prompt file read (data.prompt_field / data.messages_field) and encoded: see encode_prompt_set."""
     prompts, where = read_prompts(path, data_cfg.prompt_field, data_cfg.messages_field)
     return encode_prompt_set(prompts, where, tokenizer, data_cfg, limit)
 
 
 def encode_prompt_set(
-    prompts: list[Prompt], where: list[str], tokenizer, data_cfg, limit: int
+    prompts: Sequence[Prompt], where: list[str], tokenizer, data_cfg, limit: int
 ) -> tuple[list[Prompt], list[list[int]], int]:
     """(prompts as reward sources see them, token ids, how many were over the limit). A reward
     source gets a text prompt as is and a conversation as its list of {role, content} turns (as

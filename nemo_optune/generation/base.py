@@ -1,5 +1,6 @@
-"""The rollout-engine interface. Engines: in-process megatron-core today; TensorRT-LLM and
-vLLM later, refitted from the policy's exported weights."""
+"""The rollout-engine interface. Engines: in-process on the policy's megatron-core module
+(megatron_engine.py, the default), vLLM (vllm_engine.py) and TensorRT-LLM (trtllm_engine.py),
+the last two behind factory.ExternalEngine, refitted from the policy's exported weights."""
 
 import dataclasses
 from typing import Protocol
@@ -19,7 +20,7 @@ class SamplingParams:
 class Rollouts:
     """`num_samples` responses for each prompt, prompt-major: row p*K + k is sample k of prompt p."""
 
-    response_tokens: torch.Tensor  # [B, max_new_tokens] long, padded with 0 after the stop token
+    response_tokens: torch.Tensor  # [B, max_new_tokens] long, padded with pad_id after the stop token
     response_lengths: torch.Tensor  # [B] tokens up to and including the stop token
     logprobs: torch.Tensor  # [B, max_new_tokens] policy log-prob (temperature 1) of each token, 0 past the end
 

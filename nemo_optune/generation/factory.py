@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 
-from nemo_optune.generation.base import Rollouts, SamplingParams
+from nemo_optune.generation.base import RolloutEngine, Rollouts, SamplingParams
 
 
 def build_engine(cfg, model, tokenizer, progress=None, exp_dir: str | None = None):
@@ -96,42 +96,44 @@ class ExternalEngine:
     ):
         self.kind, self.model, self.stop_ids, self.pad_id, self.gen_cfg = kind, model, list(stop_ids), pad_id, gen_cfg
         self.engine_dir, self.tokenizer_dir = engine_dir, tokenizer_dir
-        self.backend = None
-        self.hf_dir = None
-        self._temp_dir = None
+        self.backend: RolloutEngine | None = None
+        self.hf_dir: str | None = None
+        self._temp_dir: str | None = None
         self.last_timings: dict = {}
         self._start_timings: dict = {}
 
     # ------------------------------------------------------------------ start
-    def start(self) -> None:
-        """Export the policy as it is now and start the backend on it (collective: the export)."""
+    def start(self) -> RolloutEngine:
+        """Export the policy as it is now and start the backend on it (collective: the export);
+        the backend (the running one if already started)."""
         from nemo_optune.models.hf_io import export_hf
 
         if self.backend is not None:
-            return
+            return self.backend
         begin = time.perf_counter()
         if self.engine_dir:
-            self.hf_dir = os.path.abspath(self.engine_dir)
-            if os.path.isdir(self.hf_dir) and os.listdir(self.hf_dir):  # a previous run's export (e.g. resumed)
-                shutil.rmtree(self.hf_dir)
+            hf_dir = os.path.abspath(self.engine_dir)
+            if os.path.isdir(hf_dir) and os.listdir(hf_dir):  # a previous run's export (e.g. resumed)
+                shutil.rmtree(hf_dir)
         else:
             self._temp_dir = tempfile.mkdtemp(prefix=f"nemo_optune_{self.kind}_")
-            self.hf_dir = os.path.join(self._temp_dir, "hf")
-        export_hf(self.model, self.hf_dir, self.tokenizer_dir)
+            hf_dir = os.path.join(self._temp_dir, "hf")
+        self.hf_dir = hf_dir
+        export_hf(self.model, hf_dir, self.tokenizer_dir)
         exported = time.perf_counter()
-        self.backend = _backend_class(self.kind)(self.hf_dir, self.stop_ids, self.pad_id, self.gen_cfg)
+        self.backend = backend = _backend_class(self.kind)(hf_dir, self.stop_ids, self.pad_id, self.gen_cfg)
         self.last_timings = {
             "timing/engine_export_seconds": exported - begin,
             "timing/engine_start_seconds": time.perf_counter() - exported,
         }
         self._start_timings = dict(self.last_timings)  # reported with the first refit's
+        return backend
 
     # ------------------------------------------------------- RolloutEngine
     def generate(
         self, prompts: list[list[int]], num_samples: int, params: SamplingParams, seeds: list[int]
     ) -> Rollouts:
-        self.start()
-        return self.backend.generate(prompts, num_samples, params, seeds)
+        return self.start().generate(prompts, num_samples, params, seeds)
 
     def refit(self, weights) -> None:
         if self.backend is None:  # not started: start() exports the current weights anyway

@@ -15,15 +15,19 @@ prompt's samples depend neither on its batch nor on the engine: switching engine
 nothing but speed.
 """
 
+import abc
 import contextlib
+from typing import Generic, TypeVar
 
 import torch
 
 from nemo_optune.generation.base import Rollouts, SamplingParams
 from nemo_optune.generation.sampling import counter_uniform, sample_tokens
 
+State = TypeVar("State")  # an engine's per-pass decoding state
 
-class _Engine:
+
+class _Engine(abc.ABC, Generic[State]):
     """The decoding loop; subclasses give the logits of the active rows at each step."""
 
     def __init__(self, model, stop_ids, pad_id: int, micro_batch_size: int, progress=None):
@@ -47,6 +51,18 @@ class _Engine:
     def _passes(self, prompt_lengths: torch.Tensor) -> list[torch.Tensor]:
         """Row sets decoded together (default: all rows in one pass)."""
         return [torch.arange(len(prompt_lengths))]
+
+    @abc.abstractmethod
+    def _begin(self, prompts: list[list[int]], new: int) -> State:
+        """The state of a pass over these prompts, with room for `new` tokens per row."""
+
+    @abc.abstractmethod
+    def _logits(self, state: State, active: torch.Tensor) -> torch.Tensor:
+        """The next-token logits of the active rows (indices into the pass's rows)."""
+
+    @abc.abstractmethod
+    def _advance(self, state: State, active: torch.Tensor, chosen: torch.Tensor) -> None:
+        """Append the chosen tokens to the active rows."""
 
     @torch.no_grad()
     def generate(
@@ -96,7 +112,7 @@ class _Engine:
         return rollouts
 
 
-class MegatronRecomputeEngine(_Engine):
+class MegatronRecomputeEngine(_Engine[dict]):
     """Every step runs each active row's whole prefix (right-padded) through the pipeline."""
 
     def _begin(self, prompts: list[list[int]], new: int) -> dict:
@@ -142,7 +158,7 @@ class _CachePass:
         self.cached_rows = self._padded(len(distinct))  # rows the cache holds now
         self.cache = KVCache(self.cached_rows, self.width + new)
         self.cache_row = torch.arange(len(prompts))  # row r's row in the cache (after the prefill)
-        self.next_tokens = None  # [rows], the tokens chosen at the last step
+        self.next_tokens: torch.Tensor | None = None  # [rows], the tokens chosen at the last step; None before
 
     def _padded(self, rows: int) -> int:
         """The row count after split_micro_batches pads the last micro-batch."""
@@ -174,6 +190,7 @@ class _CachePass:
         # longer needed: fed padding, their outputs dropped.
         n = len(active)
         tokens = torch.zeros(self.cached_rows, 1, dtype=torch.long)
+        assert self.next_tokens is not None, "decode_logits before the prefill's tokens were chosen"
         tokens[:n, 0] = self.next_tokens[active]
         full_positions = torch.zeros(self.cached_rows, 1, dtype=torch.long)
         full_positions[:n] = positions
@@ -195,7 +212,7 @@ class _CachePass:
         self.cached_rows = padded
 
 
-class MegatronInProcessEngine(_Engine):
+class MegatronInProcessEngine(_Engine[_CachePass]):
     """The KV-cached engine (the default). See _CachePass."""
 
     def __init__(

@@ -160,7 +160,7 @@ class TRTLLMEngine:
             if token not in entry:
                 raise RuntimeError(f"TensorRT-LLM returned logprobs without the sampled token {token}")
             value = entry[token]
-            return float(getattr(value, "logprob", value))
+            return float(value.logprob if hasattr(value, "logprob") else value)
         return float(entry)
 
     # ------------------------------------------------------------ RolloutEngine

@@ -36,6 +36,7 @@ generation.vllm.sleep_mode=true, which needs a GPU: vLLM's CPU worker ignores sl
 
 import os
 import time
+from typing import Any
 
 import torch
 
@@ -49,6 +50,10 @@ CPU_BINDING = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU workers' cores: "0,1|2,3
 
 class RefitWorkerExtension:
     """Methods added to each vLLM worker (worker_extension_cls); called through collective_rpc."""
+
+    # The vLLM worker's own attributes, which these methods use.
+    model_runner: Any
+    vllm_config: Any
 
     def _refit_model(self):
         return self.model_runner.model
@@ -90,7 +95,8 @@ class RefitWorkerExtension:
         an exception from one leaves the other's reply queued, and the next call would read it."""
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        seen, expected = getattr(self, "_refit_seen", {}), getattr(self, "_refit_expected", set())
+        seen: dict[str, int] = getattr(self, "_refit_seen", {})
+        expected: set[str] = getattr(self, "_refit_expected", set())
         self.__dict__.pop("_refit_seen", None)
         finalize_layerwise_reload(self._refit_model(), self.vllm_config.model_config)
         missing = sorted(expected - seen.keys())

@@ -14,6 +14,7 @@ padded tokens.
 import json
 import logging
 import os
+from typing import cast
 
 import torch
 
@@ -49,11 +50,11 @@ def check_reward_model_dir(path: str, key: str) -> None:
 def pick_device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    target = torch.device(device)
     if dtype == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return device, torch.bfloat16 if bf16 else torch.float32
-    return device, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        bf16 = target.type == "cuda" and torch.cuda.is_bf16_supported()
+        return target, torch.bfloat16 if bf16 else torch.float32
+    return target, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
 
 
 class HFRewardModel:
@@ -83,7 +84,8 @@ class HFRewardModel:
         if not self.use_chat_template:
             return (prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)) + response
         turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-        return self.tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": response}], tokenize=False)
+        text = self.tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": response}], tokenize=False)
+        return cast(str, text)  # tokenize=False: the rendered string
 
     def encode(self, prompts: list, responses: list[str]) -> list[list[int]]:
         texts = [self.render(p, r) for p, r in zip(prompts, responses)]
@@ -115,7 +117,8 @@ class HFRewardModel:
         """Indices grouped longest first, each group's rows x longest <= batch_tokens (a
         longer single text is a group of its own)."""
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        groups, current = [], []
+        groups: list[list[int]] = []
+        current: list[int] = []
         for i in order:
             if current and (len(current) + 1) * lengths[current[0]] > self.batch_tokens:
                 groups.append(current)

@@ -29,11 +29,13 @@ def build_source(s: RewardSourceConfig, key: str, task, timeout_seconds: float, 
     if s.source == "python":
         from nemo_optune.rewards.python_function import PythonFunctionReward
 
+        assert s.function, "config.validate_reward requires the function of a python source"
         return PythonFunctionReward(s.function, key=f"{key}.function")
     if s.source == "hf":
         from nemo_optune.rewards.hf_model import HFRewardModel, check_reward_model_dir
 
         if not load:
+            assert s.hf.path, "config.validate_reward requires the path of an hf source"
             check_reward_model_dir(s.hf.path, f"{key}.hf.path")
             return None
         return HFRewardModel(s.hf, key=f"{key}.hf")  # checks the directory first
@@ -106,7 +108,7 @@ class RewardSources:
         return {name: float(sums[0, j] / sums[1, j].clamp(min=1)) for j, name in enumerate(self.names)}
 
 
-def model_parallel_scorer() -> tuple[object, int]:
+def model_parallel_scorer() -> tuple[dist.ProcessGroup | None, int]:
     """(model-parallel group or None, the global rank that scores for it)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return None, 0

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_optune.runtime.distributed import first_failure
+from nemo_optune.runtime.experiment import atomic_output
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -104,9 +105,8 @@ def _publish(directory: str, write, kind: str, architecture: dict, method: str |
                 manifest = {"format": MANIFEST_FORMAT, "kind": kind, "architecture": architecture, "files": files}
                 if method is not None:
                     manifest["method"] = method
-                with open(os.path.join(tmp, MANIFEST + ".tmp"), "w") as f:
+                with atomic_output(os.path.join(tmp, MANIFEST)) as part, open(part, "w") as f:
                     json.dump(manifest, f, indent=1)
-                os.replace(os.path.join(tmp, MANIFEST + ".tmp"), os.path.join(tmp, MANIFEST))
         except OSError as err:
             error = err
         error = _first_error(error)

@@ -15,6 +15,7 @@ from nemo_optune.runtime.checkpoint import (
     list_checkpoints,
     read_manifest,
 )
+from nemo_optune.runtime.experiment import atomic_output
 
 # Keys that may change between a run and its resumption (layout, length, bookkeeping).
 RESUMABLE_CHANGES = (
@@ -115,16 +116,21 @@ def prepare(
         check_method(newest, config["method"], "exp_manager.resume_from" if resume_from else "exp_manager.exp_dir")
     done = iterations_done(newest) if newest else None
     asked = config["trainer"]["iterations"]
-    if resume is not None and done is not None and asked < done:
+    if resume is not None and done is not None:
+        require_iterations_cover(asked, done, newest)
+    with atomic_output(config_file) as tmp, open(tmp, "w") as f:
+        json.dump(config, f, indent=2)
+    return resume
+
+
+def require_iterations_cover(asked: int, done: int, checkpoint: str) -> None:
+    """A resumed run asks for at least the iterations its checkpoint has done (checked from the
+    directory's name before any work, and from the checkpoint's history once it is loaded)."""
+    if asked < done:
         raise ExperimentDirError(
-            f"config key trainer.iterations: {asked}, but {newest} has {done} iterations done; "
+            f"config key trainer.iterations: {asked}, but {checkpoint} has {done} iterations done; "
             f"ask for at least {done}, or use another exp_manager.exp_dir"
         )
-    tmp = config_file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(tmp, config_file)
-    return resume
 
 
 def check_method(checkpoint: str, method: str, key: str) -> None:
@@ -161,6 +167,5 @@ def truncate_jsonl(path: str, keep_iterations: int) -> None:
         return
     with open(path) as f:
         kept = [line for line in f if line.strip() and json.loads(line)["iteration"] <= keep_iterations]
-    with open(path + ".tmp", "w") as f:
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
         f.writelines(kept)
-    os.replace(path + ".tmp", path)

@@ -5,17 +5,16 @@ import os
 import torch
 
 from nemo_optune.cli import quiet_megatron_warnings
-from nemo_optune.config import RootConfig, validate
+from nemo_optune.config import RootConfig
 from nemo_optune.data.sort_task import SortTask
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.runtime import distributed
 
 
 def setup(cfg: RootConfig):
-    """Validate against the real world size, then initialise the process groups."""
+    """Initialise the process groups for a config from config.load_config (which validated it
+    against this world size)."""
     quiet_megatron_warnings()
-    _, _, world = distributed.world_from_env()
-    validate(cfg, world_size=world)
     if cfg.model.precision == "bf16" and not torch.cuda.is_available():
         raise ValueError("config key model.precision: bf16 needs a GPU; use fp32 on CPU")
     return distributed.initialize(

@@ -13,6 +13,7 @@ trainers/preference_loss.py (batches and loss), trainers/hypo_kl.py (online KL s
 """
 
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -20,7 +21,7 @@ from nemo_optune.config import ONLINE_METHODS, RootConfig, as_dict
 from nemo_optune.data.batching import iteration_batches, iteration_window, records_left_untrained
 from nemo_optune.data.offline_pool import build_offline_pool
 from nemo_optune.data.pool import PromptPool, build_sequences
-from nemo_optune.data.prompts import encode_prompt_file, encode_prompt_set
+from nemo_optune.data.prompts import Prompt, encode_prompt_file, encode_prompt_set
 from nemo_optune.data.task_data import TaskData
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.generation.factory import build_engine, refit_engine
@@ -29,6 +30,7 @@ from nemo_optune.rewards.resilient import RewardSourceError
 from nemo_optune.rewards.sources import RewardSources, is_scoring_rank
 from nemo_optune.runtime.checkpoint import load_training_checkpoint, save_training_checkpoint
 from nemo_optune.runtime.distributed import Layout, dp_share, sum_over_dp
+from nemo_optune.runtime.exp_dir import require_iterations_cover
 from nemo_optune.runtime.experiment import ExperimentLog, PhaseTimer, peak_rss_mb
 from nemo_optune.runtime.lost_ranks import note_phase
 from nemo_optune.runtime.lr_schedule import learning_rate
@@ -53,11 +55,13 @@ class PreferenceTrainer:
         self.tokenizer = tok
         limit = max_prompt_tokens(cfg, data.task)
         # Read and check every data set before building any model.
+        prompts: Sequence[Prompt]
         if self.online:
             prompts, prompt_ids, long_prompts = self.prompt_set(cfg.data.train_prompts_path, data.train_prompts, limit)
             pool = PromptPool.empty(len(prompt_ids), g.max_new_tokens)
             self.data_stats = {"long_prompts": long_prompts}
         else:
+            assert cfg.data.offline_path, "config.validate requires data.offline_path for offline methods"
             offline = build_offline_pool(
                 cfg.data.offline_path,
                 tok,
@@ -146,8 +150,8 @@ class PreferenceTrainer:
 
     def prompt_set(
         self, path: str | None, task_prompts: list[str], limit: int
-    ) -> tuple[list[str], list[list[int]], int]:
-        """(texts, token ids, how many were over the limit) of a prompt file, or of the task's prompts."""
+    ) -> tuple[list[Prompt], list[list[int]], int]:
+        """(prompts, token ids, how many were over the limit) of a prompt file, or of the task's prompts."""
         if path:
             return encode_prompt_file(path, self.tokenizer, self.cfg.data, limit)
         return encode_prompt_set(task_prompts, ["task"] * len(task_prompts), self.tokenizer, self.cfg.data, limit)
@@ -404,12 +408,8 @@ class PreferenceTrainer:
 
     def resume(self, path: str) -> None:
         state = load_training_checkpoint(path, self.model)
-        done, asked = len(state["history"]), self.cfg.trainer.iterations
-        if asked < done:
-            raise ValueError(
-                f"config key trainer.iterations: {asked}, but the checkpoint {path} has {done} iterations "
-                f"done; ask for at least {done}, or use another exp_manager.exp_dir"
-            )
+        done = len(state["history"])
+        require_iterations_cover(self.cfg.trainer.iterations, done, path)
         self.pool.store.load_state_dict(state["pool"])
         self.history = state["history"]
         self.responses_generated = state["responses_generated"]

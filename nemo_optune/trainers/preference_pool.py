@@ -4,11 +4,13 @@ every rank's pool copy. Online DPO selects every prompt every iteration; offline
 never regenerated, only given their reference log-probs."""
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
 from nemo_optune import algorithms as alg
 from nemo_optune.data.pool import PromptPool
+from nemo_optune.data.prompts import Prompt
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.rewards.resilient import RewardSourceError
 from nemo_optune.runtime.distributed import dp_share, gather_rows_over_dp
@@ -34,7 +36,7 @@ class PreferencePool:
         self,
         store: PromptPool,
         prompt_ids: list[list[int]],
-        prompt_texts: list[str],
+        prompt_texts: Sequence[Prompt],
         *,
         model,
         engine,
