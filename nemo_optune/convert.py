@@ -2,10 +2,14 @@
 
     python -m nemo_optune.convert --to megatron --from HF_OR_NEMO2_DIR --out CKPT [--tp N] [--pp N]
     python -m nemo_optune.convert --to hf --checkpoint CKPT --out HF_DIR [--tokenizer DIR] [--tp N] [--pp N]
+    python -m nemo_optune.convert --to hf --from FILE.gguf --out HF_DIR   # a GGUF Llama-family file
+    python -m nemo_optune.convert --to hf --from smollm2-135m-instruct --out HF_DIR  # packaged (the `real` extra)
 
 Runs under torchrun for TP/PP > 1 (world size divisible by TP*PP). The model checkpoint's
 manifest stores the model spec and its tokenizer/ the tokenizer, which `--to hf` writes back
-(--tokenizer: another directory's tokenizer files instead). Bad input: one line, exit code 2.
+(--tokenizer: another directory's tokenizer files instead). A GGUF file is dequantized to an
+fp32 Hugging Face directory with its tokenizer and chat template (models/gguf_io.py). Bad input:
+one line, exit code 2.
 """
 
 import argparse
@@ -13,6 +17,7 @@ import os
 import sys
 
 from nemo_optune.models import sources
+from nemo_optune.models.gguf_io import gguf_to_hf, resolve_gguf
 from nemo_optune.models.hf_io import build_hf_model, export_hf
 from nemo_optune.runtime import distributed
 from nemo_optune.runtime.checkpoint import TOKENIZER_DIR, CheckpointError, load_model, save_model
@@ -21,7 +26,13 @@ from nemo_optune.runtime.checkpoint import TOKENIZER_DIR, CheckpointError, load_
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nemo_optune.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--to", choices=("megatron", "hf"), required=True)
-    p.add_argument("--from", "--hf", dest="source", help="Hugging Face or NeMo 2 directory to import (--to megatron)")
+    p.add_argument(
+        "--from",
+        "--hf",
+        dest="source",
+        help="Hugging Face or NeMo 2 directory to import (--to megatron); a .gguf file or a packaged model's "
+        "name to convert (--to hf)",
+    )
     p.add_argument("--checkpoint", help="model or training checkpoint to export (--to hf)")
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer", help="write the tokenizer files of this directory, not the checkpoint's (--to hf)")
@@ -32,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        gguf = resolve_gguf(args.source) if args.to == "hf" and args.source else None
+        if gguf:
+            gguf_to_hf(gguf, args.out)
+            return 0
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     source = args.source if args.to == "megatron" else args.checkpoint
     if source is None:
         _parser().error(f"--to {args.to} needs --{'from' if args.to == 'megatron' else 'checkpoint'}")
