@@ -2,12 +2,14 @@
 responses, the reward read back from generated prompts, the prompt sets and their writer."""
 
 import json
+import os
 
 import pytest
+from conftest import ROOT
 
-from nemo_optune.config import DataConfig
+from nemo_optune.config import ConfigError, DataConfig, load_config, sort_task_in_use
 from nemo_optune.data import instructions
-from nemo_optune.data.instructions import INSTRUCTIONS, found_instructions, follows, instruction_text, score
+from nemo_optune.data.instructions import INSTRUCTIONS, follows, found_instructions, instruction_text, score
 from nemo_optune.data.task_data import build_task_data
 from nemo_optune.rewards.instructions import reward
 from nemo_optune.rewards.python_function import PythonFunctionReward
@@ -88,3 +90,44 @@ def test_writer_command(tmp_path):
     data = build_task_data(DataConfig(task="instructions", num_train_prompts=8, num_heldout_prompts=4, seed=3))
     assert [tuple(r["messages"]) for r in rows["train"]] == data.train_prompts
     assert [tuple(r["messages"]) for r in rows["heldout"]] == data.heldout_prompts
+
+
+def test_through_the_reward_server():
+    from fastapi.testclient import TestClient
+
+    from nemo_optune.config import RewardConfig
+    from nemo_optune.rewards.sources import RewardSources
+    from nemo_optune.serve_reward import ServerConfig, build_app
+
+    sources = RewardSources(RewardConfig(source="python", function="nemo_optune.rewards.instructions:reward"), None)
+    chat = [{"role": "user", "content": 'Describe a lake. Do not use any commas. Include the word "green".'}]
+    with TestClient(build_app(sources, ServerConfig(), None)) as client:
+        answer = client.post(
+            "/score", json={"prompts": [chat, "Use at most 2 words."], "responses": ["a, green", "ok"]}
+        )
+    assert answer.status_code == 200 and answer.json()["rewards"] == [0.5, 1.0]
+
+
+HF_CONFIG = os.path.join(ROOT, "examples", "hf_configs", "zephyr-7b-sft-full")  # a config.json is enough to validate
+
+
+def test_real_model_recipes_validate_without_any_sort_task_setting():
+    for recipe in ("real_model", "demo_real"):
+        cfg = load_config(recipe, [f"model.restore_from_path={HF_CONFIG}", "generation.max_new_tokens=4"])
+        assert cfg.data.task == "instructions" and not sort_task_in_use(cfg)
+        assert cfg.reward.function == "nemo_optune.rewards.instructions:reward" and cfg.data.apply_chat_template
+    files = ["data.train_prompts_path=p.jsonl", "data.heldout_prompts_path=p.jsonl"]
+    python = ["reward.source=python", "reward.function=nemo_optune.rewards.instructions:reward"]
+    real = [f"model.restore_from_path={HF_CONFIG}", "generation.max_new_tokens=4"]
+    assert not sort_task_in_use(load_config("optune_tiny", files + python + real))
+    for without in (files, python, real[:1]):  # task prompts, task reward, or the built-in model: the sort task
+        overrides = [o for o in files + python + real if o not in without]
+        with pytest.raises(ConfigError, match="generation.max_new_tokens: 4 cannot hold the sort task's longest"):
+            load_config("optune_tiny", overrides)
+
+
+def test_the_instructions_task_needs_a_pretrained_model():
+    with pytest.raises(ConfigError, match="config key data.task: instructions needs a pretrained chat model"):
+        load_config("optune_tiny", ["data.task=instructions"])
+    with pytest.raises(ConfigError, match="config key data.task: 'poems' is not one of sort, instructions"):
+        load_config("optune_tiny", ["data.task=poems"])
