@@ -105,6 +105,7 @@ class ModelConfig:
 @dataclasses.dataclass
 class DataConfig:
     task: str = "sort"  # sort (the built-in model's toy task) | instructions (data/instructions.py, real chat models)
+    instructions: list[str] = field(default_factory=list)  # data.task=instructions: the kinds drawn; [] = all
     min_digits: int = 3
     max_digits: int = 8
     num_train_prompts: int = 256
@@ -340,6 +341,10 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     validate_reward(cfg.reward)
     _one_of(cfg.data.long_prompts, ("error", "skip", "truncate"), "data.long_prompts")
     _one_of(cfg.data.task, TASKS, "data.task")
+    from nemo_optune.data.instructions import INSTRUCTIONS
+
+    for kind in cfg.data.instructions:
+        _one_of(kind, tuple(INSTRUCTIONS), "data.instructions")
     _require(
         cfg.data.task == "sort" or (m.restore_from_path and cfg.method != "sft"),
         "data.task",

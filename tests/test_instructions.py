@@ -131,3 +131,11 @@ def test_the_instructions_task_needs_a_pretrained_model():
         load_config("optune_tiny", ["data.task=instructions"])
     with pytest.raises(ConfigError, match="config key data.task: 'poems' is not one of sort, instructions"):
         load_config("optune_tiny", ["data.task=poems"])
+
+
+def test_the_kinds_drawn_are_configurable():
+    data = build_task_data(DataConfig(task="instructions", instructions=["no_commas", "keyword"], seed=5))
+    found = {k for p in data.train_prompts + data.heldout_prompts for k, _ in found_instructions(p[-1]["content"])}
+    assert found == {"no_commas", "keyword"}
+    with pytest.raises(ConfigError, match="config key data.instructions: 'haiku' is not one of max_words, no_commas"):
+        load_config("optune_tiny", ["data.instructions=[no_commas,haiku]"])

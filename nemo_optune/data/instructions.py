@@ -197,12 +197,16 @@ def score(prompt, response: str) -> float:
 
 
 class InstructionsTask:
-    """Prompts (chat messages) drawn from a seed, and the rule-based reward."""
+    """Prompts (chat messages) drawn from a seed, with instructions of the given kinds (all by
+    default), and the rule-based reward."""
+
+    def __init__(self, kinds=()):
+        self.kinds = list(kinds) or list(INSTRUCTIONS)
 
     def sample_prompt(self, rng: random.Random) -> tuple[dict, ...]:
-        kinds = [rng.choice(list(INSTRUCTIONS))]
-        if rng.random() < 0.5:
-            others = [k for k in INSTRUCTIONS if k != kinds[0] and frozenset((k, kinds[0])) not in CONFLICTS]
+        kinds = [rng.choice(self.kinds)]
+        others = [k for k in self.kinds if k != kinds[0] and frozenset((k, kinds[0])) not in CONFLICTS]
+        if others and rng.random() < 0.5:
             kinds.append(rng.choice(others))
         kinds.sort(key=list(INSTRUCTIONS).index)  # canonical order: the same set reads the same
         sentences = [instruction_text(k, rng.choice(PARAMETERS[k]) if k in PARAMETERS else None) for k in kinds]
@@ -236,12 +240,19 @@ def main(argv=None) -> None:
     p.add_argument("--train", type=int, default=256)
     p.add_argument("--heldout", type=int, default=64)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--kinds", nargs="*", default=[], choices=list(INSTRUCTIONS), help="default: all")
     args = p.parse_args(argv)
     from nemo_optune.config import DataConfig
     from nemo_optune.data.task_data import build_task_data
 
     data = build_task_data(
-        DataConfig(task="instructions", num_train_prompts=args.train, num_heldout_prompts=args.heldout, seed=args.seed)
+        DataConfig(
+            task="instructions",
+            num_train_prompts=args.train,
+            num_heldout_prompts=args.heldout,
+            seed=args.seed,
+            instructions=args.kinds,
+        )
     )
     os.makedirs(args.out, exist_ok=True)
     for name, prompts in (("train", data.train_prompts), ("heldout", data.heldout_prompts)):

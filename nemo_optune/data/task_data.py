@@ -23,7 +23,11 @@ class TaskData:
 def build_task_data(data_cfg) -> TaskData:
     """From the `data:` config group: prompts drawn from data.seed, held-out ones excluded from training."""
     d = data_cfg
-    task = SortTask(min_digits=d.min_digits, max_digits=d.max_digits) if d.task == "sort" else InstructionsTask()
+    task = (
+        SortTask(min_digits=d.min_digits, max_digits=d.max_digits)
+        if d.task == "sort"
+        else InstructionsTask(d.instructions)
+    )
     train = task.prompts(d.num_train_prompts, seed=d.seed)
     heldout = task.prompts(d.num_heldout_prompts, seed=d.seed + 1, exclude=train)
     return TaskData(task, train, heldout)
