@@ -17,7 +17,7 @@ import os
 import sys
 
 from nemo_optune.models import sources
-from nemo_optune.models.gguf_io import gguf_to_hf, resolve_gguf
+from nemo_optune.models.gguf_io import PACKAGED, gguf_to_hf, resolve_gguf
 from nemo_optune.models.hf_io import build_hf_model, export_hf
 from nemo_optune.runtime import distributed
 from nemo_optune.runtime.checkpoint import TOKENIZER_DIR, CheckpointError, load_model, save_model
@@ -43,18 +43,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        gguf = resolve_gguf(args.source) if args.to == "hf" and args.source else None
-        if gguf:
-            gguf_to_hf(gguf, args.out)
-            return 0
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    source = args.source if args.to == "megatron" else args.checkpoint
+    from_gguf = args.to == "hf" and args.source is not None
+    source = args.source if args.to == "megatron" or from_gguf else args.checkpoint
     if source is None:
         _parser().error(f"--to {args.to} needs --{'from' if args.to == 'megatron' else 'checkpoint'}")
     try:
+        if from_gguf:
+            gguf = resolve_gguf(source)
+            if gguf is None:
+                raise ValueError(
+                    f"--from {source}: --to hf converts a .gguf file or a packaged model ({', '.join(PACKAGED)}); "
+                    "a checkpoint to export is given with --checkpoint"
+                )
+            gguf_to_hf(gguf, args.out)
+            return 0
         # The spec first: a missing or unsupported model fails before any process group.
         if args.to == "megatron":
             if sources.source_kind(source, "--from") == "checkpoint":

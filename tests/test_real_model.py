@@ -117,3 +117,12 @@ def test_one_optune_iteration_of_the_demo_recipe(real_dir, tmp_path):
     summary = json.loads((exp / "summary.json").read_text())
     assert 0.0 <= summary["heldout_reward_initial"] <= 1.0 and 0.0 <= summary["heldout_reward_final"] <= 1.0
     assert summary["iterations"][0]["regenerated"] > 0 and done.stdout.strip().splitlines()[-1] == str(exp)
+
+
+def test_conversion_refuses_what_it_cannot_read(tmp_path, capsys):
+    from nemo_optune.convert import main
+
+    assert main(["--to", "hf", "--from", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "--to hf converts a .gguf file or a packaged model (smollm2-135m-instruct)" in capsys.readouterr().err
+    assert main(["--to", "hf", "--from", str(tmp_path / "x.gguf"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"error: --from {tmp_path / 'x.gguf'}: no such file\n"
