@@ -105,6 +105,7 @@ def test_one_optune_iteration_of_the_demo_recipe(real_dir, tmp_path):
             "trainer.iterations=1",
             "trainer.global_batch_size=4",
             "trainer.micro_batch_size=4",
+            "trainer.prompts_per_iteration=4",
             "data.num_train_prompts=4",
             "data.num_heldout_prompts=4",
             "generation.max_new_tokens=8",
