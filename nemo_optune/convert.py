@@ -2,10 +2,14 @@
 
     python -m nemo_optune.convert --to megatron --from HF_OR_NEMO2_DIR --out CKPT [--tp N] [--pp N]
     python -m nemo_optune.convert --to hf --checkpoint CKPT --out HF_DIR [--tokenizer DIR] [--tp N] [--pp N]
+    python -m nemo_optune.convert --to hf --from FILE.gguf --out HF_DIR   # a GGUF Llama-family file
+    python -m nemo_optune.convert --to hf --from smollm2-135m-instruct --out HF_DIR  # packaged (the `real` extra)
 
 Runs under torchrun for TP/PP > 1 (world size divisible by TP*PP). The model checkpoint's
 manifest stores the model spec and its tokenizer/ the tokenizer, which `--to hf` writes back
-(--tokenizer: another directory's tokenizer files instead). Bad input: one line, exit code 2.
+(--tokenizer: another directory's tokenizer files instead). A GGUF file is dequantized to an
+fp32 Hugging Face directory with its tokenizer and chat template (models/gguf_io.py). Bad input:
+one line, exit code 2.
 """
 
 import argparse
@@ -22,7 +26,13 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32),
     )
     p.add_argument("--to", choices=("megatron", "hf"), required=True, help="the output's format")
-    p.add_argument("--from", "--hf", dest="source", help="Hugging Face or NeMo 2 directory to import (--to megatron)")
+    p.add_argument(
+        "--from",
+        "--hf",
+        dest="source",
+        help="Hugging Face or NeMo 2 directory to import (--to megatron); a .gguf file or a packaged model's "
+        "name to convert (--to hf)",
+    )
     p.add_argument("--checkpoint", help="model or training checkpoint to export (--to hf)")
     p.add_argument("--out", required=True, help="the directory to write")
     p.add_argument("--tokenizer", help="write the tokenizer files of this directory, not the checkpoint's (--to hf)")
@@ -33,16 +43,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    source = args.source if args.to == "megatron" else args.checkpoint
+    from_gguf = args.to == "hf" and args.source is not None
+    source = args.source if args.to == "megatron" or from_gguf else args.checkpoint
     if source is None:
         _parser().error(f"--to {args.to} needs --{'from' if args.to == 'megatron' else 'checkpoint'}")
     quiet_megatron_warnings()  # before anything imports megatron
     from nemo_optune.models import sources
+    from nemo_optune.models.gguf_io import PACKAGED, gguf_to_hf, resolve_gguf
     from nemo_optune.models.hf_io import build_hf_model, export_hf
     from nemo_optune.runtime import distributed
     from nemo_optune.runtime.checkpoint import TOKENIZER_DIR, CheckpointError, load_model, save_model
 
     try:
+        if from_gguf:
+            gguf = resolve_gguf(source)
+            if gguf is None:
+                raise ValueError(
+                    f"--from {source}: --to hf converts a .gguf file or a packaged model ({', '.join(PACKAGED)}); "
+                    "a checkpoint to export is given with --checkpoint"
+                )
+            gguf_to_hf(gguf, args.out)
+            return 0
         # The spec first: a missing or unsupported model fails before any process group.
         if args.to == "megatron":
             if sources.source_kind(source, "--from") == "checkpoint":

@@ -55,9 +55,9 @@ def dry_run(cfg: RootConfig) -> dict:
 
     m, t, g = cfg.model, cfg.trainer, cfg.generation
     task = build_task_data(cfg.data).task
-    width = sequence_width(cfg, task)
     restore = m.restore_from_path
     spec = dry_run_spec(restore) if restore else builtin_spec(cfg, task)
+    width = sequence_width(cfg, task, spec if restore else None)
     rank, _, world = distributed.world_from_env()
     tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
     check_layout(spec, tp, pp, restore or "the built-in model")

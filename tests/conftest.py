@@ -54,6 +54,8 @@ SLOW = {
     "test_srun_script_stops_on_sigusr1_saves_and_requeues",
     "test_requeued_srun_job_resumes_and_runs_to_the_end_with_ranks_from_slurm",
     "test_requeued_run_ends_bit_identical_to_the_uninterrupted_one",
+    "test_greedy_generation_equals_transformers[2]",  # tests/test_real_model.py: SmolLM2 at TP2
+    "test_one_optune_iteration_of_the_demo_recipe",
 }
 
 

@@ -439,8 +439,8 @@ def test_full_disk_during_a_checkpoint_keeps_the_earlier_one(tmp_path, monkeypat
         (
             ["--config-name", "optune_tinyy"],
             "error: --config-name optune_tinyy: no recipe conf/optune_tinyy.yaml (recipes: "
-            "dpo_offline, hypo, online_dpo, optune, optune_adaptive, optune_llama3_8b, optune_random, "
-            "optune_tiny, optune_zephyr_7b, sft_tiny)",
+            "demo_real, dpo_offline, hypo, online_dpo, optune, optune_adaptive, optune_llama3_8b, optune_random, "
+            "optune_tiny, optune_zephyr_7b, real_model, sft_tiny)",
         ),
         (["model.optune.rhoo=0.5"], "error: config key model.optune.rhoo: Key 'rhoo' is not a config key"),
         (

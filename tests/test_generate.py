@@ -134,6 +134,7 @@ def test_prompts_may_take_the_positions_the_model_leaves(hf_dir, tmp_path, capsy
         capsys.readouterr()
         .err.strip()
         .endswith(
-            f"{prompts}:1: prompt has {n} tokens, over the limit of {n - 1} (data.long_prompts: skip or truncate)"
+            f"{prompts}:1: prompt has {n} tokens, over the limit of {n - 1} (raise data.max_prompt_tokens, "
+            "or data.long_prompts: skip | truncate)"
         )
     )

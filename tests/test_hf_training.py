@@ -93,7 +93,8 @@ def test_optune_from_a_model_directory_and_back_to_hugging_face(source, tmp_path
                 f"model.restore_from_path={start}",
                 f"data.train_prompts_path={train}",
                 f"data.heldout_prompts_path={heldout}",
-                "data.max_prompt_tokens=24",
+                # no data.max_prompt_tokens: the model's 64 positions less 10 new tokens, rows as wide as the
+                # longest prompt read + 10, and none of the sort task's checks (prompt files, python reward)
                 "reward.source=python",
                 "reward.function=reward_functions:chat_sort_reward",
             ],

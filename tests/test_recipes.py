@@ -8,8 +8,9 @@ from conftest import ROOT, TINY
 
 from nemo_optune.config import load_config
 
-# Recipes for 7-8B checkpoints need their model and data (tests/test_dry_run.py checks them).
-REAL_MODEL_RECIPES = ("optune_zephyr_7b", "optune_llama3_8b")
+# Recipes for real checkpoints need their model and data (tests/test_dry_run.py checks the 7-8B
+# ones, tests/test_instructions.py and tests/test_real_model.py the real-model and demo recipes).
+REAL_MODEL_RECIPES = ("optune_zephyr_7b", "optune_llama3_8b", "real_model", "demo_real")
 RECIPES = sorted(
     name
     for name in (os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "conf", "*.yaml")))

@@ -62,7 +62,8 @@ def fit_prompt(ids: list[int], limit: int, policy: str, where: str) -> list[int]
         return ids
     if policy == "error":
         raise DataError(
-            f"{where}: prompt has {len(ids)} tokens, over the limit of {limit} (data.long_prompts: skip or truncate)"
+            f"{where}: prompt has {len(ids)} tokens, over the limit of {limit} (raise data.max_prompt_tokens, "
+            "or data.long_prompts: skip | truncate)"
         )
     return None if policy == "skip" else ids[-limit:]
 

@@ -5,7 +5,7 @@ import os
 import torch
 
 from nemo_optune.cli import quiet_megatron_warnings
-from nemo_optune.config import RootConfig
+from nemo_optune.config import RootConfig, sort_task_in_use
 from nemo_optune.data.sort_task import SortTask
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.runtime import distributed
@@ -55,9 +55,10 @@ def model_and_tokenizer(cfg: RootConfig, task: SortTask, tp: int):
     from nemo_optune.models import sources
     from nemo_optune.models.hf_spec import check_sequence_length
 
-    m, width = cfg.model, sequence_width(cfg, task)
+    m = cfg.model
     if m.restore_from_path is None:
         spec, tokenizer = builtin_spec(cfg, task), task.tokenizer
+        width = sequence_width(cfg, task)
     else:
         spec, tokenizer = sources.model_and_tokenizer(m.restore_from_path)
         if tokenizer is None:
@@ -65,17 +66,24 @@ def model_and_tokenizer(cfg: RootConfig, task: SortTask, tp: int):
                 f"config key model.restore_from_path: {m.restore_from_path} has no tokenizer files "
                 "(tokenizer.json, or what transformers loads)"
             )
+        width = sequence_width(cfg, task, spec)
         check_sequence_length(spec, width, "generation.max_new_tokens")  # data.max_prompt_tokens + max_new_tokens
     check_layout(spec, tp, m.pipeline_model_parallel_size, m.restore_from_path or "the built-in model")
     return spec, tokenizer, width
 
 
-def max_prompt_tokens(cfg: RootConfig, task: SortTask) -> int:
-    return cfg.data.max_prompt_tokens or task.max_prompt_chars
+def max_prompt_tokens(cfg: RootConfig, task, spec=None) -> int:
+    """data.max_prompt_tokens; else the sort task's limit where that task is in use (or no model
+    is known yet), else what the model's positions leave after generation.max_new_tokens."""
+    if cfg.data.max_prompt_tokens:
+        return cfg.data.max_prompt_tokens
+    if spec is None or sort_task_in_use(cfg):
+        return task.max_prompt_chars
+    return spec.max_sequence_length - cfg.generation.max_new_tokens
 
 
-def sequence_width(cfg: RootConfig, task: SortTask) -> int:
-    return max_prompt_tokens(cfg, task) + cfg.generation.max_new_tokens
+def sequence_width(cfg: RootConfig, task, spec=None) -> int:
+    return max_prompt_tokens(cfg, task, spec) + cfg.generation.max_new_tokens
 
 
 def sampling_params(cfg: RootConfig) -> SamplingParams:

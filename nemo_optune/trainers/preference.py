@@ -53,7 +53,7 @@ class PreferenceTrainer:
         t, g = cfg.trainer, cfg.generation
         spec, tok, self.width = model_and_tokenizer(cfg, data.task, layout.tp)
         self.tokenizer = tok
-        limit = max_prompt_tokens(cfg, data.task)
+        limit = max_prompt_tokens(cfg, data.task, spec)
         # Read and check every data set before building any model.
         prompts: Sequence[Prompt]
         if self.online:
@@ -76,6 +76,8 @@ class PreferenceTrainer:
         self.heldout_prompts, self.heldout_ids, _ = self.prompt_set(
             cfg.data.heldout_prompts_path, data.heldout_prompts, limit
         )
+        # Rows as wide as the longest prompt read, not the limit (a model's can be thousands of positions).
+        self.width = min(self.width, max(map(len, prompt_ids + self.heldout_ids)) + g.max_new_tokens)
         # Built before any policy model: a bad function or reward model directory fails fast.
         # Only the rank that scores for its model-parallel group loads a reward model.
         self.reward = RewardSources(cfg.reward, data.task, load=is_scoring_rank())
@@ -149,7 +151,7 @@ class PreferenceTrainer:
         self.checkpoint_seconds: list[float] = []
 
     def prompt_set(
-        self, path: str | None, task_prompts: list[str], limit: int
+        self, path: str | None, task_prompts: list[Prompt], limit: int
     ) -> tuple[list[Prompt], list[list[int]], int]:
         """(prompts, token ids, how many were over the limit) of a prompt file, or of the task's prompts."""
         if path:
