@@ -4,8 +4,12 @@ smoke script's CPU-only part."""
 
 import ast
 import os
+import threading
 
+import pytest
 import torch
+import torch.distributed as dist
+from device_discipline import CPU, LOCAL_RANK, DeviceMix, gpu_path
 
 from nemo_optune.config import ModelConfig
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel, inference_model
@@ -77,3 +81,87 @@ def test_a_checkpoint_written_without_te_loads_into_a_te_model(tmp_path):
     load_model(str(tmp_path / "cpu"), model)
     for (name, a), b in zip(written.policy.named_parameters(), model.policy.parameters()):
         assert torch.equal(a, b), name
+
+
+# ------------------------------------------------- device discipline (issue 27, 1-3)
+CUDA = torch.device("cuda", LOCAL_RANK)
+
+
+def test_the_check_itself_refuses_what_cuda_refuses(monkeypatch):
+    with gpu_path(monkeypatch) as (mode, nccl):
+        x = torch.ones(3).to("cuda")
+        assert x.device == CUDA and (x * 2).device == CUDA and (x + torch.tensor(1.0)).device == CUDA
+        with pytest.raises(DeviceMix):
+            x + torch.ones(3)
+        with pytest.raises(DeviceMix):
+            torch.stack([x.sum(), torch.zeros(())])
+        with pytest.raises(DeviceMix, match="NCCL all_reduce"):
+            dist.all_reduce(torch.ones(2))
+        dist.all_reduce(x)
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(torch.zeros(1, device="cuda").device))
+        thread.start()
+        thread.join()
+        assert seen == [torch.device("cuda", 0)]  # a new thread starts on cuda:0, as in CUDA
+
+
+def test_scoring_on_the_gpu_path(monkeypatch, tmp_path):
+    """reward.source=hf on local rank 1: the model on cuda:1, scored from the worker thread;
+    the rewards broadcast over the model-parallel group (NCCL) and averaged over DP."""
+    from test_reward_models import make_reward_model
+
+    from nemo_optune.config import HFRewardConfig, RewardConfig
+    from nemo_optune.rewards.sources import RewardSources
+
+    path = make_reward_model(tmp_path / "rm")
+    cfg = RewardConfig(source="hf", hf=HFRewardConfig(path=path, dtype="fp32"))
+    with gpu_path(monkeypatch) as (mode, nccl):
+        sources = RewardSources(cfg, task=None)
+        assert {mode.device_of(p) for p in sources.sources[0].source.model.parameters()} == {CUDA}
+        total, columns = sources.score_once_per_model_parallel_group(["[3, 1, 2]", "[2, 1]"], [" [1, 2, 3]", " [1]"])
+        means = sources.means_over_dp(columns)
+        assert "broadcast" in nccl.calls and "all_reduce" in nccl.calls
+    assert columns.device == CPU and torch.isfinite(total).all() and len(means) == 1
+
+
+def test_pool_exchange_and_stop_agreement_on_the_gpu_path(monkeypatch):
+    """The new pool rows (CPU) gathered over DP, the held-out sums, the stop flag."""
+    from nemo_optune.runtime.distributed import gather_rows_over_dp, sum_over_dp
+    from nemo_optune.runtime.preemption import StopRequests
+
+    rows = {"tokens": torch.arange(6).view(3, 2), "rewards": torch.tensor([0.5, 1.0, 2.0])}
+    with gpu_path(monkeypatch) as (mode, nccl):
+        gathered = {name: gather_rows_over_dp(value, [3, 3]) for name, value in rows.items()}
+        held_out = sum_over_dp(torch.tensor([1.0, 2.0], dtype=torch.float64))
+        stop = StopRequests([], max_time_seconds=None, start=0.0)
+        assert stop.reason_to_stop(0.0) is None
+        assert nccl.calls.count("all_gather") == 2 and nccl.calls.count("all_reduce") == 2
+    assert all(mode.device_of(t) == CPU for t in [*gathered.values(), held_out])  # the pool stays on the CPU
+    assert torch.equal(gathered["tokens"], torch.cat([rows["tokens"]] * 2))
+
+
+def test_loss_and_metrics_on_the_gpu_path(monkeypatch):
+    """The DPO loss of the pool's (CPU) micro-batch from log-probs on the GPU, its metrics summed
+    as the trainer does and reduced over DP."""
+    from test_preference_loss import make_pool
+
+    from nemo_optune.runtime.distributed import sum_over_dp
+    from nemo_optune.trainers.preference_loss import (
+        global_batch_weights,
+        metric_sums,
+        preference_loss_fn,
+        preference_micro_batches,
+    )
+
+    pool = make_pool()
+    batch = torch.arange(3)
+    weights, valid, total = global_batch_weights(pool, batch, "linear", 1.0, None)
+    (mb,) = preference_micro_batches(pool, [[1, 2]] * 3, batch, weights, valid, total, 3, 8, 0)
+    loss_fn = preference_loss_fn(0.1, "dpo", sft_weight=0.5, kl_weight=0.0, kl_prompts_total=3)
+    with gpu_path(monkeypatch) as (mode, nccl):
+        logps = torch.tensor([-3.0, -2.0, -1.0, -4.0, -3.5, -2.5]).to("cuda").requires_grad_()
+        loss, metrics = loss_fn(mb, logps)
+        loss.backward()
+        sums = sum_over_dp(metric_sums([metrics, metrics], logps.device))
+        assert loss.device == CUDA and mode.device_of(logps.grad) == CUDA and sums.device == CUDA
+    assert float(sums[1]) == 2 * float(valid.sum())

@@ -18,7 +18,7 @@ from nemo_optune.config import ModelConfig
 from nemo_optune.models import optimizers
 from nemo_optune.models.hf_spec import ModelSpec
 from nemo_optune.runtime.cpu_shim import cuda_moves_stay_on_cpu
-from nemo_optune.runtime.distributed import Layout, sum_over_dp
+from nemo_optune.runtime.distributed import Layout, comm_device, sum_over_dp
 
 # A loss over one micro-batch: (micro_batch, per-sequence response log-probs) -> (loss, metrics).
 # The loss must already be scaled by the GLOBAL normaliser, so that summing it over
@@ -316,8 +316,8 @@ class MegatronGPTOPTuneModel:
         if self.layout.pp == 1:
             return tensor
         if tensor is None:
-            tensor = torch.empty(shape, dtype=dtype, device=self.device)
-        tensor = tensor.contiguous()
+            tensor = torch.empty(shape, dtype=dtype, device=comm_device())
+        tensor = tensor.to(comm_device()).contiguous()
         dist.broadcast(
             tensor, src=mpu.get_pipeline_model_parallel_last_rank(), group=mpu.get_pipeline_model_parallel_group()
         )
@@ -327,7 +327,7 @@ class MegatronGPTOPTuneModel:
         """Loss metrics exist on the last stage only: sum them over DP there, then give every
         stage (rank 0 logs) a copy."""
         summed = sum_over_dp(values) if self.layout.is_last_stage else None
-        return self._from_last_stage(summed, values.shape, values.dtype)
+        return self._from_last_stage(summed, values.shape, values.dtype).to(values.device)
 
     # --------------------------------------------------------------- log-probs
     @torch.no_grad()

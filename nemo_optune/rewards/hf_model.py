@@ -50,6 +50,10 @@ def pick_device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        # This rank's GPU by number: scoring runs in a worker thread (rewards/resilient.py), where
+        # a bare "cuda" would mean that thread's current device, cuda:0.
+        device = torch.device("cuda", torch.cuda.current_device())
     if dtype == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return device, torch.bfloat16 if bf16 else torch.float32
