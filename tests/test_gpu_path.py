@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from device_discipline import CPU, LOCAL_RANK, DeviceMix, gpu_path
+from torch.overrides import TorchFunctionMode
 
 from nemo_optune.config import ModelConfig
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel, inference_model
@@ -165,3 +166,35 @@ def test_loss_and_metrics_on_the_gpu_path(monkeypatch):
         sums = sum_over_dp(metric_sums([metrics, metrics], logps.device))
         assert loss.device == CUDA and mode.device_of(logps.grad) == CUDA and sums.device == CUDA
     assert float(sums[1]) == 2 * float(valid.sum())
+
+
+# ----------------------------------------------------- sampling stays on the device
+class _CopiesToCpu(TorchFunctionMode):
+    """Records the shape of every tensor moved with .cpu()."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cpu:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("engine", ["kv_cache", "recompute"])
+def test_decoding_copies_tokens_not_logits_to_the_cpu(engine):
+    """Each step samples on the model's device: only [rows] tokens and log-probs come back, never
+    the [rows, vocabulary] logits."""
+    from test_engine_contract import PAD, STOP, _tiny_model
+
+    from nemo_optune.generation.base import SamplingParams
+    from nemo_optune.generation.megatron_engine import MegatronInProcessEngine, MegatronRecomputeEngine
+
+    cls = MegatronInProcessEngine if engine == "kv_cache" else MegatronRecomputeEngine
+    quiet_megatron_warnings()
+    sampler = cls(_tiny_model(), [STOP], PAD, micro_batch_size=64)
+    with _CopiesToCpu() as copies:
+        rollouts = sampler.generate([[2, 3, 4], [5, 6]], 2, SamplingParams(max_new_tokens=4, top_p=0.9), [1, 2])
+    assert int(rollouts.response_lengths.sum()) > 0
+    assert copies.shapes and {len(shape) for shape in copies.shapes} == {1}, copies.shapes

@@ -360,7 +360,8 @@ class MegatronGPTOPTuneModel:
     def next_token_logits(
         self, tokens: torch.Tensor, last_positions: torch.Tensor, micro_batch_size: int
     ) -> torch.Tensor:
-        """Full-vocabulary logits [B, V] (float32) at `last_positions`, on every rank.
+        """Full-vocabulary logits [B, V] (float32) at `last_positions`, on every rank, on the
+        model's device (sampling runs there: no [B, V] copy to the CPU per decoding step).
 
         Generation samples from the full distribution, so here the TP shards of the
         vocabulary are gathered (V floats per sequence per step)."""
@@ -375,7 +376,7 @@ class MegatronGPTOPTuneModel:
         batches = split_micro_batches({"tokens": tokens, "last": last_positions}, micro_batch_size)
         outs = self._run_schedule(self.policy, batches, forward_only=True, output_fn=pick, with_labels=False)
         logits = torch.cat([o["logits"] for o in outs])[: tokens.shape[0]] if outs else None
-        return self._from_last_stage(logits, (tokens.shape[0], self.vocab_size), torch.float32).cpu()
+        return self._from_last_stage(logits, (tokens.shape[0], self.vocab_size), torch.float32)
 
     @torch.no_grad()
     def next_token_logits_cached(
@@ -388,7 +389,7 @@ class MegatronGPTOPTuneModel:
         rows; `attention_mask` [B, 1, s, offset + s], True = masked.
 
         Returns full-vocabulary logits [B, V] (float32) at the last of the s positions, on every
-        rank, and advances cache.sequence_len_offset by s. Micro-batches pass through megatron's
+        rank (on the model's device), and advances cache.sequence_len_offset by s. Micro-batches pass through megatron's
         pipeline schedule like next_token_logits (at PP = 1 straight through the model); each writes its rows of the cache
         (cache.batch_size_offset), so the cache must hold the micro-batch-padded row count."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -454,7 +455,7 @@ class MegatronGPTOPTuneModel:
         cache.batch_size_offset = 0
         cache.sequence_len_offset += length
         logits = torch.cat([o["logits"] for o in outs])[:rows] if outs else None
-        return self._from_last_stage(logits, (rows, self.vocab_size), torch.float32).cpu()
+        return self._from_last_stage(logits, (rows, self.vocab_size), torch.float32)
 
     # ------------------------------------------------------------ train hooks
     def prepare_for_training_step(self) -> None:
