@@ -48,8 +48,8 @@ try "(b') chosen and rejected swapped when the pool is refreshed" nemo_optune/tr
 try "(g) CPU tensors in NCCL collectives" nemo_optune/runtime/distributed.py \
   '    summed = values.to(comm_device(), copy=True)' \
   '    summed = values.clone()' \
-  tests/test_gpu_path.py -k gpu_path
+  tests/test_gpu_path.py -k on_the_gpu_path
 try "(h) the DPO loss mixes the log-probs' device with the pool's CPU values" nemo_optune/trainers/preference_loss.py \
   '            mb[key].to(device)' \
   '            mb[key]' \
-  tests/test_gpu_path.py -k gpu_path
+  tests/test_gpu_path.py -k on_the_gpu_path
