@@ -241,10 +241,13 @@ def _measure(model) -> dict:
 
 
 def _import_and_measure(hf_dir: str, layout) -> tuple:
-    from nemo_optune.models.gpt_optune import inference_model
+    from nemo_optune.config import ModelConfig
+    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
     from nemo_optune.models.hf_io import import_hf, read_hf_spec
 
-    model = inference_model(read_hf_spec(hf_dir), layout)
+    cfg = ModelConfig(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp)
+    # lr=0: with an optimizer, whose gradient reduction _measure runs.
+    model = MegatronGPTOPTuneModel(cfg, read_hf_spec(hf_dir), layout, 0, lr=0.0, with_reference=False, initialize=False)
     import_hf(hf_dir, model)
     return model, _measure(model)
 
