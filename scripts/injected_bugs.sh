@@ -70,6 +70,15 @@ try "(b') chosen and rejected swapped when the pool is refreshed" nemo_optune/tr
   '            "chosen_tokens": rollouts.response_tokens[rows + chosen],' \
   '            "chosen_tokens": rollouts.response_tokens[rows + rejected],' \
   tests/test_spine.py
+# Issue 27's GPU-path crash patterns, caught on CPU by tests/device_discipline.py (docs/gpu.md).
+try "(g) CPU tensors in NCCL collectives" nemo_optune/runtime/distributed.py \
+  '    summed = values.to(comm_device(), copy=True)' \
+  '    summed = values.clone()' \
+  tests/test_gpu_path.py -k on_the_gpu_path
+try "(h) the DPO loss mixes the log-probs' device with the pool's CPU values" nemo_optune/trainers/preference_loss.py \
+  '            mb[key].to(device)' \
+  '            mb[key]' \
+  tests/test_gpu_path.py -k on_the_gpu_path
 
 if [ "$survived" -gt 0 ]; then
   echo "injected_bugs.sh: $survived injected bug(s) passed every test" >&2

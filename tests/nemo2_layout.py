@@ -45,7 +45,9 @@ import shutil
 import torch
 import yaml
 
-from nemo_optune.models.hf_io import TOKENIZER_FILES, build_hf_model, import_hf, read_hf_spec
+from nemo_optune.models.gpt_optune import inference_model
+from nemo_optune.models.hf_io import TOKENIZER_FILES, import_hf, read_hf_spec
+from nemo_optune.models.optimizers import CPUOptimizer
 from nemo_optune.runtime import distributed
 
 GPT = "nemo.collections.llm.gpt.model."
@@ -185,7 +187,7 @@ def write_nemo2_checkpoint(
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf_config = json.load(f)
     spec = read_hf_spec(hf_dir)
-    model = build_hf_model(spec, distributed.initialize(1, 1, seed=0))
+    model = inference_model(spec, distributed.initialize(1, 1, seed=0))
     import_hf(hf_dir, model)
     model.policy.to(getattr(torch, spec.dtype))  # NeMo saves its params in params_dtype
     sharded = model.policy.sharded_state_dict(prefix="module.")
@@ -209,7 +211,8 @@ def write_nemo2_checkpoint(
     }
     if optimizer_state:  # megatron_strategy.py save_checkpoint: checkpoint["optimizer"] = [sharded optimizer state]
         model_sd = model.policy.sharded_state_dict(prefix="module.")
-        checkpoint["optimizer"] = [model.optimizer.sharded_state_dict(model_sd, is_loading=True)]
+        optimizer = CPUOptimizer(model.policy, lr=0.0, weight_decay=0.0, grad_clip=0.0)
+        checkpoint["optimizer"] = [optimizer.sharded_state_dict(model_sd, is_loading=True)]
     weights, context = os.path.join(out_dir, "weights"), os.path.join(out_dir, "context")
     os.makedirs(weights)
     dist_checkpointing.save(checkpoint, weights, content_metadata={})

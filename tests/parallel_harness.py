@@ -56,7 +56,7 @@ def _install_signals(events, state, rank: int) -> None:
 def _worker(rank, world, port, overrides, out_path, capture_iteration, signals):
     _env(rank, world, port)
     from nemo_optune.config import load_config
-    from nemo_optune.models import gpt_optune
+    from nemo_optune.models import optimizers
     from nemo_optune.models.export import gather_full_tensors
     from nemo_optune.run import run_experiment
     from nemo_optune.runtime import distributed
@@ -65,7 +65,7 @@ def _worker(rank, world, port, overrides, out_path, capture_iteration, signals):
     state = {"iteration": -1, "step": 0, "trainer": None}
     captured = {}
     iteration, train_on_pool = PreferenceTrainer.iteration, PreferenceTrainer.train_on_pool
-    reduce_and_clip = gpt_optune._CPUOptimizer.reduce_and_clip
+    reduce_and_clip = optimizers.CPUOptimizer.reduce_and_clip
 
     def iteration_hook(self, it):
         state.update(iteration=it, trainer=self)
@@ -86,7 +86,7 @@ def _worker(rank, world, port, overrides, out_path, capture_iteration, signals):
 
     PreferenceTrainer.iteration = iteration_hook
     PreferenceTrainer.train_on_pool = train_hook
-    gpt_optune._CPUOptimizer.reduce_and_clip = grad_hook
+    optimizers.CPUOptimizer.reduce_and_clip = grad_hook
     if signals:
         _install_signals(signals, state, rank)
     summary = run_experiment(load_config("optune_tiny", overrides))

@@ -32,12 +32,12 @@ def test_the_character_tokenizer_and_its_hugging_face_form_agree(tmp_path):
 
 
 def _builtin_checkpoint_logits(checkpoint: str, tokens: torch.Tensor) -> torch.Tensor:
-    from nemo_optune.models.hf_io import build_hf_model
+    from nemo_optune.models.gpt_optune import inference_model
     from nemo_optune.models.sources import checkpoint_spec
     from nemo_optune.runtime import distributed
     from nemo_optune.runtime.checkpoint import load_model
 
-    model = build_hf_model(checkpoint_spec(checkpoint), distributed.initialize(1, 1, seed=0))
+    model = inference_model(checkpoint_spec(checkpoint), distributed.initialize(1, 1, seed=0))
     load_model(checkpoint, model)
     length = tokens.shape[1]  # causal: position p's logits are the next-token logits of its prefix
     rows, last = tokens.repeat_interleave(length, 0), torch.arange(length).repeat(len(tokens))

@@ -1,4 +1,4 @@
-"""The GPU optimizer path (`_MegatronGPUOptimizer`): megatron's DDP and its bf16 optimizers,
+"""The GPU optimizer path (`MegatronGPUOptimizer`): megatron's DDP and its bf16 optimizers,
 run on CPU.
 
 megatron-core's optimizers hard-code CUDA in a few kinds of places: tensors created with
@@ -17,7 +17,7 @@ from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 from torch.overrides import TorchFunctionMode
 
 from nemo_optune.config import ModelConfig
-from nemo_optune.models import gpt_optune
+from nemo_optune.models import gpt_optune, optimizers
 from nemo_optune.models.hf_spec import tiny_llama_spec
 from nemo_optune.runtime import distributed
 from nemo_optune.runtime.checkpoint import load_model, load_training_checkpoint, save_model, save_training_checkpoint
@@ -45,7 +45,7 @@ class _CudaNamesOnCpu(TorchFunctionMode):
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_one_switch_sets_both_configs(sharded, precision):
     cfg = ModelConfig(precision=precision, distributed_optimizer=sharded)
-    ddp, opt = gpt_optune.megatron_optimizer_configs(cfg, lr=1e-4, weight_decay=0.1, grad_clip=0.5)
+    ddp, opt = optimizers.megatron_optimizer_configs(cfg, lr=1e-4, weight_decay=0.1, grad_clip=0.5)
     assert ddp.use_distributed_optimizer is opt.use_distributed_optimizer is sharded
     assert opt.bf16 is (precision == "bf16") and not opt.fp16
     assert opt.params_dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
@@ -58,7 +58,7 @@ def megatron_model(monkeypatch):
     """Builds MegatronGPTOPTuneModel(seed) as on a GPU: megatron DDP + megatron optimizer."""
     quiet_megatron_warnings()
     layout = distributed.initialize(1, 1, seed=0)
-    monkeypatch.setattr(gpt_optune, "use_megatron_optimizer", lambda: True)
+    monkeypatch.setattr(optimizers, "use_megatron_optimizer", lambda: True)
 
     def build(cfg: ModelConfig, seed: int):
         spec = tiny_llama_spec(cfg, VOCAB, 1, LENGTH)
@@ -140,3 +140,64 @@ def test_training_checkpoint_restores_main_params(megatron_model, tmp_path, shar
     _train_step(run)
     _train_step(resumed)
     torch.testing.assert_close(_weights(resumed), _weights(run), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("megatron", [True, False], ids=["megatron", "cpu"])
+def test_weight_decay_leaves_norms_and_biases_alone(monkeypatch, megatron):
+    """One step with zero gradients is pure decoupled weight decay: matrices shrink by
+    lr x weight_decay, norm weights (1-D) stay as they were (megatron's wd_mult=0 rule),
+    on both optimizer paths."""
+    quiet_megatron_warnings()
+    layout = distributed.initialize(1, 1, seed=0)
+    monkeypatch.setattr(optimizers, "use_megatron_optimizer", lambda: megatron)
+    cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2)
+    spec = tiny_llama_spec(cfg, VOCAB, 1, LENGTH)
+    lr, decay = 0.1, 0.5
+    on_cpu = megatron and not torch.cuda.is_available()
+    with _CudaNamesOnCpu() if on_cpu else contextlib.nullcontext():
+        model = gpt_optune.MegatronGPTOPTuneModel(
+            cfg, spec, layout, 0, lr=lr, weight_decay=decay, grad_clip=0.0, with_reference=False
+        )
+        before = {n: p.detach().clone() for n, p in model.policy.named_parameters()}
+        tokens = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(0))
+        model.train_step([{"tokens": tokens, "loss_mask": torch.ones(2, LENGTH)}], lambda mb, lp: (lp.sum() * 0, {}))
+    one_d = [n for n, p in model.policy.named_parameters() if p.dim() == 1]
+    assert one_d  # the norms
+    for name, param in model.policy.named_parameters():
+        if param.dim() == 1 or name.endswith(".bias"):
+            assert torch.equal(param.detach(), before[name]), name
+        else:
+            torch.testing.assert_close(param.detach(), before[name] * (1 - lr * decay))
+
+
+def test_distributed_optimizer_checkpoint_gathers_onto_dp_rank_0_only(megatron_model, tmp_path, monkeypatch):
+    """fully_reshardable saves gather the fp32 main params and Adam moments of the TP shard;
+    the memory-efficient variant gathers them over gloo onto DP rank 0 only, instead of onto
+    every DP rank."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    calls = []
+    gather = DistributedOptimizer.get_parameter_state_dp_zero
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return gather(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistributedOptimizer, "get_parameter_state_dp_zero", spy)
+    cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, precision="bf16", distributed_optimizer=True)
+    model = megatron_model(cfg, seed=0)
+    _train_step(model)
+    save_training_checkpoint(str(tmp_path), 1, model, {}, keep_last=1)
+    assert calls and all(c["use_gloo_comm"] and not c["return_on_all_ranks"] for c in calls)
+
+
+def test_inference_models_have_no_optimizer():
+    """convert and generate build the model alone: no DDP gradient buffer, no main params."""
+    from nemo_optune.models.gpt_optune import inference_model
+
+    quiet_megatron_warnings()
+    layout = distributed.initialize(1, 1, seed=0)
+    model = inference_model(tiny_llama_spec(ModelConfig(), VOCAB, 1, LENGTH), layout)
+    assert model.optimizer is None and model._train_module is None
+    with pytest.raises(RuntimeError, match="built for inference"):
+        model.prepare_for_training_step()

@@ -144,7 +144,8 @@ def _full_tensors(hf_dir: str) -> dict[str, torch.Tensor]:
 def _worker(rank, world, port, root, result_dir):
     _env(rank, world, port)
     from nemo_optune.models.export import local_shards, shard_region
-    from nemo_optune.models.hf_io import _layer, build_hf_model, import_hf, read_hf_spec
+    from nemo_optune.models.gpt_optune import inference_model
+    from nemo_optune.models.hf_io import _layer, import_hf, read_hf_spec
     from nemo_optune.models.hf_mapping import hf_names, hf_to_megatron, megatron_name
     from nemo_optune.runtime import distributed
 
@@ -154,7 +155,7 @@ def _worker(rank, world, port, root, result_dir):
     for case, (_, (tp, pp), _) in CASES.items():
         hf_dir = os.path.join(root, case)
         spec = read_hf_spec(hf_dir)
-        model = build_hf_model(spec, distributed.initialize(tp, pp, seed=0))
+        model = inference_model(spec, distributed.initialize(tp, pp, seed=0))
         reads.clear()
         import_hf(hf_dir, model)
         counted = dict(reads)

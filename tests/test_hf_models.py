@@ -241,9 +241,13 @@ def _measure(model) -> dict:
 
 
 def _import_and_measure(hf_dir: str, layout) -> tuple:
-    from nemo_optune.models.hf_io import build_hf_model, import_hf, read_hf_spec
+    from nemo_optune.config import ModelConfig
+    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
+    from nemo_optune.models.hf_io import import_hf, read_hf_spec
 
-    model = build_hf_model(read_hf_spec(hf_dir), layout)
+    cfg = ModelConfig(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp)
+    # lr=0: with an optimizer, whose gradient reduction _measure runs.
+    model = MegatronGPTOPTuneModel(cfg, read_hf_spec(hf_dir), layout, 0, lr=0.0, with_reference=False, initialize=False)
     import_hf(hf_dir, model)
     return model, _measure(model)
 
@@ -421,13 +425,14 @@ def test_a_model_padded_otherwise_imports_and_exports_the_same_tensors(hf_models
     exports it back unchanged."""
     import dataclasses
 
-    from nemo_optune.models.hf_io import build_hf_model, export_hf, import_hf, read_hf_spec
+    from nemo_optune.models.gpt_optune import inference_model
+    from nemo_optune.models.hf_io import export_hf, import_hf, read_hf_spec
     from nemo_optune.runtime import distributed
 
     hf_dir, ref = hf_models["llama"]
     spec = dataclasses.replace(read_hf_spec(hf_dir), vocab_multiple=16)
     assert spec.padded_vocab_size != read_hf_spec(hf_dir).padded_vocab_size
-    model = build_hf_model(spec, distributed.initialize(1, 1, seed=0))
+    model = inference_model(spec, distributed.initialize(1, 1, seed=0))
     import_hf(hf_dir, model)
     export_hf(model, str(tmp_path / "out"))
     _assert_loads_equal(str(tmp_path / "out"), ref["state"])
@@ -536,14 +541,14 @@ def test_cli_bad_inputs_give_one_line_and_exit_2(case, hf_models, tmp_path, caps
 def test_checkpoint_of_another_family_is_refused_before_loading(hf_models, tmp_path):
     """A converted Llama checkpoint does not load into the built-in model (another shape)."""
     from nemo_optune.config import ModelConfig
-    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
-    from nemo_optune.models.hf_io import build_hf_model, read_hf_spec
+    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel, inference_model
+    from nemo_optune.models.hf_io import read_hf_spec
     from nemo_optune.models.hf_spec import tiny_llama_spec
     from nemo_optune.runtime import distributed
     from nemo_optune.runtime.checkpoint import CheckpointError, load_model, save_model
 
     layout = distributed.initialize(1, 1, seed=0)
-    llama = build_hf_model(read_hf_spec(hf_models["llama_tied"][0]), layout)
+    llama = inference_model(read_hf_spec(hf_models["llama_tied"][0]), layout)
     save_model(str(tmp_path / "llama"), llama)
     tiny = MegatronGPTOPTuneModel(
         ModelConfig(),

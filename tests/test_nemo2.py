@@ -97,7 +97,8 @@ def _load_both(hf_dir: str, nemo_dir: str, layout) -> dict:
     """Logits at every position of TOKENS and the full weights, of the model loaded from the NeMo 2
     directory and of the one imported from the HF directory, at this layout."""
     from nemo_optune.models.export import gather_full_tensors
-    from nemo_optune.models.hf_io import build_hf_model, import_hf, read_hf_spec
+    from nemo_optune.models.gpt_optune import inference_model
+    from nemo_optune.models.hf_io import import_hf, read_hf_spec
     from nemo_optune.models.nemo2_io import import_nemo2, nemo2_model_and_tokenizer
 
     out = {}
@@ -105,7 +106,7 @@ def _load_both(hf_dir: str, nemo_dir: str, layout) -> dict:
         ("nemo2", nemo2_model_and_tokenizer(nemo_dir)[0], import_nemo2, nemo_dir),
         ("hf", read_hf_spec(hf_dir), import_hf, hf_dir),
     ):
-        model = build_hf_model(spec, layout)
+        model = inference_model(spec, layout)
         load(directory, model)
         length = TOKENS.shape[1]
         rows, last = TOKENS.repeat_interleave(length, 0), torch.arange(length).repeat(len(TOKENS))
@@ -136,7 +137,7 @@ def test_tp1_loads_the_hf_models_weights_and_logits(name, cases):
 
 def _layout_worker(rank, world, port, cases, result_dir):
     _env(rank, world, port)
-    from nemo_optune.models.hf_io import build_hf_model
+    from nemo_optune.models.gpt_optune import inference_model
     from nemo_optune.models.nemo2_io import import_nemo2, nemo2_model_and_tokenizer
     from nemo_optune.runtime import distributed
     from nemo_optune.trainers.common import quiet_megatron_warnings
@@ -148,7 +149,7 @@ def _layout_worker(rank, world, port, cases, result_dir):
         results[phase] = {name: _load_both(cases[name][0], cases[name][1], layout) for name in IN_LAYOUTS}
     nemo = cases["dropped"][1]
     try:
-        import_nemo2(nemo, build_hf_model(nemo2_model_and_tokenizer(nemo)[0], layout))
+        import_nemo2(nemo, inference_model(nemo2_model_and_tokenizer(nemo)[0], layout))
     except ValueError as err:
         results["error"] = str(err)
     torch.save(results if rank == 0 else {"error": results.get("error")}, os.path.join(result_dir, f"rank{rank}.pt"))
@@ -263,11 +264,11 @@ def test_unsupported_model_yaml_is_refused_with_one_line(key, value, message, ca
 
 
 def _import_error(nemo_dir: str, spec=None) -> str:
-    from nemo_optune.models.hf_io import build_hf_model
+    from nemo_optune.models.gpt_optune import inference_model
     from nemo_optune.models.nemo2_io import import_nemo2, nemo2_model_and_tokenizer
     from nemo_optune.runtime import distributed
 
-    model = build_hf_model(spec or nemo2_model_and_tokenizer(nemo_dir)[0], distributed.initialize(1, 1, seed=0))
+    model = inference_model(spec or nemo2_model_and_tokenizer(nemo_dir)[0], distributed.initialize(1, 1, seed=0))
     with pytest.raises(ValueError) as err:
         import_nemo2(nemo_dir, model)
     assert "\n" not in str(err.value)

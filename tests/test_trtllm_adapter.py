@@ -211,6 +211,7 @@ class FakeAsyncLLM:
             "enable_sleep",
         }
         CALLS.append(("AsyncLLM", kwargs))
+        self.enable_sleep = kwargs.get("enable_sleep", False)
         self.loaded: dict = {}
         self.finalised = 0
 
@@ -232,6 +233,8 @@ class FakeAsyncLLM:
 
     async def release(self, *args, **kwargs):
         tags = _bind(RealSignatures.release, self, *args, **kwargs).arguments["tags"]
+        if not self.enable_sleep:  # what TensorRT-LLM's worker raises
+            raise RuntimeError("Sleep feature is not enabled")
         CALLS.append(("release", tags))
 
     async def resume(self, *args, **kwargs):
@@ -402,7 +405,7 @@ def test_release_resume(trt):
     engine.resume()
     assert not [c for c in CALLS if c[0] in ("release", "resume")]  # sleep off: nothing to free
     assert "timing/engine_sleep_seconds" not in engine.last_timings
-    engine = _engine(trt, sleep=True, llm_kwargs={"enable_sleep": True})
+    engine = _engine(trt, sleep=True)  # generation.trtllm.sleep alone must switch the engine's sleep on
     assert CALLS[-2][1]["enable_sleep"] is True
     engine.release()
     engine.release()

@@ -8,10 +8,12 @@ import dataclasses
 from nemo_optune.data.instructions import InstructionsTask
 from nemo_optune.data.sort_task import SortTask
 
+Task = SortTask | InstructionsTask
+
 
 @dataclasses.dataclass
 class TaskData:
-    task: SortTask | InstructionsTask
+    task: Task
     train_prompts: list
     heldout_prompts: list
 

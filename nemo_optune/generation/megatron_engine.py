@@ -92,12 +92,17 @@ class _Engine(abc.ABC, Generic[State]):
                     active = (~finished).nonzero().squeeze(-1)
                     if active.numel() == 0:
                         break
+                    # [active, vocabulary] on the model's device: only the drawn tokens and their
+                    # log-probs come back to the CPU.
                     logits = self._logits(state, active)
                     out = rows_of_pass[active]
-                    chosen = sample_tokens(logits, uniforms[out, step], params.temperature, params.top_k, params.top_p)
+                    u = uniforms[out, step].to(logits.device)
+                    drawn = sample_tokens(logits, u, params.temperature, params.top_k, params.top_p)
+                    logp = logits.gather(-1, drawn[:, None]).squeeze(-1) - logits.logsumexp(-1)
+                    chosen = drawn.cpu()
                     self._advance(state, active, chosen)
                     response[out, step] = chosen
-                    logprobs[out, step] = logits.gather(-1, chosen[:, None]).squeeze(-1) - logits.logsumexp(-1)
+                    logprobs[out, step] = logp.cpu()
                     response_lengths[out] += 1
                     finished[active] = torch.isin(chosen, self.stop_ids)
                     if bar is not None and int(finished.sum()) > reported:

@@ -36,8 +36,8 @@ from nemo_optune.generation.base import Rollouts, SamplingParams
 from nemo_optune.generation.refit import RefitStats, tensor_bytes, timed, weight_buckets
 
 IMPORT_HINT = (
-    "use the NGC container (Dockerfile: nvcr.io/nvidia/tensorrt-llm/release) or "
-    "pip install -e '.[trtllm]' from NVIDIA's index on a CUDA machine"
+    "use the NGC container (Dockerfile: nvcr.io/nvidia/tensorrt-llm/release:1.2.1), or install "
+    "tensorrt-llm==1.2.1 from NVIDIA's index (pypi.nvidia.com) on a CUDA machine"
 )
 
 
@@ -121,7 +121,10 @@ class TRTLLMEngine:
             dtype=str(getattr(t, "dtype", "auto")),
             kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=float(getattr(t, "free_gpu_memory_fraction", 0.5))),
         )
-        extra = dict(getattr(t, "llm_kwargs", None) or {})  # e.g. the sleep switch of the installed version
+        if self.sleep:
+            # Without it the engine's worker raises "Sleep feature is not enabled" at the first release().
+            kwargs["enable_sleep"] = True
+        extra = dict(getattr(t, "llm_kwargs", None) or {})
         kwargs.update(extra)
         self.llm = AsyncLLM(**kwargs)
         self._run(self.llm.setup_async())  # AsyncLLM defers its Ray workers until this

@@ -11,6 +11,8 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from nemo_optune.runtime.distributed import comm_device
+
 
 def is_main_replica(replica_id) -> bool:
     ids = replica_id if isinstance(replica_id, tuple) else (replica_id,)
@@ -63,7 +65,7 @@ def gather_full_tensors(module, of: str = "param") -> dict[str, torch.Tensor]:
         union.update(part)
     out = {}
     for key in sorted(union):
-        tensor = local.get(key, torch.zeros(union[key]))
+        tensor = local.get(key, torch.zeros(union[key])).to(comm_device())
         dist.all_reduce(tensor)
-        out[key] = tensor
+        out[key] = tensor.cpu()
     return out

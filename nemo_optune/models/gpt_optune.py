@@ -3,9 +3,8 @@
 The model owns weights, log-probs and the train/inference hooks (the NeMo-Aligner split);
 the trainer owns the loop and hands in the loss as a function of per-sequence log-probs.
 Everything runs through megatron-core's pipeline schedules, so one code path serves TP, PP
-and DP on CPU (gloo) and GPU (NCCL). Only the gradient reduction and optimizer differ:
-a plain torch AdamW with an explicit DP all-reduce on CPU (`_CPUOptimizer`), megatron's DDP
-and (distributed) optimizer on GPU (`_MegatronGPUOptimizer`).
+and DP on CPU (gloo) and GPU (NCCL). The optimizer (models/optimizers.py) is built only when
+training asks for it (`lr` given): convert and generate build the model alone.
 """
 
 import importlib.util
@@ -16,9 +15,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nemo_optune.config import ModelConfig
+from nemo_optune.models import optimizers
 from nemo_optune.models.hf_spec import ModelSpec
 from nemo_optune.runtime.cpu_shim import cuda_moves_stay_on_cpu
-from nemo_optune.runtime.distributed import Layout, sum_over_dp
+from nemo_optune.runtime.distributed import Layout, comm_device, sum_over_dp
 
 # A loss over one micro-batch: (micro_batch, per-sequence response log-probs) -> (loss, metrics).
 # The loss must already be scaled by the GLOBAL normaliser, so that summing it over
@@ -148,178 +148,6 @@ def split_micro_batches(tensors: dict[str, torch.Tensor], micro_batch_size: int)
     return [{k: v[i : i + size] for k, v in padded.items()} for i in range(0, padded_rows, size)]
 
 
-def use_megatron_optimizer() -> bool:
-    """megatron's optimizers hard-code CUDA devices: on CPU the model uses `_CPUOptimizer`."""
-    return torch.cuda.is_available()
-
-
-def megatron_optimizer_configs(cfg: ModelConfig, lr: float, weight_decay: float, grad_clip: float):
-    """(DistributedDataParallelConfig, OptimizerConfig) for megatron's DDP and optimizer.
-
-    One switch, model.distributed_optimizer, sets both: DDP reduce-scatters gradients exactly
-    when the optimizer is sharded to consume them (otherwise it all-reduces)."""
-    from megatron.core.distributed import DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig
-
-    sharded = cfg.distributed_optimizer
-    bf16 = cfg.precision == "bf16"
-    ddp = DistributedDataParallelConfig(use_distributed_optimizer=sharded, grad_reduce_in_fp32=True)
-    opt = OptimizerConfig(
-        optimizer="adam",
-        lr=lr,
-        weight_decay=weight_decay,
-        clip_grad=grad_clip,
-        bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=sharded,
-    )
-    return ddp, opt
-
-
-class _CPUOptimizer:
-    """AdamW with an explicit sum-all-reduce of gradients over the DP group."""
-
-    def __init__(self, model, lr: float, weight_decay: float, grad_clip: float):
-        from megatron.core import parallel_state as mpu
-
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.torch_opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
-        self.grad_clip = grad_clip
-        # Tied embeddings at PP>1: the first stage's word embedding and the last stage's output
-        # weight are copies of one parameter, each with part of its gradient.
-        self.tied_copy = None
-        if (
-            model.share_embeddings_and_output_weights
-            and mpu.get_pipeline_model_parallel_world_size() > 1
-            and mpu.is_rank_in_embedding_group()
-        ):
-            self.tied_copy = model.shared_embedding_or_output_weight()
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.torch_opt.param_groups:
-            group["lr"] = lr
-
-    def zero_grad(self) -> None:
-        self.torch_opt.zero_grad(set_to_none=False)
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-
-    def step(self) -> float:
-        norm = self.reduce_and_clip()
-        self.torch_opt.step()
-        return norm
-
-    def reload_model_params(self) -> None:
-        """Nothing to do: AdamW updates the model's own parameters."""
-
-    def reduce_and_clip(self) -> float:
-        """Sum gradients over DP (and over the tied embedding's two copies), then clip by the
-        global norm. Returns the norm."""
-        from megatron.core import parallel_state as mpu
-        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-        from megatron.core.transformer.module import param_is_not_shared
-
-        grads = [p.grad for p in self.params]
-        if mpu.get_data_parallel_world_size() > 1:
-            # One flat buffer: a single collective instead of one per parameter.
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=mpu.get_data_parallel_group())
-            for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                g.copy_(new)
-        if self.tied_copy is not None:  # megatron's _allreduce_word_embedding_grads
-            dist.all_reduce(self.tied_copy.grad, group=mpu.get_embedding_group())
-        # Global grad norm over TP and PP shards, counting TP-replicated params and the last
-        # stage's copy of a tied embedding once.
-        sq = torch.zeros((), dtype=torch.float32)
-        for p in self.params:
-            if param_is_not_tensor_parallel_duplicate(p) and param_is_not_shared(p):
-                sq += (p.grad.float() ** 2).sum()
-        dist.all_reduce(sq, group=mpu.get_model_parallel_group())
-        norm = sq.sqrt().item()
-        if self.grad_clip > 0 and norm > self.grad_clip:
-            for g in grads:
-                g.mul_(self.grad_clip / (norm + 1e-6))
-        return norm
-
-    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
-        """Adam moments as ShardedTensors shaped like their parameters, so that the
-        optimizer reshards across TP/PP exactly like the model (megatron's helpers)."""
-        from megatron.core.dist_checkpointing.optimizer import (
-            get_param_id_to_sharded_param_map,
-            optim_state_to_sharding_state,
-        )
-
-        if is_loading:  # a template to load into: zeros where the moments will go
-            for p in self.params:
-                self.torch_opt.state[p] = {
-                    "step": torch.tensor(0.0),
-                    "exp_avg": torch.zeros_like(p),
-                    "exp_avg_sq": torch.zeros_like(p),
-                }
-        state = self.torch_opt.state_dict()
-        steps = {float(s["step"]) for s in state["state"].values()}
-        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.params)
-        optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
-        state["adam_step"] = steps.pop() if steps else 0.0  # one step count for every parameter
-        return state
-
-    def load_sharded(self, state: dict) -> None:
-        step = torch.tensor(float(state.pop("adam_step")))
-        for moments in state["state"].values():
-            moments["step"] = step.clone()
-        self.torch_opt.load_state_dict(state)
-
-
-class _MegatronGPUOptimizer:
-    """megatron DDP (sum over DP, as calculate_per_token_loss asks) + megatron Adam, sharded
-    over DP when model.distributed_optimizer.
-
-    Not run end to end in this repository's CI (no GPU); tests/test_gpu_optimizer.py runs
-    its bf16 optimizer on CPU. See README, 'What has run where'."""
-
-    def __init__(self, model, cfg: ModelConfig, lr: float, weight_decay: float, grad_clip: float):
-        from megatron.core.distributed import DistributedDataParallel
-        from megatron.core.optimizer import get_megatron_optimizer
-
-        ddp_config, opt_config = megatron_optimizer_configs(cfg, lr, weight_decay, grad_clip)
-        self.ddp = DistributedDataParallel(model.config, ddp_config, model)
-        self.megatron_opt = get_megatron_optimizer(opt_config, [self.ddp])
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.megatron_opt.param_groups:
-            group["lr"] = lr
-
-    def zero_grad(self) -> None:
-        self.ddp.zero_grad_buffer()
-        self.megatron_opt.zero_grad()
-
-    def step(self) -> float:
-        from megatron.core.distributed import finalize_model_grads
-
-        finalize_model_grads([self.ddp])
-        _, grad_norm, _ = self.megatron_opt.step()
-        return float(grad_norm or 0.0)
-
-    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
-        # The distributed optimizer's default format (fully_sharded_model_space) fails to save
-        # in megatron-core 0.16.1; fully_reshardable also reshards across TP/PP/DP.
-        return self.megatron_opt.sharded_state_dict(
-            model_sharded_state_dict,
-            is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": "fully_reshardable"},
-        )
-
-    def load_sharded(self, state: dict) -> None:
-        # Restores the fp32 main params too (saved with the moments), so no reload is needed.
-        self.megatron_opt.load_state_dict(state)
-
-    def reload_model_params(self) -> None:
-        """Re-copy the fp32 main params from the model's (bf16) params; without it the first
-        step would write back the weights the optimizer copied at construction."""
-        self.megatron_opt.reload_model_params()
-
-
 class MegatronGPTOPTuneModel:
     """Policy + frozen reference; response log-probs; train and inference hooks."""
 
@@ -329,9 +157,9 @@ class MegatronGPTOPTuneModel:
         spec: ModelSpec,
         layout: Layout,
         seed: int,
-        lr: float,
-        weight_decay: float,
-        grad_clip: float,
+        lr: float | None = None,
+        weight_decay: float = 0.0,
+        grad_clip: float = 0.0,
         with_reference: bool = True,
         lr_schedule: Callable[[int], float] | None = None,
         tokenizer=None,
@@ -340,7 +168,8 @@ class MegatronGPTOPTuneModel:
         """`spec` describes the network (models/sources.py: a checkpoint's, or the built-in
         model's); cfg gives precision and the optimizer settings. `tokenizer` is saved with
         every checkpoint. initialize=False: random weights are not drawn, because load_policy
-        (and sync_reference_to_policy) will replace them."""
+        (and sync_reference_to_policy) will replace them. lr None: a model for inference only,
+        without DDP or an optimizer (no gradient buffer, no fp32 main params)."""
         self.cfg = cfg
         self.layout = layout
         self.spec = spec
@@ -353,12 +182,11 @@ class MegatronGPTOPTuneModel:
             self.reference = build_gpt(self.spec, layout, seed, cfg.precision, initialize)
             self.reference.requires_grad_(False)
             self.reference.eval()
-        if use_megatron_optimizer():
-            self.optimizer = _MegatronGPUOptimizer(self.policy, cfg, lr, weight_decay, grad_clip)
-            self._train_module = self.optimizer.ddp
-        else:
-            self.optimizer = _CPUOptimizer(self.policy, lr, weight_decay, grad_clip)
-            self._train_module = self.policy
+        self.optimizer, self._train_module = None, None
+        if lr is not None:
+            self.optimizer, self._train_module = optimizers.build_optimizer(
+                self.policy, cfg, lr, weight_decay, grad_clip
+            )
         self.device = next(self.policy.parameters()).device
         self.lr_schedule = lr_schedule or (lambda step: lr)
         self.optimizer_steps = 0  # the schedule's position; checkpointed with the trainer state
@@ -371,7 +199,8 @@ class MegatronGPTOPTuneModel:
         from nemo_optune.models.sources import load_weights
 
         load_weights(directory, self, from_training)  # sets weights_loaded
-        self.optimizer.reload_model_params()
+        if self.optimizer is not None:
+            self.optimizer.reload_model_params()
 
     def architecture(self) -> dict:
         """What a checkpoint must match to load into this model (stored in its manifest): the
@@ -487,8 +316,8 @@ class MegatronGPTOPTuneModel:
         if self.layout.pp == 1:
             return tensor
         if tensor is None:
-            tensor = torch.empty(shape, dtype=dtype, device=self.device)
-        tensor = tensor.contiguous()
+            tensor = torch.empty(shape, dtype=dtype, device=comm_device())
+        tensor = tensor.to(comm_device()).contiguous()
         dist.broadcast(
             tensor, src=mpu.get_pipeline_model_parallel_last_rank(), group=mpu.get_pipeline_model_parallel_group()
         )
@@ -498,7 +327,7 @@ class MegatronGPTOPTuneModel:
         """Loss metrics exist on the last stage only: sum them over DP there, then give every
         stage (rank 0 logs) a copy."""
         summed = sum_over_dp(values) if self.layout.is_last_stage else None
-        return self._from_last_stage(summed, values.shape, values.dtype)
+        return self._from_last_stage(summed, values.shape, values.dtype).to(values.device)
 
     # --------------------------------------------------------------- log-probs
     @torch.no_grad()
@@ -531,7 +360,8 @@ class MegatronGPTOPTuneModel:
     def next_token_logits(
         self, tokens: torch.Tensor, last_positions: torch.Tensor, micro_batch_size: int
     ) -> torch.Tensor:
-        """Full-vocabulary logits [B, V] (float32) at `last_positions`, on every rank.
+        """Full-vocabulary logits [B, V] (float32) at `last_positions`, on every rank, on the
+        model's device (sampling runs there: no [B, V] copy to the CPU per decoding step).
 
         Generation samples from the full distribution, so here the TP shards of the
         vocabulary are gathered (V floats per sequence per step)."""
@@ -546,7 +376,7 @@ class MegatronGPTOPTuneModel:
         batches = split_micro_batches({"tokens": tokens, "last": last_positions}, micro_batch_size)
         outs = self._run_schedule(self.policy, batches, forward_only=True, output_fn=pick, with_labels=False)
         logits = torch.cat([o["logits"] for o in outs])[: tokens.shape[0]] if outs else None
-        return self._from_last_stage(logits, (tokens.shape[0], self.vocab_size), torch.float32).cpu()
+        return self._from_last_stage(logits, (tokens.shape[0], self.vocab_size), torch.float32)
 
     @torch.no_grad()
     def next_token_logits_cached(
@@ -559,7 +389,7 @@ class MegatronGPTOPTuneModel:
         rows; `attention_mask` [B, 1, s, offset + s], True = masked.
 
         Returns full-vocabulary logits [B, V] (float32) at the last of the s positions, on every
-        rank, and advances cache.sequence_len_offset by s. Micro-batches pass through megatron's
+        rank (on the model's device), and advances cache.sequence_len_offset by s. Micro-batches pass through megatron's
         pipeline schedule like next_token_logits (at PP = 1 straight through the model); each writes its rows of the cache
         (cache.batch_size_offset), so the cache must hold the micro-batch-padded row count."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -625,10 +455,12 @@ class MegatronGPTOPTuneModel:
         cache.batch_size_offset = 0
         cache.sequence_len_offset += length
         logits = torch.cat([o["logits"] for o in outs])[:rows] if outs else None
-        return self._from_last_stage(logits, (rows, self.vocab_size), torch.float32).cpu()
+        return self._from_last_stage(logits, (rows, self.vocab_size), torch.float32)
 
     # ------------------------------------------------------------ train hooks
     def prepare_for_training_step(self) -> None:
+        if self.optimizer is None:
+            raise RuntimeError("this model was built for inference (no lr given): it has no optimizer")
         self.policy.train()
         self.optimizer.zero_grad()
 
@@ -690,3 +522,10 @@ class MegatronGPTOPTuneModel:
         from nemo_optune.models.export import gather_full_tensors
 
         return gather_full_tensors(self.policy, of="param")
+
+
+def inference_model(spec: ModelSpec, layout: Layout, seed: int = 0, tokenizer=None) -> MegatronGPTOPTuneModel:
+    """A policy-only model of `spec` in this layout (fp32), without an optimizer, to load into
+    (convert, the import tests)."""
+    cfg = ModelConfig(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp)
+    return MegatronGPTOPTuneModel(cfg, spec, layout, seed, with_reference=False, tokenizer=tokenizer, initialize=False)

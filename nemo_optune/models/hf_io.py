@@ -96,26 +96,6 @@ def hf_model_and_tokenizer(hf_dir: str):
     return spec, tokenizer
 
 
-def build_hf_model(spec: ModelSpec, layout, seed: int = 0, tokenizer=None):
-    """A policy-only MegatronGPTOPTuneModel of `spec` in this layout (fp32), to import into."""
-    from nemo_optune.config import ModelConfig
-    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
-
-    cfg = ModelConfig(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp)
-    return MegatronGPTOPTuneModel(
-        cfg,
-        spec,
-        layout,
-        seed,
-        lr=0.0,
-        weight_decay=0.0,
-        grad_clip=0.0,
-        with_reference=False,
-        tokenizer=tokenizer,
-        initialize=False,
-    )
-
-
 class _SafetensorsReader:
     """Slices of the tensors of a HF checkpoint directory by name (single file or sharded).
 

@@ -20,6 +20,7 @@ import yaml
 from nemo_optune.data.tokenizer import HFTokenizer
 from nemo_optune.models.export import local_shards
 from nemo_optune.models.hf_spec import MEGATRON_LLAMA3_ROPE, ModelSpec, _refuse
+from nemo_optune.runtime.checkpoint import load_policy_weights, weights_request
 from nemo_optune.runtime.distributed import raise_if_any_rank_failed
 
 PREFIX = "module."  # of every model tensor in weights/
@@ -332,11 +333,7 @@ def import_nemo2(path: str, model) -> None:
     except ValueError as err:
         error = err
     raise_if_any_rank_failed(error)
-    request = {
-        key: value
-        for key, value in model.policy.sharded_state_dict(prefix=PREFIX).items()
-        if not key.endswith("_extra_state")
-    }
+    request = weights_request(model, prefix=PREFIX)
     try:
         loaded = dist_checkpointing.load(request, weights, common_strategy=_model_weights_only())
     except (Exception, CheckpointException) as err:  # torch's: a BaseException with every rank's errors
@@ -348,5 +345,4 @@ def import_nemo2(path: str, model) -> None:
     for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
         if key in state:
             state[key][max(0, model.spec.vocab_size - first_row) :] = 0
-    model.policy.load_state_dict(state, strict=False)  # strict=False: the _extra_state left out above
-    model.weights_loaded = True  # (load_policy then refreshes the optimizer's fp32 copies)
+    load_policy_weights(model, state)  # (load_policy then refreshes the optimizer's fp32 copies)

@@ -51,6 +51,10 @@ def pick_device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     target = torch.device(device)
+    if target.type == "cuda" and target.index is None:
+        # This rank's GPU by number: scoring runs in a worker thread (rewards/resilient.py), where
+        # a bare "cuda" would mean that thread's current device, cuda:0.
+        target = torch.device("cuda", torch.cuda.current_device())
     if dtype == "auto":
         bf16 = target.type == "cuda" and torch.cuda.is_bf16_supported()
         return target, torch.bfloat16 if bf16 else torch.float32

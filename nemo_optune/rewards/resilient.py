@@ -6,6 +6,8 @@ pool, so a source that finally fails leaves the pool exactly as it was."""
 import concurrent.futures
 import time
 
+import torch
+
 
 class RewardSourceError(RuntimeError):
     """The reward source failed on every attempt."""
@@ -15,9 +17,19 @@ class ResilientRewardSource:
     def __init__(self, source, name: str, retries: int, backoff_seconds: float, timeout_seconds: float):
         self.source, self.name = source, name
         self.retries, self.backoff, self.timeout = retries, backoff_seconds, timeout_seconds
-        # One worker thread: a call that timed out may still be running; it is abandoned.
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        # A new thread's current CUDA device is 0: the worker takes this rank's, so that a
+        # source placing tensors on "cuda" finds its model there.
+        self._cuda_device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        self._pool = self._worker()
         self.failures = 0  # failed attempts so far (logged)
+
+    def _worker(self) -> concurrent.futures.ThreadPoolExecutor:
+        """One worker thread: a call that timed out may still be running; it is abandoned."""
+        if self._cuda_device is None:
+            return concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        return concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, initializer=torch.cuda.set_device, initargs=(self._cuda_device,)
+        )
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         last = None
@@ -29,7 +41,7 @@ class ResilientRewardSource:
                 rewards = future.result(timeout=self.timeout)
             except concurrent.futures.TimeoutError:
                 last = f"timed out after {self.timeout}s"
-                self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+                self._pool = self._worker()
             except Exception as err:  # any failure of the source is retried
                 last = f"{type(err).__name__}: {err}"
             else:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from nemo_optune.config import RewardConfig, RewardSourceConfig
 from nemo_optune.rewards.resilient import ResilientRewardSource, RewardSourceError
-from nemo_optune.runtime.distributed import raise_if_any_rank_failed, sum_over_dp
+from nemo_optune.runtime.distributed import comm_device, raise_if_any_rank_failed, sum_over_dp
 
 
 def build_source(s: RewardSourceConfig, key: str, task, timeout_seconds: float, load: bool = True):
@@ -98,7 +98,9 @@ class RewardSources:
                 failure = err
         raise_if_any_rank_failed(failure)
         if group is not None:
-            dist.broadcast(columns, src=scorer, group=group)
+            shared = columns.to(comm_device())
+            dist.broadcast(shared, src=scorer, group=group)
+            columns = shared.cpu()
         return self.total(columns), columns
 
     def means_over_dp(self, columns: torch.Tensor) -> dict[str, float]:

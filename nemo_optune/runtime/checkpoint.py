@@ -205,17 +205,33 @@ def save_model(directory: str, model) -> None:
     _publish(directory, write, "model", model.architecture())
 
 
+def weights_request(model, prefix: str = "") -> dict:
+    """The policy's sharded state dict to load weights into, without TransformerEngine's
+    `_extra_state` entries (its FP8 metadata): a checkpoint written without TE (the CPU SFT,
+    convert on a CPU node, NeMo's weights-only files) has none, and bf16 runs need none."""
+    return {k: v for k, v in model.policy.sharded_state_dict(prefix=prefix).items() if not k.endswith("_extra_state")}
+
+
+def load_policy_weights(model, state: dict) -> None:
+    """Load `state` (the keys of weights_request) into the policy: every key but TE's
+    `_extra_state` must be there."""
+    result = model.policy.load_state_dict(state, strict=False)
+    wrong = [k for k in result.missing_keys if not k.endswith("_extra_state")] + result.unexpected_keys
+    if wrong:
+        raise RuntimeError(f"loading the policy's weights: missing or unexpected keys {wrong[:5]}")
+    model.weights_loaded = True
+
+
 def load_model(directory: str, model, from_training: bool = False) -> None:
     """Verify, then load a model checkpoint (with `from_training`, also a training checkpoint's
     weights) into the policy, resharded to this layout. Collective."""
     from megatron.core import dist_checkpointing
 
     verify_checkpoint(directory, "model", model.architecture(), also=("training",) if from_training else ())
-    request = model.policy.sharded_state_dict()
+    request = weights_request(model)
     loaded = dist_checkpointing.load(request, directory)
     # A training checkpoint's common state also holds the optimizer's: take the model's keys.
-    model.policy.load_state_dict({key: loaded[key] for key in request})
-    model.weights_loaded = True
+    load_policy_weights(model, {key: loaded[key] for key in request})
 
 
 # --------------------------------------------------------------- training checkpoints
@@ -264,12 +280,11 @@ def load_training_checkpoint(directory: str, model) -> dict:
     from megatron.core import dist_checkpointing
 
     verify_checkpoint(directory, "training", model.architecture())
-    model_sd = model.policy.sharded_state_dict()
+    model_sd = weights_request(model)
     loaded = dist_checkpointing.load(
         {"model": model_sd, "optimizer": model.optimizer.sharded_state_dict(model_sd, is_loading=True)}, directory
     )
-    model.policy.load_state_dict(loaded["model"])
-    model.weights_loaded = True
+    load_policy_weights(model, loaded["model"])
     model.optimizer.load_sharded(loaded["optimizer"])
     rng_file = os.path.join(directory, f"rng_rank{dist.get_rank()}.pt")
     if os.path.exists(rng_file):  # absent when resuming on more ranks than saved

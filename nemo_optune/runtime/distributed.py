@@ -131,8 +131,19 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def comm_device() -> torch.device:
+    """Where a tensor handed to a collective must be: NCCL (the GPU path's backend, which
+    megatron's groups inherit) takes tensors on the current CUDA device only, gloo CPU tensors.
+    The one rule for values kept on the CPU (rewards, pool rows, metrics, stop flags): each
+    collective moves them here and hands the result back on the caller's device."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def gather_rows_over_dp(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Concatenate each DP rank's rows in rank order; rank r holds counts[r] rows.
+    """Concatenate each DP rank's rows in rank order; rank r holds counts[r] rows (on `local`'s
+    device).
 
     Rows are padded to max(counts) because all_gather needs equal shapes."""
     from megatron.core import parallel_state as mpu
@@ -140,12 +151,11 @@ def gather_rows_over_dp(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
     group = mpu.get_data_parallel_group()
     if len(counts) == 1:
         return local
-    width = max(counts)
-    padded = local.new_zeros((width, *local.shape[1:]))
-    padded[: local.shape[0]] = local
+    padded = torch.zeros((max(counts), *local.shape[1:]), dtype=local.dtype, device=comm_device())
+    padded[: local.shape[0]] = local.to(padded.device)
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded, group=group)
-    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+    return torch.cat([part[:n] for part, n in zip(parts, counts)]).to(local.device)
 
 
 def dp_share(indices: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, list[int]]:
@@ -162,10 +172,11 @@ def dp_share(indices: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, list[
 def sum_over_dp(values: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state as mpu
 
-    values = values.clone()
-    if mpu.get_data_parallel_world_size() > 1:
-        dist.all_reduce(values, group=mpu.get_data_parallel_group())
-    return values
+    if mpu.get_data_parallel_world_size() == 1:
+        return values.clone()
+    summed = values.to(comm_device(), copy=True)
+    dist.all_reduce(summed, group=mpu.get_data_parallel_group())
+    return summed.to(values.device)
 
 
 def first_failure(error: BaseException | str | None) -> tuple[int, type, str] | None:

@@ -22,6 +22,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+def peak_gpu_memory_mb() -> float | None:
+    """Peak memory torch allocated on this rank's GPU (None without one)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
 @contextlib.contextmanager
 def atomic_output(path: str):
     """Yield a temporary path to write; rename it over `path` on success, remove it on

@@ -16,6 +16,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from nemo_optune.runtime.distributed import comm_device
+
 EXIT_STOPPED = 3  # saved a checkpoint and stopped early (a stop signal or trainer.max_time): rerun to resume
 REASONS = ("", "signal", "max_time")  # index = the all-reduced code, higher wins
 
@@ -59,7 +61,7 @@ class StopRequests:
         code = 1 if self.signal_name else 0
         if self.max_time is not None and time.perf_counter() - self.start + next_iteration_seconds > self.max_time:
             code = 2
-        flag = torch.tensor([code], dtype=torch.long)
+        flag = torch.tensor([code], dtype=torch.long, device=comm_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         code = int(flag[0])

@@ -7,6 +7,7 @@ import torch
 from nemo_optune.cli import quiet_megatron_warnings
 from nemo_optune.config import RootConfig, sort_task_in_use
 from nemo_optune.data.sort_task import SortTask
+from nemo_optune.data.task_data import Task
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.runtime import distributed
 
@@ -47,7 +48,7 @@ def builtin_spec(cfg: RootConfig, task: SortTask, tokenizer=None):
     return tiny_llama_spec(cfg.model, tokenizer.vocab_size, tokenizer.eos_id, sequence_width(cfg, task))
 
 
-def model_and_tokenizer(cfg: RootConfig, task: SortTask, tp: int):
+def model_and_tokenizer(cfg: RootConfig, task: Task, tp: int):
     """(spec, tokenizer, sequence width): model.restore_from_path (our checkpoint, a HF or a
     NeMo 2 directory) brings its architecture and tokenizer; without it, the built-in model of
     model.* with the task's tokenizer. Checked against the layout and the sequence width before
@@ -57,6 +58,7 @@ def model_and_tokenizer(cfg: RootConfig, task: SortTask, tp: int):
 
     m = cfg.model
     if m.restore_from_path is None:
+        assert isinstance(task, SortTask)  # config.validate: other tasks need model.restore_from_path
         spec, tokenizer = builtin_spec(cfg, task), task.tokenizer
         width = sequence_width(cfg, task)
     else:

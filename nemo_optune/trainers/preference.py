@@ -31,7 +31,7 @@ from nemo_optune.rewards.sources import RewardSources, is_scoring_rank
 from nemo_optune.runtime.checkpoint import load_training_checkpoint, save_training_checkpoint
 from nemo_optune.runtime.distributed import Layout, dp_share, sum_over_dp
 from nemo_optune.runtime.exp_dir import require_iterations_cover
-from nemo_optune.runtime.experiment import ExperimentLog, PhaseTimer, peak_rss_mb
+from nemo_optune.runtime.experiment import ExperimentLog, PhaseTimer, peak_gpu_memory_mb, peak_rss_mb
 from nemo_optune.runtime.lost_ranks import note_phase
 from nemo_optune.runtime.lr_schedule import learning_rate
 from nemo_optune.runtime.preemption import EXIT_STOPPED, StopRequests
@@ -39,7 +39,13 @@ from nemo_optune.runtime.progress import PhaseProgress
 from nemo_optune.runtime.seeds import mix_seed
 from nemo_optune.trainers.common import max_prompt_tokens, model_and_tokenizer, sampling_params
 from nemo_optune.trainers.hypo_kl import OnlineKLSamples
-from nemo_optune.trainers.preference_loss import global_batch_weights, preference_loss_fn, preference_micro_batches
+from nemo_optune.trainers.preference_loss import (
+    METRICS,
+    global_batch_weights,
+    metric_sums,
+    preference_loss_fn,
+    preference_micro_batches,
+)
 from nemo_optune.trainers.preference_pool import PreferencePool, RefreshStats
 
 TIMED_PHASES = ("selection", "generation", "scoring", "reference", "exchange", "training")
@@ -208,6 +214,7 @@ class PreferenceTrainer:
             **self.data_stats,
             "reward_source_failures": self.reward.failures,
             "peak_rss_mb": peak_rss_mb(),
+            "peak_gpu_memory_mb": peak_gpu_memory_mb(),
             "checkpoint_save_seconds": self.checkpoint_seconds,
             "iterations": self.history,
         }
@@ -245,6 +252,7 @@ class PreferenceTrainer:
             "pool_chosen_reward": float(pool.chosen_rewards.mean()),
             "rho": rho,
             "regenerated": refresh.regenerated,
+            "generated_tokens": refresh.tokens,  # by this rank (rank 0's is logged)
             "ties_dropped": refresh.ties_dropped,
             "non_finite_rewards": refresh.non_finite_rewards,
             "pool_valid_pairs": int(pool.valid.sum()),
@@ -261,7 +269,7 @@ class PreferenceTrainer:
     # ------------------------------------------------------------- 3. train
     def train_on_pool(self, it: int, window: torch.Tensor, timer: PhaseTimer) -> dict:
         t = self.cfg.trainer
-        totals = torch.zeros(5)  # loss, pairs, correct, margin sum, HyPO KL sum
+        totals = torch.zeros(len(METRICS), device=self.model.device)
         grad_norms, skipped = [], 0
         batches = [
             window[b] for b in iteration_batches(len(window), t.global_batch_size, t.epochs_per_iteration, it, t.seed)
@@ -282,8 +290,7 @@ class PreferenceTrainer:
             with timer.phase("training"):
                 metrics, grad_norm = self.model.train_step(micro_batches, self.loss_fn)
             grad_norms.append(grad_norm)
-            for m in metrics:
-                totals += torch.stack([m["loss"], m["pairs"], m["correct"], m["margin"], m["kl"]]).float()
+            totals += metric_sums(metrics, self.model.device)
         totals = self.model.global_metric_sums(totals)
         steps = max(1, len(grad_norms))
         pairs = max(1.0, float(totals[1]))
@@ -325,12 +332,7 @@ class PreferenceTrainer:
         """Forward only: the loss metrics of one global batch summed over DP (no update)."""
         micro_batches, _ = self.micro_batches(batch)
         metrics = self.model.get_loss_and_metrics(micro_batches, self.loss_fn, forward_only=True)
-        local = (
-            torch.stack([torch.stack([m["loss"], m["pairs"], m["correct"]]) for m in metrics]).sum(0)
-            if metrics
-            else torch.zeros(3)
-        )
-        loss, pairs, correct = self.model.global_metric_sums(local.float()).tolist()
+        loss, pairs, correct = self.model.global_metric_sums(metric_sums(metrics, self.model.device))[:3].tolist()
         return {"loss": loss, "pairs": pairs, "correct": correct}
 
     # ------------------------------------------------------------ 4. evaluate

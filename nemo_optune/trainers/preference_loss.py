@@ -96,21 +96,27 @@ def preference_loss_fn(beta: float, loss_type: str, sft_weight: float, kl_weight
     Every term is pre-scaled by a global normaliser, so micro-batches and DP ranks add up."""
 
     def loss_fn(mb: dict, sequence_logps: torch.Tensor):
-        n = mb["weights"].shape[0]
+        # The pool's values (reference log-probs, weights, flags, lengths) live on the CPU; the
+        # log-probs on the model's device: everything is combined there.
+        device = sequence_logps.device
+        ref_chosen, ref_rejected, lengths, weights, valid = (
+            mb[key].to(device)
+            for key in ("ref_chosen_logps", "ref_rejected_logps", "chosen_lengths", "weights", "valid")
+        )
+        n = weights.shape[0]
         policy_chosen, policy_rejected = sequence_logps[:n], sequence_logps[n : 2 * n]
-        margin = alg.dpo_margin(policy_chosen, policy_rejected, mb["ref_chosen_logps"], mb["ref_rejected_logps"])
+        margin = alg.dpo_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
         per_pair = alg.preference_loss(margin, beta, loss_type)
         if sft_weight > 0:
-            per_pair = per_pair + sft_weight * alg.sft_nll(policy_chosen, mb["chosen_lengths"])
-        loss = alg.weighted_mean(per_pair, mb["weights"], mb["valid"], mb["weight_total"])
-        kl = torch.zeros(())
+            per_pair = per_pair + sft_weight * alg.sft_nll(policy_chosen, lengths)
+        loss = alg.weighted_mean(per_pair, weights, valid, mb["weight_total"])
+        kl = torch.zeros((), device=device)
         if "sample_ref_logps" in mb:
             k = mb["sample_ref_logps"].shape[0] // n
             kl_loss, kl = alg.rloo_kl_loss_sum(
-                sequence_logps[2 * n :].view(n, k), mb["sample_ref_logps"].view(n, k), kl_prompts_total
+                sequence_logps[2 * n :].view(n, k), mb["sample_ref_logps"].to(device).view(n, k), kl_prompts_total
             )
             loss = loss + kl_weight * kl_loss
-        valid = mb["valid"]
         return loss, {
             "loss": loss.detach(),
             "pairs": valid.sum(),
@@ -120,3 +126,15 @@ def preference_loss_fn(beta: float, loss_type: str, sft_weight: float, kl_weight
         }
 
     return loss_fn
+
+
+METRICS = ("loss", "pairs", "correct", "margin", "kl")  # what loss_fn's metrics hold, in this order
+
+
+def metric_sums(metrics: list[dict], device: torch.device) -> torch.Tensor:
+    """[len(METRICS)] sums over micro-batches' metrics, on the device the loss ran on (where
+    they are: a CPU total would mix devices)."""
+    totals = torch.zeros(len(METRICS), device=device)
+    for m in metrics:
+        totals += torch.stack([m[key] for key in METRICS]).float()
+    return totals

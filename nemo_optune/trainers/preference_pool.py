@@ -25,6 +25,7 @@ class RefreshStats:
     ties_dropped: int = 0  # of them, prompts whose K rewards all tied (no pair, left out of the loss)
     non_finite_rewards: int = 0  # samples left out for a NaN/inf reward (reward.non_finite=drop)
     responses: int = 0  # responses generated, all ranks
+    tokens: int = 0  # response tokens this rank generated (its throughput: tokens / generation seconds)
     reward_by_source: dict = dataclasses.field(default_factory=dict)  # mean of each source over the new samples
 
 
@@ -127,6 +128,7 @@ class PreferencePool:
             ties_dropped=int(len(selected) - gathered["valid"].sum()),
             non_finite_rewards=dropped,
             responses=len(selected) * K,
+            tokens=int(rollouts.response_lengths.sum()),
             reward_by_source=self.reward.means_over_dp(by_source),
         )
 

@@ -7,6 +7,7 @@ import torch
 
 from nemo_optune.config import RootConfig
 from nemo_optune.data.pool import build_sequences
+from nemo_optune.data.sort_task import SortTask
 from nemo_optune.data.task_data import TaskData
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 from nemo_optune.runtime.checkpoint import save_model
@@ -18,10 +19,11 @@ from nemo_optune.trainers.common import builtin_spec, check_layout, sequence_wid
 
 def demonstrations(cfg: RootConfig, data: TaskData) -> list[tuple[str, str]]:
     """(prompt, demonstration) pairs on prompts disjoint from the held-out set."""
-    s = cfg.sft
-    prompts = data.task.prompts(s.num_demonstrations, seed=s.seed, exclude=frozenset(data.heldout_prompts))
+    s, task = cfg.sft, data.task
+    assert isinstance(task, SortTask)  # config.validate: the built-in model learns only the sort task
+    prompts = task.prompts(s.num_demonstrations, seed=s.seed, exclude=frozenset(data.heldout_prompts))
     rng = random.Random(s.seed + 1)
-    return [(p, data.task.demonstration(p, rng, s.demonstration_noise)) for p in prompts]
+    return [(p, task.demonstration(p, rng, s.demonstration_noise)) for p in prompts]
 
 
 def token_nll_loss(total_tokens: float):
@@ -40,6 +42,7 @@ def run_sft(cfg: RootConfig, layout: Layout, data: TaskData, out_dir: str, log=p
     note_phase("SFT warm start")
     start = time.perf_counter()
     tok, s, t = data.tokenizer, cfg.sft, cfg.trainer
+    assert isinstance(data.task, SortTask)  # config.validate: the built-in model learns only the sort task
     spec = builtin_spec(cfg, data.task, tok)
     check_layout(spec, layout.tp, layout.pp, "the built-in model")
     model = MegatronGPTOPTuneModel(
