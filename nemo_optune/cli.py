@@ -10,10 +10,12 @@ import inspect
 import io
 import json
 import os
+import signal
 import sys
 import textwrap
 import tokenize
-import warnings
+
+from nemo_optune.runtime.quiet import quiet_megatron_warnings
 
 RECIPE_USAGE = (
     "[--config-name NAME] [--config-path DIR] [--config FILE.yaml] [-h | --help] [key=value ...]",
@@ -24,14 +26,6 @@ may start with `defaults: [base, _self_]`: the package's recipes (base, layout/.
 after DIR. key=value overrides follow Hydra's syntax (e.g. trainer.iterations=4,
 'reward.http.urls=[http://rm:8000]') and win over the recipe.""",
 )
-
-
-def quiet_megatron_warnings() -> None:
-    # megatron-core warns at import and once per layer about missing apex/TE; nothing to act on here.
-    warnings.filterwarnings("ignore", module=r"megatron\..*")
-    warnings.filterwarnings("ignore", message=".*(Apex|apex|Transformer Engine|TransformerEngine).*")
-    # dist_checkpointing still uses torch's ShardedTensor, which torch marks as deprecated.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
 
 
 @dataclasses.dataclass
@@ -240,6 +234,45 @@ def answer_help(
     return recipe
 
 
+def run_main(argv: list[str] | None = None, default_config: str = "optune_tiny") -> None:
+    """Entry point of the launchers: a recipe plus key=value overrides (Hydra
+    syntax), experiment out. Bad input exits with status 2 and one line naming the key,
+    file or line (rank 0 prints it)."""
+    from nemo_optune.config import load_config
+    from nemo_optune.run import run_experiment
+    from nemo_optune.runtime import distributed
+    from nemo_optune.runtime.lost_ranks import exit_for_lost_rank, is_collective_failure
+    from nemo_optune.runtime.preemption import EXIT_STOPPED
+
+    try:
+        recipe = parse_args(sys.argv[1:] if argv is None else argv, default_config)
+        typed = load_config(recipe.name, recipe.overrides, recipe.config_dir)
+        summary = run_experiment(typed)
+    except user_errors() as err:
+        fail(one_line(err))
+    except RuntimeError as err:  # a peer rank died or hangs: name it, exit non-zero, never wait on it
+        if is_collective_failure(err):
+            exit_for_lost_rank(err, typed.trainer.collective_timeout_seconds)
+        raise
+    if distributed.world_from_env()[0] == 0:
+        if "heldout_reward_final" in summary:
+            print(
+                f"[done] held-out reward {summary['heldout_reward_initial']:.4f} -> "
+                f"{summary['heldout_reward_final']:.4f} in {summary['wall_seconds']:.1f}s, "
+                f"peak RSS {summary['peak_rss_mb']:.0f} MB"
+            )
+        elif "dry_run" not in summary:
+            print(f"[done] {summary['method']} in {summary['wall_seconds']:.1f}s")
+        if "dry_run" not in summary:
+            print(os.path.abspath(typed.exp_manager.exp_dir))
+    if summary.get("stopped_by"):  # srun may signal the ranks still shutting down: exit 3, not 143
+        for name in typed.trainer.stop_signals:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    distributed.shutdown()
+    if summary.get("stopped_by"):
+        sys.exit(EXIT_STOPPED)
+
+
 # ---------------------------------------------------------------- console scripts
 def _launch(argv, default_config: str, description: str) -> None:
     from nemo_optune.config import RootConfig, conf_dir
@@ -247,9 +280,7 @@ def _launch(argv, default_config: str, description: str) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     answer_help(argv, os.path.basename(sys.argv[0]), description, RootConfig, default_config, conf_dir())
     quiet_megatron_warnings()  # before anything imports megatron
-    from nemo_optune.run import main
-
-    main(argv, default_config=default_config)
+    run_main(argv, default_config=default_config)
 
 
 def train(argv=None) -> None:

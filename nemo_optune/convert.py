@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from nemo_optune.cli import quiet_megatron_warnings
+from nemo_optune.runtime.quiet import quiet_megatron_warnings
 
 
 def _parser() -> argparse.ArgumentParser:

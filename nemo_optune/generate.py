@@ -13,8 +13,9 @@ import json
 import os
 import sys
 
-from nemo_optune.cli import answer_help, quiet_megatron_warnings
+from nemo_optune.cli import answer_help
 from nemo_optune.config import RootConfig
+from nemo_optune.runtime.quiet import quiet_megatron_warnings
 
 GROUPS = ("model", "data", "generation", "generate")  # the keys this command reads
 

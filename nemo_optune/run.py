@@ -1,8 +1,6 @@
 """Run one experiment from a typed config: SFT warm start (unless restoring), then the method."""
 
 import os
-import signal
-import sys
 import threading
 import time
 
@@ -13,8 +11,7 @@ from nemo_optune.data.task_data import build_task_data
 from nemo_optune.runtime import distributed, exp_dir
 from nemo_optune.runtime.checkpoint import newest_intact_checkpoint
 from nemo_optune.runtime.experiment import ExperimentLog, write_report
-from nemo_optune.runtime.lost_ranks import exit_for_lost_rank, is_collective_failure
-from nemo_optune.runtime.preemption import EXIT_STOPPED, StopRequests
+from nemo_optune.runtime.preemption import StopRequests
 from nemo_optune.trainers.common import setup, sft_checkpoint_dir
 from nemo_optune.trainers.preference import PreferenceTrainer
 from nemo_optune.trainers.sft import run_sft
@@ -178,39 +175,3 @@ def _run(cfg: RootConfig, layout, log: ExperimentLog, resume: str | None, start:
     if cfg.exp_manager.report and layout.is_logging_rank:
         write_report(os.path.join(cfg.exp_manager.exp_dir, "report.png"), summary)
     return summary
-
-
-def main(argv: list[str] | None = None, default_config: str = "optune_tiny") -> None:
-    """Entry point of the launchers (nemo_optune.cli): a recipe plus key=value overrides (Hydra
-    syntax), experiment out. Bad input exits with status 2 and one line naming the key,
-    file or line (rank 0 prints it)."""
-    from nemo_optune.cli import fail, one_line, parse_args, user_errors
-    from nemo_optune.config import load_config
-
-    try:
-        recipe = parse_args(sys.argv[1:] if argv is None else argv, default_config)
-        typed = load_config(recipe.name, recipe.overrides, recipe.config_dir)
-        summary = run_experiment(typed)
-    except user_errors() as err:
-        fail(one_line(err))
-    except RuntimeError as err:  # a peer rank died or hangs: name it, exit non-zero, never wait on it
-        if is_collective_failure(err):
-            exit_for_lost_rank(err, typed.trainer.collective_timeout_seconds)
-        raise
-    if distributed.world_from_env()[0] == 0:
-        if "heldout_reward_final" in summary:
-            print(
-                f"[done] held-out reward {summary['heldout_reward_initial']:.4f} -> "
-                f"{summary['heldout_reward_final']:.4f} in {summary['wall_seconds']:.1f}s, "
-                f"peak RSS {summary['peak_rss_mb']:.0f} MB"
-            )
-        elif "dry_run" not in summary:
-            print(f"[done] {summary['method']} in {summary['wall_seconds']:.1f}s")
-        if "dry_run" not in summary:
-            print(os.path.abspath(typed.exp_manager.exp_dir))
-    if summary.get("stopped_by"):  # srun may signal the ranks still shutting down: exit 3, not 143
-        for name in typed.trainer.stop_signals:
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
-    distributed.shutdown()
-    if summary.get("stopped_by"):
-        sys.exit(EXIT_STOPPED)

@@ -42,7 +42,7 @@ from collections import deque
 from dataclasses import field
 from typing import TYPE_CHECKING, Optional
 
-from nemo_optune.cli import Recipe, answer_help, fail, one_line, quiet_megatron_warnings, user_errors
+from nemo_optune.cli import Recipe, answer_help, fail, one_line, user_errors
 from nemo_optune.config import (
     COUNT,
     DOMAINS,
@@ -60,6 +60,7 @@ from nemo_optune.config import (
     validate_reward,
 )
 from nemo_optune.data.records import DataError, check_messages
+from nemo_optune.runtime.quiet import quiet_megatron_warnings
 
 if TYPE_CHECKING:  # imported when a server starts: --help and config errors answer without them
     from fastapi import FastAPI, Request

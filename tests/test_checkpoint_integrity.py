@@ -12,8 +12,9 @@ import torch.multiprocessing as mp
 from conftest import TINY
 from parallel_harness import _free_port
 
+from nemo_optune.cli import run_main as main
 from nemo_optune.config import load_config
-from nemo_optune.run import main, run_experiment
+from nemo_optune.run import run_experiment
 from nemo_optune.runtime.checkpoint import MANIFEST, list_checkpoints
 
 

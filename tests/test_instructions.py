@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 
 from nemo_optune.config import ConfigError, DataConfig, load_config, sort_task_in_use
-from nemo_optune.data import instructions
+from nemo_optune.data import instructions, make_instruction_prompts
 from nemo_optune.data.instructions import INSTRUCTIONS, follows, found_instructions, instruction_text, score
 from nemo_optune.data.task_data import build_task_data
 from nemo_optune.rewards.instructions import reward
@@ -85,7 +85,7 @@ def test_prompt_sets_are_deterministic_disjoint_and_scorable():
 
 
 def test_writer_command(tmp_path):
-    instructions.main(["--out", str(tmp_path), "--train", "8", "--heldout", "4", "--seed", "3"])
+    make_instruction_prompts.main(["--out", str(tmp_path), "--train", "8", "--heldout", "4", "--seed", "3"])
     rows = {n: [json.loads(line) for line in open(tmp_path / f"{n}.jsonl")] for n in ("train", "heldout")}
     data = build_task_data(DataConfig(task="instructions", num_train_prompts=8, num_heldout_prompts=4, seed=3))
     assert [tuple(r["messages"]) for r in rows["train"]] == data.train_prompts

@@ -6,7 +6,7 @@ fixed sentences, so the reward reads them back from the prompt text itself: it n
 (prompt, response), works on prompt files and through the reward server, and is the share of
 the prompt's instructions the response follows (graded, in [0, 1]).
 
-    python -m nemo_optune.data.instructions --out DIR [--train N] [--heldout N] [--seed S]
+    python -m nemo_optune.data.make_instruction_prompts --out DIR [--train N] [--heldout N] [--seed S]
 
 writes DIR/train.jsonl and DIR/heldout.jsonl (chat `messages` rows, disjoint sets); with
 `data.task=instructions` a run draws the same prompts in-process (data.num_train_prompts,
@@ -14,9 +14,7 @@ data.num_heldout_prompts, data.seed). Reward: `reward.source=python
 reward.function=nemo_optune.rewards.instructions:reward` (or reward.source=task).
 """
 
-import argparse
 import json
-import os
 import random
 import re
 
@@ -232,34 +230,3 @@ class InstructionsTask:
 
 def _key(prompt: tuple[dict, ...]) -> str:
     return prompt[-1]["content"]
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m nemo_optune.data.instructions", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="directory for train.jsonl and heldout.jsonl")
-    p.add_argument("--train", type=int, default=256)
-    p.add_argument("--heldout", type=int, default=64)
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--kinds", nargs="*", default=[], choices=list(INSTRUCTIONS), help="default: all")
-    args = p.parse_args(argv)
-    from nemo_optune.config import DataConfig
-    from nemo_optune.data.task_data import build_task_data
-
-    data = build_task_data(
-        DataConfig(
-            task="instructions",
-            num_train_prompts=args.train,
-            num_heldout_prompts=args.heldout,
-            seed=args.seed,
-            instructions=args.kinds,
-        )
-    )
-    os.makedirs(args.out, exist_ok=True)
-    for name, prompts in (("train", data.train_prompts), ("heldout", data.heldout_prompts)):
-        with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
-            f.writelines(json.dumps({"messages": list(prompt)}) + "\n" for prompt in prompts)
-    print(args.out)
-
-
-if __name__ == "__main__":
-    main()

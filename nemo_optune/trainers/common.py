@@ -4,12 +4,12 @@ import os
 
 import torch
 
-from nemo_optune.cli import quiet_megatron_warnings
 from nemo_optune.config import RootConfig, sort_task_in_use
 from nemo_optune.data.sort_task import SortTask
 from nemo_optune.data.task_data import Task
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.runtime import distributed
+from nemo_optune.runtime.quiet import quiet_megatron_warnings
 
 
 def setup(cfg: RootConfig):
