@@ -70,7 +70,7 @@ def test_estimate_terms_by_hand(llama_dir):
 
 
 def test_dry_run_prints_the_estimate_and_loads_nothing(llama_dir, tmp_path, capsys):
-    from nemo_optune.run import main
+    from nemo_optune.cli import run_main as main
 
     exp = tmp_path / "exp"
     main(
