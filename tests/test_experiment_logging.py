@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import ROOT, TINY
 
 from nemo_optune.config import WandbConfig
@@ -144,6 +145,12 @@ def test_a_pipe_gets_no_bars_but_the_iteration_lines(wandb_run):
     out, _, _ = wandb_run
     assert "[iter 1/2] heldout" in out and "[iter 2/2] heldout" in out
     assert not BAR.search(out) and "%|" not in out and "rows/s" not in out and "\r" not in out
+    # implicit rewards, response lengths, memory and tokens/s in the line
+    line = re.compile(
+        r"\[iter 2/2\] .* rw [+-]\d\.\d{3}/[+-]\d\.\d{3}  len \d+\.\d/\d+ eos [01]\.\d\d  mem \d+MB \| "
+        r"gen \d+\.\d\ds \d+ tok/s .* train \d+\.\d\ds \d+ tok/s total"
+    )
+    assert line.search(out), out[-2000:]
 
 
 def test_run_info_records_the_start(wandb_run):
@@ -183,6 +190,18 @@ def test_wandb_offline_logs_the_metrics_and_a_resumed_run_continues_it(wandb_run
         assert logged["rollout/regenerated"] == record["regenerated"]
         assert logged["timing/training"] == pytest.approx(record["seconds"]["training"])
         assert {"train/accuracy", "train/grad_norm", "train/lr", "val/kl", "rollout/pool_mean_reward"} <= set(logged)
+        for name, (key, sub) in {
+            "train/rewards/chosen": ("implicit_rewards", "chosen"),
+            "train/rewards/margins": ("implicit_rewards", "margins"),
+            "train/logps/rejected": ("policy_logps", "rejected"),
+            "rollout/completions/mean_length": ("completions", "mean_length"),
+            "rollout/completions/eos_rate": ("completions", "eos_rate"),
+            "val/completions/max_length": ("heldout_completions", "max_length"),
+            "throughput/generation_tokens_per_s": ("throughput", "generation_tokens_per_s"),
+            "throughput/training_tokens_per_s": ("throughput", "training_tokens_per_s"),
+            "memory/peak_rss_mb": ("memory", "peak_rss_mb"),
+        }.items():
+            assert logged[name] == pytest.approx(record[key][sub]), name
 
     # the requeued job (one more iteration) resumes the checkpoint and the same W&B run
     out = run_piped(
@@ -252,6 +271,12 @@ def test_metric_names_are_grouped():
         "reward_by_source": {"task": 0.3},
         "heldout_reward_by_source": {"task": 0.2},
         "seconds": {"training": 1.5, "total": 2.0},
+        "implicit_rewards": {"chosen": 0.25, "rejected": -0.5, "margins": 0.75},
+        "policy_logps": {"chosen": -3.0},
+        "completions": {"mean_length": 5.5, "eos_rate": 0.5},
+        "heldout_completions": {},  # not evaluated
+        "throughput": {"generation_tokens_per_s": None, "training_tokens_per_s": 40.0},
+        "memory": {"peak_rss_mb": 100.0, "peak_gpu_memory_mb": None},  # None: no GPU
         "new_key": 7,
     }
     assert metric_names(record) == {
@@ -264,8 +289,33 @@ def test_metric_names_are_grouped():
         "val/reward_by_source/task": 0.2,
         "timing/training": 1.5,
         "timing/total": 2.0,
+        "train/rewards/chosen": 0.25,
+        "train/rewards/rejected": -0.5,
+        "train/rewards/margins": 0.75,
+        "train/logps/chosen": -3.0,
+        "rollout/completions/mean_length": 5.5,
+        "rollout/completions/eos_rate": 0.5,
+        "throughput/training_tokens_per_s": 40.0,
+        "memory/peak_rss_mb": 100.0,
         "train/new_key": 7.0,
     }
+
+
+def test_completion_counts_and_stats_of_hand_built_rollouts():
+    """Lengths count the stop token; a response ended when its last token is an end-of-sequence
+    id or padding (the engines stop on both), also at exactly max_new_tokens; else it was cut."""
+    from types import SimpleNamespace
+
+    from nemo_optune.generation.base import Rollouts, completion_counts, completion_stats
+
+    tokens = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [5, 6, 7, 2], [0, 0, 0, 0]])
+    rollouts = Rollouts(tokens, torch.tensor([2, 4, 4, 1]), torch.zeros(4, 4))
+    counts = completion_counts(rollouts, SimpleNamespace(eos_ids=frozenset({2}), pad_id=0))
+    assert counts.tolist() == [0, 1, 1, 0, 2, 3]  # lengths 0..4, then the 3 that ended
+    expected = {"responses": 4, "tokens": 11, "mean_length": 2.75, "min_length": 1, "max_length": 4, "eos_rate": 0.75}
+    assert completion_stats(counts) == expected
+    assert completion_stats(counts + counts) == {**expected, "responses": 8, "tokens": 22}  # ranks add up
+    assert completion_stats(torch.zeros(6, dtype=torch.float64)) == {}
 
 
 def test_wandb_missing_is_a_config_error(tmp_path, monkeypatch):
@@ -289,6 +339,29 @@ def test_tensorboard_gets_the_grouped_names(tmp_path):
     events.Reload()
     assert sorted(events.Tags()["scalars"]) == ["timing/total", "train/loss", "val/reward"]
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 0.5)]
+
+
+def test_samples_go_to_jsonl_and_tensorboard_text(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = ExperimentLog(str(tmp_path), enabled=True, tensorboard=True)
+    chat = [{"role": "user", "content": "Say hi"}]
+    samples = [
+        {"prompt_index": 0, "prompt": "12>", "response": "12", "length": 3, "reward": 1.0},
+        {"prompt_index": 1, "prompt": chat, "response": "hi\nthere", "length": 4, "reward": None},
+    ]
+    log.samples(0, samples)
+    log.samples(2, samples[:1])
+    log.samples(3, [])  # nothing to write
+    log.close()
+    lines = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert lines == [{"iteration": 0, **samples[0]}, {"iteration": 0, **samples[1]}, {"iteration": 2, **samples[0]}]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    texts = events.Tensors("val/samples/text_summary")
+    assert [e.step for e in texts] == [0, 2]
+    first = texts[0].tensor_proto.string_val[0].decode()
+    assert "held-out prompt 1" in first and '"content": "Say hi"' in first and "    there" in first
 
 
 def test_report_with_evaluations_skipped(tmp_path):

@@ -9,7 +9,9 @@ import torch
 from nemo_optune.data.batching import iteration_batches
 from nemo_optune.data.pool import PromptPool
 from nemo_optune.trainers.preference_loss import (
+    METRICS,
     global_batch_weights,
+    metric_sums,
     preference_loss_fn,
     preference_micro_batches,
 )
@@ -259,6 +261,33 @@ def test_preference_loss_fn_hand_computed(loss_type, sft_weight, valid, total, e
     assert metrics["correct"].item() == valid[0]  # margin 1.5 > 0 counts, margin 0.0 does not
     assert metrics["margin"].item() == pytest.approx(1.5 * valid[0])
     assert metrics["kl"].item() == 0.0
+    # implicit rewards beta * (policy - reference): chosen [0.1, -0.05], rejected [-0.05, -0.05];
+    # summed over the valid pairs, their difference is beta times the summed margin
+    v0, v1 = valid
+    assert metrics["reward_chosen"].item() == pytest.approx(0.1 * v0 - 0.05 * v1)
+    assert metrics["reward_rejected"].item() == pytest.approx(-0.05 * v0 - 0.05 * v1)
+    assert (metrics["reward_chosen"] - metrics["reward_rejected"]).item() == pytest.approx(
+        0.1 * metrics["margin"].item()
+    )
+    assert metrics["logp_chosen"].item() == pytest.approx(-3.0 * v0 - 2.5 * v1)
+    assert metrics["logp_rejected"].item() == pytest.approx(-5.5 * v0 - 3.5 * v1)
+    assert set(metrics) == set(METRICS)
+
+
+def test_metric_sums_add_each_named_metric_over_micro_batches():
+    """The trainer reads the sums by name: each METRICS entry is its own total over micro-batches."""
+    loss_fn = preference_loss_fn(0.1, "dpo", 0.0, kl_weight=0.0, kl_prompts_total=1)
+    _, first = loss_fn(
+        pair_mb([1.0, 3.0], [1.0, 1.0], 4.0, [-4.0, -2.0], [-5.0, -3.0], [3.0, 2.0]),
+        torch.tensor([-3.0, -2.5, -5.5, -3.5]),
+    )
+    _, second = loss_fn(pair_mb([1.0], [1.0], 4.0, [-1.0], [-2.0], [1.0]), torch.tensor([-0.5, -3.0]))
+    sums = dict(zip(METRICS, metric_sums([first, second], torch.device("cpu")).tolist()))
+    assert sums["pairs"] == 3 and sums["correct"] == 2  # margins 1.5, 0.0, 1.5
+    assert sums["reward_chosen"] == pytest.approx(0.1 - 0.05 + 0.05)
+    assert sums["reward_rejected"] == pytest.approx(-0.05 - 0.05 - 0.1)
+    assert sums["logp_chosen"] == pytest.approx(-3.0 - 2.5 - 0.5)
+    assert sums["logp_rejected"] == pytest.approx(-5.5 - 3.5 - 3.0)
 
 
 def test_dpo_orientation():

@@ -138,6 +138,58 @@ def test_eval_every_skips_held_out_evaluation_between_and_keeps_the_last(trainer
     assert trainer.iteration(6)["heldout_reward"] is None and len(calls) == 1
 
 
+def test_iteration_metrics_are_hand_counts_of_its_rollouts_and_pairs(trainer, monkeypatch):
+    """Response lengths and EOS rate: a count of the iteration's rollouts (regeneration, then
+    the held-out evaluation); implicit rewards, log-probs and trained tokens: from the pool's pairs."""
+    calls = []
+    real_generate = trainer.engine.generate
+    monkeypatch.setattr(trainer.engine, "generate", lambda *a, **k: calls.append(real_generate(*a, **k)) or calls[-1])
+    record = trainer.iteration(7)
+    regenerated, heldout = calls
+    max_new, tok = trainer.cfg.generation.max_new_tokens, trainer.tokenizer
+    for rollouts, stats in ((regenerated, record["completions"]), (heldout, record["heldout_completions"])):
+        lengths = rollouts.response_lengths.tolist()
+        ended = [
+            n < max_new or int(row[n - 1]) in tok.eos_ids | {tok.pad_id}
+            for row, n in zip(rollouts.response_tokens, lengths)
+        ]
+        assert stats == {
+            "responses": len(lengths),
+            "tokens": sum(lengths),
+            "mean_length": pytest.approx(sum(lengths) / len(lengths)),
+            "min_length": min(lengths),
+            "max_length": max(lengths),
+            "eos_rate": pytest.approx(sum(ended) / len(lengths)),
+        }
+        assert 0 < stats["eos_rate"] < 1 and stats["max_length"] <= max_new  # the tiny policy does both
+    assert record["generated_tokens"] == record["completions"]["tokens"]  # one rank
+    seconds = record["seconds"]
+    assert record["throughput"]["generation_tokens_per_s"] == pytest.approx(
+        record["completions"]["tokens"] / seconds["generation"]
+    )
+
+    # every pair of the pool was trained once (one epoch, no batch skipped)
+    store, beta = trainer.pool.store, trainer.cfg.model.optune.beta
+    assert record["batches_without_signal"] == 0 and trainer.cfg.trainer.epochs_per_iteration == 1
+    prompts = sum(len(p) for p in trainer.pool.prompt_ids)
+    assert record["training_tokens"] == 2 * prompts + int(store.chosen_lengths.sum() + store.rejected_lengths.sum())
+    assert record["throughput"]["training_tokens_per_s"] == pytest.approx(
+        record["training_tokens"] / seconds["training"]
+    )
+    rewards, logps = record["implicit_rewards"], record["policy_logps"]
+    valid = store.valid  # float32 sums: to 1e-5
+    assert rewards["chosen"] == pytest.approx(
+        beta * (logps["chosen"] - float(store.ref_chosen_logps[valid].mean())), abs=1e-5
+    )
+    assert rewards["rejected"] == pytest.approx(
+        beta * (logps["rejected"] - float(store.ref_rejected_logps[valid].mean())), abs=1e-5
+    )
+    assert rewards["margins"] == pytest.approx(rewards["chosen"] - rewards["rejected"])
+    assert rewards["margins"] == pytest.approx(beta * record["train_margin"], abs=1e-5)
+    assert logps["chosen"] < 0 and logps["rejected"] < 0
+    assert record["memory"]["peak_rss_mb"] > 100 and record["memory"]["peak_gpu_memory_mb"] is None  # CPU
+
+
 def test_pool_pairs_are_valid_exactly_when_their_rewards_differ(trainer):
     pool = trainer.pool.store
     tied = pool.chosen_rewards == pool.rejected_rewards
@@ -170,6 +222,52 @@ def test_end_to_end_two_iterations(tiny_overrides):
     assert len(json.loads(lines[1])["regenerated"]) == 32
     assert os.path.getsize(os.path.join(exp, "report.png")) > 1000
     assert os.listdir(os.path.join(exp, "tensorboard"))
+
+    # docs/metrics.md's metrics: in summary.json with plausible values, in TensorBoard by name
+    max_new = cfg.generation.max_new_tokens
+    for it in on_disk["iterations"]:
+        for stats in (it["completions"], it["heldout_completions"]):
+            assert 1 <= stats["min_length"] <= stats["mean_length"] <= stats["max_length"] <= max_new
+            assert 0 <= stats["eos_rate"] <= 1
+        assert it["completions"]["responses"] == it["regenerated"] * 4
+        assert it["heldout_completions"]["responses"] == 32 * 2  # held-out prompts x eval samples
+        rewards = it["implicit_rewards"]
+        assert rewards["margins"] == pytest.approx(rewards["chosen"] - rewards["rejected"])
+        assert it["throughput"]["generation_tokens_per_s"] > 0 and it["throughput"]["training_tokens_per_s"] > 0
+        assert it["memory"]["peak_rss_mb"] <= on_disk["peak_rss_mb"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(exp, "tensorboard"))
+    events.Reload()
+    names = set(events.Tags()["scalars"])
+    for name in (
+        "train/rewards/chosen",
+        "train/rewards/rejected",
+        "train/rewards/margins",
+        "train/logps/chosen",
+        "train/logps/rejected",
+        "rollout/completions/mean_length",
+        "rollout/completions/max_length",
+        "rollout/completions/eos_rate",
+        "val/completions/mean_length",
+        "throughput/generation_tokens_per_s",
+        "throughput/training_tokens_per_s",
+        "memory/peak_rss_mb",
+    ):
+        assert name in names, name
+    eos = [(e.step, e.value) for e in events.Scalars("rollout/completions/eos_rate")]
+    assert eos == [(i, pytest.approx(r["completions"]["eos_rate"])) for i, r in enumerate(on_disk["iterations"], 1)]
+    assert [e.step for e in events.Tensors("val/samples/text_summary")] == [0, 1, 2]
+
+    # samples.jsonl: the first 3 held-out prompts at the start and after each iteration, with
+    # the reward their response gets
+    data = build_task_data(cfg.data)
+    samples = [json.loads(line) for line in open(os.path.join(exp, "samples.jsonl"))]
+    assert [(s["iteration"], s["prompt_index"]) for s in samples] == [(i, p) for i in range(3) for p in range(3)]
+    for s in samples:
+        assert s["prompt"] == data.heldout_prompts[s["prompt_index"]]
+        assert s["reward"] == pytest.approx(data.task.reward(s["prompt"], s["response"]))
+        assert 1 <= s["length"] <= max_new
 
 
 def test_stored_pairs_are_the_best_and_worst_samples_with_their_own_rewards(trainer):

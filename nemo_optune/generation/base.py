@@ -49,3 +49,36 @@ class RolloutEngine(Protocol):
 
     def resume(self) -> None:
         """Re-acquire what `release` freed."""
+
+
+def completion_counts(rollouts: Rollouts, tokenizer) -> torch.Tensor:
+    """[max_new_tokens + 2] float64: how many responses have each length 0..max_new_tokens, then
+    how many ended on a stop token (any of the tokenizer's end-of-sequence ids, or padding, as the
+    engines stop); the others were cut at max_new_tokens. Counts add up over batches and ranks
+    (sum_over_dp), and completion_stats reads the totals."""
+    lengths = rollouts.response_lengths.long().cpu()
+    width = rollouts.response_tokens.shape[1]
+    last = rollouts.response_tokens.cpu().gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+    stops = torch.tensor(sorted(tokenizer.eos_ids | {tokenizer.pad_id}), dtype=torch.long)
+    ended = (lengths > 0) & torch.isin(last, stops)
+    return torch.cat([torch.bincount(lengths, minlength=width + 1).double(), ended.sum().double().reshape(1)])
+
+
+def completion_stats(counts: torch.Tensor) -> dict:
+    """Responses, their tokens, mean / min / max length (stop token included) and the fraction
+    that ended on a stop token, from completion_counts' totals ({} for no response)."""
+    per_length, ended = counts[:-1], float(counts[-1])
+    responses = float(per_length.sum())
+    if responses == 0:
+        return {}
+    lengths = torch.arange(len(per_length), dtype=torch.float64)
+    seen = torch.nonzero(per_length).squeeze(1)
+    tokens = float((per_length * lengths).sum())
+    return {
+        "responses": int(responses),
+        "tokens": int(tokens),
+        "mean_length": tokens / responses,
+        "min_length": int(seen[0]),
+        "max_length": int(seen[-1]),
+        "eos_rate": ended / responses,
+    }

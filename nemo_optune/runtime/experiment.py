@@ -1,5 +1,6 @@
 """Experiment outputs: per-iteration console line, TensorBoard, Weights & Biases (optional),
-selections.jsonl, run_info.json, summary.json and report.png. Only the logging rank writes."""
+selections.jsonl, samples.jsonl, run_info.json, summary.json and report.png. Only the logging
+rank writes. docs/metrics.md lists the metrics."""
 
 import contextlib
 import datetime
@@ -79,11 +80,18 @@ METRIC_NAMES = {
     "regenerated": "rollout/regenerated",
     "ties_dropped": "rollout/ties_dropped",
     "non_finite_rewards": "rollout/non_finite_rewards",
+    "training_tokens": "throughput/training_tokens",
 }
 METRIC_GROUPS = {  # dict-valued record keys: group/<sub key>
     "seconds": "timing",
     "reward_by_source": "rollout/reward_by_source",
     "heldout_reward_by_source": "val/reward_by_source",
+    "implicit_rewards": "train/rewards",  # TRL's rewards/chosen, rewards/rejected, rewards/margins
+    "policy_logps": "train/logps",  # TRL's logps/chosen, logps/rejected
+    "completions": "rollout/completions",  # TRL's completions/mean_length, ...
+    "heldout_completions": "val/completions",
+    "throughput": "throughput",
+    "memory": "memory",
 }
 NOT_METRICS = ("iteration",)  # the step itself
 
@@ -209,6 +217,22 @@ class ExperimentLog:
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
+    def samples(self, step: int, samples: list[dict]) -> None:
+        """A few held-out prompts with their responses and rewards: samples.jsonl (one line each,
+        with the iteration; 0 = the start) and TensorBoard's text tab (val/samples)."""
+        if not self.enabled or not samples:
+            return
+        for sample in samples:
+            self.append_jsonl("samples.jsonl", {"iteration": step, **sample})
+        if self.writer is not None:
+            text = "\n\n".join(
+                f"**held-out prompt {s['prompt_index']}** (reward {s['reward']}, {s['length']} tokens)\n\n"
+                + "".join(f"    {line}\n" for line in f"{_text(s['prompt'])}\n---\n{s['response']}".splitlines())
+                for s in samples
+            )
+            self.writer.add_text("val/samples", text, step)
+            self.writer.flush()
+
     def append_jsonl(self, name: str, record: dict) -> None:
         if self.enabled:
             with open(os.path.join(self.exp_dir, name), "a") as f:
@@ -250,6 +274,11 @@ class ExperimentLog:
             failed = sys.exc_info()[0] is not None and not _clean_exit(sys.exc_info()[1])
             self.wandb_run.finish(exit_code=1 if failed else 0)
             self.wandb_run = None
+
+
+def _text(prompt) -> str:
+    """A prompt as text: itself, or its chat messages as JSON."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
 
 
 def _clean_exit(err: BaseException) -> bool:

@@ -5,7 +5,7 @@ reverse-KL term (trainers/preference_loss.py)."""
 import torch
 
 from nemo_optune.data.pool import build_sequences
-from nemo_optune.generation.base import SamplingParams
+from nemo_optune.generation.base import Rollouts, SamplingParams
 from nemo_optune.runtime.experiment import PhaseTimer
 from nemo_optune.runtime.seeds import mix_seed
 
@@ -28,11 +28,11 @@ class OnlineKLSamples:
 
     def add_to(
         self, micro_batches: list[dict], indices: torch.Tensor, seed: int, max_new_tokens: int, timer: PhaseTimer
-    ) -> int:
+    ) -> Rollouts:
         """Sample k responses for each prompt in `indices` (this rank's share of the batch, in
         micro-batch order) and append them to the micro-batches after their pair rows.
         Samples come from the policy itself (temperature 1, no truncation): the RLOO estimate
-        is of KL(pi || ref) only for such samples. Returns the responses generated."""
+        is of KL(pi || ref) only for such samples. Returns the samples (for the run's counts)."""
         prompts = [self.prompt_ids[i] for i in indices.tolist()]
         with timer.phase("generation"):
             rollouts = self.engine.generate(
@@ -57,4 +57,4 @@ class OnlineKLSamples:
             mb["loss_mask"] = torch.cat([mb["loss_mask"], mask[rows]])
             mb["sample_ref_logps"] = ref[rows]
             start += len(mb["indices"])
-        return len(prompts) * self.k
+        return rollouts

@@ -23,7 +23,7 @@ from nemo_optune.data.offline_pool import build_offline_pool
 from nemo_optune.data.pool import PromptPool, build_sequences
 from nemo_optune.data.prompts import Prompt, encode_prompt_file, encode_prompt_set
 from nemo_optune.data.task_data import TaskData
-from nemo_optune.generation.base import SamplingParams
+from nemo_optune.generation.base import SamplingParams, completion_counts, completion_stats
 from nemo_optune.generation.factory import build_engine, refit_engine
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 from nemo_optune.rewards.resilient import RewardSourceError
@@ -50,6 +50,7 @@ from nemo_optune.trainers.preference_pool import PreferencePool, RefreshStats
 
 TIMED_PHASES = ("selection", "generation", "scoring", "reference", "exchange", "training")
 HELD_OUT_SEED = 0xE7A1
+SAMPLES_PER_EVALUATION = 3  # held-out prompts whose first response goes to samples.jsonl
 
 
 class PreferenceTrainer:
@@ -154,6 +155,11 @@ class PreferenceTrainer:
         self.history: list[dict] = []
         self.responses_generated = 0
         self.initial: tuple[float, float] | None = None  # held-out (reward, KL) of the SFT start
+        # The last evaluation's by-products, beside its (reward, KL): per-source means, response
+        # counts (completion_stats) and a few samples for samples.jsonl.
+        self.heldout_by_source: dict = {}
+        self.heldout_completions: dict = {}
+        self.heldout_samples: list[dict] = []
         self.checkpoint_seconds: list[float] = []
 
     def prompt_set(
@@ -182,6 +188,7 @@ class PreferenceTrainer:
         start = time.perf_counter()
         if self.initial is None:
             self.initial = self.evaluate()
+            self.log.samples(0, self.heldout_samples)
         initial, _ = self.initial
         self.log.print(f"[{self.cfg.method}] layout={self.layout.as_dict()} held-out reward at start {initial:.4f}")
         iterations, stopped_by = self.cfg.trainer.iterations, None
@@ -223,26 +230,30 @@ class PreferenceTrainer:
         note_phase("iteration start", it + 1)
         timer = PhaseTimer()
         refresh, rho = RefreshStats(), None
+        generated = torch.zeros(self.cfg.generation.max_new_tokens + 2, dtype=torch.float64)  # completion_counts
         window = iteration_window(
             len(self.pool.store), self.cfg.trainer.prompts_per_iteration, it, self.cfg.trainer.seed
         )
         if self.online:
             with timer.phase("selection"):
                 selected, rho = self.pool.select(it, window)  # 1. identical on every rank
-            refresh = self.pool.regenerate(it, selected, sampling_params(self.cfg), timer)  # 2.
+            refresh = self.pool.regenerate(it, selected, sampling_params(self.cfg), timer, generated)  # 2.
             self.responses_generated += refresh.responses
             self.log.append_jsonl("selections.jsonl", {"iteration": it + 1, "regenerated": selected.tolist()})
         if (it == 0 and not self.online) or not self.cfg.model.optune.cache_reference_logprobs:
             with timer.phase("reference"):  # offline pools once; without caching, every iteration
                 self.pool.refresh_all_reference_logprobs()
         self.engine.release()  # an external engine's memory, for training (in-process: nothing)
-        train = self.train_on_pool(it, window, timer)  # 3.
+        train = self.train_on_pool(it, window, timer, generated)  # 3.
         train.update(refit_engine(self.engine, self.model))  # external engines: the new weights (+ timings)
         iteration_seconds = sum(timer.seconds[p] for p in TIMED_PHASES)
         eval_start = time.perf_counter()
         t = self.cfg.trainer
         evaluated = (it + 1) % t.eval_every == 0 or it + 1 == t.iterations
         heldout, heldout_kl = self.evaluate() if evaluated else (None, None)  # 4.
+        if evaluated:
+            self.log.samples(it + 1, self.heldout_samples)
+        completions = completion_stats(sum_over_dp(generated))
         pool = self.pool.store
         return {
             "iteration": it + 1,
@@ -252,13 +263,20 @@ class PreferenceTrainer:
             "pool_chosen_reward": float(pool.chosen_rewards.mean()),
             "rho": rho,
             "regenerated": refresh.regenerated,
-            "generated_tokens": refresh.tokens,  # by this rank (rank 0's is logged)
+            "generated_tokens": completion_stats(generated).get("tokens", 0),  # by this rank (rank 0's is logged)
+            "completions": completions,  # this iteration's new responses, all ranks
+            "heldout_completions": self.heldout_completions if evaluated else {},
             "ties_dropped": refresh.ties_dropped,
             "non_finite_rewards": refresh.non_finite_rewards,
             "pool_valid_pairs": int(pool.valid.sum()),
             "reward_by_source": refresh.reward_by_source,  # mean over this iteration's new samples
             "heldout_reward_by_source": self.heldout_by_source if evaluated else {},
             **train,
+            "throughput": {
+                "generation_tokens_per_s": per_second(completions.get("tokens", 0), timer.seconds["generation"]),
+                "training_tokens_per_s": per_second(train["training_tokens"], timer.seconds["training"]),
+            },
+            "memory": {"peak_rss_mb": peak_rss_mb(), "peak_gpu_memory_mb": peak_gpu_memory_mb()},  # rank 0's so far
             "seconds": {
                 **{p: timer.seconds[p] for p in TIMED_PHASES},
                 "total": iteration_seconds,
@@ -267,10 +285,13 @@ class PreferenceTrainer:
         }
 
     # ------------------------------------------------------------- 3. train
-    def train_on_pool(self, it: int, window: torch.Tensor, timer: PhaseTimer) -> dict:
-        t = self.cfg.trainer
+    def train_on_pool(self, it: int, window: torch.Tensor, timer: PhaseTimer, generated: torch.Tensor) -> dict:
+        """The iteration's optimizer steps over `window`; HyPO's online samples are counted into
+        `generated` (completion_counts)."""
+        t, store = self.cfg.trainer, self.pool.store
         totals = torch.zeros(len(METRICS), device=self.model.device)
         grad_norms, skipped = [], 0
+        tokens = 0  # this rank's trained tokens: prompt + response of every sequence, no padding
         batches = [
             window[b] for b in iteration_batches(len(window), t.global_batch_size, t.epochs_per_iteration, it, t.seed)
         ]
@@ -279,26 +300,33 @@ class PreferenceTrainer:
             if weight_total == 0 and self.online_kl is None:
                 skipped += 1  # a batch of tied / identical pairs carries no signal
                 continue
+            mine = torch.cat([mb["indices"] for mb in micro_batches])
+            prompt_tokens = sum(len(self.pool.prompt_ids[i]) for i in mine.tolist())
+            tokens += 2 * prompt_tokens + int(store.chosen_lengths[mine].sum() + store.rejected_lengths[mine].sum())
             if self.online_kl is not None:
-                mine = torch.cat([mb["indices"] for mb in micro_batches])
-                self.responses_generated += (
-                    self.online_kl.add_to(
-                        micro_batches, mine, mix_seed(t.seed, it, b), self.cfg.generation.max_new_tokens, timer
-                    )
-                    * self.layout.dp
+                samples = self.online_kl.add_to(
+                    micro_batches, mine, mix_seed(t.seed, it, b), self.cfg.generation.max_new_tokens, timer
                 )
+                self.responses_generated += len(samples.response_lengths) * self.layout.dp
+                generated += completion_counts(samples, self.tokenizer)
+                tokens += self.online_kl.k * prompt_tokens + int(samples.response_lengths.sum())
             with timer.phase("training"):
                 metrics, grad_norm = self.model.train_step(micro_batches, self.loss_fn)
             grad_norms.append(grad_norm)
             totals += metric_sums(metrics, self.model.device)
-        totals = self.model.global_metric_sums(totals)
+        sums = dict(zip(METRICS, self.model.global_metric_sums(totals).tolist()))
         steps = max(1, len(grad_norms))
-        pairs = max(1.0, float(totals[1]))
+        pairs = max(1.0, sums["pairs"])
+        chosen, rejected = sums["reward_chosen"] / pairs, sums["reward_rejected"] / pairs
         return {
-            "train_loss": float(totals[0]) / steps,
-            "train_accuracy": float(totals[2]) / pairs,
-            "train_margin": float(totals[3]) / pairs,
-            "hypo_kl": float(totals[4]) / steps,
+            "train_loss": sums["loss"] / steps,
+            "train_accuracy": sums["correct"] / pairs,
+            "train_margin": sums["margin"] / pairs,
+            "hypo_kl": sums["kl"] / steps,
+            # TRL's rewards/* and logps/*: means over the iteration's valid pairs
+            "implicit_rewards": {"chosen": chosen, "rejected": rejected, "margins": chosen - rejected},
+            "policy_logps": {"chosen": sums["logp_chosen"] / pairs, "rejected": sums["logp_rejected"] / pairs},
+            "training_tokens": int(sum_over_dp(torch.tensor([tokens], dtype=torch.float64))),
             "grad_norm": sum(grad_norms) / steps,
             "lr": self.lr_at_step(max(0, self.model.optimizer_steps - 1)),
             "optimizer_steps": len(grad_norms),
@@ -337,7 +365,9 @@ class PreferenceTrainer:
 
     # ------------------------------------------------------------ 4. evaluate
     def evaluate(self) -> tuple[float, float]:
-        """(mean reward, reverse KL to the reference) of policy samples on the held-out prompts.
+        """(mean reward, reverse KL to the reference) of policy samples on the held-out prompts;
+        also sets heldout_by_source, heldout_completions and heldout_samples (rank 0's first
+        SAMPLES_PER_EVALUATION prompts, first response each).
 
         The noise is a function of the data seed and the prompt only, the same at every
         evaluation, so a change reflects the policy. Samples come from the policy itself
@@ -369,11 +399,9 @@ class PreferenceTrainer:
         ref = self.model.sequence_logprobs("reference", tokens, mask, g.micro_batch_size)
         policy = rollouts.logprobs.sum(dim=1)
         finite = torch.isfinite(rewards)
+        sums = [float(rewards[finite].sum()), float(finite.sum()), float((policy - ref).sum()), float(len(texts))]
         total = sum_over_dp(
-            torch.tensor(
-                [float(rewards[finite].sum()), float(finite.sum()), float((policy - ref).sum()), float(len(texts))],
-                dtype=torch.float64,
-            )
+            torch.cat([torch.tensor(sums, dtype=torch.float64), completion_counts(rollouts, self.tokenizer)])
         )
         if total[1] < total[3] and self.cfg.reward.non_finite == "error":  # the same verdict on every rank
             raise RewardSourceError(
@@ -381,6 +409,17 @@ class PreferenceTrainer:
                 f"held-out samples (reward.non_finite=error; =drop leaves them out of the mean)"
             )
         self.heldout_by_source = self.reward.means_over_dp(by_source)
+        self.heldout_completions = completion_stats(total[4:])
+        self.heldout_samples = [
+            {
+                "prompt_index": i,
+                "prompt": self.heldout_prompts[i],  # text, or chat messages
+                "response": texts[p * n],
+                "length": int(rollouts.response_lengths[p * n]),
+                "reward": float(rewards[p * n]) if finite[p * n] else None,
+            }
+            for p, i in enumerate(mine[:SAMPLES_PER_EVALUATION])
+        ]
         return float(total[0] / total[1].clamp(min=1)), float(total[2] / total[3])
 
     # ------------------------------------------------------------ checkpoints
@@ -441,13 +480,27 @@ class PreferenceTrainer:
         return {"method": self.cfg.method, "config": as_dict(self.cfg), "layout": self.layout.as_dict(), **result}
 
 
+def per_second(count: float, seconds: float) -> float | None:
+    return count / seconds if seconds > 0 else None
+
+
 def iteration_line(record: dict, iterations: int) -> str:
-    s = record["seconds"]
+    """The console line: held-out and pool rewards, the loss with TRL's implicit rewards
+    (chosen/rejected), response lengths (mean/max, EOS rate), peak memory, then timings."""
+    s, rw, c, m = record["seconds"], record["implicit_rewards"], record["completions"], record["memory"]
     heldout = "  -   " if record["heldout_reward"] is None else f"{record['heldout_reward']:.4f}"
     kl = "  -  " if record["heldout_kl"] is None else f"{record['heldout_kl']:.3f}"
+    lengths = f"len {c['mean_length']:.1f}/{c['max_length']} eos {c['eos_rate']:.2f}  " if c else ""
+    memory = m["peak_gpu_memory_mb"] if m["peak_gpu_memory_mb"] is not None else m["peak_rss_mb"]
+
+    def rate(name: str) -> str:
+        value = record["throughput"][name]
+        return "" if value is None else f" {value:.0f} tok/s"
+
     return (
         f"[iter {record['iteration']}/{iterations}] heldout {heldout}  kl {kl}  pool {record['pool_mean_reward']:.4f}  regen {record['regenerated']:4d}  "
-        f"ties {record['ties_dropped']:3d}  loss {record['train_loss']:.4f}  acc {record['train_accuracy']:.3f}  | "
-        f"gen {s['generation']:.2f}s score {s['scoring']:.2f}s ref {s['reference']:.2f}s "
-        f"train {s['training']:.2f}s total {s['total']:.2f}s eval {s['eval']:.2f}s"
+        f"ties {record['ties_dropped']:3d}  loss {record['train_loss']:.4f}  acc {record['train_accuracy']:.3f}  "
+        f"rw {rw['chosen']:+.3f}/{rw['rejected']:+.3f}  {lengths}mem {memory:.0f}MB | "
+        f"gen {s['generation']:.2f}s{rate('generation_tokens_per_s')} score {s['scoring']:.2f}s ref {s['reference']:.2f}s "
+        f"train {s['training']:.2f}s{rate('training_tokens_per_s')} total {s['total']:.2f}s eval {s['eval']:.2f}s"
     )

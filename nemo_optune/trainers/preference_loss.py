@@ -117,18 +117,37 @@ def preference_loss_fn(beta: float, loss_type: str, sft_weight: float, kl_weight
                 sequence_logps[2 * n :].view(n, k), mb["sample_ref_logps"].to(device).view(n, k), kl_prompts_total
             )
             loss = loss + kl_weight * kl_loss
+        chosen, rejected = policy_chosen.detach(), policy_rejected.detach()
         return loss, {
             "loss": loss.detach(),
             "pairs": valid.sum(),
             "correct": ((margin.detach() > 0).float() * valid).sum(),
             "margin": (margin.detach() * valid).sum(),
             "kl": kl.detach(),
+            # DPO's implicit rewards beta * (log pi - log ref) and the policy's log-probs, as sums
+            # over valid pairs (divided by the pairs once summed over micro-batches and ranks)
+            "reward_chosen": (beta * (chosen - ref_chosen) * valid).sum(),
+            "reward_rejected": (beta * (rejected - ref_rejected) * valid).sum(),
+            "logp_chosen": (chosen * valid).sum(),
+            "logp_rejected": (rejected * valid).sum(),
         }
 
     return loss_fn
 
 
-METRICS = ("loss", "pairs", "correct", "margin", "kl")  # what loss_fn's metrics hold, in this order
+# What loss_fn's metrics hold, in this order (sums over a micro-batch; "loss" and "kl" are
+# pre-normalised, the rest are divided by "pairs" for a mean).
+METRICS = (
+    "loss",
+    "pairs",
+    "correct",
+    "margin",
+    "kl",
+    "reward_chosen",
+    "reward_rejected",
+    "logp_chosen",
+    "logp_rejected",
+)
 
 
 def metric_sums(metrics: list[dict], device: torch.device) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from nemo_optune import algorithms as alg
 from nemo_optune.data.pool import PromptPool
 from nemo_optune.data.prompts import Prompt
-from nemo_optune.generation.base import SamplingParams
+from nemo_optune.generation.base import SamplingParams, completion_counts
 from nemo_optune.rewards.resilient import RewardSourceError
 from nemo_optune.runtime.distributed import dp_share, gather_rows_over_dp
 from nemo_optune.runtime.experiment import PhaseTimer
@@ -25,7 +25,6 @@ class RefreshStats:
     ties_dropped: int = 0  # of them, prompts whose K rewards all tied (no pair, left out of the loss)
     non_finite_rewards: int = 0  # samples left out for a NaN/inf reward (reward.non_finite=drop)
     responses: int = 0  # responses generated, all ranks
-    tokens: int = 0  # response tokens this rank generated (its throughput: tokens / generation seconds)
     reward_by_source: dict = dataclasses.field(default_factory=dict)  # mean of each source over the new samples
 
 
@@ -76,10 +75,13 @@ class PreferencePool:
         return window[selected].sort().values, rho
 
     # ------------------------------------------- generate, score, pair, replace
-    def regenerate(self, it: int, selected: torch.Tensor, sampling: SamplingParams, timer: PhaseTimer) -> RefreshStats:
+    def regenerate(
+        self, it: int, selected: torch.Tensor, sampling: SamplingParams, timer: PhaseTimer, generated: torch.Tensor
+    ) -> RefreshStats:
         """K samples per selected prompt (balanced over DP ranks), scored, paired best vs
         worst, reference log-probs cached, then every rank's pool copy gets every new pair.
-        Scoring and its checks come before any pool write: a failure leaves the pool as it was."""
+        Scoring and its checks come before any pool write: a failure leaves the pool as it was.
+        This rank's samples are counted into `generated` (completion_counts)."""
         mine, counts = dp_share(selected, self.layout)
         K = self.opt.samples_per_prompt
         prompts = [self.prompt_ids[i] for i in mine.tolist()]
@@ -87,6 +89,7 @@ class PreferencePool:
             rollouts = self.engine.generate(
                 prompts, K, sampling, [mix_seed(self.cfg.trainer.seed, it, i) for i in mine.tolist()]
             )
+        generated += completion_counts(rollouts, self.tokenizer)
         with timer.phase("scoring"):
             texts = [self.tokenizer.decode(r) for r in rollouts.response_tokens]
             rewards, by_source = self.reward.score_once_per_model_parallel_group(
@@ -128,7 +131,6 @@ class PreferencePool:
             ties_dropped=int(len(selected) - gathered["valid"].sum()),
             non_finite_rewards=dropped,
             responses=len(selected) * K,
-            tokens=int(rollouts.response_lengths.sum()),
             reward_by_source=self.reward.means_over_dp(by_source),
         )
 
