@@ -71,9 +71,9 @@ def _worker(rank, world, port, overrides, out_path, capture_iteration, signals):
         state.update(iteration=it, trainer=self)
         return iteration(self, it)
 
-    def train_hook(self, it, window, timer):
+    def train_hook(self, it, window, timer, generated):
         state.update(step=0)
-        return train_on_pool(self, it, window, timer)
+        return train_on_pool(self, it, window, timer, generated)
 
     def grad_hook(self):
         norm = reduce_and_clip(self)
