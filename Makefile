@@ -32,8 +32,9 @@ $(REAL_MODEL)/config.json: | $(STAMP)
 demo-real: $(REAL_MODEL)/config.json
 	$(PY) examples/train_optune.py --config-name demo_real $(ARGS)
 
+# Two workers (pytest-xdist), a test file each at a time: module fixtures are built once.
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests $(ARGS)
 
 # Lint, format and type checks (configured in pyproject.toml); .ci/run runs this before the tests.
 # mypy runs in the venv so that it reads torch's and transformers' types.

@@ -41,7 +41,7 @@ setup(
         "httpx==0.28.1",
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "wandb==0.31.0"],  # wandb: the offline-mode test
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "wandb==0.31.0"],  # wandb: the offline-mode test
         # make lint (and .pre-commit-config.yaml's hooks): config in pyproject.toml. No stubs needed:
         # the packages without type information are listed under [tool.mypy.overrides].
         "lint": ["ruff==0.17.5", "mypy==2.4.1"],

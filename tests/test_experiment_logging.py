@@ -123,7 +123,7 @@ def wandb_history(exp: str) -> tuple[list[str], dict[int, dict]]:
 
 
 @pytest.fixture(scope="module")
-def wandb_run(tmp_path_factory):
+def wandb_run(sft_checkpoint, tmp_path_factory):
     """A tiny run on a pipe, W&B on (offline); (output, exp_dir, tmp)."""
     pytest.importorskip("wandb")
     tmp = tmp_path_factory.mktemp("logged")
@@ -132,6 +132,7 @@ def wandb_run(tmp_path_factory):
         TINY
         + [
             f"exp_manager.exp_dir={exp}",
+            f"model.restore_from_path={sft_checkpoint}",
             "exp_manager.wandb.enabled=true",
             "exp_manager.wandb.mode=offline",
             "exp_manager.wandb.tags=[ci,tiny]",
@@ -216,14 +217,13 @@ def test_wandb_offline_logs_the_metrics_and_a_resumed_run_continues_it(wandb_run
     assert second["config"]["trainer"]["iterations"] == 3
 
 
-def test_a_terminal_gets_a_bar_per_phase(wandb_run, tmp_path):
-    _, exp, _ = wandb_run
+def test_a_terminal_gets_a_bar_per_phase(sft_checkpoint, tmp_path):
     out = run_on_terminal(
         TINY
         + [
             "trainer.iterations=1",
             f"exp_manager.exp_dir={tmp_path / 'exp'}",
-            f"model.restore_from_path={exp}/sft_checkpoint",
+            f"model.restore_from_path={sft_checkpoint}",
         ],
         tmp_path,
     )

@@ -19,11 +19,11 @@ LAYOUTS = {  # name: (world size, overrides)
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """The single-process run; it also writes the SFT checkpoint every layout starts from."""
+def single(sft_checkpoint, tmp_path_factory):
+    """The single-process run from the shared SFT checkpoint, which every layout reshards on load."""
     exp = tmp_path_factory.mktemp("single")
-    result = run_layout(1, TINY + [f"exp_manager.exp_dir={exp}"], str(exp / "result.pt"))
-    return exp, result
+    overrides = TINY + [f"exp_manager.exp_dir={exp}", f"model.restore_from_path={sft_checkpoint}"]
+    return sft_checkpoint, run_layout(1, overrides, str(exp / "result.pt"))
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -32,7 +32,7 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, single, tmp_path):
-    single_exp, ref = single
+    sft_checkpoint, ref = single
     world, layout_overrides = LAYOUTS[name]
     got = run_layout(
         world,
@@ -40,7 +40,7 @@ def test_layout_matches_single_process(name, single, tmp_path):
         + layout_overrides
         + [
             f"exp_manager.exp_dir={tmp_path / 'exp'}",
-            f"model.restore_from_path={single_exp / 'sft_checkpoint'}",  # resharded on load
+            f"model.restore_from_path={sft_checkpoint}",  # resharded on load
         ],
         str(tmp_path / "result.pt"),
     )

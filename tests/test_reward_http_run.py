@@ -58,7 +58,7 @@ def http_overrides(url: str, exp_dir) -> list[str]:
         "reward.source=http",
         f"reward.http.urls=[{url}]",
         "reward.http.batch_size=48",
-        "reward.retries=6",
+        "reward.retries=8",  # backoff 0.25 s doubling: ~64 s for the restarted server to come up
         "reward.backoff_seconds=0.25",
         "reward.timeout_seconds=30",
         "reward.http.dead_server_seconds=0",

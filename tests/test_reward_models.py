@@ -208,7 +208,7 @@ def test_a_single_source_and_a_list_together_are_refused():
         load_config("optune_tiny", ["reward.source=python", "reward.function=a:b", "reward.sources=[{source: task}]"])
 
 
-def test_optune_with_a_task_reward_and_a_reward_model_logs_each(tmp_path):
+def test_optune_with_a_task_reward_and_a_reward_model_logs_each(sft_checkpoint, tmp_path):
     """Two sources in a run: the held-out reward is the weighted sum of the per-source means."""
     from nemo_optune.run import run_experiment
 
@@ -219,6 +219,7 @@ def test_optune_with_a_task_reward_and_a_reward_model_logs_each(tmp_path):
             TINY
             + [
                 f"exp_manager.exp_dir={tmp_path / 'exp'}",
+                f"model.restore_from_path={sft_checkpoint}",
                 f"reward.sources=[{{source: task}}, {{source: hf, name: rm, weight: 0.25, hf: {{path: {path}}}}}]",
             ],
         )
@@ -236,7 +237,7 @@ def _placement_worker(rank, world, port, out_dir):
     _env(rank, world, port)
     os.environ["REWARD_CALL_LOG"] = str(out_dir)
     from nemo_optune.rewards.resilient import RewardSourceError
-    from nemo_optune.runtime.distributed import initialize
+    from nemo_optune.runtime.distributed import initialize, shutdown
 
     layout = initialize(tp=2, pp=1, seed=0)
     responses = ["x" * (3 * layout.dp_rank + i) for i in range(3)]  # each DP rank its own share
@@ -255,6 +256,7 @@ def _placement_worker(rank, world, port, out_dir):
     (out_dir / f"result{rank}.json").write_text(
         json.dumps({"dp_rank": layout.dp_rank, "total": total.tolist(), "failure": outcome})
     )
+    shutdown()  # process groups left to the interpreter's exit can abort it ("terminate called ...")
 
 
 def test_rewards_are_scored_once_per_model_parallel_group_and_failures_stop_every_rank(tmp_path):

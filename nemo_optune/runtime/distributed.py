@@ -59,17 +59,22 @@ def world_from_env() -> tuple[int, int, int]:
     return rank, local_rank, world
 
 
+_megatron_groups: tuple | None = None  # (tp, pp, timeout) of the groups megatron holds
+
+
 def initialize(tp: int, pp: int, seed: int, collective_timeout_seconds: float = 600.0) -> Layout:
     """Initialise torch.distributed and megatron's parallel state; idempotent per process. A
     collective that waits longer than the timeout on a peer fails (gloo and NCCL; NCCL's
     watchdog then aborts the communicator) rather than hanging the job."""
+    global _megatron_groups
     watch_launcher()  # a rank whose torchrun/srun died stops instead of finishing the run
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
 
     on_cpu = apply_cpu_shim()
     rank, local_rank, world = world_from_env()
-    if not dist.is_initialized():
+    new_world = not dist.is_initialized()
+    if new_world:
         if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
             # A rendezvous with nobody: a fresh local port, never one inherited from a parent
             # job. (Under torchrun, even with one process, its agent's store is at MASTER_PORT.)
@@ -85,14 +90,20 @@ def initialize(tp: int, pp: int, seed: int, collective_timeout_seconds: float = 
             world_size=world,
             timeout=datetime.timedelta(seconds=collective_timeout_seconds),
         )
-    if mpu.model_parallel_is_initialized():
-        mpu.destroy_model_parallel()
-    # megatron's groups take the same timeout (its argument is in minutes; a float works: timedelta).
-    mpu.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        distributed_timeout_minutes=collective_timeout_seconds / 60,
-    )
+    groups = (tp, pp, collective_timeout_seconds)
+    if new_world or not (mpu.model_parallel_is_initialized() and _megatron_groups == groups):
+        # Re-creating the same groups would leak them (megatron's destroy forgets its groups
+        # without destroying them: every gloo group keeps its threads); runs in one process
+        # with the same layout, such as a test session's, reuse them.
+        if mpu.model_parallel_is_initialized():
+            mpu.destroy_model_parallel()
+        # megatron's groups take the same timeout (its argument is in minutes; a float works: timedelta).
+        mpu.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            distributed_timeout_minutes=collective_timeout_seconds / 60,
+        )
+        _megatron_groups = groups
     start_heartbeat()  # names a lost rank if a collective fails (runtime/lost_ranks.py)
     seed_everything(seed)
     # The inference tracker avoids forking CUDA RNG state, which does not exist on CPU.
