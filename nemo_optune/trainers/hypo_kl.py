@@ -4,6 +4,7 @@ reverse-KL term (trainers/preference_loss.py)."""
 
 import torch
 
+from nemo_optune.data.micro_batch import PairMicroBatch
 from nemo_optune.data.pool import build_sequences
 from nemo_optune.generation.base import Rollouts, SamplingParams
 from nemo_optune.runtime.experiment import PhaseTimer
@@ -27,7 +28,12 @@ class OnlineKLSamples:
         self.reference_micro_batch_size = reference_micro_batch_size
 
     def add_to(
-        self, micro_batches: list[dict], indices: torch.Tensor, seed: int, max_new_tokens: int, timer: PhaseTimer
+        self,
+        micro_batches: list[PairMicroBatch],
+        indices: torch.Tensor,
+        seed: int,
+        max_new_tokens: int,
+        timer: PhaseTimer,
     ) -> Rollouts:
         """Sample k responses for each prompt in `indices` (this rank's share of the batch, in
         micro-batch order) and append them to the micro-batches after their pair rows.

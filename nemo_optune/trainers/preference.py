@@ -19,6 +19,7 @@ import torch
 
 from nemo_optune.config import ONLINE_METHODS, RootConfig, as_dict
 from nemo_optune.data.batching import iteration_batches, iteration_window, records_left_untrained
+from nemo_optune.data.micro_batch import PairMicroBatch
 from nemo_optune.data.offline_pool import build_offline_pool
 from nemo_optune.data.pool import PromptPool, build_sequences
 from nemo_optune.data.prompts import Prompt, encode_prompt_file, encode_prompt_set
@@ -333,7 +334,7 @@ class PreferenceTrainer:
             "batches_without_signal": skipped,
         }
 
-    def micro_batches(self, batch: torch.Tensor) -> tuple[list[dict], float]:
+    def micro_batches(self, batch: torch.Tensor) -> tuple[list[PairMicroBatch], float]:
         """This rank's micro-batches of a global batch, and the batch's weight total (the
         normaliser every micro-batch of every rank divides by)."""
         o, t, dp = self.cfg.model.optune, self.cfg.trainer, self.layout.dp
