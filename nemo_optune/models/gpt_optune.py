@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from nemo_optune.config import ModelConfig
 from nemo_optune.data.micro_batch import MB, MicroBatchLoss
+from nemo_optune.data.tokenizer import Tokenizer
 from nemo_optune.models import optimizers
 from nemo_optune.models.hf_spec import ModelSpec
 from nemo_optune.runtime.cpu_shim import cuda_moves_stay_on_cpu
@@ -159,7 +160,7 @@ class MegatronGPTOPTuneModel:
         grad_clip: float = 0.0,
         with_reference: bool = True,
         lr_schedule: Callable[[int], float] | None = None,
-        tokenizer=None,
+        tokenizer: Tokenizer | None = None,
         initialize: bool = True,
     ):
         """`spec` describes the network (models/sources.py: a checkpoint's, or the built-in
@@ -521,7 +522,9 @@ class MegatronGPTOPTuneModel:
         return gather_full_tensors(self.policy, of="param")
 
 
-def inference_model(spec: ModelSpec, layout: Layout, seed: int = 0, tokenizer=None) -> MegatronGPTOPTuneModel:
+def inference_model(
+    spec: ModelSpec, layout: Layout, seed: int = 0, tokenizer: Tokenizer | None = None
+) -> MegatronGPTOPTuneModel:
     """A policy-only model of `spec` in this layout (fp32), without an optimizer, to load into
     (convert, the import tests)."""
     cfg = ModelConfig(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp)

@@ -7,6 +7,7 @@ import torch
 from nemo_optune.config import RootConfig, check_model_layout, sort_task_in_use
 from nemo_optune.data.sort_task import SortTask
 from nemo_optune.data.task_data import Task
+from nemo_optune.data.tokenizer import Tokenizer
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.runtime import distributed
 from nemo_optune.runtime.quiet import quiet_megatron_warnings
@@ -33,7 +34,7 @@ def check_layout(spec, tp: int, pp: int, where: str) -> None:
     )
 
 
-def builtin_spec(cfg: RootConfig, task: SortTask, tokenizer=None):
+def builtin_spec(cfg: RootConfig, task: SortTask, tokenizer: Tokenizer | None = None):
     """The built-in model of model.* (the SFT warm start trains it) for the task's tokenizer."""
     from nemo_optune.models.hf_spec import tiny_llama_spec
 

@@ -2,21 +2,26 @@
 micro-batches with their reference log-probs; the loss function turns them into the RLOO
 reverse-KL term (trainers/preference_loss.py)."""
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from nemo_optune.data.micro_batch import PairMicroBatch
 from nemo_optune.data.pool import build_sequences
-from nemo_optune.generation.base import Rollouts, SamplingParams
+from nemo_optune.generation.base import RolloutEngine, Rollouts, SamplingParams
 from nemo_optune.runtime.experiment import PhaseTimer
 from nemo_optune.runtime.seeds import mix_seed
+
+if TYPE_CHECKING:  # the model module imports nothing from here (tests/test_gpu_path.py: no import cycles)
+    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 
 
 class OnlineKLSamples:
     def __init__(
         self,
         *,
-        model,
-        engine,
+        model: "MegatronGPTOPTuneModel",
+        engine: RolloutEngine,
         prompt_ids: list[list[int]],
         samples_per_prompt: int,
         width: int,
