@@ -9,14 +9,15 @@ from collections.abc import Sequence
 from nemo_optune.data.records import DataError, check_messages, prompt_messages, read_records
 from nemo_optune.data.tokenizer import Tokenizer
 
-Prompt = str | tuple[dict, ...]  # text, or chat messages ending with a user turn
+Prompt = str | Sequence[dict]  # text, or chat messages ending with a user turn
 
 
 def read_prompts(
     path: str, prompt_field: str = "prompt", messages_field: str = "messages"
 ) -> tuple[list[Prompt], list[str]]:
     """(prompts, where each came from)."""
-    prompts, wheres = [], []
+    prompts: list[Prompt] = []
+    wheres: list[str] = []
     for where, row in read_records(path):
         wheres.append(where)
         if row.get(messages_field) is not None:  # the chat wins over a plain-text `prompt`
@@ -85,7 +86,8 @@ def encode_prompt_set(
     TRL's reward functions do), never the policy's chat-template rendering, which a reward model
     with its own template would read as user text; a truncated prompt is the text of its kept
     tokens."""
-    texts, ids, too_long = [], [], 0
+    texts: list[Prompt] = []
+    ids, too_long = [], 0
     for prompt, at in zip(prompts, where):
         encoded = encode_prompt(prompt, tokenizer, data_cfg.apply_chat_template, at)
         fitted = fit_prompt(encoded, limit, data_cfg.long_prompts, at)

@@ -1,7 +1,7 @@
 """A character-level tokenizer for the embedded task (no downloads), a Hugging Face one, and
 the Tokenizer protocol both satisfy."""
 
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
@@ -127,4 +127,4 @@ class HFTokenizer:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         stop = next((i for i, t in enumerate(ids) if t in self.eos_ids or t == self.pad_id), len(ids))
-        return self.tok.decode(ids[:stop], skip_special_tokens=True)
+        return cast(str, self.tok.decode(ids[:stop], skip_special_tokens=True))  # a str for one sequence
