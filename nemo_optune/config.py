@@ -7,6 +7,7 @@ cross-key consistency, raising ConfigError naming the key, before any heavy work
 
 import dataclasses
 import math
+import os
 from dataclasses import field
 from typing import Any, Optional
 
@@ -298,6 +299,27 @@ class RootConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
+# ------------------------------------------------- serve_reward's (nemo_optune/serve_reward.py)
+@dataclasses.dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 = a free port (printed at start)
+    max_batch_tokens: int = 16384  # budget of one scoring call (see the module docstring)
+    max_wait_ms: float = 5.0  # how long a batch may wait to fill
+    max_queued_pairs: int = 4096  # pairs waiting or being scored; beyond: 503
+    max_request_pairs: int = 1024
+    max_body_bytes: int = 16 * 2**20
+    bearer_token_env: Optional[str] = None  # environment variable holding the token /score requires
+    graceful_shutdown_seconds: float = 30.0  # on SIGTERM, requests in flight get this long to finish
+
+
+@dataclasses.dataclass
+class ServeRewardConfig:
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # the task source's digits
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
 # ------------------------------------------------------------------ value domains
 @dataclasses.dataclass(frozen=True)
 class Domain:
@@ -405,6 +427,15 @@ DOMAINS: dict[type, dict[str, Domain]] = {
     },
     GenerateConfig: {"samples_per_prompt": COUNT, "seed": NON_NEGATIVE},
     ExpManagerConfig: {"checkpoint_every": Domain(0, note="0 = at the end only"), "keep_last": COUNT},
+    ServerConfig: {
+        "port": Domain(0, 65535, note="0 = any free port"),
+        "max_batch_tokens": COUNT,
+        "max_wait_ms": NON_NEGATIVE,
+        "max_queued_pairs": COUNT,
+        "max_request_pairs": COUNT,
+        "max_body_bytes": COUNT,
+        "graceful_shutdown_seconds": NON_NEGATIVE,
+    },
 }
 
 
@@ -563,11 +594,7 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _require(t.min_lr <= t.lr, "trainer.min_lr", f"must be in [0, trainer.lr], got {t.min_lr}")
     d = cfg.data
     if sort_task_in_use(cfg):
-        _require(
-            d.min_digits <= d.max_digits,
-            "data.min_digits",
-            f"need 1 <= min_digits <= max_digits, got {d.min_digits}, {d.max_digits}",
-        )
+        _check_digit_range(d)
         _require(
             g.max_new_tokens >= d.max_digits + 1,
             "generation.max_new_tokens",
@@ -700,6 +727,30 @@ def validate_reward(r: RewardConfig) -> None:
     _one_of(r.non_finite, ("error", "drop"), "reward.non_finite")
 
 
+def check_model_layout(
+    where: str,
+    tp: int,
+    pp: int,
+    heads: int,
+    query_groups: int,
+    layers: int,
+    vocab_rows: int | None = None,
+    name_shape_keys: bool = False,
+) -> None:
+    """A model's shape against the layout: megatron splits attention heads, query groups and the
+    (padded) vocabulary rows over TP, layers over PP. The ConfigError names the parallel size, or
+    with `name_shape_keys` (the built-in model of model.*) the model.* key of the count."""
+    for count, what, size, split, shape_key in (
+        (heads, "attention heads", tp, "tensor", "num_attention_heads"),
+        (query_groups, "query groups", tp, "tensor", "num_query_groups"),
+        (vocab_rows, "vocabulary rows (padded)", tp, "tensor", None),
+        (layers, "layers", pp, "pipeline", "num_layers"),
+    ):
+        if count is not None:
+            key = shape_key if name_shape_keys and shape_key else f"{split}_model_parallel_size"
+            _require(count % size == 0, f"model.{key}", f"{where} has {count} {what}, not divisible by {size}")
+
+
 def validate_layout(cfg: RootConfig, world_size: int) -> None:
     """Parallel sizes against the world size, the model shape and the batch sizes."""
     m, t = cfg.model, cfg.trainer
@@ -712,10 +763,8 @@ def validate_layout(cfg: RootConfig, world_size: int) -> None:
     dp = world_size // (tp * pp)
     if m.restore_from_path is None:  # the built-in model's shape (a restored one is checked when read)
         groups = m.num_query_groups or m.num_attention_heads
-        _require(
-            m.num_attention_heads % tp == 0,
-            "model.num_attention_heads",
-            f"{m.num_attention_heads} heads are not divisible by TP={tp}",
+        check_model_layout(
+            "the built-in model", tp, pp, m.num_attention_heads, groups, m.num_layers, name_shape_keys=True
         )
         _require(
             m.hidden_size % m.num_attention_heads == 0,
@@ -727,8 +776,6 @@ def validate_layout(cfg: RootConfig, world_size: int) -> None:
             "model.num_query_groups",
             f"{m.num_attention_heads} heads are not divisible into {groups} groups",
         )
-        _require(groups % tp == 0, "model.num_query_groups", f"{groups} query groups are not divisible by TP={tp}")
-        _require(m.num_layers % pp == 0, "model.num_layers", f"{m.num_layers} layers are not divisible by PP={pp}")
     if t.pack_pairs:
         _require(
             cfg.method != "hypo",
@@ -772,11 +819,39 @@ def validate_layout(cfg: RootConfig, world_size: int) -> None:
         )
 
 
+def validate_serve(cfg: ServeRewardConfig) -> None:
+    """Before anything loads: ConfigError naming the key."""
+    s, d = cfg.server, cfg.data
+    check_domains(cfg)
+    validate_reward(cfg.reward)
+    _one_of(d.task, ("sort",), "data.task")
+    _check_digit_range(d)
+    _require(bool(s.host), "server.host", "must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
+    _require(
+        s.max_queued_pairs >= s.max_request_pairs,
+        "server.max_queued_pairs",
+        f"{s.max_queued_pairs} cannot hold one request of server.max_request_pairs={s.max_request_pairs}",
+    )
+    if s.bearer_token_env:
+        _require(
+            s.bearer_token_env in os.environ,
+            "server.bearer_token_env",
+            f"environment variable {s.bearer_token_env} is not set",
+        )
+
+
+def _check_digit_range(d: DataConfig) -> None:
+    """The sort task's digit range (training and the reward server)."""
+    _require(
+        d.min_digits <= d.max_digits,
+        "data.min_digits",
+        f"need 1 <= min_digits <= max_digits, got {d.min_digits}, {d.max_digits}",
+    )
+
+
 def conf_dir() -> str:
     """The package's recipes: nemo_optune/conf in an installed package (setup.py ships the
     checkout's conf/ there as package data), the checkout's conf/ otherwise."""
-    import os
-
     package = os.path.dirname(os.path.abspath(__file__))
     installed = os.path.join(package, "conf")
     return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), "conf")

@@ -17,7 +17,7 @@ from nemo_optune.trainers.preference import PreferenceTrainer
 from nemo_optune.trainers.sft import run_sft
 
 
-def _claim_exp_dir(cfg: RootConfig, layout):
+def _claim_exp_dir(cfg: RootConfig, layout: distributed.Layout):
     """Rank 0 checks, locks and prepares the experiment directory; every rank gets its
     verdict (the checkpoint to resume, AUTO or None) or its error. Returns (verdict, lock)."""
     verdict, handle = [None, None], None
@@ -128,7 +128,14 @@ def _run_in_exp_dir(cfg: RootConfig, stop: StopRequests, start: float) -> dict:
             lock.close()
 
 
-def _run(cfg: RootConfig, layout, log: ExperimentLog, resume: str | None, start: float, stop: StopRequests) -> dict:
+def _run(
+    cfg: RootConfig,
+    layout: distributed.Layout,
+    log: ExperimentLog,
+    resume: str | None,
+    start: float,
+    stop: StopRequests,
+) -> dict:
     data = build_task_data(cfg.data)
     if cfg.method == "sft":
         stats = run_sft(cfg, layout, data, sft_checkpoint_dir(cfg), log=log.print)

@@ -39,25 +39,17 @@ import socket
 import sys
 import time
 from collections import deque
-from dataclasses import field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from nemo_optune.cli import Recipe, answer_help, fail, one_line, user_errors
 from nemo_optune.config import (
-    COUNT,
-    DOMAINS,
-    NON_NEGATIVE,
     ConfigError,
-    DataConfig,
-    Domain,
-    RewardConfig,
-    _one_of,
-    _require,
-    check_domains,
+    ServerConfig,
+    ServeRewardConfig,
     compose_recipe,
     conf_dir,
     merge_onto,
-    validate_reward,
+    validate_serve,
 )
 from nemo_optune.data.records import DataError, check_messages
 from nemo_optune.runtime.quiet import quiet_megatron_warnings
@@ -70,37 +62,6 @@ if TYPE_CHECKING:  # imported when a server starts: --help and config errors ans
 RETRY_AFTER_SECONDS = 1  # a full queue drains in about a batch's scoring time
 
 
-@dataclasses.dataclass
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000  # 0 = a free port (printed at start)
-    max_batch_tokens: int = 16384  # budget of one scoring call (see the module docstring)
-    max_wait_ms: float = 5.0  # how long a batch may wait to fill
-    max_queued_pairs: int = 4096  # pairs waiting or being scored; beyond: 503
-    max_request_pairs: int = 1024
-    max_body_bytes: int = 16 * 2**20
-    bearer_token_env: Optional[str] = None  # environment variable holding the token /score requires
-    graceful_shutdown_seconds: float = 30.0  # on SIGTERM, requests in flight get this long to finish
-
-
-SERVER_DOMAINS = {
-    "port": Domain(0, 65535, note="0 = any free port"),
-    "max_batch_tokens": COUNT,
-    "max_wait_ms": NON_NEGATIVE,
-    "max_queued_pairs": COUNT,
-    "max_request_pairs": COUNT,
-    "max_body_bytes": COUNT,
-    "graceful_shutdown_seconds": NON_NEGATIVE,
-}
-
-
-@dataclasses.dataclass
-class ServeRewardConfig:
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    data: DataConfig = field(default_factory=DataConfig)  # the task source's digits
-    server: ServerConfig = field(default_factory=ServerConfig)
-
-
 def load_serve_config(recipe: Recipe) -> ServeRewardConfig:
     cfg = merge_onto(ServeRewardConfig, compose_recipe(_serve_dir(), recipe.name, recipe.overrides, recipe.config_dir))
     validate_serve(cfg)
@@ -109,31 +70,6 @@ def load_serve_config(recipe: Recipe) -> ServeRewardConfig:
 
 def _serve_dir() -> str:
     return os.path.join(conf_dir(), "serve")
-
-
-def validate_serve(cfg: ServeRewardConfig) -> None:
-    """Before anything loads: ConfigError naming the key."""
-    s, d = cfg.server, cfg.data
-    check_domains(cfg, domains={**DOMAINS, ServerConfig: SERVER_DOMAINS})
-    validate_reward(cfg.reward)
-    _one_of(d.task, ("sort",), "data.task")
-    _require(
-        d.min_digits <= d.max_digits,
-        "data.min_digits",
-        f"need 1 <= min_digits <= max_digits, got {d.min_digits}, {d.max_digits}",
-    )
-    _require(bool(s.host), "server.host", "must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
-    _require(
-        s.max_queued_pairs >= s.max_request_pairs,
-        "server.max_queued_pairs",
-        f"{s.max_queued_pairs} cannot hold one request of server.max_request_pairs={s.max_request_pairs}",
-    )
-    if s.bearer_token_env:
-        _require(
-            s.bearer_token_env in os.environ,
-            "server.bearer_token_env",
-            f"environment variable {s.bearer_token_env} is not set",
-        )
 
 
 class Rejected(Exception):

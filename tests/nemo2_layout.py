@@ -47,6 +47,7 @@ import yaml
 
 from nemo_optune.models.gpt_optune import inference_model
 from nemo_optune.models.hf_io import TOKENIZER_FILES, import_hf, read_hf_spec
+from nemo_optune.models.nemo2_io import fixed_config_fields
 from nemo_optune.models.optimizers import CPUOptimizer
 from nemo_optune.runtime import distributed
 
@@ -96,23 +97,11 @@ def model_yaml(hf_config: dict, spec, pretrained_tp: int | None = None) -> dict:
             "_call_": True,
             "_target_": "transformers.generation.configuration_utils.GenerationConfig",
         },
-        # the config classes' defaults
-        "normalization": "RMSNorm",
+        # the config classes' defaults (the mistral branch sets window_size)
+        **fixed_config_fields(family),
         "activation_func": _ref("torch.nn.functional.silu"),
-        "add_bias_linear": False,
-        "add_qkv_bias": family == "qwen2",
-        "position_embedding_type": "rope",
-        "rotary_percent": 1.0,
-        "rotary_interleaved": False,
-        "seq_len_interpolation_factor": None,
-        "num_moe_experts": None,
-        "qk_layernorm": False,
-        "layernorm_zero_centered_gamma": False,
-        "apply_residual_connection_post_layernorm": False,
         "hidden_dropout": 0.0,
         "attention_dropout": 0.0,
-        "window_size": None,
-        "softmax_scale": None,
         "tensor_model_parallel_size": 1,
         "pipeline_model_parallel_size": 1,
         "virtual_pipeline_model_parallel_size": None,

@@ -213,7 +213,8 @@ class InstructionsTask:
     def prompts(self, count: int, seed: int, exclude=()) -> list[tuple[dict, ...]]:
         """`count` distinct prompts drawn from `seed`, none of them in `exclude`."""
         rng = random.Random(seed)
-        out, seen = [], {_key(p) for p in exclude}
+        out: list[tuple[dict, ...]] = []
+        seen = {_key(p) for p in exclude}
         for _ in range(1000 * count):
             if len(out) == count:
                 return out

@@ -10,6 +10,7 @@ from nemo_optune.data.pool import PromptPool
 from nemo_optune.data.preferences import read_preferences
 from nemo_optune.data.prompts import encode_prompt, fit_prompt
 from nemo_optune.data.records import DataError
+from nemo_optune.data.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass
@@ -23,7 +24,7 @@ class OfflinePool:
 
 def build_offline_pool(
     path: str,
-    tokenizer,
+    tokenizer: Tokenizer,
     max_prompt_tokens: int,
     max_new_tokens: int,
     long_prompts: str,

@@ -10,8 +10,10 @@ equal those of the two unpacked rows (tests/test_trainer_behaviour.py, tests/tes
 
 import torch
 
+from nemo_optune.data.micro_batch import SequenceMicroBatch
 
-def packed_pair_sequences(prompts: list[list[int]], rows: dict, width: int, pad_id: int) -> dict[str, torch.Tensor]:
+
+def packed_pair_sequences(prompts: list[list[int]], rows: dict, width: int, pad_id: int) -> SequenceMicroBatch:
     """Packed rows of pool `rows` (chosen/rejected tokens and lengths), right-padded to `width`.
 
     Returns tokens, positions [B, width] (long), loss_mask (both responses' label positions) and

@@ -61,8 +61,8 @@ def _prompt(row: dict, where: str, fields: tuple[str, str]):
     return prompt_messages(check_messages(row["prompt"], where, "prompt"), where, "prompt")
 
 
-def _rewards(row: dict, where: str) -> list[float | None]:
-    rewards = []
+def _rewards(row: dict, where: str) -> tuple[float | None, float | None]:
+    rewards: list[float | None] = []
     for key in ("chosen_reward", "rejected_reward"):
         value = row.get(key)
         if value is not None and (
@@ -70,11 +70,12 @@ def _rewards(row: dict, where: str) -> list[float | None]:
         ):
             raise DataError(f"{where}: field {key!r} must be a finite number, got {value!r}")
         rewards.append(None if value is None else float(value))
-    if (rewards[0] is None) != (rewards[1] is None):
+    chosen, rejected = rewards
+    if (chosen is None) != (rejected is None):
         raise DataError(f"{where}: give both chosen_reward and rejected_reward, or neither")
-    if rewards[0] is not None and rewards[0] < rewards[1]:  # a reward-gap weight would turn negative
-        raise DataError(f"{where}: chosen_reward {rewards[0]} is below rejected_reward {rewards[1]}")
-    return rewards
+    if chosen is not None and rejected is not None and chosen < rejected:  # a reward-gap weight would turn negative
+        raise DataError(f"{where}: chosen_reward {chosen} is below rejected_reward {rejected}")
+    return chosen, rejected
 
 
 def read_preferences(path: str) -> list[PreferenceRecord]:
@@ -99,7 +100,7 @@ def read_preferences(path: str) -> list[PreferenceRecord]:
 def write_preference_jsonl(path: str, records: list[PreferenceRecord]) -> None:
     with open(path, "w") as f:
         for r in records:
-            row = {"prompt": r.prompt, "chosen_response": r.chosen, "rejected_response": r.rejected}
+            row: dict[str, object] = {"prompt": r.prompt, "chosen_response": r.chosen, "rejected_response": r.rejected}
             if r.chosen_reward is not None:
                 row.update(chosen_reward=r.chosen_reward, rejected_reward=r.rejected_reward)
             f.write(json.dumps(row) + "\n")

@@ -7,15 +7,17 @@ both (UltraChat's own rows: `prompt` is the first user turn as plain text) is re
 from collections.abc import Sequence
 
 from nemo_optune.data.records import DataError, check_messages, prompt_messages, read_records
+from nemo_optune.data.tokenizer import Tokenizer
 
-Prompt = str | tuple[dict, ...]  # text, or chat messages ending with a user turn
+Prompt = str | Sequence[dict]  # text, or chat messages ending with a user turn
 
 
 def read_prompts(
     path: str, prompt_field: str = "prompt", messages_field: str = "messages"
 ) -> tuple[list[Prompt], list[str]]:
     """(prompts, where each came from)."""
-    prompts, wheres = [], []
+    prompts: list[Prompt] = []
+    wheres: list[str] = []
     for where, row in read_records(path):
         wheres.append(where)
         if row.get(messages_field) is not None:  # the chat wins over a plain-text `prompt`
@@ -36,7 +38,7 @@ def read_prompts(
     return prompts, wheres
 
 
-def encode_prompt(prompt: Prompt, tokenizer, apply_chat_template: bool, where: str) -> list[int]:
+def encode_prompt(prompt: Prompt, tokenizer: Tokenizer, apply_chat_template: bool, where: str) -> list[int]:
     """Token ids of a prompt: chat messages (and, with `apply_chat_template`, text as one user
     turn) go through the tokenizer's chat template with the generation prompt appended."""
     if isinstance(prompt, str) and not apply_chat_template:
@@ -49,7 +51,7 @@ def encode_prompt(prompt: Prompt, tokenizer, apply_chat_template: bool, where: s
             why = "data.apply_chat_template=true" if isinstance(prompt, str) else "chat-message prompts"
             raise DataError(f"{where}: {why} need a tokenizer with a chat template; this tokenizer has none")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)  # type: ignore[attr-defined]  # HFTokenizer's
     if len(ids) == 0:  # generation and the loss need a last prompt token to continue from
         raise DataError(f"{where}: the prompt encodes to no tokens")
     return ids
@@ -68,21 +70,24 @@ def fit_prompt(ids: list[int], limit: int, policy: str, where: str) -> list[int]
     return None if policy == "skip" else ids[-limit:]
 
 
-def encode_prompt_file(path: str, tokenizer, data_cfg, limit: int) -> tuple[list[Prompt], list[list[int]], int]:
+def encode_prompt_file(
+    path: str, tokenizer: Tokenizer, data_cfg, limit: int
+) -> tuple[list[Prompt], list[list[int]], int]:
     """A prompt file read (data.prompt_field / data.messages_field) and encoded: see encode_prompt_set."""
     prompts, where = read_prompts(path, data_cfg.prompt_field, data_cfg.messages_field)
     return encode_prompt_set(prompts, where, tokenizer, data_cfg, limit)
 
 
 def encode_prompt_set(
-    prompts: Sequence[Prompt], where: list[str], tokenizer, data_cfg, limit: int
+    prompts: Sequence[Prompt], where: list[str], tokenizer: Tokenizer, data_cfg, limit: int
 ) -> tuple[list[Prompt], list[list[int]], int]:
     """(prompts as reward sources see them, token ids, how many were over the limit). A reward
     source gets a text prompt as is and a conversation as its list of {role, content} turns (as
     TRL's reward functions do), never the policy's chat-template rendering, which a reward model
     with its own template would read as user text; a truncated prompt is the text of its kept
     tokens."""
-    texts, ids, too_long = [], [], 0
+    texts: list[Prompt] = []
+    ids, too_long = [], 0
     for prompt, at in zip(prompts, where):
         encoded = encode_prompt(prompt, tokenizer, data_cfg.apply_chat_template, at)
         fitted = fit_prompt(encoded, limit, data_cfg.long_prompts, at)

@@ -11,6 +11,7 @@ and wrong answers: the setting where preference tuning has something to fix.
 
 import dataclasses
 import random
+from collections.abc import Iterable
 
 from nemo_optune.data.tokenizer import CharTokenizer
 
@@ -35,10 +36,11 @@ class SortTask:
         n = rng.randint(self.min_digits, self.max_digits)
         return "".join(rng.choice("0123456789") for _ in range(n)) + PROMPT_END
 
-    def prompts(self, count: int, seed: int, exclude: frozenset = frozenset()) -> list[str]:
+    def prompts(self, count: int, seed: int, exclude: Iterable = frozenset()) -> list[str]:
         """`count` distinct prompts drawn from `seed`, none of them in `exclude`."""
         rng = random.Random(seed)
-        out, seen = [], set(exclude)
+        out: list[str] = []
+        seen = set(exclude)
         while len(out) < count:
             p = self.sample_prompt(rng)
             if p not in seen:

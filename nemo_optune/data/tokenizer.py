@@ -1,6 +1,35 @@
-"""A character-level tokenizer for the embedded task (no downloads)."""
+"""A character-level tokenizer for the embedded task (no downloads), a Hugging Face one, and
+the Tokenizer protocol both satisfy."""
+
+from typing import Protocol, cast
 
 import torch
+
+
+class Tokenizer(Protocol):
+    """What the trainers, engines and checkpoints use of a tokenizer (HFTokenizer also has
+    apply_chat_template, for prompts in chat form when chat_template is set)."""
+
+    @property
+    def pad_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def eos_ids(self) -> frozenset: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def chat_template(self) -> str | None: ...
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
+
+    def decode(self, ids: list[int] | torch.Tensor) -> str: ...
+
+    def save_pretrained(self, directory: str) -> None: ...
 
 
 class CharTokenizer:
@@ -98,4 +127,4 @@ class HFTokenizer:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         stop = next((i for i, t in enumerate(ids) if t in self.eos_ids or t == self.pad_id), len(ids))
-        return self.tok.decode(ids[:stop], skip_special_tokens=True)
+        return cast(str, self.tok.decode(ids[:stop], skip_special_tokens=True))  # a str for one sequence

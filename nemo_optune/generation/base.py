@@ -7,6 +7,8 @@ from typing import Protocol
 
 import torch
 
+from nemo_optune.data.tokenizer import Tokenizer
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -51,7 +53,7 @@ class RolloutEngine(Protocol):
         """Re-acquire what `release` freed."""
 
 
-def completion_counts(rollouts: Rollouts, tokenizer) -> torch.Tensor:
+def completion_counts(rollouts: Rollouts, tokenizer: Tokenizer) -> torch.Tensor:
     """[max_new_tokens + 2] float64: how many responses have each length 0..max_new_tokens, then
     how many ended on a stop token (any of the tokenizer's end-of-sequence ids, or padding, as the
     engines stop); the others were cut at max_new_tokens. Counts add up over batches and ranks

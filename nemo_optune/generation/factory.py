@@ -11,11 +11,19 @@ import os
 import shutil
 import tempfile
 import time
+from typing import TYPE_CHECKING, TypeGuard
 
+from nemo_optune.config import RootConfig
+from nemo_optune.data.tokenizer import Tokenizer
 from nemo_optune.generation.base import RolloutEngine, Rollouts, SamplingParams
 
+if TYPE_CHECKING:  # the model module imports nothing from here (tests/test_gpu_path.py: no import cycles)
+    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 
-def build_engine(cfg, model, tokenizer, progress=None, exp_dir: str | None = None):
+
+def build_engine(
+    cfg: RootConfig, model: "MegatronGPTOPTuneModel", tokenizer: Tokenizer, progress=None, exp_dir: str | None = None
+) -> RolloutEngine:
     """The engine of cfg.generation.engine for `model` (a MegatronGPTOPTuneModel).
 
     progress: the in-process engine's progress bars (see megatron_engine._Engine)."""
@@ -44,7 +52,7 @@ def build_engine(cfg, model, tokenizer, progress=None, exp_dir: str | None = Non
     raise ValueError(f"config key generation.engine: {g.engine!r} is not one of megatron, vllm, trtllm")
 
 
-def _tokenizer_dir(tokenizer) -> str | None:
+def _tokenizer_dir(tokenizer: Tokenizer) -> str | None:
     """The HF tokenizer's directory, copied into the export (the built-in task tokenizer has none:
     external engines are given token ids and return token ids)."""
     directory = getattr(getattr(tokenizer, "tok", None), "name_or_path", None)  # HFTokenizer
@@ -61,11 +69,11 @@ def _backend_class(kind: str):
     return TRTLLMEngine
 
 
-def is_external(engine) -> bool:
+def is_external(engine: RolloutEngine) -> TypeGuard["ExternalEngine"]:
     return isinstance(engine, ExternalEngine)
 
 
-def refit_engine(engine, model) -> dict:
+def refit_engine(engine: RolloutEngine, model: "MegatronGPTOPTuneModel") -> dict:
     """After a training phase: load the policy's weights into an external engine; its timings
     (timing/refit_seconds, refit_bytes, ...) for the iteration's record. The in-process engine
     runs the policy itself: nothing is streamed, {} is returned."""
@@ -87,7 +95,7 @@ class ExternalEngine:
     def __init__(
         self,
         kind: str,
-        model,
+        model: "MegatronGPTOPTuneModel",
         stop_ids,
         pad_id: int,
         gen_cfg,

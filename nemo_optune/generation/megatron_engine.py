@@ -17,12 +17,15 @@ nothing but speed.
 
 import abc
 import contextlib
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
 
 from nemo_optune.generation.base import Rollouts, SamplingParams
 from nemo_optune.generation.sampling import counter_uniform, sample_tokens
+
+if TYPE_CHECKING:  # the model module imports nothing from here (tests/test_gpu_path.py: no import cycles)
+    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 
 State = TypeVar("State")  # an engine's per-pass decoding state
 
@@ -30,7 +33,7 @@ State = TypeVar("State")  # an engine's per-pass decoding state
 class _Engine(abc.ABC, Generic[State]):
     """The decoding loop; subclasses give the logits of the active rows at each step."""
 
-    def __init__(self, model, stop_ids, pad_id: int, micro_batch_size: int, progress=None):
+    def __init__(self, model: "MegatronGPTOPTuneModel", stop_ids, pad_id: int, micro_batch_size: int, progress=None):
         """progress: None, or a callable (rows to generate) -> context manager yielding an object
         with update(rows), told as rows finish (e.g. runtime/progress.PhaseProgress.rows)."""
         self.model = model
@@ -148,7 +151,9 @@ class _CachePass:
     copied (the prefill is a quarter of 16 new tokens' time on a 20M Llama).
     """
 
-    def __init__(self, model, prompts: list[list[int]], new: int, pad_id: int, micro_batch_size: int):
+    def __init__(
+        self, model: "MegatronGPTOPTuneModel", prompts: list[list[int]], new: int, pad_id: int, micro_batch_size: int
+    ):
         from nemo_optune.models.kv_cache import KVCache
 
         self.model, self.micro_batch_size = model, micro_batch_size
@@ -221,7 +226,13 @@ class MegatronInProcessEngine(_Engine[_CachePass]):
     """The KV-cached engine (the default). See _CachePass."""
 
     def __init__(
-        self, model, stop_ids, pad_id: int, micro_batch_size: int, rows_per_pass: int | None = None, progress=None
+        self,
+        model: "MegatronGPTOPTuneModel",
+        stop_ids,
+        pad_id: int,
+        micro_batch_size: int,
+        rows_per_pass: int | None = None,
+        progress=None,
     ):
         """rows_per_pass bounds the KV cache (rows x (prompt + new tokens) per layer): None, all
         rows in one pass. A row's tokens do not depend on its pass. progress: see _Engine."""

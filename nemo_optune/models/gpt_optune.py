@@ -8,22 +8,20 @@ training asks for it (`lr` given): convert and generate build the model alone.
 """
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from nemo_optune.config import ModelConfig
+from nemo_optune.data.micro_batch import MB, MicroBatchLoss
+from nemo_optune.data.tokenizer import Tokenizer
 from nemo_optune.models import optimizers
 from nemo_optune.models.hf_spec import ModelSpec
 from nemo_optune.runtime.cpu_shim import cuda_moves_stay_on_cpu
 from nemo_optune.runtime.distributed import Layout, comm_device, sum_over_dp
-
-# A loss over one micro-batch: (micro_batch, per-sequence response log-probs) -> (loss, metrics).
-# The loss must already be scaled by the GLOBAL normaliser, so that summing it over
-# micro-batches and DP ranks gives the global-batch loss (megatron's calculate_per_token_loss).
-MicroBatchLoss = Callable[[dict, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
 def build_gpt(spec: ModelSpec, layout: Layout, seed: int, precision: str = "fp32", initialize: bool = True):
@@ -162,7 +160,7 @@ class MegatronGPTOPTuneModel:
         grad_clip: float = 0.0,
         with_reference: bool = True,
         lr_schedule: Callable[[int], float] | None = None,
-        tokenizer=None,
+        tokenizer: Tokenizer | None = None,
         initialize: bool = True,
     ):
         """`spec` describes the network (models/sources.py: a checkpoint's, or the built-in
@@ -219,9 +217,9 @@ class MegatronGPTOPTuneModel:
     def _run_schedule(
         self,
         module,
-        micro_batches: list[dict],
+        micro_batches: Sequence[Mapping[str, Any]],
         forward_only: bool,
-        output_fn: Callable[[dict, torch.Tensor], tuple[torch.Tensor, dict]],
+        output_fn: Callable[[Any, torch.Tensor], tuple[torch.Tensor, dict]],
         with_labels: bool,
     ) -> list[dict]:
         """Run micro-batches through megatron's forward(-backward) schedule for this layout.
@@ -289,7 +287,7 @@ class MegatronGPTOPTuneModel:
         if not self.weights_loaded:
             raise RuntimeError("the policy was built without weights (initialize=False): call load_policy first")
 
-    def _trim_padding(self, micro_batches: list[dict]) -> list[dict]:
+    def _trim_padding(self, micro_batches: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
         """Micro-batches with a loss mask cut after their last masked position's label: the
         right padding beyond changes no output of a causal model, only costs compute. Under PP
         all micro-batches of one schedule call keep one length (its p2p shapes are fixed)."""
@@ -465,12 +463,12 @@ class MegatronGPTOPTuneModel:
         self.optimizer.zero_grad()
 
     def get_loss_and_metrics(
-        self, micro_batches: list[dict], loss_fn: MicroBatchLoss, forward_only: bool = False
+        self, micro_batches: Sequence[MB], loss_fn: MicroBatchLoss[MB], forward_only: bool = False
     ) -> list[dict]:
         """Forward + backward over this rank's micro-batches of one global batch; with
         `forward_only`, the loss metrics alone (eval mode, no gradients). Metrics: last stage."""
 
-        def output_fn(mb, nll):
+        def output_fn(mb: MB, nll: torch.Tensor) -> tuple[torch.Tensor, dict]:
             mask = mb["loss_mask"].to(nll.device)
             if "rejected_mask" in mb:  # packed: each row holds a pair, chosen then rejected labels
                 rejected = mb["rejected_mask"].to(nll.device)
@@ -501,7 +499,7 @@ class MegatronGPTOPTuneModel:
         self.optimizer_steps += 1
         return norm
 
-    def train_step(self, micro_batches: list[dict], loss_fn: MicroBatchLoss) -> tuple[list[dict], float]:
+    def train_step(self, micro_batches: Sequence[MB], loss_fn: MicroBatchLoss[MB]) -> tuple[list[dict], float]:
         self.prepare_for_training_step()
         metrics = self.get_loss_and_metrics(micro_batches, loss_fn)
         return metrics, self.finish_training_step()
@@ -524,7 +522,9 @@ class MegatronGPTOPTuneModel:
         return gather_full_tensors(self.policy, of="param")
 
 
-def inference_model(spec: ModelSpec, layout: Layout, seed: int = 0, tokenizer=None) -> MegatronGPTOPTuneModel:
+def inference_model(
+    spec: ModelSpec, layout: Layout, seed: int = 0, tokenizer: Tokenizer | None = None
+) -> MegatronGPTOPTuneModel:
     """A policy-only model of `spec` in this layout (fp32), without an optimizer, to load into
     (convert, the import tests)."""
     cfg = ModelConfig(tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp)

@@ -20,7 +20,7 @@ from contextlib import ExitStack
 import torch
 import torch.distributed as dist
 
-from nemo_optune.data.tokenizer import HFTokenizer
+from nemo_optune.data.tokenizer import HFTokenizer, Tokenizer
 from nemo_optune.models.export import is_main_replica, local_shards, shard_region
 from nemo_optune.models.hf_mapping import hf_names, hf_to_megatron, megatron_name, megatron_to_hf
 from nemo_optune.models.hf_spec import ModelSpec, hf_config_from_spec, spec_from_hf_config
@@ -73,7 +73,7 @@ def eos_ids(value) -> list[int]:
     return [i for i in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(i, int)]
 
 
-def check_tokenizer(tokenizer, spec: ModelSpec, where: str) -> None:
+def check_tokenizer(tokenizer: Tokenizer, spec: ModelSpec, where: str) -> None:
     if tokenizer.vocab_size > spec.vocab_size:
         raise ValueError(
             f"{where}: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary "

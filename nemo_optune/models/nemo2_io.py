@@ -115,6 +115,14 @@ _FIXED = {
 }
 
 
+def fixed_config_fields(family: str) -> dict:
+    """The TransformerConfig fields a NeMo 2 model of `family` must hold at these values."""
+    fixed = dict(_FIXED, add_qkv_bias=family == "qwen2")  # the q/k/v biases of Qwen2 only
+    if family != "mistral":
+        fixed["window_size"] = None
+    return fixed
+
+
 def is_nemo2_checkpoint(path: str | None) -> bool:
     """A NeMo 2 checkpoint directory: weights/ and context/model.yaml."""
     return (
@@ -200,10 +208,7 @@ def _spec(model: dict, path: str, where: str) -> tuple[ModelSpec, HFTokenizer]:
     if cfg.get("_target_") not in config_classes:
         _refuse(where, "config._target_", cfg.get("_target_"), ", ".join(c.rsplit(".", 1)[1] for c in config_classes))
     hidden, heads, seq_length = cfg["hidden_size"], cfg["num_attention_heads"], cfg["seq_length"]
-    fixed = dict(_FIXED, add_qkv_bias=family == "qwen2")  # the q/k/v biases of Qwen2 only
-    if family != "mistral":
-        fixed["window_size"] = None
-    for field, required in fixed.items():
+    for field, required in fixed_config_fields(family).items():
         if cfg.get(field, required) != required:
             _refuse(where, f"config.{field}", cfg[field], json.dumps(required))
     if _target(cfg.get("activation_func", _SILU[0])) not in _SILU:

@@ -4,9 +4,10 @@ import os
 
 import torch
 
-from nemo_optune.config import RootConfig, sort_task_in_use
+from nemo_optune.config import RootConfig, check_model_layout, sort_task_in_use
 from nemo_optune.data.sort_task import SortTask
 from nemo_optune.data.task_data import Task
+from nemo_optune.data.tokenizer import Tokenizer
 from nemo_optune.generation.base import SamplingParams
 from nemo_optune.runtime import distributed
 from nemo_optune.runtime.quiet import quiet_megatron_warnings
@@ -27,20 +28,13 @@ def setup(cfg: RootConfig):
 
 
 def check_layout(spec, tp: int, pp: int, where: str) -> None:
-    """A restored model's shape against the layout (model.* of the built-in one: config.validate)."""
-    for count, what, size, key in (
-        (spec.num_attention_heads, "attention heads", tp, "tensor"),
-        (spec.num_query_groups, "query groups", tp, "tensor"),
-        (spec.padded_vocab_size, "vocabulary rows (padded)", tp, "tensor"),
-        (spec.num_layers, "layers", pp, "pipeline"),
-    ):
-        if count % size:
-            raise ValueError(
-                f"config key model.{key}_model_parallel_size: {where} has {count} {what}, not divisible by {size}"
-            )
+    """A model spec against the layout (config.validate checks the built-in model's model.* at start-up)."""
+    check_model_layout(
+        where, tp, pp, spec.num_attention_heads, spec.num_query_groups, spec.num_layers, spec.padded_vocab_size
+    )
 
 
-def builtin_spec(cfg: RootConfig, task: SortTask, tokenizer=None):
+def builtin_spec(cfg: RootConfig, task: SortTask, tokenizer: Tokenizer | None = None):
     """The built-in model of model.* (the SFT warm start trains it) for the task's tokenizer."""
     from nemo_optune.models.hf_spec import tiny_llama_spec
 

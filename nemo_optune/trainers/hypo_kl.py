@@ -2,20 +2,26 @@
 micro-batches with their reference log-probs; the loss function turns them into the RLOO
 reverse-KL term (trainers/preference_loss.py)."""
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from nemo_optune.data.micro_batch import PairMicroBatch
 from nemo_optune.data.pool import build_sequences
-from nemo_optune.generation.base import Rollouts, SamplingParams
+from nemo_optune.generation.base import RolloutEngine, Rollouts, SamplingParams
 from nemo_optune.runtime.experiment import PhaseTimer
 from nemo_optune.runtime.seeds import mix_seed
+
+if TYPE_CHECKING:  # the model module imports nothing from here (tests/test_gpu_path.py: no import cycles)
+    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 
 
 class OnlineKLSamples:
     def __init__(
         self,
         *,
-        model,
-        engine,
+        model: "MegatronGPTOPTuneModel",
+        engine: RolloutEngine,
         prompt_ids: list[list[int]],
         samples_per_prompt: int,
         width: int,
@@ -27,7 +33,12 @@ class OnlineKLSamples:
         self.reference_micro_batch_size = reference_micro_batch_size
 
     def add_to(
-        self, micro_batches: list[dict], indices: torch.Tensor, seed: int, max_new_tokens: int, timer: PhaseTimer
+        self,
+        micro_batches: list[PairMicroBatch],
+        indices: torch.Tensor,
+        seed: int,
+        max_new_tokens: int,
+        timer: PhaseTimer,
     ) -> Rollouts:
         """Sample k responses for each prompt in `indices` (this rank's share of the batch, in
         micro-batch order) and append them to the micro-batches after their pair rows.

@@ -6,6 +6,7 @@ One OPTune iteration (`PreferenceTrainer.iteration`), top to bottom:
                  worst, reference log-probs cached, every rank's pool copy updated
   3. train     - weighted DPO over the whole pool, weights normalised over each global batch
   4. evaluate  - held-out reward and reverse KL, same noise at every evaluation
+  5. checkpoint - when due, or when a stop request ends the run (fit)
 Online DPO is the same loop with rho = 1 and no weighting. Offline DPO skips 1-2 (the pool is
 a fixed data set); HyPO is offline DPO plus, per global batch, k policy samples per prompt
 for the RLOO reverse-KL term. The pieces: trainers/preference_pool.py (select, refresh),
@@ -19,6 +20,7 @@ import torch
 
 from nemo_optune.config import ONLINE_METHODS, RootConfig, as_dict
 from nemo_optune.data.batching import iteration_batches, iteration_window, records_left_untrained
+from nemo_optune.data.micro_batch import PairMicroBatch
 from nemo_optune.data.offline_pool import build_offline_pool
 from nemo_optune.data.pool import PromptPool, build_sequences
 from nemo_optune.data.prompts import Prompt, encode_prompt_file, encode_prompt_set
@@ -201,7 +203,7 @@ class PreferenceTrainer:
                 note_phase("stop check")
                 stopped_by = stop.reason_to_stop(self.next_iteration_estimate())
             if self.checkpoint_due(it + 1) or stopped_by:
-                self.save_checkpoint()
+                self.save_checkpoint()  # 5.
             if stopped_by:
                 self.log.print(
                     f"[stop] {stopped_by}: checkpoint of iteration {it + 1} written; exiting with status "
@@ -227,64 +229,50 @@ class PreferenceTrainer:
         }
 
     def iteration(self, it: int) -> dict:
+        """One iteration, phase by phase; fit checkpoints after it (the safe point)."""
         note_phase("iteration start", it + 1)
         timer = PhaseTimer()
-        refresh, rho = RefreshStats(), None
         generated = torch.zeros(self.cfg.generation.max_new_tokens + 2, dtype=torch.float64)  # completion_counts
         window = iteration_window(
             len(self.pool.store), self.cfg.trainer.prompts_per_iteration, it, self.cfg.trainer.seed
         )
+        refresh, rho = RefreshStats(), None
         if self.online:
-            with timer.phase("selection"):
-                selected, rho = self.pool.select(it, window)  # 1. identical on every rank
-            refresh = self.pool.regenerate(it, selected, sampling_params(self.cfg), timer, generated)  # 2.
-            self.responses_generated += refresh.responses
-            self.log.append_jsonl("selections.jsonl", {"iteration": it + 1, "regenerated": selected.tolist()})
-        if (it == 0 and not self.online) or not self.cfg.model.optune.cache_reference_logprobs:
-            with timer.phase("reference"):  # offline pools once; without caching, every iteration
-                self.pool.refresh_all_reference_logprobs()
-        self.engine.release()  # an external engine's memory, for training (in-process: nothing)
-        train = self.train_on_pool(it, window, timer, generated)  # 3.
-        train.update(refit_engine(self.engine, self.model))  # external engines: the new weights (+ timings)
-        iteration_seconds = sum(timer.seconds[p] for p in TIMED_PHASES)
+            selected, rho = self.select(it, window, timer)  # 1.
+            refresh = self.regenerate(it, selected, timer, generated)  # 2.
+        self.refresh_reference(it, timer)  # 2. (offline pools: once)
+        train = self.train(it, window, timer, generated)  # 3.
         eval_start = time.perf_counter()
-        t = self.cfg.trainer
-        evaluated = (it + 1) % t.eval_every == 0 or it + 1 == t.iterations
-        heldout, heldout_kl = self.evaluate() if evaluated else (None, None)  # 4.
-        if evaluated:
-            self.log.samples(it + 1, self.heldout_samples)
-        completions = completion_stats(sum_over_dp(generated))
-        pool = self.pool.store
-        return {
-            "iteration": it + 1,
-            "heldout_reward": heldout,
-            "heldout_kl": heldout_kl,
-            "pool_mean_reward": float(pool.chosen_rewards.add(pool.rejected_rewards).mean() / 2),
-            "pool_chosen_reward": float(pool.chosen_rewards.mean()),
-            "rho": rho,
-            "regenerated": refresh.regenerated,
-            "generated_tokens": completion_stats(generated).get("tokens", 0),  # by this rank (rank 0's is logged)
-            "completions": completions,  # this iteration's new responses, all ranks
-            "heldout_completions": self.heldout_completions if evaluated else {},
-            "ties_dropped": refresh.ties_dropped,
-            "non_finite_rewards": refresh.non_finite_rewards,
-            "pool_valid_pairs": int(pool.valid.sum()),
-            "reward_by_source": refresh.reward_by_source,  # mean over this iteration's new samples
-            "heldout_reward_by_source": self.heldout_by_source if evaluated else {},
-            **train,
-            "throughput": {
-                "generation_tokens_per_s": per_second(completions.get("tokens", 0), timer.seconds["generation"]),
-                "training_tokens_per_s": per_second(train["training_tokens"], timer.seconds["training"]),
-            },
-            "memory": {"peak_rss_mb": peak_rss_mb(), "peak_gpu_memory_mb": peak_gpu_memory_mb()},  # rank 0's so far
-            "seconds": {
-                **{p: timer.seconds[p] for p in TIMED_PHASES},
-                "total": iteration_seconds,
-                "eval": time.perf_counter() - eval_start,
-            },
-        }
+        heldout = self.evaluate_iteration(it) if self.evaluation_due(it) else (None, None)  # 4.
+        return self.iteration_record(it, timer, generated, refresh, rho, train, heldout, eval_start)
+
+    # ---------------------------------------------------- 1. select, 2. refresh
+    def select(self, it: int, window: torch.Tensor, timer: PhaseTimer) -> tuple[torch.Tensor, float | None]:
+        """The prompts to regenerate (identical on every rank) and the iteration's rho."""
+        with timer.phase("selection"):
+            return self.pool.select(it, window)
+
+    def regenerate(self, it: int, selected: torch.Tensor, timer: PhaseTimer, generated: torch.Tensor) -> RefreshStats:
+        """New samples for `selected`, scored and paired into the pool; logged to selections.jsonl."""
+        refresh = self.pool.regenerate(it, selected, sampling_params(self.cfg), timer, generated)
+        self.responses_generated += refresh.responses
+        self.log.append_jsonl("selections.jsonl", {"iteration": it + 1, "regenerated": selected.tolist()})
+        return refresh
+
+    def refresh_reference(self, it: int, timer: PhaseTimer) -> None:
+        """Reference log-probs of the whole pool: offline pools once; without caching, every iteration."""
+        if (it == 0 and not self.online) or not self.cfg.model.optune.cache_reference_logprobs:
+            with timer.phase("reference"):
+                self.pool.refresh_all_reference_logprobs()
 
     # ------------------------------------------------------------- 3. train
+    def train(self, it: int, window: torch.Tensor, timer: PhaseTimer, generated: torch.Tensor) -> dict:
+        """The engine steps aside, the policy trains on `window`, the engine takes the new weights."""
+        self.engine.release()  # an external engine's memory, for training (in-process: nothing)
+        train = self.train_on_pool(it, window, timer, generated)
+        train.update(refit_engine(self.engine, self.model))  # external engines: the new weights (+ timings)
+        return train
+
     def train_on_pool(self, it: int, window: torch.Tensor, timer: PhaseTimer, generated: torch.Tensor) -> dict:
         """The iteration's optimizer steps over `window`; HyPO's online samples are counted into
         `generated` (completion_counts)."""
@@ -333,7 +321,7 @@ class PreferenceTrainer:
             "batches_without_signal": skipped,
         }
 
-    def micro_batches(self, batch: torch.Tensor) -> tuple[list[dict], float]:
+    def micro_batches(self, batch: torch.Tensor) -> tuple[list[PairMicroBatch], float]:
         """This rank's micro-batches of a global batch, and the batch's weight total (the
         normaliser every micro-batch of every rank divides by)."""
         o, t, dp = self.cfg.model.optune, self.cfg.trainer, self.layout.dp
@@ -364,6 +352,16 @@ class PreferenceTrainer:
         return {"loss": loss, "pairs": pairs, "correct": correct}
 
     # ------------------------------------------------------------ 4. evaluate
+    def evaluation_due(self, it: int) -> bool:
+        t = self.cfg.trainer
+        return (it + 1) % t.eval_every == 0 or it + 1 == t.iterations
+
+    def evaluate_iteration(self, it: int) -> tuple[float, float]:
+        """evaluate, and its samples to samples.jsonl."""
+        heldout = self.evaluate()
+        self.log.samples(it + 1, self.heldout_samples)
+        return heldout
+
     def evaluate(self) -> tuple[float, float]:
         """(mean reward, reverse KL to the reference) of policy samples on the held-out prompts;
         also sets heldout_by_source, heldout_completions and heldout_samples (rank 0's first
@@ -421,6 +419,51 @@ class PreferenceTrainer:
             for p, i in enumerate(mine[:SAMPLES_PER_EVALUATION])
         ]
         return float(total[0] / total[1].clamp(min=1)), float(total[2] / total[3])
+
+    # ------------------------------------------------------------ the record
+    def iteration_record(
+        self,
+        it: int,
+        timer: PhaseTimer,
+        generated: torch.Tensor,
+        refresh: RefreshStats,
+        rho: float | None,
+        train: dict,
+        heldout: tuple[float | None, float | None],
+        eval_start: float,
+    ) -> dict:
+        """What the iteration logs (metrics.jsonl, the console line, summary.json's history)."""
+        evaluated = heldout[0] is not None
+        completions = completion_stats(sum_over_dp(generated))
+        pool = self.pool.store
+        return {
+            "iteration": it + 1,
+            "heldout_reward": heldout[0],
+            "heldout_kl": heldout[1],
+            "pool_mean_reward": float(pool.chosen_rewards.add(pool.rejected_rewards).mean() / 2),
+            "pool_chosen_reward": float(pool.chosen_rewards.mean()),
+            "rho": rho,
+            "regenerated": refresh.regenerated,
+            "generated_tokens": completion_stats(generated).get("tokens", 0),  # by this rank (rank 0's is logged)
+            "completions": completions,  # this iteration's new responses, all ranks
+            "heldout_completions": self.heldout_completions if evaluated else {},
+            "ties_dropped": refresh.ties_dropped,
+            "non_finite_rewards": refresh.non_finite_rewards,
+            "pool_valid_pairs": int(pool.valid.sum()),
+            "reward_by_source": refresh.reward_by_source,  # mean over this iteration's new samples
+            "heldout_reward_by_source": self.heldout_by_source if evaluated else {},
+            **train,
+            "throughput": {
+                "generation_tokens_per_s": per_second(completions.get("tokens", 0), timer.seconds["generation"]),
+                "training_tokens_per_s": per_second(train["training_tokens"], timer.seconds["training"]),
+            },
+            "memory": {"peak_rss_mb": peak_rss_mb(), "peak_gpu_memory_mb": peak_gpu_memory_mb()},  # rank 0's so far
+            "seconds": {
+                **{p: timer.seconds[p] for p in TIMED_PHASES},
+                "total": sum(timer.seconds[p] for p in TIMED_PHASES),
+                "eval": time.perf_counter() - eval_start,
+            },
+        }
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

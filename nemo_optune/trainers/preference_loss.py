@@ -8,6 +8,7 @@ import torch
 
 from nemo_optune import algorithms as alg
 from nemo_optune.data.batching import micro_batch_size_for, token_budget_groups
+from nemo_optune.data.micro_batch import MicroBatchLoss, PairMicroBatch, SequenceMicroBatch
 from nemo_optune.data.packing import packed_pair_sequences
 from nemo_optune.data.pool import PromptPool, build_sequences
 
@@ -45,7 +46,7 @@ def preference_micro_batches(
     pad_id: int,
     token_budget: int | None = None,
     pack: bool = False,
-) -> list[dict]:
+) -> list[PairMicroBatch]:
     """This rank's share of a global batch (`indices` with their weights) as micro-batches of at
     most `micro_batch_size` pairs; each carries the global normaliser `weight_total`, so the
     grouping changes no gradient. token_budget None: equal parts in batch order. Else pairs
@@ -64,7 +65,7 @@ def preference_micro_batches(
             groups = token_budget_groups(
                 prompt_lengths + torch.maximum(chosen, rejected), micro_batch_size, token_budget, rows_per_item=2
             )
-    out = []
+    out: list[PairMicroBatch] = []
     for group in groups:
         idx = indices[group]
         rows = pool.rows(idx)
@@ -73,35 +74,43 @@ def preference_micro_batches(
             sequences = packed_pair_sequences(prompts, rows, 2 * width, pad_id)  # 2 x (prompt + response) >= packed
         else:
             tokens, mask = pair_sequences(prompts, rows, width, pad_id)
-            sequences = {"tokens": tokens, "loss_mask": mask}
+            sequences = SequenceMicroBatch(tokens=tokens, loss_mask=mask)
         out.append(
-            {
-                "indices": idx,
+            PairMicroBatch(
+                indices=idx,
                 **sequences,
-                "ref_chosen_logps": rows["ref_chosen_logps"],
-                "ref_rejected_logps": rows["ref_rejected_logps"],
-                "chosen_lengths": rows["chosen_lengths"].float(),
-                "weights": weights[group],
-                "valid": valid[group],
-                "weight_total": weight_total,
-            }
+                ref_chosen_logps=rows["ref_chosen_logps"],
+                ref_rejected_logps=rows["ref_rejected_logps"],
+                chosen_lengths=rows["chosen_lengths"].float(),
+                weights=weights[group],
+                valid=valid[group],
+                weight_total=weight_total,
+            )
         )
     return out
 
 
-def preference_loss_fn(beta: float, loss_type: str, sft_weight: float, kl_weight: float, kl_prompts_total: int):
+def preference_loss_fn(
+    beta: float, loss_type: str, sft_weight: float, kl_weight: float, kl_prompts_total: int
+) -> MicroBatchLoss[PairMicroBatch]:
     """The loss of one micro-batch from its per-sequence policy log-probs (rows: chosen,
     rejected, then HyPO's k samples per prompt when the micro-batch has them):
     weighted DPO/IPO (+ sft_weight * NLL of the chosen) + kl_weight * RLOO reverse KL.
     Every term is pre-scaled by a global normaliser, so micro-batches and DP ranks add up."""
 
-    def loss_fn(mb: dict, sequence_logps: torch.Tensor):
+    def loss_fn(mb: PairMicroBatch, sequence_logps: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # The pool's values (reference log-probs, weights, flags, lengths) live on the CPU; the
         # log-probs on the model's device: everything is combined there.
         device = sequence_logps.device
         ref_chosen, ref_rejected, lengths, weights, valid = (
-            mb[key].to(device)
-            for key in ("ref_chosen_logps", "ref_rejected_logps", "chosen_lengths", "weights", "valid")
+            t.to(device)
+            for t in (
+                mb["ref_chosen_logps"],
+                mb["ref_rejected_logps"],
+                mb["chosen_lengths"],
+                mb["weights"],
+                mb["valid"],
+            )
         )
         n = weights.shape[0]
         policy_chosen, policy_rejected = sequence_logps[:n], sequence_logps[n : 2 * n]

@@ -5,18 +5,25 @@ never regenerated, only given their reference log-probs."""
 
 import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from nemo_optune import algorithms as alg
+from nemo_optune.config import RootConfig
 from nemo_optune.data.pool import PromptPool
 from nemo_optune.data.prompts import Prompt
-from nemo_optune.generation.base import SamplingParams, completion_counts
+from nemo_optune.data.tokenizer import Tokenizer
+from nemo_optune.generation.base import RolloutEngine, SamplingParams, completion_counts
 from nemo_optune.rewards.resilient import RewardSourceError
-from nemo_optune.runtime.distributed import dp_share, gather_rows_over_dp
+from nemo_optune.rewards.sources import RewardSources
+from nemo_optune.runtime.distributed import Layout, dp_share, gather_rows_over_dp
 from nemo_optune.runtime.experiment import PhaseTimer
 from nemo_optune.runtime.seeds import mix_seed
 from nemo_optune.trainers.preference_loss import pair_sequences
+
+if TYPE_CHECKING:  # the model module imports nothing from here (tests/test_gpu_path.py: no import cycles)
+    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 
 
 @dataclasses.dataclass
@@ -38,12 +45,12 @@ class PreferencePool:
         prompt_ids: list[list[int]],
         prompt_texts: Sequence[Prompt],
         *,
-        model,
-        engine,
-        reward,
-        tokenizer,
-        layout,
-        cfg,
+        model: "MegatronGPTOPTuneModel",
+        engine: RolloutEngine,
+        reward: RewardSources,
+        tokenizer: Tokenizer,
+        layout: Layout,
+        cfg: RootConfig,
         width: int,
     ):
         self.store, self.prompt_ids, self.prompt_texts = store, prompt_ids, prompt_texts

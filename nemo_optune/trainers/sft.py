@@ -6,6 +6,7 @@ import time
 import torch
 
 from nemo_optune.config import RootConfig
+from nemo_optune.data.micro_batch import MicroBatchLoss, SequenceMicroBatch
 from nemo_optune.data.pool import build_sequences
 from nemo_optune.data.sort_task import SortTask
 from nemo_optune.data.task_data import TaskData
@@ -26,11 +27,11 @@ def demonstrations(cfg: RootConfig, data: TaskData) -> list[tuple[str, str]]:
     return [(p, task.demonstration(p, rng, s.demonstration_noise)) for p in prompts]
 
 
-def token_nll_loss(total_tokens: float):
+def token_nll_loss(total_tokens: float) -> MicroBatchLoss[SequenceMicroBatch]:
     """Mean next-token NLL over the global batch's response tokens, composable over
     micro-batches and DP ranks (each contributes its sum / the global token count)."""
 
-    def loss_fn(micro_batch: dict, sequence_logps: torch.Tensor):
+    def loss_fn(micro_batch: SequenceMicroBatch, sequence_logps: torch.Tensor) -> tuple[torch.Tensor, dict]:
         loss = -sequence_logps.sum() / total_tokens
         return loss, {"loss": loss.detach()}
 
@@ -80,7 +81,7 @@ def run_sft(cfg: RootConfig, layout: Layout, data: TaskData, out_dir: str, log=p
         total_tokens = float(loss_mask[batch].sum())
         mine = batch[layout.dp_rank * per_rank : (layout.dp_rank + 1) * per_rank]
         micro_batches = [
-            {"tokens": tokens[mine[i : i + micro]], "loss_mask": loss_mask[mine[i : i + micro]]}
+            SequenceMicroBatch(tokens=tokens[mine[i : i + micro]], loss_mask=loss_mask[mine[i : i + micro]])
             for i in range(0, per_rank, micro)
         ]
         metrics, _ = model.train_step(micro_batches, token_nll_loss(total_tokens))
