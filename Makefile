@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-real test test-slow test-vllm install lint injected-bugs bench bench-trl mutation clean gpu-smoke
+.PHONY: demo demo-real demo-real-seeds test test-slow test-vllm install lint injected-bugs bench bench-trl mutation clean gpu-smoke
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ $(REAL_MODEL)/config.json: | $(STAMP)
 
 demo-real: $(REAL_MODEL)/config.json
 	$(PY) examples/train_optune.py --config-name demo_real $(ARGS)
+
+# The demo's figures in the README: three seeds, then their rise and seed spread (scripts/seed_spread.py).
+SEEDS ?= 1 2 3
+demo-real-seeds: $(REAL_MODEL)/config.json
+	for s in $(SEEDS); do \
+	  $(PY) examples/train_optune.py --config-name demo_real trainer.seed=$$s exp_manager.exp_dir=runs/demo_real_s$$s $(ARGS) || exit 1; \
+	done
+	$(PY) scripts/seed_spread.py $(foreach s,$(SEEDS),runs/demo_real_s$(s)) --json runs/demo_real_seeds.json
 
 # Two workers (pytest-xdist), a test file each at a time: module fixtures are built once.
 test: $(STAMP)

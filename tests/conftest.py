@@ -41,13 +41,15 @@ def sft_checkpoint(tmp_path_factory):
 # bit-identical resume at least once, and runs the Slurm scripts' logic under the stand-in with
 # a fake trainer; these are the remaining combinations and the Slurm scripts' real 4-process runs.
 SLOW = {
-    "test_sigkill_then_resume_is_bit_identical[tp1-generation-iter2]",
+    "test_sigkill_then_resume_is_bit_identical[tp2-generation-iter2]",  # its TP1 twin is default
     "test_sigkill_then_resume_is_bit_identical[tp2-training-iter3]",
     "test_sigkill_then_resume_is_bit_identical[tp2-checkpoint-iter2]",
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp1-SIGTERM-generation-iter1-rank0]",
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp2-SIGTERM-generation-iter1-rank0]",
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp2-SIGUSR1-training-iter2-then-again-while-saving]",
     "test_layout_matches_single_process[tp2pp2]",
+    # packing is compared with unpacked pairs at TP1 by test_trainer_behaviour
+    "test_layout_matches_single_process[tp2pp2_packed]",
     "test_hypo_layout_matches_single_process[tp2]",
     "test_greedy_generation_equals_transformers[nemo2-2]",
     "test_torchrun_script_runs_to_the_end",

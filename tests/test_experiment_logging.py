@@ -174,7 +174,7 @@ def test_run_info_records_the_start(wandb_run):
         assert {"train_loss", "train_accuracy", "heldout_reward", "seconds"} <= set(json.load(f)["iterations"][0])
 
 
-def test_wandb_offline_logs_the_metrics_and_a_resumed_run_continues_it(wandb_run):
+def test_wandb_offline_logs_the_metrics_and_a_resumed_run_continues_it(wandb_run, sft_checkpoint):
     _, exp, tmp = wandb_run
     with open(os.path.join(exp, "wandb_run_id")) as f:
         run_id = f.read().strip()
@@ -206,7 +206,14 @@ def test_wandb_offline_logs_the_metrics_and_a_resumed_run_continues_it(wandb_run
 
     # the requeued job (one more iteration) resumes the checkpoint and the same W&B run
     out = run_piped(
-        TINY + [f"exp_manager.exp_dir={exp}", "exp_manager.wandb.enabled=true", "trainer.iterations=3"], tmp
+        TINY
+        + [
+            f"exp_manager.exp_dir={exp}",
+            f"model.restore_from_path={sft_checkpoint}",
+            "exp_manager.wandb.enabled=true",
+            "trainer.iterations=3",
+        ],
+        tmp,
     )
     assert "[resume]" in out and "[iter 3/3]" in out
     ids, history = wandb_history(exp)
