@@ -473,4 +473,4 @@ def test_a_prompt_may_be_a_conversation():
 
     turns = [{"role": "system", "content": "sort"}, {"role": "user", "content": "21>"}]
     body = json.dumps({"prompts": ["21>", turns], "responses": ["12", "12"]}).encode()
-    assert parse_pairs(body, 8) == (["21>", turns], ["12", "12"])
+    assert parse_pairs(body, 8) == (["21>", turns], ["12", "12"], {})

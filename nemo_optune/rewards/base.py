@@ -5,5 +5,6 @@ from typing import Protocol
 
 
 class RewardSource(Protocol):
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """One finite reward per (prompt, response) pair, batched."""
+    def score(self, prompts: list[str], responses: list[str], **columns: list) -> list[float]:
+        """One finite reward per (prompt, response) pair, batched. `columns`: the prompt rows'
+        other columns and `truncated`, one value per pair (sources that do not read them ignore them)."""

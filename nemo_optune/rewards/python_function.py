@@ -2,9 +2,13 @@
 
 The function takes (prompts: list[str], responses: list[str]) and returns one float per
 pair; it is imported when the run starts, so a bad `reward.function` fails before any work.
-Retries, timeouts and non-finite handling come from ResilientRewardSource around it."""
+Like TRL, it may also take the prompt rows' other columns by keyword (one value per pair, e.g.
+`reference=None`) and `truncated` (list[bool]: the response was cut at max_new_tokens); it is
+given only the keywords its signature names (all of them with **kwargs). Retries, timeouts and
+non-finite handling come from ResilientRewardSource around it."""
 
 import importlib
+import inspect
 
 
 class RewardFunctionError(ValueError):
@@ -28,9 +32,35 @@ def import_reward_function(spec: str, key: str = "reward.function"):
     return fn
 
 
+def keyword_parameters(fn) -> tuple[set[str] | None, set[str]]:
+    """(the keywords fn takes after (prompts, responses), None for **kwargs: all; those it requires)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (some builtins): the two positionals only
+        return set(), set()
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    keywords = [p for p in named if p.kind == p.KEYWORD_ONLY or named.index(p) >= 2]
+    required = {p.name for p in keywords if p.default is p.empty}
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None, required
+    return {p.name for p in keywords}, required
+
+
 class PythonFunctionReward:
     def __init__(self, spec: str, key: str = "reward.function"):
-        self.fn = import_reward_function(spec, key)
+        self.fn, self.spec, self.key = import_reward_function(spec, key), spec, key
+        self.accepted, self.required = keyword_parameters(self.fn)
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        return list(self.fn(prompts, responses))
+    def check_columns(self, available: set[str]) -> None:
+        """At start-up: every keyword the function requires is among the data's columns."""
+        missing = sorted(self.required - available)
+        if missing:
+            raise RewardFunctionError(
+                f"config key {self.key}: {self.spec} requires keyword {missing[0]!r}, which the prompts do not "
+                f"provide (columns: {', '.join(sorted(available)) or 'none'}); give it a default or add the column"
+            )
+
+    def score(self, prompts: list[str], responses: list[str], **columns) -> list[float]:
+        if self.accepted is not None:
+            columns = {name: values for name, values in columns.items() if name in self.accepted}
+        return list(self.fn(prompts, responses, **columns))

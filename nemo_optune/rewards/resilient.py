@@ -31,12 +31,12 @@ class ResilientRewardSource:
             max_workers=1, initializer=torch.cuda.set_device, initargs=(self._cuda_device,)
         )
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def score(self, prompts: list[str], responses: list[str], **columns) -> list[float]:
         last = None
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            future = self._pool.submit(self.source.score, prompts, responses)
+            future = self._pool.submit(self.source.score, prompts, responses, **columns)
             try:
                 rewards = future.result(timeout=self.timeout)
             except concurrent.futures.TimeoutError:
