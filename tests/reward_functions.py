@@ -74,3 +74,8 @@ def sort_reference_reward(prompts, responses, reference, truncated=None):
 
     assert truncated is not None and len(truncated) == len(responses)
     return [graded(ref, r) for ref, r in zip(reference, responses)]
+
+
+def keywords_seen(prompts, responses, **kwargs):
+    """How many keywords a **kwargs function is given (all of them)."""
+    return [float(len(kwargs))] * len(prompts)

@@ -1,5 +1,5 @@
 """Write the sort task's prompts with their answers in a `reference` column, as a user's data set
-would bring them (docs/data_sources.md): DIR/train-0000i-of-0000n.{parquet,jsonl} shards and
+would bring them (docs/data_sources.md): DIR/train/train-0000i-of-0000n.{parquet,jsonl} shards and
 DIR/heldout.{parquet,jsonl}, drawn as data.task=sort draws them (the same prompts, in order)."""
 
 import argparse
@@ -14,12 +14,12 @@ from nemo_optune.data.task_data import build_task_data
 def write_sort_prompts(out: str, data_cfg: DataConfig, shards: int = 1, suffix: str = "parquet") -> list[str]:
     """The files written: the training shards, then the held-out file."""
     data = build_task_data(data_cfg)
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(os.path.join(out, "train"), exist_ok=True)
     train = reference_rows(data.train_prompts)
     per_shard = -(-len(train) // shards)
     paths = []
     for i in range(shards):
-        paths.append(os.path.join(out, f"train-{i:05d}-of-{shards:05d}.{suffix}"))
+        paths.append(os.path.join(out, "train", f"train-{i:05d}-of-{shards:05d}.{suffix}"))
         write_records(paths[-1], train[i * per_shard : (i + 1) * per_shard])
     paths.append(os.path.join(out, f"heldout.{suffix}"))
     write_records(paths[-1], reference_rows(data.heldout_prompts))
@@ -28,7 +28,7 @@ def write_sort_prompts(out: str, data_cfg: DataConfig, shards: int = 1, suffix: 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m nemo_optune.data.make_sort_prompts", description=__doc__)
-    p.add_argument("--out", required=True, help="directory for the shards and heldout file")
+    p.add_argument("--out", required=True, help="directory for train/ (the shards) and the held-out file")
     p.add_argument("--train", type=int, default=256)
     p.add_argument("--heldout", type=int, default=512)
     p.add_argument("--seed", type=int, default=7)
