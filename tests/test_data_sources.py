@@ -199,6 +199,32 @@ def test_a_reward_function_gets_the_keywords_its_signature_names():
     assert PythonFunctionReward("reward_functions:sort_reward").score(["21>"], ["12"], **columns) == [1.0]
 
 
+def test_the_server_batches_requests_with_different_columns():
+    """Requests scored together: each column of any of them, None for a request without it."""
+    import asyncio
+
+    from nemo_optune.serve_reward import Batcher
+
+    calls = []
+
+    class Sources:
+        sources: list = []
+
+        def score(self, prompts, responses, **columns):
+            calls.append(columns)
+            return [float(len(r)) for r in responses]
+
+    async def two_requests():
+        batcher = Batcher(Sources(), max_batch_tokens=1000, max_wait_seconds=0.0)
+        first = batcher.submit(["1>"], ["1"], {"reference": ["1"]}, 1)
+        second = batcher.submit(["32>", "2>"], ["23", "2"], {}, 2)
+        await batcher._score(batcher._take())
+        return await first, await second
+
+    assert asyncio.run(two_requests()) == ([1.0], [2.0, 1.0])
+    assert calls == [{"reference": ["1", None, None]}]
+
+
 def final_pool(exp_dir) -> dict:
     from test_reward_http_run import final_pool as newest
 
@@ -214,7 +240,7 @@ def test_optune_from_shards_save_to_disk_and_a_mixture_with_a_reference_reward(s
 
     from nemo_optune.run import run_experiment
 
-    base = TINY + [f"model.restore_from_path={sft_checkpoint}"]
+    base = TINY + [f"model.restore_from_path={sft_checkpoint}", "trainer.iterations=1"]
     data = load_config("optune_tiny", TINY).data
     files = write_sort_prompts(str(tmp_path / "sort"), data, shards=3)
     heldout = files[-1]
