@@ -56,6 +56,8 @@ SLOW = {
     "test_requeued_run_ends_bit_identical_to_the_uninterrupted_one",
     "test_greedy_generation_equals_transformers[2]",  # tests/test_real_model.py: SmolLM2 at TP2
     "test_one_optune_iteration_of_the_demo_recipe",
+    # tests/test_data_sources.py: the default tier runs parquet shards and a mixture
+    "test_optune_from_save_to_disk_and_through_the_reward_server_equals_the_task_run",
 }
 
 

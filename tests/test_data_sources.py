@@ -231,59 +231,80 @@ def final_pool(exp_dir) -> dict:
     return newest(exp_dir)
 
 
-def test_optune_from_shards_save_to_disk_and_a_mixture_with_a_reference_reward(sft_checkpoint, tmp_path):
-    """The sort task's prompts with their answers as a `reference` column, from a directory of
-    parquet shards and a save_to_disk directory, scored by a function reading `reference`, in
-    process and through the reward server: the pool of the built-in task run, to the bit. A 3:1
-    mixture with reward.missing_eos_penalty logs the penalty of exactly the responses cut."""
+class SortRuns:
+    """The sort task's prompts with their answers as a `reference` column, written as a directory
+    of parquet shards, a save_to_disk directory and a held-out file, and the built-in task run
+    (task prompts, task reward) that runs from them must equal to the bit."""
+
+    def __init__(self, sft_checkpoint, root):
+        self.root = root
+        self.base = TINY + [f"model.restore_from_path={sft_checkpoint}", "trainer.iterations=1"]
+        files = write_sort_prompts(str(root / "sort"), load_config("optune_tiny", TINY).data, shards=3)
+        self.shards, self.heldout = str(root / "sort" / "train"), files[-1]
+        self.saved = save_to_disk_layout(root / "saved", read_rows(files[:-1]), shards=2)
+        self.task, self.task_pool = self.run("task", [])
+
+    def run(self, name, overrides):
+        from nemo_optune.run import run_experiment
+
+        exp = self.root / name
+        summary = run_experiment(load_config("optune_tiny", self.base + [f"exp_manager.exp_dir={exp}"] + overrides))
+        return summary, final_pool(exp)
+
+    def assert_equals_the_task_run(self, name, overrides):
+        summary, pool = self.run(name, overrides)
+        for a, b in zip(self.task["iterations"], summary["iterations"]):
+            assert (a["heldout_reward"], a["train_loss"]) == (b["heldout_reward"], b["train_loss"]), name
+        for key, value in self.task_pool.items():
+            assert torch.equal(value, pool[key]), (name, key)
+
+
+@pytest.fixture(scope="module")
+def sort_runs(sft_checkpoint, tmp_path_factory):
+    return SortRuns(sft_checkpoint, tmp_path_factory.mktemp("sort_runs"))
+
+
+REFERENCE_REWARD = ["reward.source=python", "reward.function=reward_functions:sort_reference_reward"]
+
+
+def test_optune_from_parquet_shards_with_a_reference_reward_equals_the_task_run(sort_runs):
+    sort_runs.assert_equals_the_task_run(
+        "shards",
+        [f"data.train_prompts_path={sort_runs.shards}", f"data.heldout_prompts_path={sort_runs.heldout}"]
+        + REFERENCE_REWARD,
+    )
+
+
+def test_optune_from_save_to_disk_and_through_the_reward_server_equals_the_task_run(sort_runs):
     from test_reward_http_run import start_server
 
-    from nemo_optune.run import run_experiment
-
-    base = TINY + [f"model.restore_from_path={sft_checkpoint}", "trainer.iterations=1"]
-    data = load_config("optune_tiny", TINY).data
-    files = write_sort_prompts(str(tmp_path / "sort"), data, shards=3)
-    heldout = files[-1]
-    saved = save_to_disk_layout(tmp_path / "saved", read_rows(files[:-1]), shards=2)
-    reference = ["reward.source=python", "reward.function=reward_functions:sort_reference_reward"]
-
-    def run(name, overrides):
-        summary = run_experiment(
-            load_config("optune_tiny", base + [f"exp_manager.exp_dir={tmp_path / name}"] + overrides)
-        )
-        return summary, final_pool(tmp_path / name)
-
-    task, task_pool = run("task", [])
-    runs = {
-        "shards": [f"data.train_prompts_path={tmp_path / 'sort' / 'train'}", f"data.heldout_prompts_path={heldout}"]
-        + reference,
-        "saved": [f"data.train_prompts_path={saved}", f"data.heldout_prompts_path={heldout}"],
-    }
+    sort_runs.assert_equals_the_task_run(
+        "saved", [f"data.train_prompts_path={sort_runs.saved}", f"data.heldout_prompts_path={sort_runs.heldout}"]
+    )
     server, url = start_server(function="reward_functions:sort_reference_reward")
     try:
-        runs["http"] = [
-            f"data.train_prompts_path={tmp_path / 'sort' / 'train' / 'train-*.parquet'}",
-            f"data.heldout_prompts_path={heldout}",
-            "reward.source=http",
-            f"reward.http.urls=[{url}]",
-        ]
-        for name, overrides in runs.items():
-            summary, pool = run(name, overrides)
-            for a, b in zip(task["iterations"], summary["iterations"]):
-                assert (a["heldout_reward"], a["train_loss"]) == (b["heldout_reward"], b["train_loss"]), name
-            for key, value in task_pool.items():
-                assert torch.equal(value, pool[key]), (name, key)
+        sort_runs.assert_equals_the_task_run(
+            "http",
+            [
+                f"data.train_prompts_path={sort_runs.shards}/train-*.parquet",
+                f"data.heldout_prompts_path={sort_runs.heldout}",
+                "reward.source=http",
+                f"reward.http.urls=[{url}]",
+            ],
+        )
     finally:
         server.terminate()
         server.wait(timeout=30)
 
+
+def test_a_3_to_1_mixture_run_pays_the_missing_eos_penalty_of_cut_responses(sort_runs, tmp_path):
     other = str(tmp_path / "other.jsonl")
     write_records(other, [{"prompt": p} for p in data_prompts(seed=99)])
     penalty = 0.5
-    mixed, _ = run(
+    mixed, _ = sort_runs.run(
         "mixed",
         [
-            f"data.train_sources=[{{path: {saved}, weight: 3}}, {{path: {other}, weight: 1}}]",
+            f"data.train_sources=[{{path: {sort_runs.saved}, weight: 3}}, {{path: {other}, weight: 1}}]",
             f"reward.missing_eos_penalty={penalty}",
             "generation.max_new_tokens=9",  # the longest answer and its EOS just fit: longer responses are cut
         ],
