@@ -96,6 +96,22 @@ def test_a_bad_source_is_one_line_naming_it(tmp_path, make, message):
         read_prompt_set(make(tmp_path))
 
 
+def test_preference_sets_come_from_the_same_kinds_of_source(tmp_path):
+    from nemo_optune.data.preferences import read_preferences
+
+    rows = [{"prompt": r["prompt"], "chosen": r["reference"], "rejected": r["prompt"][:2]} for r in ROWS]
+    write_records(str(tmp_path / "all.jsonl"), rows)
+    (tmp_path / "shards").mkdir()
+    write_records(str(tmp_path / "shards" / "p-0.parquet"), rows[:3])
+    write_records(str(tmp_path / "shards" / "p-1.jsonl"), rows[3:])
+    def pairs(source):
+        return [(r.prompt, r.chosen, r.rejected) for r in read_preferences(source)]
+
+    expected = pairs(str(tmp_path / "all.jsonl"))
+    assert len(expected) == 7
+    assert pairs(str(tmp_path / "shards")) == pairs(save_to_disk_layout(tmp_path / "saved", rows)) == expected
+
+
 def test_a_reserved_column_names_the_source(tmp_path):
     path = str(tmp_path / "p.jsonl")
     write_records(path, [{"prompt": "1>", "truncated": False}])
