@@ -104,6 +104,7 @@ def test_preference_sets_come_from_the_same_kinds_of_source(tmp_path):
     (tmp_path / "shards").mkdir()
     write_records(str(tmp_path / "shards" / "p-0.parquet"), rows[:3])
     write_records(str(tmp_path / "shards" / "p-1.jsonl"), rows[3:])
+
     def pairs(source):
         return [(r.prompt, r.chosen, r.rejected) for r in read_preferences(source)]
 
