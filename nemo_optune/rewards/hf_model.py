@@ -131,7 +131,7 @@ class HFRewardModel:
         return groups + [current] if current else groups
 
     @torch.no_grad()
-    def score(self, prompts: list, responses: list[str], **_columns) -> list[float]:
+    def score(self, prompts: list, responses: list[str]) -> list[float]:
         ids = self.encode(prompts, responses)
         rewards = torch.empty(len(ids), dtype=torch.float64)
         for group in self.batches([len(row) for row in ids]):

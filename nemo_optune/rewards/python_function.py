@@ -8,7 +8,8 @@ given only the keywords its signature names (all of them with **kwargs). Retries
 non-finite handling come from ResilientRewardSource around it."""
 
 import importlib
-import inspect
+
+from nemo_optune.rewards.base import keyword_parameters, keywords_for
 
 
 class RewardFunctionError(ValueError):
@@ -32,20 +33,6 @@ def import_reward_function(spec: str, key: str = "reward.function"):
     return fn
 
 
-def keyword_parameters(fn) -> tuple[set[str] | None, set[str]]:
-    """(the keywords fn takes after (prompts, responses), None for **kwargs: all; those it requires)."""
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):  # no signature to read (some builtins): the two positionals only
-        return set(), set()
-    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    keywords = [p for p in named if p.kind == p.KEYWORD_ONLY or named.index(p) >= 2]
-    required = {p.name for p in keywords if p.default is p.empty}
-    if any(p.kind == p.VAR_KEYWORD for p in params):
-        return None, required
-    return {p.name for p in keywords}, required
-
-
 class PythonFunctionReward:
     def __init__(self, spec: str, key: str = "reward.function"):
         self.fn, self.spec, self.key = import_reward_function(spec, key), spec, key
@@ -61,6 +48,4 @@ class PythonFunctionReward:
             )
 
     def score(self, prompts: list[str], responses: list[str], **columns) -> list[float]:
-        if self.accepted is not None:
-            columns = {name: values for name, values in columns.items() if name in self.accepted}
-        return list(self.fn(prompts, responses, **columns))
+        return list(self.fn(prompts, responses, **keywords_for(self.accepted, columns)))

@@ -7,5 +7,5 @@ class TaskReward:
     def __init__(self, task: SortTask):
         self.task = task
 
-    def score(self, prompts: list[str], responses: list[str], **_columns) -> list[float]:
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         return [self.task.reward(p, r) for p, r in zip(prompts, responses)]
