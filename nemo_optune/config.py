@@ -105,6 +105,16 @@ class ModelConfig:
 
 
 @dataclasses.dataclass
+class PromptSourceConfig:
+    """One weighted prompt source of data.train_sources / data.heldout_sources (docs/data_sources.md)."""
+
+    path: Optional[str] = None  # a .jsonl/.parquet file, a glob of them, a directory of them, a save_to_disk dir
+    weight: float = 1.0  # draws from this source: weight / sum of the weights, in expectation
+    prompt_field: Optional[str] = None  # null: data.prompt_field
+    messages_field: Optional[str] = None  # null: data.messages_field
+
+
+@dataclasses.dataclass
 class DataConfig:
     task: str = "sort"  # sort (the built-in model's toy task) | instructions (data/instructions.py, real chat models)
     instructions: list[str] = field(default_factory=list)  # data.task=instructions: the kinds drawn; [] = all
@@ -116,9 +126,14 @@ class DataConfig:
     offline_path: Optional[str] = (
         None  # preference JSONL/parquet (NeMo-Aligner or HF/TRL schema) for dpo_offline / hypo
     )
-    # Prompt files (JSONL/parquet) for online methods and evaluation, instead of the task's generated prompts.
+    # Prompt sources for online methods and evaluation, instead of the task's generated prompts: a
+    # JSONL/parquet file, a glob of them, a directory of them or a datasets save_to_disk directory
+    # (every row, in order) ...
     train_prompts_path: Optional[str] = None
     heldout_prompts_path: Optional[str] = None
+    # ... or weighted mixtures of such sources: num_train_prompts / num_heldout_prompts drawn from data.seed.
+    train_sources: list[PromptSourceConfig] = field(default_factory=list)
+    heldout_sources: list[PromptSourceConfig] = field(default_factory=list)
     prompt_field: str = "prompt"  # a string prompt per row ...
     messages_field: str = "messages"  # ... or a chat (wins over prompt_field): every turn up to the last user turn
     apply_chat_template: bool = False  # text prompts through the tokenizer's chat template (chats always are)
@@ -232,6 +247,10 @@ class RewardConfig:
     backoff_seconds: float = 0.5  # doubled at every retry
     timeout_seconds: float = 60.0  # per scoring call of one source
     non_finite: str = "error"  # error | drop (a sample with a NaN/inf reward is left out, counted)
+    # Shaping, applied by the trainer once to the weighted total (docs/data_sources.md):
+    missing_eos_penalty: Optional[float] = None  # subtracted from a response cut at max_new_tokens (TRL's)
+    length_penalty: float = 0.0  # subtracted per response token beyond target_length (the stop token counts)
+    target_length: Optional[int] = None  # tokens a response may take without length_penalty
 
     def source_configs(self) -> list[tuple[str, RewardSourceConfig]]:
         """(config key prefix, source) for every configured source."""
@@ -393,6 +412,7 @@ DOMAINS: dict[type, dict[str, Domain]] = {
         "tensor_model_parallel_size": COUNT,
         "pipeline_model_parallel_size": COUNT,
     },
+    PromptSourceConfig: {"weight": POSITIVE},
     DataConfig: {
         "min_digits": COUNT,
         "max_digits": COUNT,
@@ -416,7 +436,14 @@ DOMAINS: dict[type, dict[str, Domain]] = {
     HFRewardConfig: {"batch_tokens": COUNT, "max_length": Domain(2)},
     HTTPRewardConfig: {"batch_size": COUNT, "connect_timeout_seconds": POSITIVE, "dead_server_seconds": NON_NEGATIVE},
     RewardSourceConfig: {"weight": Domain(note="negative: a penalty")},
-    RewardConfig: {"retries": NON_NEGATIVE, "backoff_seconds": NON_NEGATIVE, "timeout_seconds": POSITIVE},
+    RewardConfig: {
+        "retries": NON_NEGATIVE,
+        "backoff_seconds": NON_NEGATIVE,
+        "timeout_seconds": POSITIVE,
+        "missing_eos_penalty": Domain(0, note="subtracted; 0 or null = none"),
+        "length_penalty": Domain(0, note="subtracted per token; 0 = none"),
+        "target_length": NON_NEGATIVE,
+    },
     SFTConfig: {
         "steps": COUNT,
         "batch_size": COUNT,
@@ -468,6 +495,8 @@ READ_BY = {
     "data.offline_path": ("dpo_offline", "hypo"),
     "data.train_prompts_path": ONLINE_METHODS,
     "data.heldout_prompts_path": PREFERENCE_METHODS,
+    "data.train_sources": ONLINE_METHODS,
+    "data.heldout_sources": PREFERENCE_METHODS,
     "data.prompt_field": PREFERENCE_METHODS,
     "data.messages_field": PREFERENCE_METHODS,
     "data.apply_chat_template": PREFERENCE_METHODS,
@@ -572,6 +601,7 @@ def validate(cfg: RootConfig, world_size: int = 1) -> None:
     _one_of(m.precision, ("fp32", "bf16"), "model.precision")
     validate_engine(cfg, world_size)
     validate_reward(cfg.reward)
+    validate_prompt_sources(cfg.data)
     _one_of(cfg.data.long_prompts, ("error", "skip", "truncate"), "data.long_prompts")
     _one_of(cfg.data.task, TASKS, "data.task")
     from nemo_optune.data.instructions import INSTRUCTIONS
@@ -634,9 +664,22 @@ def sort_task_in_use(cfg: RootConfig) -> bool:
         return False
     if cfg.model.restore_from_path is None:  # the SFT warm start trains the built-in model on it
         return True
-    task_train_prompts = cfg.method in ("optune", "online_dpo") and not d.train_prompts_path
+    task_train_prompts = cfg.method in ("optune", "online_dpo") and not (d.train_prompts_path or d.train_sources)
     task_reward = any(s.source == "task" for _, s in cfg.reward.source_configs())
-    return task_train_prompts or not d.heldout_prompts_path or task_reward
+    return task_train_prompts or not (d.heldout_prompts_path or d.heldout_sources) or task_reward
+
+
+def validate_prompt_sources(d: DataConfig) -> None:
+    """data.{train,heldout}_prompts_path or data.{train,heldout}_sources, not both; every source has a path."""
+    for split in ("train", "heldout"):
+        path, sources = getattr(d, f"{split}_prompts_path"), getattr(d, f"{split}_sources")
+        _require(
+            not (path and sources),
+            f"data.{split}_sources",
+            f"give either data.{split}_prompts_path (one source) or data.{split}_sources (a mixture), not both",
+        )
+        for i, s in enumerate(sources):
+            _require(bool(s.path), f"data.{split}_sources[{i}].path", "a prompt source needs a path")
 
 
 def validate_engine(cfg: RootConfig, world_size: int) -> None:
@@ -725,6 +768,20 @@ def validate_reward(r: RewardConfig) -> None:
         f"two sources are named {duplicated[0]!r}; give each a distinct name" if duplicated else "",
     )
     _one_of(r.non_finite, ("error", "drop"), "reward.non_finite")
+    _require(
+        r.length_penalty == 0 or r.target_length is not None,
+        "reward.target_length",
+        f"reward.length_penalty={r.length_penalty} needs the length it applies beyond",
+    )
+    shaping = sorted(set(names) & set(SHAPING_NAMES))
+    _require(
+        not shaping,
+        "reward.sources",
+        f"{shaping[0]!r} names the reward shaping in logs; give the source another name" if shaping else "",
+    )
+
+
+SHAPING_NAMES = ("missing_eos_penalty", "length_penalty")  # logged beside the sources (reward_by_source)
 
 
 def check_model_layout(
@@ -824,6 +881,9 @@ def validate_serve(cfg: ServeRewardConfig) -> None:
     s, d = cfg.server, cfg.data
     check_domains(cfg)
     validate_reward(cfg.reward)
+    r = cfg.reward
+    for key, off in (("missing_eos_penalty", not r.missing_eos_penalty), ("length_penalty", not r.length_penalty)):
+        _require(off, f"reward.{key}", "reward shaping is applied by the trainer, not the server: set it there")
     _one_of(d.task, ("sort",), "data.task")
     _check_digit_range(d)
     _require(bool(s.host), "server.host", "must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")

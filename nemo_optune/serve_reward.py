@@ -7,10 +7,14 @@ Any `reward:` config of a training run works (task, python, hf, http, several we
 sources); a trainer points `reward.source=http reward.http.urls=[http://HOST:PORT]` at it.
 
     GET  /health -> {"status": "ok", "sources": [names], "queued_pairs": n, "stats": {...}}
-    POST /score  {"prompts": [str | [{role, content}, ...]], "responses": [str]} -> {"rewards": [float | null]}
+    POST /score  {"prompts": [str | [{role, content}, ...]], "responses": [str], "columns": {name: [value]}}
+                 -> {"rewards": [float | null]}
 
 A reward is the weighted total of the sources (RewardSources.score); null stands for a
-non-finite one (JSON has no NaN). Errors answer {"error": "one line"}: 400 malformed JSON,
+non-finite one (JSON has no NaN). `columns` is optional: the prompt rows' other columns and
+`truncated`, one value per pair, passed by keyword to the sources (a python function gets those
+its signature names); a batch of requests with different columns gets None for a request's missing
+ones. Reward shaping (reward.missing_eos_penalty, reward.length_penalty) is the trainer's. Errors answer {"error": "one line"}: 400 malformed JSON,
 401 missing/wrong bearer token (server.bearer_token_env), 413 body over server.max_body_bytes,
 422 wrong fields or types, unequal lengths, no pairs or over server.max_request_pairs,
 503 + Retry-After queue full (server.max_queued_pairs), 500 the source failed (the server stays
@@ -30,6 +34,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hmac
 import json
 import math
@@ -84,6 +89,7 @@ class Rejected(Exception):
 class Pending:
     prompts: list[str]
     responses: list[str]
+    columns: dict[str, list]  # one value per pair each
     tokens: int
     arrived: float  # time.monotonic()
     future: asyncio.Future
@@ -107,9 +113,9 @@ class Batcher:
         # On the scoring thread: a source's tokenizer need not be thread-safe either.
         return sum(await asyncio.get_running_loop().run_in_executor(self.executor, self.counter, prompts, responses))
 
-    def submit(self, prompts: list[str], responses: list[str], tokens: int) -> asyncio.Future:
+    def submit(self, prompts: list[str], responses: list[str], columns: dict[str, list], tokens: int) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        self.queue.append(Pending(prompts, responses, tokens, time.monotonic(), future))
+        self.queue.append(Pending(prompts, responses, columns, tokens, time.monotonic(), future))
         self.queued_pairs += len(prompts)
         self.arrived.set()
         return future
@@ -151,9 +157,11 @@ class Batcher:
             return
         prompts = [x for p in batch for x in p.prompts]
         responses = [x for p in batch for x in p.responses]
+        names = dict.fromkeys(name for p in batch for name in p.columns)
+        columns = {n: [x for p in batch for x in p.columns.get(n, [None] * len(p.prompts))] for n in names}
         try:
             rewards = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.sources.score, prompts, responses
+                self.executor, functools.partial(self.sources.score, prompts, responses, **columns)
             )
         except Exception as err:
             self.failed_batches += 1
@@ -193,17 +201,17 @@ class Batcher:
         }
 
 
-def parse_pairs(body: bytes, max_pairs: int) -> tuple[list[str], list[str]]:
-    """The request's prompts and responses, or Rejected with a one-line reason."""
+def parse_pairs(body: bytes, max_pairs: int) -> tuple[list[str], list[str], dict[str, list]]:
+    """The request's prompts, responses and columns, or Rejected with a one-line reason."""
     try:
         payload = json.loads(body)
     except ValueError as err:  # also bytes that are not UTF-8
         raise Rejected(400, f"malformed JSON: {err}") from None
     if not isinstance(payload, dict):
         raise Rejected(422, 'the body must be a JSON object {"prompts": [...], "responses": [...]}')
-    unknown = sorted(set(payload) - {"prompts", "responses"})
+    unknown = sorted(set(payload) - {"prompts", "responses", "columns"})
     if unknown:
-        raise Rejected(422, f"unknown field {unknown[0]!r}: expected prompts and responses")
+        raise Rejected(422, f"unknown field {unknown[0]!r}: expected prompts, responses and optionally columns")
     for key in ("prompts", "responses"):
         if key not in payload:
             raise Rejected(422, f"missing field {key!r}")
@@ -219,7 +227,20 @@ def parse_pairs(body: bytes, max_pairs: int) -> tuple[list[str], list[str]]:
         raise Rejected(422, "no pairs to score")
     if len(prompts) > max_pairs:
         raise Rejected(422, f"{len(prompts)} pairs in one request, over the server's limit of {max_pairs}")
-    return prompts, responses
+    return prompts, responses, parse_columns(payload.get("columns", {}), len(prompts))
+
+
+def parse_columns(columns, n: int) -> dict[str, list]:
+    """The optional `columns`: {name: [one value per pair]}, names that are not the sources' own arguments."""
+    if not isinstance(columns, dict):
+        raise Rejected(422, f"columns must be an object of lists, got {type(columns).__name__}")
+    for name, values in columns.items():
+        if name in ("prompts", "responses") or not name.isidentifier():
+            raise Rejected(422, f"columns: {name!r} cannot be a keyword argument of a reward source")
+        if not isinstance(values, list) or len(values) != n:
+            got = len(values) if isinstance(values, list) else type(values).__name__
+            raise Rejected(422, f"columns[{name!r}] must be a list of {n} values (one per pair), got {got}")
+    return columns
 
 
 def parse_prompt(prompt, i: int):
@@ -285,7 +306,7 @@ def build_app(sources: "RewardSources", s: ServerConfig, token: str | None) -> "
             request.headers.get("authorization", "").encode(), f"Bearer {token}".encode()
         ):
             raise Rejected(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
-        prompts, responses = parse_pairs(await read_body(request, s.max_body_bytes), s.max_request_pairs)
+        prompts, responses, columns = parse_pairs(await read_body(request, s.max_body_bytes), s.max_request_pairs)
         tokens = await batcher.count_tokens(prompts, responses)
         if batcher.queued_pairs + len(prompts) > s.max_queued_pairs:
             raise Rejected(
@@ -294,7 +315,7 @@ def build_app(sources: "RewardSources", s: ServerConfig, token: str | None) -> "
                 {"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         try:
-            rewards = await batcher.submit(prompts, responses, tokens)
+            rewards = await batcher.submit(prompts, responses, columns, tokens)
         except Exception as err:  # the source failed (after its retries)
             raise Rejected(500, one_line(err) or type(err).__name__) from None
         return JSONResponse({"rewards": [r if math.isfinite(r) else None for r in rewards]})

@@ -63,6 +63,8 @@ SLOW = {
     "test_tp2_pp2_match_tp1[model.pipeline_model_parallel_size=2]",
     "test_optune_from_a_model_directory_and_back_to_hugging_face[nemo2]",
     "test_one_optune_iteration_of_the_demo_recipe",
+    # tests/test_data_sources.py: the default tier runs parquet shards and a mixture
+    "test_optune_from_save_to_disk_and_through_the_reward_server_equals_the_task_run",
 }
 
 

@@ -65,3 +65,17 @@ def sort_reward_dies(prompts, responses):
 
 
 SCORED_PAIRS = []
+
+
+def sort_reference_reward(prompts, responses, reference, truncated=None):
+    """The sort reward read from the rows' `reference` column (the sorted answer), as a user's
+    function scores against a data set's answers; `truncated` is taken and not needed."""
+    from nemo_optune.data.sort_task import graded
+
+    assert truncated is not None and len(truncated) == len(responses)
+    return [graded(ref, r) for ref, r in zip(reference, responses)]
+
+
+def keywords_seen(prompts, responses, **kwargs):
+    """How many keywords a **kwargs function is given (all of them)."""
+    return [float(len(kwargs))] * len(prompts)

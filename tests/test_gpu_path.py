@@ -119,7 +119,9 @@ def test_scoring_on_the_gpu_path(monkeypatch, tmp_path):
     with gpu_path(monkeypatch) as (mode, nccl):
         sources = RewardSources(cfg, task=None)
         assert {mode.device_of(p) for p in sources.sources[0].source.model.parameters()} == {CUDA}
-        total, columns = sources.score_once_per_model_parallel_group(["[3, 1, 2]", "[2, 1]"], [" [1, 2, 3]", " [1]"])
+        total, columns = sources.score_once_per_model_parallel_group(
+            ["[3, 1, 2]", "[2, 1]"], [" [1, 2, 3]", " [1]"], {}, torch.tensor([False, True]), torch.tensor([5, 3])
+        )
         means = sources.means_over_dp(columns)
         assert "broadcast" in nccl.calls and "all_reduce" in nccl.calls
     assert columns.device == CPU and torch.isfinite(total).all() and len(means) == 1

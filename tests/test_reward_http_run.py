@@ -17,7 +17,9 @@ from nemo_optune.runtime.checkpoint import _sha256, list_checkpoints, read_manif
 TESTS = os.path.join(ROOT, "tests")
 
 
-def start_server(port: int = 0, die_after_pairs: int = 0) -> tuple[subprocess.Popen, str]:
+def start_server(
+    port: int = 0, die_after_pairs: int = 0, function: str = "reward_functions:sort_reward_dies"
+) -> tuple[subprocess.Popen, str]:
     """The reward server serving the task reward through a Python function; (process, URL)."""
     env = {
         **os.environ,
@@ -31,7 +33,7 @@ def start_server(port: int = 0, die_after_pairs: int = 0) -> tuple[subprocess.Po
             "nemo_optune.serve_reward",
             f"server.port={port}",
             "reward.source=python",
-            "reward.function=reward_functions:sort_reward_dies",
+            f"reward.function={function}",
         ],
         cwd=ROOT,
         env=env,

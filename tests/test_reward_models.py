@@ -244,12 +244,13 @@ def _placement_worker(rank, world, port, out_dir):
     logged = RewardSources(
         RewardConfig(source="python", function="reward_functions:logged_length"), SortTask(), load=False
     )
-    total, _ = logged.score_once_per_model_parallel_group(["p"] * 3, responses)
+    rollout = ({}, torch.zeros(3, dtype=torch.bool), torch.tensor([len(r) for r in responses]))  # columns, cut, lengths
+    total, _ = logged.score_once_per_model_parallel_group(["p"] * 3, responses, *rollout)
     failing = RewardSources(
         RewardConfig(source="python", function="reward_functions:fails_on_rank_2", retries=0), SortTask()
     )
     try:
-        failing.score_once_per_model_parallel_group(["p"] * 3, responses)
+        failing.score_once_per_model_parallel_group(["p"] * 3, responses, *rollout)
         outcome = "scored"
     except RewardSourceError as err:
         outcome = str(err)

@@ -230,6 +230,17 @@ def test_concurrent_clients_get_their_own_rewards_and_share_batches(server):
             422,
             "65 pairs in one request, over the server's limit of 64",
         ),
+        ({"prompts": ["1>"], "responses": ["1"], "columns": [1]}, 422, "columns must be an object of lists"),
+        (
+            {"prompts": ["1>"], "responses": ["1"], "columns": {"reference": ["1", "2"]}},
+            422,
+            "columns['reference'] must be a list of 1 values (one per pair), got 2",
+        ),
+        (
+            {"prompts": ["1>"], "responses": ["1"], "columns": {"prompts": ["1"]}},
+            422,
+            "columns: 'prompts' cannot be a keyword argument",
+        ),
         ({"prompts": ["1>"], "responses": ["1" * 30000]}, 413, "over the server's limit of 20000"),
         (
             iter([b'{"prompts": ["1>"], "responses": ["'] + [b"1" * 4096] * 6 + [b'"]}']),
@@ -250,6 +261,9 @@ def test_concurrent_clients_get_their_own_rewards_and_share_batches(server):
         "unequal",
         "empty",
         "too-many-pairs",
+        "columns-not-an-object",
+        "column-length",
+        "column-name",
         "content-length",
         "chunked",
     ],
@@ -473,4 +487,4 @@ def test_a_prompt_may_be_a_conversation():
 
     turns = [{"role": "system", "content": "sort"}, {"role": "user", "content": "21>"}]
     body = json.dumps({"prompts": ["21>", turns], "responses": ["12", "12"]}).encode()
-    assert parse_pairs(body, 8) == (["21>", turns], ["12", "12"])
+    assert parse_pairs(body, 8) == (["21>", turns], ["12", "12"], {})

@@ -15,7 +15,7 @@ import json
 import math
 import random
 
-from nemo_optune.data.records import DataError, check_messages, prompt_messages, read_records
+from nemo_optune.data.records import DataError, check_messages, prompt_messages, read_source
 
 NEMO_ALIGNER = ("chosen_response", "rejected_response")
 HF = ("chosen", "rejected")
@@ -80,7 +80,7 @@ def _rewards(row: dict, where: str) -> tuple[float | None, float | None]:
 
 def read_preferences(path: str) -> list[PreferenceRecord]:
     records = []
-    for where, row in read_records(path):
+    for where, row in read_source(path):  # a file, glob, directory or save_to_disk dir
         nemo = any(key in row for key in NEMO_ALIGNER)
         fields = NEMO_ALIGNER if nemo else HF
         required = ("prompt", *fields) if nemo else fields

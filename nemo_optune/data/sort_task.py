@@ -53,9 +53,7 @@ class SortTask:
         return "".join(sorted(prompt.rstrip(PROMPT_END)))
 
     def reward(self, prompt: str, response: str) -> float:
-        target = self.target(prompt)
-        hits = sum(a == b for a, b in zip(response, target))
-        return hits / max(len(target), len(response))
+        return graded(self.target(prompt), response)
 
     def demonstration(self, prompt: str, rng: random.Random, noise: float) -> str:
         """The sorted answer, corrupted 1-3 times with probability `noise`."""
@@ -72,3 +70,14 @@ class SortTask:
                 elif len(answer) > 1:
                     del answer[i]
         return "".join(answer)
+
+
+def graded(target: str, response: str) -> float:
+    """The task's reward of a response against the sorted answer (the module docstring)."""
+    hits = sum(a == b for a, b in zip(response, target))
+    return hits / max(len(target), len(response))
+
+
+def reference_rows(prompts: list[str]) -> list[dict]:
+    """Prompt rows with the answer as a `reference` column (docs/data_sources.md's example)."""
+    return [{"prompt": p, "reference": SortTask.target(p)} for p in prompts]

@@ -55,15 +55,21 @@ class RolloutEngine(Protocol):
 
 def completion_counts(rollouts: Rollouts, tokenizer: Tokenizer) -> torch.Tensor:
     """[max_new_tokens + 2] float64: how many responses have each length 0..max_new_tokens, then
-    how many ended on a stop token (any of the tokenizer's end-of-sequence ids, or padding, as the
-    engines stop); the others were cut at max_new_tokens. Counts add up over batches and ranks
+    how many ended on a stop token (ended_on_stop); the others were cut at max_new_tokens. Counts add up over batches and ranks
     (sum_over_dp), and completion_stats reads the totals."""
     lengths = rollouts.response_lengths.long().cpu()
     width = rollouts.response_tokens.shape[1]
+    ended = ended_on_stop(rollouts, tokenizer)
+    return torch.cat([torch.bincount(lengths, minlength=width + 1).double(), ended.sum().double().reshape(1)])
+
+
+def ended_on_stop(rollouts: Rollouts, tokenizer) -> torch.Tensor:
+    """[B] bool: the response ended on a stop token (any of the tokenizer's end-of-sequence ids,
+    or padding, as the engines stop); False: it was cut at max_new_tokens."""
+    lengths = rollouts.response_lengths.long().cpu()
     last = rollouts.response_tokens.cpu().gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
     stops = torch.tensor(sorted(tokenizer.eos_ids | {tokenizer.pad_id}), dtype=torch.long)
-    ended = (lengths > 0) & torch.isin(last, stops)
-    return torch.cat([torch.bincount(lengths, minlength=width + 1).double(), ended.sum().double().reshape(1)])
+    return (lengths > 0) & torch.isin(last, stops)
 
 
 def completion_stats(counts: torch.Tensor) -> dict:

@@ -8,8 +8,10 @@ not dead: after the other servers, it is asked once more after its Retry-After. 
 in what we send, so another server would refuse it too: it is raised at once with the server's
 reason. ResilientRewardSource retries the whole call with backoff.
 
-Wire format (README): POST {url}/score {"prompts": [str], "responses": [str]} ->
-{"rewards": [float | null]}, null for a non-finite reward (JSON has no NaN).
+Wire format (docs/rewards.md): POST {url}/score {"prompts": [str], "responses": [str],
+"columns": {name: [value]}} -> {"rewards": [float | null]}, null for a non-finite reward (JSON
+has no NaN). `columns` (the prompt rows' other columns and `truncated`, one value per pair) is
+sent only when there are any: servers that predate it keep working for runs without them.
 """
 
 import concurrent.futures
@@ -67,11 +69,18 @@ class HTTPReward:
         if len(errors) == len(self.urls):
             raise ValueError(f"config key {key}.urls: no reward server answers GET /health ({'; '.join(errors)})")
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def score(self, prompts: list[str], responses: list[str], **columns: list) -> list[float]:
         b, n = self.batch_size, len(self.urls)
-        chunks = [(prompts[i : i + b], responses[i : i + b]) for i in range(0, len(prompts), b)]
+        chunks = [
+            {
+                "prompts": prompts[i : i + b],
+                "responses": responses[i : i + b],
+                **({"columns": {k: v[i : i + b] for k, v in columns.items()}} if columns else {}),
+            }
+            for i in range(0, len(prompts), b)
+        ]
         first, self.next_server = self.next_server, (self.next_server + len(chunks)) % n
-        futures = [self.pool.submit(self._score_chunk, p, r, (first + i) % n) for i, (p, r) in enumerate(chunks)]
+        futures = [self.pool.submit(self._score_chunk, payload, (first + i) % n) for i, payload in enumerate(chunks)]
         try:
             return [reward for future in futures for reward in future.result()]
         except BaseException:
@@ -79,8 +88,8 @@ class HTTPReward:
                 future.cancel()
             raise
 
-    def _score_chunk(self, prompts: list[str], responses: list[str], start: int) -> list[float]:
-        payload = {"prompts": prompts, "responses": responses}
+    def _score_chunk(self, payload: dict, start: int) -> list[float]:
+        prompts = payload["prompts"]
         order = self.urls[start:] + self.urls[:start]
         # With every server dead, ask them all anyway rather than fail without trying: a blip
         # would otherwise fail every retry of ResilientRewardSource for dead_server_seconds.

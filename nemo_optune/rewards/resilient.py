@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from nemo_optune.rewards.base import keyword_parameters, keywords_for
+
 
 class RewardSourceError(RuntimeError):
     """The reward source failed on every attempt."""
@@ -31,12 +33,16 @@ class ResilientRewardSource:
             max_workers=1, initializer=torch.cuda.set_device, initargs=(self._cuda_device,)
         )
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def _keywords(self, columns: dict) -> dict:
+        """The columns the source's score() takes: a source of (prompts, responses) alone gets none."""
+        return keywords_for(keyword_parameters(self.source.score)[0], columns)
+
+    def score(self, prompts: list[str], responses: list[str], **columns) -> list[float]:
         last = None
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            future = self._pool.submit(self.source.score, prompts, responses)
+            future = self._pool.submit(self.source.score, prompts, responses, **self._keywords(columns))
             try:
                 rewards = future.result(timeout=self.timeout)
             except concurrent.futures.TimeoutError:

@@ -2,7 +2,9 @@
 
 Every source is wrapped in ResilientRewardSource (retries, timeout) on its own, so a flaky
 server is retried without rerunning a local reward model. The total reward is the weighted
-sum of the sources' rewards; each source's column is kept for logging (reward/<name>).
+sum of the sources' rewards, shaped once (rewards/shaping.py); each source's column and each
+penalty is kept for logging (reward/<name>). Sources get the prompt rows' other columns and
+`truncated` by keyword (rewards/base.py).
 
 Placement: the ranks of one model-parallel group (TP x PP) hold the same prompts and
 responses, so only the group's first rank scores (and only it loads a reward model); the
@@ -15,6 +17,7 @@ import torch.distributed as dist
 
 from nemo_optune.config import RewardConfig, RewardSourceConfig
 from nemo_optune.rewards.resilient import ResilientRewardSource, RewardSourceError
+from nemo_optune.rewards.shaping import shape_rewards, shaping_names
 from nemo_optune.runtime.distributed import comm_device, raise_if_any_rank_failed, sum_over_dp
 
 
@@ -51,57 +54,71 @@ class RewardSources:
 
     def __init__(self, cfg: RewardConfig, task, load: bool = True):
         configs = cfg.source_configs()
-        self.names = [s.display_name() for _, s in configs]
+        self.cfg = cfg
+        self.source_names = [s.display_name() for _, s in configs]
+        self.names = self.source_names + shaping_names(cfg)  # logged columns: sources, then penalties
         self.weights = torch.tensor([s.weight for _, s in configs], dtype=torch.float64)
+        self.built = [build_source(s, key, task, cfg.timeout_seconds, load) for key, s in configs]
         self.sources = [
-            ResilientRewardSource(
-                build_source(s, key, task, cfg.timeout_seconds, load),
-                name,
-                cfg.retries,
-                cfg.backoff_seconds,
-                cfg.timeout_seconds,
-            )
-            for (key, s), name in zip(configs, self.names)
+            ResilientRewardSource(source, name, cfg.retries, cfg.backoff_seconds, cfg.timeout_seconds)
+            for source, name in zip(self.built, self.source_names)
         ]
 
     @property
     def failures(self) -> int:
         return sum(s.failures for s in self.sources)
 
-    def score_columns(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def check_columns(self, available: set[str]) -> None:
+        """At start-up: every python source's required keywords are among `available`."""
+        for source in self.built:
+            if hasattr(source, "check_columns"):
+                source.check_columns(available | {"truncated"})
+
+    def score_columns(self, prompts: list[str], responses: list[str], **columns: list) -> torch.Tensor:
         """[n, sources] rewards (float64); raises RewardSourceError if a source fails for good."""
-        columns = torch.zeros(len(prompts), len(self.sources), dtype=torch.float64)
+        scores = torch.zeros(len(prompts), len(self.sources), dtype=torch.float64)
         for j, source in enumerate(self.sources):
-            columns[:, j] = torch.tensor(source.score(prompts, responses), dtype=torch.float64)
-        return columns
+            scores[:, j] = torch.tensor(source.score(prompts, responses, **columns), dtype=torch.float64)
+        return scores
 
     def total(self, columns: torch.Tensor) -> torch.Tensor:
         # A NaN in any source makes the total NaN (reward.non_finite decides), even at weight 0.
         return (columns * self.weights).sum(dim=1)
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """Weighted total per pair (the RewardSource interface, e.g. for the reward server)."""
-        return self.total(self.score_columns(prompts, responses)).tolist()
+    def score(self, prompts: list[str], responses: list[str], **columns: list) -> list[float]:
+        """Weighted total per pair, unshaped (the RewardSource interface, e.g. for the reward server)."""
+        return self.total(self.score_columns(prompts, responses, **columns)).tolist()
 
     def score_once_per_model_parallel_group(
-        self, prompts: list[str], responses: list[str]
+        self,
+        prompts: list[str],
+        responses: list[str],
+        columns: dict[str, list],
+        truncated: torch.Tensor,
+        lengths: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Collective: (total [n], columns [n, sources]) on every rank; scored by the first rank
-        of each model-parallel group. If a scoring rank fails, every rank raises its error."""
+        """Collective: (shaped total [n], [n, names]: each source's rewards, then each penalty)
+        on every rank; scored by the first rank of each model-parallel group, which passes
+        `columns` and `truncated` [n] bool to the sources. `lengths` [n]: response tokens (the
+        stop token counted). If a scoring rank fails, every rank raises its error."""
         group, scorer = model_parallel_scorer()
         failure = None
-        columns = torch.zeros(len(prompts), len(self.sources), dtype=torch.float64)
+        scores = torch.zeros(len(prompts), len(self.sources), dtype=torch.float64)
         if scorer == (dist.get_rank() if dist.is_initialized() else 0):
             try:
-                columns = self.score_columns(prompts, responses)
+                scores = self.score_columns(prompts, responses, **columns, truncated=truncated.tolist())
             except RewardSourceError as err:
                 failure = err
         raise_if_any_rank_failed(failure)
         if group is not None:
-            shared = columns.to(comm_device())
+            shared = scores.to(comm_device())
             dist.broadcast(shared, src=scorer, group=group)
-            columns = shared.cpu()
-        return self.total(columns), columns
+            scores = shared.cpu()
+        c = self.cfg
+        shaped, penalties = shape_rewards(
+            self.total(scores), truncated, lengths, c.missing_eos_penalty, c.length_penalty, c.target_length
+        )
+        return shaped, torch.cat([scores, *(p[:, None] for p in penalties.values())], dim=1)
 
     def means_over_dp(self, columns: torch.Tensor) -> dict[str, float]:
         """Collective: each source's mean over the finite rewards of every DP rank's columns."""

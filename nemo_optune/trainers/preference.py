@@ -23,9 +23,9 @@ from nemo_optune.data.batching import iteration_batches, iteration_window, recor
 from nemo_optune.data.micro_batch import PairMicroBatch
 from nemo_optune.data.offline_pool import build_offline_pool
 from nemo_optune.data.pool import PromptPool, build_sequences
-from nemo_optune.data.prompts import Prompt, encode_prompt_file, encode_prompt_set
+from nemo_optune.data.prompts import Prompt, PromptSet, configured_prompts, encode_prompt_set
 from nemo_optune.data.task_data import TaskData
-from nemo_optune.generation.base import SamplingParams, completion_counts, completion_stats
+from nemo_optune.generation.base import SamplingParams, completion_counts, completion_stats, ended_on_stop
 from nemo_optune.generation.factory import build_engine, refit_engine
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 from nemo_optune.rewards.resilient import RewardSourceError
@@ -65,8 +65,9 @@ class PreferenceTrainer:
         limit = max_prompt_tokens(cfg, data.task, spec)
         # Read and check every data set before building any model.
         prompts: Sequence[Prompt]
+        prompt_columns: dict[str, list] = {}  # the training prompts' other columns (reward keywords)
         if self.online:
-            prompts, prompt_ids, long_prompts = self.prompt_set(cfg.data.train_prompts_path, data.train_prompts, limit)
+            prompts, prompt_ids, long_prompts, prompt_columns = self.prompt_set("train", data.train_prompts, limit)
             pool = PromptPool.empty(len(prompt_ids), g.max_new_tokens)
             self.data_stats = {"long_prompts": long_prompts}
         else:
@@ -82,14 +83,18 @@ class PreferenceTrainer:
             )
             prompts, prompt_ids, pool = offline.prompts, offline.prompt_ids, offline.pool
             self.data_stats = {"long_prompts": offline.long_prompts, "identical_pairs": offline.identical_pairs}
-        self.heldout_prompts, self.heldout_ids, _ = self.prompt_set(
-            cfg.data.heldout_prompts_path, data.heldout_prompts, limit
+        self.heldout_prompts, self.heldout_ids, _, self.heldout_columns = self.prompt_set(
+            "heldout", data.heldout_prompts, limit
         )
         # Rows as wide as the longest prompt read, not the limit (a model's can be thousands of positions).
         self.width = min(self.width, max(map(len, prompt_ids + self.heldout_ids)) + g.max_new_tokens)
         # Built before any policy model: a bad function or reward model directory fails fast.
         # Only the rank that scores for its model-parallel group loads a reward model.
         self.reward = RewardSources(cfg.reward, data.task, load=is_scoring_rank())
+        # A python reward's required keywords must be columns of every prompt set it scores
+        # (an offline pool is never scored).
+        scored = [self.heldout_columns, prompt_columns] if self.online else [self.heldout_columns]
+        self.reward.check_columns(set.intersection(*(set(c) for c in scored)))
         # The LR schedule's horizon is fixed when the run starts; a resumed run keeps it (see resume).
         per_iteration = t.prompts_per_iteration or len(pool)
         if per_iteration > len(pool):
@@ -131,6 +136,7 @@ class PreferenceTrainer:
             pool,
             prompt_ids,
             prompts,
+            prompt_columns,
             model=self.model,
             engine=self.engine,
             reward=self.reward,
@@ -165,12 +171,13 @@ class PreferenceTrainer:
         self.checkpoint_seconds: list[float] = []
 
     def prompt_set(
-        self, path: str | None, task_prompts: list[Prompt], limit: int
-    ) -> tuple[list[Prompt], list[list[int]], int]:
-        """(prompts, token ids, how many were over the limit) of a prompt file, or of the task's prompts."""
-        if path:
-            return encode_prompt_file(path, self.tokenizer, self.cfg.data, limit)
-        return encode_prompt_set(task_prompts, ["task"] * len(task_prompts), self.tokenizer, self.cfg.data, limit)
+        self, split: str, task_prompts: list[Prompt], limit: int
+    ) -> tuple[list[Prompt], list[list[int]], int, dict[str, list]]:
+        """(prompts, token ids, how many were over the limit, the kept prompts' other columns) of
+        data.{split}_prompts_path / data.{split}_sources, or of the task's prompts."""
+        read = configured_prompts(self.cfg.data, split) or PromptSet(task_prompts, ["task"] * len(task_prompts))
+        texts, ids, too_long, kept = encode_prompt_set(read.prompts, read.where, self.tokenizer, self.cfg.data, limit)
+        return texts, ids, too_long, read.take(kept).columns
 
     def lr_at_step(self, step: int) -> float:
         t = self.cfg.trainer
@@ -385,7 +392,11 @@ class PreferenceTrainer:
             )
         texts = [self.tokenizer.decode(r) for r in rollouts.response_tokens]
         rewards, by_source = self.reward.score_once_per_model_parallel_group(
-            [self.heldout_prompts[i] for i in mine for _ in range(n)], texts
+            [self.heldout_prompts[i] for i in mine for _ in range(n)],
+            texts,
+            {name: [values[i] for i in mine for _ in range(n)] for name, values in self.heldout_columns.items()},
+            ~ended_on_stop(rollouts, self.tokenizer),
+            rollouts.response_lengths,
         )
         tokens, mask = build_sequences(
             [p for p in prompts for _ in range(n)],

@@ -14,7 +14,7 @@ from nemo_optune.config import RootConfig
 from nemo_optune.data.pool import PromptPool
 from nemo_optune.data.prompts import Prompt
 from nemo_optune.data.tokenizer import Tokenizer
-from nemo_optune.generation.base import RolloutEngine, SamplingParams, completion_counts
+from nemo_optune.generation.base import RolloutEngine, SamplingParams, completion_counts, ended_on_stop
 from nemo_optune.rewards.resilient import RewardSourceError
 from nemo_optune.rewards.sources import RewardSources
 from nemo_optune.runtime.distributed import Layout, dp_share, gather_rows_over_dp
@@ -44,6 +44,7 @@ class PreferencePool:
         store: PromptPool,
         prompt_ids: list[list[int]],
         prompt_texts: Sequence[Prompt],
+        prompt_columns: dict[str, list],
         *,
         model: "MegatronGPTOPTuneModel",
         engine: RolloutEngine,
@@ -54,6 +55,7 @@ class PreferencePool:
         width: int,
     ):
         self.store, self.prompt_ids, self.prompt_texts = store, prompt_ids, prompt_texts
+        self.prompt_columns = prompt_columns  # the prompts' other columns, for the reward sources
         self.model, self.engine, self.reward, self.tokenizer = model, engine, reward, tokenizer
         self.layout, self.cfg, self.width = layout, cfg, width
         self.opt = cfg.model.optune
@@ -99,8 +101,13 @@ class PreferencePool:
         generated += completion_counts(rollouts, self.tokenizer)
         with timer.phase("scoring"):
             texts = [self.tokenizer.decode(r) for r in rollouts.response_tokens]
+            of = [i for i in mine.tolist() for _ in range(K)]  # each response's prompt
             rewards, by_source = self.reward.score_once_per_model_parallel_group(
-                [self.prompt_texts[i] for i in mine.tolist() for _ in range(K)], texts
+                [self.prompt_texts[i] for i in of],
+                texts,
+                {name: [values[i] for i in of] for name, values in self.prompt_columns.items()},
+                ~ended_on_stop(rollouts, self.tokenizer),
+                rollouts.response_lengths,
             )
             rewards = rewards.view(-1, K)
         chosen, rejected, valid = alg.best_worst_pairs(rewards, drop_non_finite=True)
