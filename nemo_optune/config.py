@@ -660,7 +660,7 @@ def sort_task_in_use(cfg: RootConfig) -> bool:
     prompt limit apply only then (not to prompt files or data.task=instructions with, e.g., a python
     reward)."""
     d = cfg.data
-    if d.task != "sort":
+    if d.task != "sort" or cfg.generate.input_path:  # the generate command reads its prompts from a file
         return False
     if cfg.model.restore_from_path is None:  # the SFT warm start trains the built-in model on it
         return True

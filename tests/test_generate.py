@@ -138,3 +138,14 @@ def test_prompts_may_take_the_positions_the_model_leaves(hf_dir, tmp_path, capsy
             "or data.long_prompts: skip | truncate)"
         )
     )
+
+
+def test_the_sort_tasks_checks_do_not_apply_to_a_prompt_file():
+    """generate reads its prompts from generate.input_path: the toy task's answer length
+    (max_new_tokens >= its longest answer + EOS) is not asked of it; training on the task is."""
+    from nemo_optune.config import ConfigError, load_config
+
+    short = ["model.restore_from_path=/models/chat", "generation.max_new_tokens=4"]
+    load_config("optune_tiny", [*short, "generate.input_path=prompts.jsonl", "generate.output_path=out.jsonl"])
+    with pytest.raises(ConfigError, match="config key generation.max_new_tokens"):
+        load_config("optune_tiny", short)
