@@ -59,9 +59,9 @@ SLOW = {
     "test_greedy_generation_equals_transformers[2]",  # tests/test_real_model.py: SmolLM2 at TP2
     # TP2 loading is covered by test_hf_models' layouts, NeMo 2 loading by test_nemo2
     "test_greedy_generation_equals_transformers[hf-2]",
+    "test_optune_from_a_model_directory_and_back_to_hugging_face[nemo2]",
     # the trainer's PP2 generation (the cached engine) is compared with one process by test_parallel
     "test_tp2_pp2_match_tp1[model.pipeline_model_parallel_size=2]",
-    "test_optune_from_a_model_directory_and_back_to_hugging_face[nemo2]",
     "test_one_optune_iteration_of_the_demo_recipe",
     # tests/test_data_sources.py: the default tier runs parquet shards and a mixture
     "test_optune_from_save_to_disk_and_through_the_reward_server_equals_the_task_run",
