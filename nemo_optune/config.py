@@ -701,22 +701,25 @@ def validate_engine(cfg: RootConfig, world_size: int) -> None:
         )
         raise ConfigError(f"generation.engine={g.engine} but {g.engine} is not installed: {how}")
     _require(
-        world_size == 1,
-        "generation.engine",
-        f"{g.engine} runs beside a single training process for now (world size {world_size}); "
-        f"use generation.engine=megatron for multi-process runs",
-    )
-    _require(
         cfg.method != "hypo",
         "generation.engine",
         "HyPO samples from the policy between optimizer steps, an external engine is refitted once per "
         "iteration: use generation.engine=megatron with method=hypo",
     )
+    _require(
+        g.engine != "trtllm" or g.engine_tp_size == 1,
+        "generation.engine_tp_size",
+        "the TensorRT-LLM engine refits through CUDA IPC from its DP replica's first GPU and runs at "
+        "tensor-parallel size 1 (one engine per DP replica at any policy TP/PP)",
+    )
     if g.engine == "vllm":
         from nemo_optune.generation.vllm_engine import default_cpu_binding
 
+        # One engine per DP replica (generation/placement.py): those on this node split its cores.
+        group = cfg.model.tensor_model_parallel_size * cfg.model.pipeline_model_parallel_size
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or world_size)  # torchrun; else all on one node
         try:  # a core per engine rank on CPU
-            default_cpu_binding(g.engine_tp_size)
+            default_cpu_binding(g.engine_tp_size, engines=max(1, local // group))
         except ValueError as err:
             raise ConfigError(str(err)) from None
 

@@ -27,13 +27,16 @@ half-old, half-new weights are never used silently. (vLLM's newer weight-transfe
 Engine TP (generation.engine_tp_size): vLLM's own tensor parallelism, one worker process per
 rank; the refit sends every worker the full tensors and each loads its shard. On CPU each rank
 needs its own cores: unless VLLM_CPU_OMP_THREADS_BIND is set, the cores this process may use are
-split evenly between the ranks (vLLM's automatic binding wants a NUMA node per rank).
+split evenly between the engines on the node (one per DP replica, generation/placement.py), then
+between each engine's ranks (vLLM's automatic binding wants a NUMA node per rank). The engine's
+processes do not inherit the trainer's torchrun/Slurm rendezvous variables.
 
 release/resume: vLLM's sleep mode (level 1: weights offloaded, KV cache freed) when
 generation.vllm.sleep_mode=true, which needs a GPU: vLLM's CPU worker ignores sleep/wake_up
 (it logs "sleep mode is not supported on CPU"), so on CPU they are no-ops.
 """
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -41,11 +44,21 @@ from typing import Any
 import torch
 
 from nemo_optune.generation.base import Rollouts, SamplingParams
+from nemo_optune.generation.placement import EnginePlacement
 from nemo_optune.generation.refit import RefitStats, tensor_bytes, timed, weight_buckets
 from nemo_optune.runtime.seeds import mix_seed
 
 GIB = 1 << 30
 CPU_BINDING = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU workers' cores: "0,1|2,3" = rank 0 on 0-1, rank 1 on 2-3
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 class RefitWorkerExtension:
@@ -168,32 +181,77 @@ def _check_head_size(hf_dir: str) -> None:
         )
 
 
-def cpu_binding(ranks: int, cpus: list[int] | None = None) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers: the usable cores (default: this
-    process's affinity) in `ranks` equal contiguous groups, e.g. "0,1|2,3"."""
+def cpu_binding(ranks: int, cpus: list[int] | None = None, slot: int = 0, engines: int = 1) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers of the engine in `slot` of the
+    `engines` on this node: the usable cores (default: this process's affinity) in `engines`
+    equal contiguous parts, this engine's part in `ranks` equal contiguous groups, e.g.
+    "0,1|2,3"."""
     cpus = sorted(os.sched_getaffinity(0)) if cpus is None else sorted(cpus)
-    if len(cpus) < ranks:
+    if len(cpus) < ranks * engines:
+        on_node = f" x {engines} engines on this node" if engines > 1 else ""
         raise ValueError(
-            f"config key generation.engine_tp_size: {ranks} vLLM CPU workers need a core each, "
+            f"config key generation.engine_tp_size: {ranks}{on_node} vLLM CPU workers need a core each, "
             f"this process may use {len(cpus)}"
         )
-    per_rank = len(cpus) // ranks
-    return "|".join(",".join(map(str, cpus[r * per_rank : (r + 1) * per_rank])) for r in range(ranks))
+    share = len(cpus) // engines
+    mine = cpus[slot * share : (slot + 1) * share]
+    per_rank = share // ranks
+    return "|".join(",".join(map(str, mine[r * per_rank : (r + 1) * per_rank])) for r in range(ranks))
 
 
-def default_cpu_binding(engine_tp_size: int) -> str | None:
+def default_cpu_binding(engine_tp_size: int, slot: int = 0, engines: int = 1) -> str | None:
     """The VLLM_CPU_OMP_THREADS_BIND the engine sets for its worker processes: cpu_binding on CPU
-    at engine TP > 1 unless the user set one; None otherwise. Raises ValueError naming
-    generation.engine_tp_size when there are fewer cores than ranks."""
-    if engine_tp_size == 1 or CPU_BINDING in os.environ or torch.cuda.is_available():
+    at engine TP > 1 or with several engines on the node, unless the user set one; None
+    otherwise. Raises ValueError naming generation.engine_tp_size when there are fewer cores
+    than workers."""
+    if (engine_tp_size == 1 and engines == 1) or CPU_BINDING in os.environ or torch.cuda.is_available():
         return None
-    return cpu_binding(engine_tp_size)
+    return cpu_binding(engine_tp_size, slot=slot, engines=engines)
+
+
+def engine_environment(engine_tp_size: int, placement: EnginePlacement | None) -> dict[str, str | None]:
+    """The environment vLLM's engine processes start with (None: unset): the torchrun/Slurm
+    rendezvous of the trainer is not the engine's own (its TP workers have their own group); on
+    CPU its cores (default_cpu_binding); on a GPU, with one engine per DP replica, the devices
+    of the replica on the leader's node (CUDA_VISIBLE_DEVICES)."""
+    env: dict[str, str | None] = dict.fromkeys(LAUNCHER_VARIABLES)
+    slot, engines = (placement.slot, placement.node_engines) if placement else (0, 1)
+    binding = default_cpu_binding(engine_tp_size, slot, engines)
+    if binding is not None:
+        env[CPU_BINDING] = binding
+    if placement is not None and placement.engines > 1 and torch.cuda.is_available():
+        if len(placement.devices) < engine_tp_size:
+            raise ValueError(
+                f"config key generation.engine_tp_size: {engine_tp_size} GPUs per engine, but a DP replica has "
+                f"{len(placement.devices)} on its first rank's node"
+            )
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(placement.devices[:engine_tp_size])
+    return env
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str | None]):
+    """os.environ with `values` set (None: removed) inside the block, restored after."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class VLLMEngine:
     """A RolloutEngine on vLLM's offline LLM, started from the HF directory `hf_dir`."""
 
-    def __init__(self, hf_dir: str, stop_ids, pad_id: int, gen_cfg):
+    def __init__(self, hf_dir: str, stop_ids, pad_id: int, gen_cfg, placement: EnginePlacement | None = None):
         # The engine core runs in its own process (vLLM's default), started by spawn: a forked
         # child would inherit this process's torch.distributed (gloo) state.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -231,15 +289,9 @@ class VLLMEngine:
             kwargs.update(gpu_memory_utilization=v.gpu_memory_utilization, enable_sleep_mode=v.sleep_mode)
         else:
             kwargs.update(kv_cache_memory_bytes=int(v.kv_cache_gb * GIB))
-        # The binding is read by the engine processes LLM starts; this process's own is restored.
-        binding = default_cpu_binding(gen_cfg.engine_tp_size)
-        if binding is not None:
-            os.environ[CPU_BINDING] = binding
-        try:
+        # Read by the engine processes LLM starts; this process's own environment is restored.
+        with environment(engine_environment(gen_cfg.engine_tp_size, placement)):
             self.llm = LLM(**kwargs)
-        finally:
-            if binding is not None:
-                os.environ.pop(CPU_BINDING, None)
 
     # ------------------------------------------------------------- generate
     def generate(

@@ -245,20 +245,33 @@ def import_hf(hf_dir: str, model) -> None:
     model.weights_loaded = True  # (load_policy then refreshes the optimizer's fp32 copies)
 
 
-def stream_hf_weights(model):
+def _main_in_group(replica_id) -> bool:
+    """The shard counts once within one data-parallel replica: megatron's replica ids are
+    (0, TP-duplicate index, DP rank), and a model-parallel group holds one DP rank."""
+    ids = replica_id if isinstance(replica_id, tuple) else (replica_id,)
+    return is_main_replica(ids[:2] if len(ids) == 3 else ids)
+
+
+def stream_hf_weights(model, group=None):
     """(HF name, full tensor) of `model.policy`, on every rank, one megatron tensor at a time:
     each is assembled from its shards by a sum all-reduce over all ranks. Collective.
+
+    group: a model-parallel group (the TP x PP ranks of one DP replica, e.g. megatron's
+    get_model_parallel_group()) instead: the sums run within it, so DP replicas assemble their
+    own copies at once and a group of one rank (TP = PP = 1) communicates nothing.
 
     The seam for refitting rollout engines (vLLM, TensorRT-LLM take HF-named tensors)."""
     spec, shards = model.spec, {}
     for sh, value in local_shards(model.policy):
         shards.setdefault((sh.key, _layer(sh)), []).append((sh, value))
+    counts_once = is_main_replica if group is None else _main_in_group
     # Every rank runs the same sequence of all-reduces: agree on the tensors of all stages.
-    described = [None] * dist.get_world_size()
-    dist.all_gather_object(
-        described,
-        {unit: (sh.global_shape[sh.prepend_axis_num :], value.dtype) for unit, ((sh, value), *_) in shards.items()},
-    )
+    described = [None] * dist.get_world_size(group)
+    mine = {unit: (sh.global_shape[sh.prepend_axis_num :], value.dtype) for unit, ((sh, value), *_) in shards.items()}
+    if len(described) == 1:
+        described = [mine]
+    else:
+        dist.all_gather_object(described, mine, group=group)
     units = {unit: what for part in described for unit, what in part.items()}
 
     def hf_order(unit):  # embedding, layers, final norm, output layer
@@ -270,9 +283,10 @@ def stream_hf_weights(model):
         shape, dtype = units[(key, layer)]
         full = torch.zeros(shape, dtype=dtype, device=device)
         for sh, value in shards.get((key, layer), []):
-            if is_main_replica(sh.replica_id):  # TP-duplicated and DP-replicated shards once
+            if counts_once(sh.replica_id):  # TP-duplicated and DP-replicated shards once
                 full[shard_region(sh)[sh.prepend_axis_num :]] = value.detach()
-        dist.all_reduce(full)
+        if len(described) > 1:
+            dist.all_reduce(full, group=group)
         yield from megatron_to_hf(megatron_name(key, layer), full, spec)
 
 
@@ -322,11 +336,17 @@ def _write_json(path: str, value: dict) -> None:
         json.dump(value, f, indent=2)
 
 
-def export_hf(model, out_dir: str, tokenizer_dir: str | None = None, max_shard_bytes: int = 5 << 30) -> None:
+def export_hf(
+    model, out_dir: str | None, tokenizer_dir: str | None = None, max_shard_bytes: int = 5 << 30, group=None
+) -> None:
     """Write `model.policy` as a HF checkpoint of its spec's family: config.json,
     generation_config.json, safetensors in the spec's dtype, and the tokenizer files of
-    `tokenizer_dir` if given. Rank 0 writes; collective (every rank raises the first error)."""
-    spec, writing, error = model.spec, dist.get_rank() == 0, None
+    `tokenizer_dir` if given. Rank 0 writes; collective (every rank raises the first error).
+
+    group: a model-parallel group (see stream_hf_weights): the first rank of each such group
+    writes its own copy to its `out_dir` (the other ranks' out_dir is not used)."""
+    first = 0 if group is None else dist.get_process_group_ranks(group)[0]
+    spec, writing, error = model.spec, dist.get_rank() == first, None
     try:
         config = hf_config_from_spec(spec)
         tokenizer = (
@@ -336,21 +356,22 @@ def export_hf(model, out_dir: str, tokenizer_dir: str | None = None, max_shard_b
         )
         if tokenizer_dir and not tokenizer:
             raise ValueError(f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-        if os.path.exists(out_dir) and os.listdir(out_dir):
-            raise ValueError(f"{out_dir}: exists and is not empty")
         if writing:
+            assert out_dir is not None, "the writing rank needs an out_dir"
+            if os.path.exists(out_dir) and os.listdir(out_dir):
+                raise ValueError(f"{out_dir}: exists and is not empty")
             os.makedirs(out_dir, exist_ok=True)
     except (ValueError, OSError) as err:
         error = err
     raise_if_any_rank_failed(error)
-    writer = _ShardWriter(out_dir, max_shard_bytes) if writing else None
-    for name, tensor in stream_hf_weights(model):  # every rank takes part, even after a failed write
+    writer = _ShardWriter(out_dir, max_shard_bytes) if writing and out_dir is not None else None
+    for name, tensor in stream_hf_weights(model, group):  # every rank takes part, even after a failed write
         if writer is not None and error is None:
             try:
                 writer.add(name, tensor.to(getattr(torch, spec.dtype)).cpu())
             except OSError as err:
                 error = err
-    if writer is not None and error is None:
+    if writer is not None and out_dir is not None and error is None:
         try:
             writer.close()
             _write_json(os.path.join(out_dir, "config.json"), config)
