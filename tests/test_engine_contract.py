@@ -281,3 +281,48 @@ def test_vllm_engine_tp_beyond_the_cores_is_refused_at_start_up(monkeypatch):
     cores = len(os.sched_getaffinity(0))
     with pytest.raises(ConfigError, match=f"^config key generation.engine_tp_size: {cores + 1} vLLM CPU workers need"):
         load_config("optune_tiny", ["generation.engine=vllm", f"generation.engine_tp_size={cores + 1}"])
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (make test-vllm)")
+@pytest.mark.parametrize("tp", [1, 2], ids=["dp2_two_engines", "tp2_one_engine"])
+def test_vllm_under_torchrun_equals_the_in_process_engine(tp, tmp_path):
+    """Two torchrun processes (tests/engine_dp_check.py): at TP1 each DP rank leads its own vLLM
+    engine (a core each); at TP2 rank 0 leads the replica's one engine and rank 1 receives. Each
+    rank's greedy tokens equal the in-process engine's on its DP share, log-probs within 1e-3,
+    before and after the weights move and the engines are refitted from their groups' shards."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "result.json"
+    run = subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            os.path.join(root, "tests", "engine_dp_check.py"),
+            "--tp",
+            str(tp),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=1200,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = json.loads(out.read_text())
+    assert [r["leads"] for r in ranks] == ([True, True] if tp == 1 else [True, False])
+    shares = [r["prompts"] for r in ranks]
+    assert (shares[0] != shares[1]) if tp == 1 else (shares[0] == shares[1])  # DP shares / one replica
+    for r in ranks:
+        for phase in ("before", "after"):
+            assert r[phase]["rows"] > 0 and r[phase]["tokens_equal"] and r[phase]["lengths_equal"], (phase, r)
+            assert r[phase]["max_logprob_diff"] < 1e-3, (phase, r)
+        assert r["after_stale"]["max_logprob_diff"] > 1e-2  # the weights did move: a stale engine fails
+    assert ranks[0]["refit"]["refit_bytes"] > 0
