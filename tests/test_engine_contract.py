@@ -270,6 +270,25 @@ def test_vllm_cpu_binding_splits_the_cores_between_engine_ranks():
     assert cpu_binding(3, list(range(7))) == "0,1|2,3|4,5"
     with pytest.raises(ValueError, match="^config key generation.engine_tp_size: 3 vLLM CPU workers need a core each"):
         cpu_binding(3, [0, 1])
+    # one engine per DP replica: the node's cores go to its engines first, then to their workers
+    assert [cpu_binding(2, list(range(8)), slot, engines=2) for slot in (0, 1)] == ["0,1|2,3", "4,5|6,7"]
+    assert [cpu_binding(1, [0, 1], slot, engines=2) for slot in (0, 1)] == ["0", "1"]
+    with pytest.raises(ValueError, match="^config key generation.engine_tp_size: 2 x 2 engines on this node vLLM"):
+        cpu_binding(2, [0, 1, 2], 0, engines=2)
+
+
+def test_what_external_engines_still_refuse_names_the_key(monkeypatch):
+    from nemo_optune.config import ConfigError, load_config, validate
+
+    real = importlib.util.find_spec  # tensorrt_llm as if installed
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "tensorrt_llm" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match="^config key generation.engine_tp_size: the TensorRT-LLM engine refits"):
+        load_config("optune_tiny", ["generation.engine=trtllm", "generation.engine_tp_size=2"])
+    with pytest.raises(ConfigError, match="^config key generation.engine: HyPO samples"):
+        load_config("hypo", ["generation.engine=trtllm"])
+    validate(load_config("optune_tiny", ["generation.engine=trtllm"]), world_size=8)  # any world size
 
 
 @pytest.mark.vllm
