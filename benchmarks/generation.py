@@ -1,11 +1,14 @@
 """Rollout throughput: the recompute engine, the KV-cached engine (megatron's
 models/kv_cache.py) and, from the same weights, Hugging Face `generate` with its KV cache.
 
-    .venv/bin/python benchmarks/generation.py            # every case, one JSON line each + a table
+    .venv/bin/python benchmarks/generation.py            # the random-weight cases, one JSON line each + a table
     .venv/bin/python benchmarks/generation.py --cases tiny --no-hf
+    .venv/bin/python benchmarks/generation.py --cases smollm2_64 smollm2_256 --no-recompute \
+        --model runs/models/smollm2-135m-instruct [--profile]      # the real model (make demo-real)
 
-Random weights; stops are switched off so that every response has exactly max_new_tokens
-tokens (a random model would otherwise stop at once). Each case runs in its own process
+Random weights, or (smollm2_*) SmolLM2-135M-Instruct on demo_real's instruction prompts; stops
+are switched off so that every response has exactly max_new_tokens tokens (a random model would
+otherwise stop at once). --profile adds a torch.profiler table of one KV-cached call per case. Each case runs in its own process
 (megatron's parallel state is per process); the engines of a case run in the same process on
 the same prompts, their timed calls interleaved (best of --repeats rounds), so their ratios
 are measured under the same load.
@@ -41,7 +44,10 @@ CASES = {
     ),
     # The issue-14 yardstick: a Llama-shaped model of ~20M parameters (hidden 512, 6 layers, GQA).
     **{f"llama20m_{new}": (LLAMA_20M, 32, 2, new, 64) for new in (16, 64, 256)},
+    # The real model (30 layers, hidden 576, vocabulary 49,152): 16 prompts x 2 samples in one micro-batch.
+    **{f"smollm2_{new}": ([], 16, 2, new, 32) for new in (64, 256)},
 }
+REAL_CASES = ("smollm2_64", "smollm2_256")
 
 
 def best_seconds(fns: dict, repeats: int) -> dict:
@@ -96,7 +102,44 @@ def random_policy_case(overrides: list[str], num_prompts: int, new: int, tmp: st
     return cfg, trainer, model, [ids[i % len(ids)] for i in range(num_prompts)], list(range(num_prompts))
 
 
-def run_case(name: str, engines: list[str], repeats: int) -> dict:
+def real_policy_case(model_dir: str, overrides: list[str], num_prompts: int, new: int, tmp: str):
+    """As random_policy_case, with the weights of the HF directory model_dir and the demo_real
+    recipe's instruction prompts (chat template applied)."""
+    from nemo_optune.config import load_config
+    from nemo_optune.data.task_data import build_task_data
+    from nemo_optune.runtime.experiment import ExperimentLog
+    from nemo_optune.trainers.common import setup
+    from nemo_optune.trainers.preference import PreferenceTrainer
+
+    cfg = load_config(
+        "demo_real",
+        overrides
+        + [
+            f"model.restore_from_path={model_dir}",
+            f"exp_manager.exp_dir={tmp}/exp",
+            "exp_manager.tensorboard=false",
+            "exp_manager.report=false",
+            f"generation.max_new_tokens={new}",
+        ],
+    )
+    trainer = PreferenceTrainer(
+        cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False)
+    )
+    trainer.model.load_policy(model_dir)
+    ids = trainer.pool.prompt_ids
+    return cfg, trainer, trainer.model, [ids[i % len(ids)] for i in range(num_prompts)], list(range(num_prompts))
+
+
+def profile_table(fn, rows: int = 25) -> str:
+    """torch.profiler's operator table (self CPU time) of one call of fn."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def run_case(name: str, engines: list[str], repeats: int, model_dir: str | None = None, profile: bool = False) -> dict:
     import torch
 
     from nemo_optune.generation.base import SamplingParams
@@ -104,9 +147,11 @@ def run_case(name: str, engines: list[str], repeats: int) -> dict:
 
     overrides, num_prompts, samples, new, mbs = CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, trainer, model, prompts, seeds = random_policy_case(
-            overrides + [f"generation.micro_batch_size={mbs}"], num_prompts, new, tmp
-        )
+        case_overrides = overrides + [f"generation.micro_batch_size={mbs}"]
+        if name in REAL_CASES:
+            cfg, trainer, model, prompts, seeds = real_policy_case(model_dir, case_overrides, num_prompts, new, tmp)
+        else:
+            cfg, trainer, model, prompts, seeds = random_policy_case(case_overrides, num_prompts, new, tmp)
         tok = trainer.tokenizer
         params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=new)
         rows = num_prompts * samples
@@ -140,6 +185,8 @@ def run_case(name: str, engines: list[str], repeats: int) -> dict:
             result[f"{engine_name}_responses_per_s"] = rows / seconds
             result[f"{engine_name}_tokens_per_s"] = rows * new / seconds
             result[f"{engine_name}_ms_per_step"] = 1000 * seconds / new  # one decoding step of all rows
+        if profile and "cached" in timed:
+            print(f"[profile] {name}: one KV-cached call\n{profile_table(timed['cached'])}", file=sys.stderr)
     if "recompute_responses_per_s" in result and "cached_responses_per_s" in result:
         result["cached_over_recompute"] = result["cached_responses_per_s"] / result["recompute_responses_per_s"]
     if "hf_responses_per_s" in result and "cached_responses_per_s" in result:
@@ -185,19 +232,26 @@ def _hf_generate(model, pad_id, prompts, samples, new, mbs, tmp):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="*", default=[c for c in CASES if c not in REAL_CASES], choices=list(CASES))
+    parser.add_argument("--model", help="HF directory of the smollm2_* cases (runs/models/smollm2-135m-instruct)")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the KV-cached engine")
     parser.add_argument("--no-hf", action="store_true", help="leave out transformers' generate")
     parser.add_argument("--no-recompute", action="store_true", help="leave out the recompute engine")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds after a warm-up (best is kept)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a case, in this process
     parser.add_argument("--engines", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if any(c in REAL_CASES for c in args.cases) and not (
+        args.model and os.path.isfile(os.path.join(args.model, "config.json"))
+    ):
+        parser.error(f"--model: cases {', '.join(REAL_CASES)} need the HF directory of SmolLM2 (make demo-real)")
     if args.one:
         sys.path.insert(0, ROOT)
         from nemo_optune.runtime import distributed
 
         try:
-            print(json.dumps(run_case(args.one, args.engines.split(","), args.repeats)), flush=True)
+            result = run_case(args.one, args.engines.split(","), args.repeats, args.model, args.profile)
+            print(json.dumps(result), flush=True)
         finally:
             distributed.shutdown()
         return
@@ -218,6 +272,8 @@ def main() -> None:
                 ",".join(engines),
                 "--repeats",
                 str(args.repeats),
+                *(["--model", args.model] if args.model else []),
+                *(["--profile"] if args.profile else []),
             ],
             capture_output=True,
             text=True,
@@ -225,6 +281,8 @@ def main() -> None:
         )
         if done.returncode != 0:
             sys.exit(f"{case} failed:\n{done.stderr[-3000:]}")
+        if args.profile:
+            print(done.stderr[done.stderr.find("[profile]") :], flush=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
     print(

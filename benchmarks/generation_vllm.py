@@ -2,6 +2,8 @@
 engine, on the same random weights, prompts and sampling (top-p 0.9), in one process.
 
     .venv-vllm/bin/python benchmarks/generation_vllm.py [--cases tiny_h32 llama20m_64] [--repeats 3]
+    .venv-vllm/bin/python benchmarks/generation_vllm.py --cases smollm2_64 smollm2_256 \
+        --model runs/models/smollm2-135m-instruct     # the real model, as benchmarks/generation.py's cases
 
 Needs vllm (make test-vllm builds .venv-vllm). vLLM's CPU attention has no head size 16, so the
 cases use head size 32 or 64 (the built-in recipe's 4 heads of 16 do not run on vLLM on CPU).
@@ -28,12 +30,14 @@ CASES = {
         2,
         64,
     ),
+    # SmolLM2-135M-Instruct (--model) on demo_real's prompts: generation.py's cases of the same name.
+    **{f"smollm2_{new}": ([], 16, 2, new) for new in (64, 256)},
 }
 
 
-def run_case(name: str, repeats: int) -> dict:
+def run_case(name: str, repeats: int, model_dir: str | None = None) -> dict:
     import torch
-    from generation import best_seconds, random_policy_case  # benchmarks/generation.py
+    from generation import REAL_CASES, best_seconds, random_policy_case, real_policy_case  # benchmarks/generation.py
 
     from nemo_optune.generation.base import SamplingParams
     from nemo_optune.generation.factory import build_engine, refit_engine
@@ -41,9 +45,11 @@ def run_case(name: str, repeats: int) -> dict:
 
     overrides, num_prompts, samples, new = CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, trainer, model, prompts, seeds = random_policy_case(
-            overrides + ["generation.micro_batch_size=512", "generation.engine=vllm"], num_prompts, new, tmp
-        )
+        case_overrides = overrides + ["generation.micro_batch_size=512", "generation.engine=vllm"]
+        if name in REAL_CASES:
+            cfg, trainer, model, prompts, seeds = real_policy_case(model_dir, case_overrides, num_prompts, new, tmp)
+        else:
+            cfg, trainer, model, prompts, seeds = random_policy_case(case_overrides, num_prompts, new, tmp)
         tok = trainer.tokenizer
         params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=new)
         rows = num_prompts * samples
@@ -77,6 +83,7 @@ def run_case(name: str, repeats: int) -> dict:
         for label, seconds in timed.items():
             result[f"{label}_responses_per_s"] = rows / seconds
             result[f"{label}_tokens_per_s"] = rows * new / seconds
+            result[f"{label}_ms_per_step"] = 1000 * seconds / new
         refits = [refit_engine(vllm, model) for _ in range(max(1, repeats))]
         result["vllm_refit_seconds"] = min(r["timing/refit_seconds"] for r in refits)
         result["vllm_refit_bytes"] = refits[0]["refit_bytes"]
@@ -87,13 +94,20 @@ def run_case(name: str, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument(
+        "--cases", nargs="*", default=[c for c in CASES if not c.startswith("smollm2")], choices=list(CASES)
+    )
+    parser.add_argument("--model", help="HF directory of the smollm2_* cases (runs/models/smollm2-135m-instruct)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up (best is kept)")
     args = parser.parse_args()
+    if any(c.startswith("smollm2") for c in args.cases) and not (
+        args.model and os.path.isfile(os.path.join(args.model, "config.json"))
+    ):
+        parser.error("--model: the smollm2_* cases need the HF directory of SmolLM2 (make demo-real)")
     sys.path.insert(0, ROOT)
     rows = []
     for name in args.cases:  # one process: megatron's parallel state is initialised once and reused
-        rows.append(run_case(name, args.repeats))
+        rows.append(run_case(name, args.repeats, args.model))
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n{'case':<14}{'megatron resp/s':>17}{'vllm resp/s':>13}{'ratio':>8}{'refit s':>9}{'vllm start s':>14}")
     for r in rows:

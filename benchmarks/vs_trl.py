@@ -3,6 +3,19 @@
   make bench-trl ARGS="--seconds 50 --seeds 3"       # installs the `trl` extra first
   python benchmarks/vs_trl.py --out bench_out/vs_trl [--seconds 50] [--seeds 3]
                               [--ours NAME=recipe:override ...]   (pip install -e '.[trl]')
+  python benchmarks/vs_trl.py --task real --out bench_out/vs_trl_real [--seconds 120] [--seeds 3]
+                              [--model runs/models/smollm2-135m-instruct]
+
+--task sort (the default) is described below. --task real runs the same protocol on a real
+model: both frameworks start from the HF directory --model (SmolLM2-135M-Instruct, made by
+make demo-real; no SFT step, no export check: tests/test_real_model.py checks our import of it
+against transformers), on the demo_real recipe's instructions task (its prompts through the
+chat template, its rule reward, its 32 held-out prompts x 2 samples); TRL steps on 16 prompts at
+lr 5e-5 (demo_real's step), sampling as demo_real (32 new tokens, top-p 0.9); ours are demo_real
+(OPTune, rho 0.5) and demo_real with online_dpo's switches (rho 1), evaluated after every
+iteration; TRL snapshots every 40 s. Each table row also gives the training step's tokens/s
+(policy forward + backward + optimizer, generation and reference excluded) and the training
+process's peak RSS.
 
 1. SFT warm start (`sft_tiny`, reused when OUT/sft has it), exported to OUT/sft_hf by
    `python -m nemo_optune.convert --to hf`; the transformers model's logits must equal ours at
@@ -30,15 +43,17 @@
    same way (directly and through the HF export), must give our runs' initial held-out reward.
 
 Outputs: OUT/vs_trl.json (every curve, per seed; medians; load averages before and after),
-OUT/vs_trl.md (seconds to held-out reward 0.75/0.80/0.85/0.90 — median over seeds, an unreached
-threshold counts as infinite, so "—" means a majority of seeds did not reach it; held-out reward
-at 5/10/20/50 s — the last evaluated point at or before that time; generation responses/s),
+OUT/vs_trl.md (seconds to held-out reward 0.75/0.80/0.85/0.90, real: 0.6/0.7/0.8/0.9 — median
+over seeds, an unreached threshold counts as infinite, so "—" means a majority of seeds did not
+reach it; held-out reward at 5/10/20/50 s, real: 30/60/90/120 s — the last evaluated point at or
+before that time; generation responses/s; training tokens/s; peak RSS),
 OUT/vs_trl.png (held-out reward vs training seconds: median over seeds bold, each seed faint).
 Both frameworks run on whatever this machine gives them: a shared machine's load shows in the
 times (see `loadavg_*` in the JSON).
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -56,22 +71,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from compare_methods import curve, run, seconds_to  # noqa: E402
 
-THRESHOLDS = (0.75, 0.80, 0.85, 0.90)
-AT_SECONDS = (5, 10, 20, 50)
-SNAPSHOT_SECONDS = (1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50)
-OURS = {"online_dpo": ("online_dpo", []), "optune": ("optune", [])}
+REAL_MODEL = os.path.join(ROOT, "runs", "models", "smollm2-135m-instruct")
 TRL_NAME = "trl_online_dpo"
-# TRL's side of the protocol (OnlineDPOConfig); max_new_tokens comes from our generation config.
+# TRL's side of the protocol (OnlineDPOConfig) common to both tasks; sampling (temperature,
+# top-p, top-k, max_new_tokens) comes from our recipe's generation config.
 TRL_SETTINGS = {
-    "per_device_train_batch_size": 64,
     "gradient_accumulation_steps": 1,
-    "learning_rate": 3e-4,
     "lr_scheduler_type": "constant",
     "warmup_steps": 0,
     "beta": 0.1,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "top_k": 0,
     "gradient_checkpointing": False,
     "bf16": False,
     "fp16": False,
@@ -81,6 +89,58 @@ TRL_SETTINGS = {
     "report_to": "none",
     "disable_tqdm": True,
     "dataloader_num_workers": 0,
+}
+# Our online DPO on top of a recipe that is not online_dpo.yaml: the same switches as that recipe.
+ONLINE_DPO = ["method=online_dpo", "model.optune.rho=1.0", "model.optune.selection=all", "model.optune.weighting=none"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    recipe: str  # our recipe whose data, generation and held-out protocol both frameworks use
+    ours: dict  # row name: (recipe, overrides)
+    trl: dict  # OnlineDPOConfig settings of this task (batch, lr)
+    thresholds: tuple
+    at_seconds: tuple
+    snapshot_seconds: tuple  # TRL snapshots at these training seconds, then every snapshot_every
+    snapshot_every: float
+    seconds: float  # default training budget per run
+    describe: str  # the table's first sentence
+
+
+TASKS = {
+    # The embedded sort task from an SFT checkpoint of the 2-layer model (sft_tiny).
+    "sort": Task(
+        recipe="online_dpo",
+        ours={"online_dpo": ("online_dpo", []), "optune": ("optune", [])},
+        trl={"per_device_train_batch_size": 64, "learning_rate": 3e-4},
+        thresholds=(0.75, 0.80, 0.85, 0.90),
+        at_seconds=(5, 10, 20, 50),
+        snapshot_seconds=(1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50),
+        snapshot_every=10,
+        seconds=50,
+        describe="Embedded sort task, 512 held-out prompts x 2 samples. TRL: K=2, one step per 64 prompts; ours: the "
+        "recipes as shipped (K=4, one step per 64 prompts; OPTune regenerates half of them), evaluated every 10 "
+        "iterations (about 1 s of training).",
+    ),
+    # SmolLM2-135M-Instruct on the instructions task of demo_real (16 prompts per optimizer step,
+    # lr 5e-5 constant, 32 new tokens at top-p 0.9); ours evaluated after every iteration.
+    "real": Task(
+        recipe="demo_real",
+        ours={
+            "online_dpo": ("demo_real", [*ONLINE_DPO, "trainer.eval_every=1"]),
+            "optune": ("demo_real", ["trainer.eval_every=1"]),
+        },
+        trl={"per_device_train_batch_size": 16, "learning_rate": 5e-5},
+        thresholds=(0.6, 0.7, 0.8, 0.9),
+        at_seconds=(30, 60, 90, 120),
+        snapshot_seconds=(40, 80),
+        snapshot_every=40,
+        seconds=120,
+        describe="SmolLM2-135M-Instruct (fp32, 30 layers) on demo_real's instructions task (max_words, no_commas; "
+        "32 training prompts, 32 held-out prompts x 2 samples, 32 new tokens at top-p 0.9). TRL: K=2, one step "
+        "per 16 prompts; ours: demo_real (K=4, one step of 16 pairs per 16 prompts; online DPO: rho 1, OPTune: "
+        "rho 0.5), evaluated after every iteration.",
+    ),
 }
 
 
@@ -156,16 +216,16 @@ def check_export(sft_ckpt: str, hf_dir: str, tolerance: float, out_json: str) ->
 
 
 # ------------------------------------------------------------------ worker: TRL training
-def snapshot_schedule(budget: float) -> list[float]:
-    points = [s for s in SNAPSHOT_SECONDS if s < budget]
-    nxt = SNAPSHOT_SECONDS[-1] + 10
+def snapshot_schedule(task: Task, budget: float) -> list[float]:
+    points = [s for s in task.snapshot_seconds if s < budget]
+    nxt = task.snapshot_seconds[-1] + task.snapshot_every
     while nxt < budget:
         points.append(nxt)
-        nxt += 10
+        nxt += task.snapshot_every
     return points + [budget]
 
 
-def train_trl(hf_dir: str, seed: int, budget: float, out_dir: str) -> None:
+def train_trl(task_name: str, hf_dir: str, seed: int, budget: float, out_dir: str) -> None:
     import torch
     from datasets import Dataset
     from safetensors.torch import save_file
@@ -175,14 +235,19 @@ def train_trl(hf_dir: str, seed: int, budget: float, out_dir: str) -> None:
     from nemo_optune.config import load_config
     from nemo_optune.data.task_data import build_task_data
     from nemo_optune.rewards.task_reward import TaskReward
+    from nemo_optune.runtime.experiment import peak_rss_mb
 
-    cfg = load_config("online_dpo")
+    task = TASKS[task_name]
+    cfg = load_config(task.recipe)
     task_data = build_task_data(cfg.data)
     scorer = TaskReward(task_data.task)
 
     first_batch = []  # a few (prompt, completion, reward) of the first step, kept in run.json
 
     def task_reward(prompts, completions, **_):
+        if not isinstance(completions[0], str):  # chat prompts: TRL passes messages back
+            prompts = [tuple(dict(m) for m in p) for p in prompts]
+            completions = [c[-1]["content"] for c in completions]
         rewards = scorer.score(prompts, completions)
         if not first_batch:
             first_batch.extend(zip(prompts[:4], completions[:4], rewards[:4]))
@@ -202,7 +267,7 @@ def train_trl(hf_dir: str, seed: int, budget: float, out_dir: str) -> None:
         return output
 
     model.generate = timed_generate
-    schedule = snapshot_schedule(budget)
+    schedule = snapshot_schedule(task, budget)
     snap_root = os.path.join(out_dir, "snapshots")
     shutil.rmtree(snap_root, ignore_errors=True)
     os.makedirs(snap_root)
@@ -213,11 +278,16 @@ def train_trl(hf_dir: str, seed: int, budget: float, out_dir: str) -> None:
 
         def __init__(self):
             self.start, self.saving, self.next, self.snapshots = None, 0.0, 0, []
+            self.step_start, self.step_seconds = 0.0, 0.0
 
         def on_train_begin(self, args, state, control, **kw):
             self.start = time.perf_counter()
 
+        def on_step_begin(self, args, state, control, **kw):
+            self.step_start = time.perf_counter()
+
         def on_step_end(self, args, state, control, model=None, **kw):
+            self.step_seconds += time.perf_counter() - self.step_start
             seconds = time.perf_counter() - self.start - self.saving
             if seconds < schedule[self.next]:
                 return
@@ -246,27 +316,48 @@ def train_trl(hf_dir: str, seed: int, budget: float, out_dir: str) -> None:
                 control.should_training_stop = True
             self.saving += time.perf_counter() - save_start
 
-    args = OnlineDPOConfig(
-        output_dir=os.path.join(out_dir, "trainer"),
-        seed=seed,
-        data_seed=seed,
-        max_new_tokens=cfg.generation.max_new_tokens,
-        max_steps=1_000_000,
+    settings = {
         **TRL_SETTINGS,
+        **task.trl,
+        "temperature": cfg.generation.temperature,
+        "top_p": cfg.generation.top_p,
+        "top_k": cfg.generation.top_k,
+        "max_new_tokens": cfg.generation.max_new_tokens,
+    }
+    args = OnlineDPOConfig(
+        output_dir=os.path.join(out_dir, "trainer"), seed=seed, data_seed=seed, max_steps=1_000_000, **settings
     )
     callback = SecondsSnapshots()
+    prompts = [p if isinstance(p, str) else [dict(m) for m in p] for p in task_data.train_prompts]
     trainer = OnlineDPOTrainer(
         model=model,
         reward_funcs=task_reward,
         args=args,
         processing_class=tokenizer,
-        train_dataset=Dataset.from_dict({"prompt": task_data.train_prompts}),
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
         callbacks=[callback],
     )
+    # The update's share of a step: its forward passes are timed (the reference's apart) and the
+    # policy's non-padding tokens counted, as our training_tokens (prompt and response of each sample).
+    update = {"reference_seconds": 0.0, "policy_tokens": 0}
+    forward = trainer._forward
+
+    def counted_forward(fwd_model, prompt_ids, prompt_mask, completion_ids, completion_mask, *rest):
+        start = time.perf_counter()
+        out = forward(fwd_model, prompt_ids, prompt_mask, completion_ids, completion_mask, *rest)
+        if fwd_model is trainer.ref_model:
+            update["reference_seconds"] += time.perf_counter() - start
+        else:
+            update["policy_tokens"] += int(prompt_mask.sum() + completion_mask.sum())
+        return out
+
+    trainer._forward = counted_forward
     wall = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - wall
     last = callback.snapshots[-1]
+    # step time less generation and the reference's forward: policy forward, backward, optimizer (reward: ~0)
+    update_seconds = callback.step_seconds - gen["seconds"] - update["reference_seconds"]
     _write_json(
         os.path.join(out_dir, "run.json"),
         {
@@ -279,13 +370,17 @@ def train_trl(hf_dir: str, seed: int, budget: float, out_dir: str) -> None:
             "generation_seconds": gen["seconds"],
             "responses_generated": gen["responses"],
             "generate_calls": gen["calls"],
+            "reference_seconds": update["reference_seconds"],
+            "update_seconds": update_seconds,
+            "training_tokens": update["policy_tokens"],
+            "training_tokens_per_s": update["policy_tokens"] / update_seconds,
+            "peak_rss_mb": peak_rss_mb(),
             "first_step_samples": first_batch,
             "snapshots": callback.snapshots,
             "trl_args": {
                 k: getattr(args, k)
                 for k in (
-                    *TRL_SETTINGS,
-                    "max_new_tokens",
+                    *settings,
                     "max_length",
                     "max_grad_norm",
                     "weight_decay",
@@ -308,9 +403,9 @@ def train_trl(hf_dir: str, seed: int, budget: float, out_dir: str) -> None:
 
 
 # ------------------------------------------------------------------ worker: our held-out protocol
-def evaluate_snapshots(sft_ckpt: str, jobs_json: str, out_json: str) -> None:
-    """Held-out (reward, KL) of the SFT checkpoint and of each HF directory in jobs_json, by
-    PreferenceTrainer.evaluate() of an online_dpo trainer restored from the SFT checkpoint."""
+def evaluate_snapshots(task_name: str, sft_ckpt: str, jobs_json: str, out_json: str) -> None:
+    """Held-out (reward, KL) of the starting checkpoint and of each HF directory in jobs_json, by
+    PreferenceTrainer.evaluate() of a trainer of the task's recipe restored from that checkpoint."""
     import tempfile
 
     from nemo_optune.config import load_config
@@ -324,7 +419,7 @@ def evaluate_snapshots(sft_ckpt: str, jobs_json: str, out_json: str) -> None:
     dirs = _read_json(jobs_json)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(
-            "online_dpo",
+            TASKS[task_name].recipe,
             [
                 f"model.restore_from_path={sft_ckpt}",
                 f"exp_manager.exp_dir={tmp}",
@@ -353,8 +448,8 @@ def evaluate_snapshots(sft_ckpt: str, jobs_json: str, out_json: str) -> None:
 
 
 # ------------------------------------------------------------------ orchestration
-def parse_ours(specs: list[str], recipes_as_shipped: bool = True) -> dict:
-    rows = dict(OURS) if recipes_as_shipped else {}
+def parse_ours(task: Task, specs: list[str], recipes_as_shipped: bool = True) -> dict:
+    rows = dict(task.ours) if recipes_as_shipped else {}
     for spec in specs:
         name, _, rest = spec.partition("=")
         recipe, _, overrides = rest.partition(":")
@@ -473,10 +568,10 @@ def med(values):
     return statistics.median(values) if values else None
 
 
-def summarise(name: str, framework: str, seeds: list[dict], budget: float) -> dict:
-    """seeds: [{seed, curve, kl, generation_seconds, responses, train_seconds}]."""
+def summarise(task: Task, name: str, framework: str, seeds: list[dict], budget: float) -> dict:
+    """seeds: [{seed, curve, kl, generation_seconds, responses, train_seconds, training_tokens_per_s, peak_rss_mb}]."""
     to = {}
-    for th in THRESHOLDS:
+    for th in task.thresholds:
         per = [seconds_to(s["curve"], th) for s in seeds]
         m = statistics.median([math.inf if t is None else t for t in per])  # unreached = infinite
         to[f"{th:.2f}"] = {
@@ -485,7 +580,7 @@ def summarise(name: str, framework: str, seeds: list[dict], budget: float) -> di
             "seeds_reaching": sum(t is not None for t in per),
         }
     at = {}
-    for t in AT_SECONDS:
+    for t in task.at_seconds:
         per = [value_at(s["curve"], t) if t <= budget else None for s in seeds]
         at[str(t)] = {"median": med(per) if t <= budget else None, "per_seed": per}
     rates = [s["responses"] / s["generation_seconds"] if s["generation_seconds"] else None for s in seeds]
@@ -500,6 +595,8 @@ def summarise(name: str, framework: str, seeds: list[dict], budget: float) -> di
         "responses_per_generation_second": med(rates),
         "responses_generated": med(s["responses"] for s in seeds),
         "generation_seconds": med(s["generation_seconds"] for s in seeds),
+        "training_tokens_per_s": med(s["training_tokens_per_s"] for s in seeds),
+        "peak_rss_mb": med(s["peak_rss_mb"] for s in seeds),
         "per_seed": seeds,
     }
 
@@ -508,24 +605,24 @@ def fmt(v, spec=".3f"):
     return "—" if v is None else format(v, spec)
 
 
-def markdown(rows: list[dict], result: dict) -> str:
+def markdown(task: Task, rows: list[dict], result: dict) -> str:
     a = result["args"]
     head = (
         ["framework / method"]
-        + [f"s to {t:.2f}" for t in THRESHOLDS]
-        + [f"reward @{t}s" for t in AT_SECONDS]
-        + ["final (s)", "gen resp/s"]
+        + [f"s to {t:.2f}" for t in task.thresholds]
+        + [f"reward @{t}s" for t in task.at_seconds]
+        + ["final (s)", "gen resp/s", "train tok/s", "peak RSS GB"]
     )
     lines = [
-        f"Embedded sort task, {a['seconds']:g} s of training per run, medians of {a['seeds']} seeds, one SFT checkpoint "
-        f"(held-out reward {fmt(result['sft_heldout_reward'], '.4f')}). Held-out reward by our protocol for both "
-        "frameworks (512 held-out prompts, fixed per-prompt seeds, 2 samples at temperature 1), evaluation time "
-        'excluded. "s to X": training seconds until the held-out reward first reaches X (— : not reached by a '
-        'majority of seeds); "reward @t": the last evaluated point at or before t. TRL: K=2, one step per 64 '
-        "prompts; ours: the recipes as shipped (K=4, one step per 64 prompts; OPTune regenerates half of them). TRL is "
-        f"evaluated at its snapshots (~{', '.join(f'{x:g}' for x in snapshot_schedule(a['seconds']))} s), so its "
-        '"s to X" is an upper bound at that resolution; ours are evaluated every trainer.eval_every iterations '
-        "(10 in the shipped recipes, about 1 s of training).",
+        f"{task.describe} {a['seconds']:g} s of training per run, medians of {a['seeds']} seeds, one starting "
+        f"checkpoint (held-out reward {fmt(result['sft_heldout_reward'], '.4f')}). Held-out reward by our protocol for "
+        "both frameworks (fixed per-prompt seeds, temperature 1), evaluation time excluded. "
+        '"s to X": training seconds until the held-out reward first reaches X (— : not reached by a majority of '
+        'seeds); "reward @t": the last evaluated point at or before t. TRL is evaluated at its snapshots '
+        f"(~{', '.join(f'{x:g}' for x in snapshot_schedule(task, a['seconds']))} s), so its "
+        '"s to X" is an upper bound at that resolution. "train tok/s": the update\'s tokens (prompt + response of '
+        "each trained sample) per second of policy forward, backward and optimizer step (generation and the "
+        'reference pass excluded); "peak RSS": of the whole training process.',
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -535,17 +632,26 @@ def markdown(rows: list[dict], result: dict) -> str:
         cells += [
             f"{fmt(r['seconds_to'][f'{t:.2f}']['median'], '.1f')} ({r['seconds_to'][f'{t:.2f}']['seeds_reaching']}/"
             f"{len(r['per_seed'])})"
-            for t in THRESHOLDS
+            for t in task.thresholds
         ]
-        cells += [fmt(r["reward_at"][str(t)]["median"], ".3f") for t in AT_SECONDS]
+        cells += [fmt(r["reward_at"][str(t)]["median"], ".3f") for t in task.at_seconds]
         cells += [
             f"{fmt(r['final_reward'], '.3f')} ({fmt(r['train_seconds'], '.1f')})",
-            fmt(r["responses_per_generation_second"], ".0f"),
+            fmt(r["responses_per_generation_second"], ".1f"),
+            fmt(r["training_tokens_per_s"], ".0f"),
+            fmt(r["peak_rss_mb"] and r["peak_rss_mb"] / 1024, ".2f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     load = result["loadavg_before"], result["loadavg_after"]
+    lines += [""]
+    if result["optune_to_online_dpo_final"]:
+        v = result["optune_to_online_dpo_final"]
+        lines.append(
+            f"OPTune reaches online DPO's final held-out reward ({v['target']:.3f}) in "
+            f"{fmt(v['optune_seconds'], '.1f')} s vs online DPO's {v['online_dpo_seconds']:.1f} s "
+            f"(speed-up {fmt(v['speedup'], '.2f')}x; medians)."
+        )
     lines += [
-        "",
         f"Load average (1/5/15 min) before {tuple(round(x, 2) for x in load[0])}, after "
         f"{tuple(round(x, 2) for x in load[1])}, on {os.cpu_count()} CPUs.",
     ]
@@ -559,7 +665,7 @@ def median_curve(curves: list[list]) -> list:
     return [(t, statistics.median(value_at(c, t) for c in curves)) for t in times]
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(task: Task, rows: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -574,7 +680,7 @@ def plot(rows: list[dict], path: str) -> None:
             ax.step(xs, ys, where="post", color=color, alpha=0.25, lw=0.8)
         xs, ys = zip(*median_curve(curves))
         ax.step(xs, ys, where="post", color=color, lw=2, marker=".", label=f"{r['name']} ({r['framework']})")
-    for th in THRESHOLDS:
+    for th in task.thresholds:
         ax.axhline(th, color="grey", ls=":", lw=0.7)
     ax.set_xlabel("training seconds (held-out evaluation excluded)")
     ax.set_ylabel("held-out mean reward (our protocol)")
@@ -589,8 +695,13 @@ def plot(rows: list[dict], path: str) -> None:
 def main_bench(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     start, load_before = time.perf_counter(), os.getloadavg()
-    ours = parse_ours(args.ours, not args.only_extra_rows)
-    ckpt, hf_dir, setup_info = sft_and_export(args)
+    task = TASKS[args.task]
+    ours = parse_ours(task, args.ours, not args.only_extra_rows)
+    if args.task == "sort":
+        ckpt, hf_dir, setup_info = sft_and_export(args)
+    else:  # a pretrained HF directory: both frameworks start from it as it is
+        ckpt = hf_dir = args.model
+        setup_info = {"model": args.model}
     ours_runs = {name: [] for name in ours}
     trl_runs, run_loads = [], []  # the machine's load average around each training run
     for seed in range(1, args.seeds + 1):  # frameworks interleaved: machine drift hits all alike
@@ -598,9 +709,17 @@ def main_bench(args) -> None:
             out_dir = os.path.join(args.out, "trl", f"seed{seed}")
             os.makedirs(out_dir, exist_ok=True)
             t = time.perf_counter()
-            before = os.getloadavg()
-            _worker("trl", hf_dir, str(seed), str(args.seconds), out_dir)
-            run_loads.append({"run": TRL_NAME, "seed": seed, "before": before, "after": os.getloadavg()})
+            run_loads.append(
+                reused_or_run(
+                    out_dir,
+                    "run.json",
+                    args.reuse,
+                    lambda out_dir=out_dir, seed=seed: _worker(
+                        "trl", args.task, hf_dir, str(seed), str(args.seconds), out_dir
+                    ),
+                )
+                | {"run": TRL_NAME, "seed": seed}
+            )
             trl_runs.append(_read_json(os.path.join(out_dir, "run.json")))
             print(
                 f"[bench] seed {seed} {TRL_NAME:16s} {trl_runs[-1]['steps']} steps, "
@@ -608,18 +727,20 @@ def main_bench(args) -> None:
                 flush=True,
             )
         for name, (recipe, extra) in ours.items():
-            t, before = time.perf_counter(), os.getloadavg()
-            s = run_ours(
-                recipe,
-                extra,
-                seed,
-                ckpt,
-                args.seconds,
-                os.path.join(args.out, "ours", name, f"seed{seed}"),
-                args.max_iterations,
+            t, exp_dir = time.perf_counter(), os.path.join(args.out, "ours", name, f"seed{seed}")
+            run_loads.append(
+                reused_or_run(
+                    exp_dir,
+                    "summary.json",
+                    args.reuse,
+                    lambda recipe=recipe, extra=extra, seed=seed, exp_dir=exp_dir: run_ours(
+                        recipe, extra, seed, ckpt, args.seconds, exp_dir, args.max_iterations
+                    ),
+                )
+                | {"run": name, "seed": seed}
             )
+            s = _read_json(os.path.join(exp_dir, "summary.json"))
             ours_runs[name].append(s)
-            run_loads.append({"run": name, "seed": seed, "before": before, "after": os.getloadavg()})
             print(
                 f"[bench] seed {seed} {name:16s} {len(s['iterations'])} iterations, "
                 f"{sum(i['seconds']['total'] for i in s['iterations']):.1f}s training, final held-out "
@@ -630,9 +751,10 @@ def main_bench(args) -> None:
     # Held-out evaluation of every TRL snapshot (and the HF export of the SFT checkpoint), after training.
     jobs = [hf_dir] + [snap["dir"] for r in trl_runs for snap in r["snapshots"]]
     jobs_path, evals_path = os.path.join(args.out, "eval_jobs.json"), os.path.join(args.out, "trl_heldout.json")
-    _write_json(jobs_path, jobs)
     t = time.perf_counter()
-    _worker("eval", ckpt, jobs_path, evals_path)
+    if not (args.reuse and os.path.isfile(evals_path) and set(jobs) <= set(_read_json(evals_path))):
+        _write_json(jobs_path, jobs)
+        _worker("eval", args.task, ckpt, jobs_path, evals_path)
     evals = _read_json(evals_path)
     print(f"[bench] {len(jobs)} held-out evaluations in {time.perf_counter() - t:.1f}s", flush=True)
     sft_reward = evals["sft_checkpoint"][0]
@@ -662,9 +784,11 @@ def main_bench(args) -> None:
                     "train_seconds": r["train_seconds"],
                     "generation_seconds": r["generation_seconds"],
                     "responses": r["responses_generated"],
+                    "training_tokens_per_s": r["training_tokens_per_s"],
+                    "peak_rss_mb": r["peak_rss_mb"],
                 }
             )
-        rows.append(summarise(TRL_NAME, "trl", seeds, args.seconds))
+        rows.append(summarise(task, TRL_NAME, "trl", seeds, args.seconds))
     for name, runs in ours_runs.items():
         seeds = []
         for s in runs:
@@ -681,9 +805,12 @@ def main_bench(args) -> None:
                     # rate over the whole run (the responses counter is per run, not per iteration)
                     "generation_seconds": sum(i["seconds"]["generation"] for i in s["iterations"]),
                     "responses": s["responses_generated"],
+                    "training_tokens_per_s": sum(i["training_tokens"] for i in s["iterations"])
+                    / sum(i["seconds"]["training"] for i in s["iterations"]),
+                    "peak_rss_mb": s["peak_rss_mb"],
                 }
             )
-        rows.append(summarise(name, "nemo_optune", seeds, args.seconds))
+        rows.append(summarise(task, name, "nemo_optune", seeds, args.seconds))
 
     result = {
         "args": vars(args),
@@ -694,7 +821,8 @@ def main_bench(args) -> None:
         "trl_version": _version("trl"),
         "transformers_version": _version("transformers"),
         "torch_version": _version("torch"),
-        "trl_settings": TRL_SETTINGS,
+        "trl_settings": {**TRL_SETTINGS, **task.trl},
+        "optune_to_online_dpo_final": speedup_to_final(rows),
         "ours": {n: {"recipe": r, "overrides": o} for n, (r, o) in ours.items()},
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
@@ -703,11 +831,41 @@ def main_bench(args) -> None:
         "rows": rows,
     }
     _write_json(os.path.join(args.out, "vs_trl.json"), result)
-    table = markdown(rows, result)
+    table = markdown(task, rows, result)
     with open(os.path.join(args.out, "vs_trl.md"), "w") as f:
         f.write(table)
-    plot(rows, os.path.join(args.out, "vs_trl.png"))
+    plot(task, rows, os.path.join(args.out, "vs_trl.png"))
     print(table, flush=True)
+
+
+def reused_or_run(run_dir: str, result_file: str, reuse: bool, go) -> dict:
+    """Load averages before and after go() (a training run writing run_dir/result_file), kept in
+    run_dir/loadavg.json; with `reuse`, a run whose result file and loads are there is not redone."""
+    loads = os.path.join(run_dir, "loadavg.json")
+    if not (reuse and os.path.isfile(os.path.join(run_dir, result_file)) and os.path.isfile(loads)):
+        before = os.getloadavg()
+        go()
+        _write_json(loads, {"before": before, "after": os.getloadavg()})
+    return _read_json(loads)
+
+
+def speedup_to_final(rows: list[dict]) -> dict | None:
+    """Training seconds OPTune needs to reach online DPO's final held-out reward (medians over
+    seeds) against online DPO's own training seconds."""
+    by = {r["name"]: r for r in rows}
+    if "optune" not in by or "online_dpo" not in by:
+        return None
+    target, dpo_seconds = by["online_dpo"]["final_reward"], by["online_dpo"]["train_seconds"]
+    per = [seconds_to(s["curve"], target) for s in by["optune"]["per_seed"]]
+    m = statistics.median([math.inf if t is None else t for t in per])
+    seconds = None if math.isinf(m) else m
+    return {
+        "target": target,
+        "online_dpo_seconds": dpo_seconds,
+        "optune_seconds": seconds,
+        "optune_seconds_per_seed": per,
+        "speedup": dpo_seconds / seconds if seconds else None,
+    }
 
 
 def _revision() -> dict:
@@ -736,7 +894,7 @@ def main() -> None:
         if kind == "check":
             check_export(rest[0], rest[1], float(rest[2]), rest[3])
         elif kind == "trl":
-            train_trl(rest[0], int(rest[1]), float(rest[2]), rest[3])
+            train_trl(rest[0], rest[1], int(rest[2]), float(rest[3]), rest[4])
         elif kind == "eval":
             evaluate_snapshots(*rest)
         else:
@@ -744,7 +902,16 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_out/vs_trl")
-    parser.add_argument("--seconds", type=float, default=50.0, help="training seconds per run (both frameworks)")
+    parser.add_argument(
+        "--task",
+        choices=list(TASKS),
+        default="sort",
+        help="sort: the 2-layer model from an SFT checkpoint; real: SmolLM2-135M-Instruct on demo_real's task",
+    )
+    parser.add_argument("--model", default=REAL_MODEL, help="--task real: the HF directory both frameworks start from")
+    parser.add_argument(
+        "--seconds", type=float, help="training seconds per run (both frameworks; default: sort 50, real 120)"
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
         "--ours",
@@ -760,11 +927,18 @@ def main() -> None:
         help="trainer.iterations of our runs: a cap (they stop when --seconds is reached)",
     )
     parser.add_argument("--logit-tolerance", type=float, default=1e-4)
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep the training runs already finished in --out (after an interruption)"
+    )
     parser.add_argument("--skip-trl", action="store_true", help="our rows only (no TRL installed)")
     parser.add_argument(
         "--only-extra-rows", action="store_true", help="of ours, only the --ours rows (not the recipes as shipped)"
     )
     args = parser.parse_args()
+    if args.seconds is None:
+        args.seconds = TASKS[args.task].seconds
+    if args.task == "real" and not os.path.isfile(os.path.join(args.model, "config.json")):
+        parser.error(f"--model {args.model}: not a Hugging Face directory (no config.json); make demo-real makes it")
     try:
         import trl  # noqa: F401
     except ImportError:
