@@ -88,7 +88,7 @@ def hypo_single(sft_checkpoint, tmp_path_factory):
     return base, run_layout(1, base + [f"exp_manager.exp_dir={root / 'run'}"], str(root / "result.pt"))
 
 
-@pytest.mark.parametrize("name", ["tp2", "pp2"])
+@pytest.mark.parametrize("name", ["tp2", "pp2", "dp2"])  # dp2: the offline pool sharded over DP
 def test_hypo_layout_matches_single_process(name, hypo_single, tmp_path):
     base, ref = hypo_single
     world, layout_overrides = LAYOUTS[name]

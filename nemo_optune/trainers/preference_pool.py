@@ -69,8 +69,9 @@ class PreferencePool:
     # ---------------------------------------------------------------- select
     def select(self, it: int, window: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(pool indices to regenerate, ascending; the rho used) among the iteration's `window` of
-        the pool; identical on every rank (it reads only the scalars, which every rank has). A window with entries never
-        generated (the first iteration, or the first pass of windows) is generated whole."""
+        the pool; identical on every rank (it reads only the scalars, which every rank has). A
+        window with entries never generated (the first iteration, or the first pass of windows)
+        is generated whole."""
         if (self.store.refreshed_at[window] < 0).any():
             return window.sort().values, 1.0
         # Equal keys go to the stalest pair, then the lower pool index: late in training most
