@@ -6,7 +6,7 @@ import time
 
 import torch.distributed as dist
 
-from nemo_optune.config import RootConfig, as_dict, max_time_seconds, unread_keys
+from nemo_optune.config import ONLINE_METHODS, RootConfig, as_dict, max_time_seconds, unread_keys
 from nemo_optune.data.task_data import build_task_data
 from nemo_optune.runtime import distributed, exp_dir
 from nemo_optune.runtime.checkpoint import newest_intact_checkpoint
@@ -37,13 +37,31 @@ def _claim_exp_dir(cfg: RootConfig, layout: distributed.Layout):
     return verdict[0], handle
 
 
+def pool_records(cfg: RootConfig) -> int | None:
+    """How many records the training pool holds at most (before length checks), for the dry
+    run's pool row; None for SFT, or when the data file is not there to count."""
+    from nemo_optune.data.records import DataError, read_source
+
+    d = cfg.data
+    path = d.train_prompts_path if cfg.method in ONLINE_METHODS else d.offline_path
+    if cfg.method == "sft" or (path is None and cfg.method not in ONLINE_METHODS):
+        return None
+    if path is None:  # the task's prompts or a mixture: data.num_train_prompts
+        return d.num_train_prompts
+    try:
+        return sum(1 for _ in read_source(path))
+    except DataError:
+        return None
+
+
 def dry_run(cfg: RootConfig) -> dict:
     """The config is valid (checked by now); the model's spec comes from model.restore_from_path
     (a directory with just config.json will do), else from model.*; it is checked against the
     layout and sequence width; nothing is loaded, no process group is made."""
     from nemo_optune.data.batching import micro_batch_size_for
+    from nemo_optune.data.pool import pool_bytes_per_rank
     from nemo_optune.models.hf_spec import check_sequence_length
-    from nemo_optune.models.memory import per_gpu_estimate, print_estimate
+    from nemo_optune.models.memory import GIB, per_gpu_estimate, print_estimate
     from nemo_optune.models.sources import dry_run_spec
     from nemo_optune.rewards.sources import RewardSources
     from nemo_optune.trainers.common import builtin_spec, check_layout, quiet_megatron_warnings, sequence_width
@@ -75,6 +93,9 @@ def dry_run(cfg: RootConfig) -> dict:
         sequence_length=width,
         generation_batch=g.micro_batch_size,
     )
+    records = pool_records(cfg)
+    if records is not None:  # host memory, not GPU: tokens sharded over DP, scalars on every rank
+        rows["prompt pool (host RAM per DP rank)"] = pool_bytes_per_rank(records, g.max_new_tokens, dp) / GIB
     if rank == 0:
         print(
             print_estimate(

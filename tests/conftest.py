@@ -51,6 +51,8 @@ SLOW = {
     # packing is compared with unpacked pairs at TP1 by test_trainer_behaviour
     "test_layout_matches_single_process[tp2pp2_packed]",
     "test_hypo_layout_matches_single_process[tp2]",
+    # the sharded pool at DP2 is checked by the online dp2 layout and tests/test_pool_shards.py
+    "test_hypo_layout_matches_single_process[dp2]",
     "test_greedy_generation_equals_transformers[nemo2-2]",
     "test_torchrun_script_runs_to_the_end",
     "test_srun_script_stops_on_sigusr1_saves_and_requeues",

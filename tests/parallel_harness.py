@@ -90,11 +90,22 @@ def _worker(rank, world, port, overrides, out_path, capture_iteration, signals):
     if signals:
         _install_signals(signals, state, rank)
     summary = run_experiment(load_config("optune_tiny", overrides))
-    weights = state["trainer"].model.export_weights() if state["trainer"] else {}
+    trainer = state["trainer"]
+    weights = trainer.model.export_weights() if trainer else {}
+    # The whole pool on rank 0 (every token row fetched from its owner), and this rank's own share's bytes.
+    pool = _whole_pool_on_rank0(trainer) if trainer else None
     if rank == 0:
-        pool = state["trainer"].pool.store.state_dict() if state["trainer"] else None
-        torch.save({"summary": summary, "pool": pool, "weights": weights, **captured}, out_path)
+        pool_bytes = trainer.pool.store.nbytes() if trainer else None
+        torch.save(
+            {"summary": summary, "pool": pool, "pool_bytes": pool_bytes, "weights": weights, **captured}, out_path
+        )
     distributed.shutdown()
+
+
+def _whole_pool_on_rank0(trainer) -> dict:
+    """Collective over DP: the pool's state with every prompt's token rows on DP rank 0."""
+    everything, dp = torch.arange(len(trainer.pool.store)), trainer.layout.dp
+    return trainer.pool.fetch([everything] + [everything[:0]] * (dp - 1)).state_dict()
 
 
 def run_layout(
@@ -151,8 +162,9 @@ def _loss_worker(rank, world, port, overrides, checkpoint, out_path):
     batch = torch.arange(cfg.trainer.global_batch_size)
     loss = trainer.batch_loss(batch)["loss"]
     pool = trainer.pool
+    rows = pool.fetch([batch] * trainer.layout.dp).rows(batch)
     tokens, mask = pair_sequences(
-        [pool.prompt_ids[i] for i in batch.tolist()], pool.store.rows(batch), trainer.width, trainer.tokenizer.pad_id
+        [pool.prompt_ids[i] for i in batch.tolist()], rows, trainer.width, trainer.tokenizer.pad_id
     )
     logps = trainer.model.sequence_logprobs("policy", tokens, mask, micro_batch_size=16)
     if rank == 0:

@@ -120,3 +120,21 @@ def test_the_7b_recipes_fit_80_gb_gpus_in_both_layouts(recipe, model, layout, wo
     assert f"TP=2 PP=1 DP={dp} (world {world}), 1024 positions" in capsys.readouterr().out
     assert (cfg.trainer.lr, cfg.generation.top_p, cfg.trainer.global_batch_size) == (5e-7, 0.9, 128)
     assert 30 < rows["peak while training"] < 70 and rows["peak while generating"] < 70
+
+
+def test_the_pool_row_falls_as_data_parallelism_grows(tmp_path, monkeypatch):
+    """The pool's token rows are sharded over DP: the host memory the dry run reports per rank
+    is the sharded store's real bytes (tests/test_pool_shards.py) and falls with DP."""
+    from nemo_optune.config import load_config
+    from nemo_optune.data.pool import pool_bytes_per_rank
+    from nemo_optune.run import run_experiment
+
+    per_rank = []
+    for world in (1, 2, 4):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        cfg = load_config("optune_tiny", ["trainer.dry_run=true", f"exp_manager.exp_dir={tmp_path}/x"])
+        row = run_experiment(cfg)["dry_run"]["prompt pool (host RAM per DP rank)"]
+        expected = pool_bytes_per_rank(cfg.data.num_train_prompts, cfg.generation.max_new_tokens, world)
+        assert row == pytest.approx(expected / 2**30)
+        per_rank.append(row)
+    assert per_rank[0] > per_rank[1] > per_rank[2]

@@ -5,6 +5,8 @@ import torch
 from conftest import TINY
 from parallel_harness import run_layout
 
+from nemo_optune.data.pool import pool_bytes_per_rank
+
 LAYOUTS = {  # name: (world size, overrides)
     "tp2": (2, ["model.tensor_model_parallel_size=2"]),
     "pp2": (2, ["model.pipeline_model_parallel_size=2"]),
@@ -54,6 +56,10 @@ def test_layout_matches_single_process(name, single, tmp_path):
             torch.testing.assert_close(got["pool"][field], value, rtol=1e-5, atol=1e-5, msg=field)
         else:
             assert torch.equal(got["pool"][field], value), field
+    # Each rank keeps the token rows of its own block of prompts only (the dry run's estimate).
+    n, r = ref["pool"]["chosen_tokens"].shape
+    assert ref["pool_bytes"] == pool_bytes_per_rank(n, r, 1)
+    assert got["pool_bytes"] == pool_bytes_per_rank(n, r, world // (tp * pp))
     # Same loss and gradients (first optimizer step of iteration 2) within 1e-5 relative.
     for it_ref, it_got in zip(ref["summary"]["iterations"], got["summary"]["iterations"]):
         assert it_got["train_loss"] == pytest.approx(it_ref["train_loss"], rel=1e-5)
@@ -82,7 +88,7 @@ def hypo_single(sft_checkpoint, tmp_path_factory):
     return base, run_layout(1, base + [f"exp_manager.exp_dir={root / 'run'}"], str(root / "result.pt"))
 
 
-@pytest.mark.parametrize("name", ["tp2", "pp2"])
+@pytest.mark.parametrize("name", ["tp2", "pp2", "dp2"])  # dp2: the offline pool sharded over DP
 def test_hypo_layout_matches_single_process(name, hypo_single, tmp_path):
     base, ref = hypo_single
     world, layout_overrides = LAYOUTS[name]

@@ -51,7 +51,8 @@ def start_server(
 
 def final_pool(exp_dir) -> dict:
     newest = list_checkpoints(os.path.join(exp_dir, "checkpoints"))[-1]
-    return torch.load(os.path.join(newest, "trainer_state.pt"), weights_only=False)["pool"]
+    pool = torch.load(os.path.join(newest, "trainer_state.pt"), weights_only=False)["pool"]  # the scalars
+    return {**pool, **torch.load(os.path.join(newest, "pool_tokens_dp00000.pt"))}  # one process: every token row
 
 
 def http_overrides(url: str, exp_dir) -> list[str]:

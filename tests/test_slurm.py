@@ -32,8 +32,9 @@ ITERATIONS = 4  # SIGUSR1 comes after iteration 1 is printed: iteration 2 is the
 STOP_REASONS = ("SIGUSR1", "a stop signal (on another rank)")  # rank 0's own signal may come after the vote
 LAYOUT = {"tp": 2, "pp": 1, "dp": 2, "world_size": 4}
 # What a checkpoint holds that must match bit for bit: model and optimizer shards, every rank's
-# RNG states, common state. (metadata files and trainer_state.pt hold paths and the config.)
-COMPARED = ("__", "rng_rank", "common.pt")
+# RNG states, common state, the pool's token rows. (metadata files and trainer_state.pt hold
+# paths and the config; the pool's scalars are compared as tensors.)
+COMPARED = ("__", "rng_rank", "common.pt", "pool_tokens")
 
 
 def _port_is_free(port: int) -> bool:

@@ -30,13 +30,16 @@ def build_offline_pool(
     long_prompts: str,
     min_records: int,
     apply_chat_template: bool = False,
+    dp_rank: int = 0,
+    dp: int = 1,
 ) -> OfflinePool:
     """Pairs (and rewards, when the file gives them; else 1 / 0) from a preference file.
 
     Prompts over `max_prompt_tokens` follow `long_prompts` (error | skip | truncate, keeping
     the end, where the question is). A pair with identical responses carries no preference:
     it is counted and marked invalid. Fewer than `min_records` usable records (one global
-    batch) is an error: nothing could be trained."""
+    batch) is an error: nothing could be trained. The pool keeps the token rows of DP rank
+    `dp_rank`'s prompts only (data/pool.py)."""
     prompt_ids, pairs, records, too_long, identical = [], [], [], 0, 0
     for r in read_preferences(path):
         prompt = encode_prompt(r.prompt, tokenizer, apply_chat_template, r.where)
@@ -65,11 +68,13 @@ def build_offline_pool(
             f"{identical} with identical responses), fewer than one global batch "
             f"(trainer.global_batch_size={min_records})"
         )
-    pool = PromptPool.empty(len(records), max_new_tokens)
+    pool = PromptPool.empty(len(records), max_new_tokens, dp_rank, dp)
+    for row, i in enumerate(pool.held.tolist()):
+        chosen, rejected = pairs[i]
+        pool.chosen_tokens[row, : len(chosen)] = torch.tensor(chosen)
+        pool.rejected_tokens[row, : len(rejected)] = torch.tensor(rejected)
     for i, ((chosen, rejected), r) in enumerate(zip(pairs, records)):
-        pool.chosen_tokens[i, : len(chosen)] = torch.tensor(chosen)
         pool.chosen_lengths[i] = len(chosen)
-        pool.rejected_tokens[i, : len(rejected)] = torch.tensor(rejected)
         pool.rejected_lengths[i] = len(rejected)
         pool.chosen_rewards[i] = 1.0 if r.chosen_reward is None else r.chosen_reward
         pool.rejected_rewards[i] = 0.0 if r.rejected_reward is None else r.rejected_reward

@@ -2,7 +2,8 @@
 
 A checkpoint directory holds the dist_checkpointing shards, the model's tokenizer files in
 `tokenizer/` (Hugging Face format: a checkpoint restores or exports with its tokenizer), and for training checkpoints
-`trainer_state.pt` (pool, counters, history; rank 0: the pool is replicated) and
+`trainer_state.pt` (pool scalars, counters, history; rank 0), the trainer's per-rank files
+(the pool's token rows, one file per DP rank: trainers/preference_pool.py) and
 `rng_rank{N}.pt` (every rank's RNG states). `manifest.json` is written LAST: the kind
 (model | training), the method that wrote a training checkpoint (resuming it into another is
 refused: exp_dir.prepare), the model's architecture, and every file's size and SHA-256.
@@ -254,10 +255,17 @@ def checkpoint_path(exp_dir: str, iteration: int) -> str:
 
 
 def save_training_checkpoint(
-    exp_dir: str, iteration: int, model, trainer_state: dict, keep_last: int, method: str | None = None
+    exp_dir: str,
+    iteration: int,
+    model,
+    trainer_state: dict,
+    keep_last: int,
+    method: str | None = None,
+    rank_files: dict | None = None,
 ) -> str:
-    """Model, optimizer, RNG and trainer state after `iteration`; then keep the newest
-    `keep_last` checkpoints. Collective. Returns the published path."""
+    """Model, optimizer, RNG and trainer state after `iteration`, and this rank's `rank_files`
+    ({file name: object}); then keep the newest `keep_last` checkpoints. Collective. Returns
+    the published path."""
     from megatron.core import dist_checkpointing
 
     def write(tmp: str) -> None:
@@ -266,6 +274,8 @@ def save_training_checkpoint(
         torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{dist.get_rank()}.pt"))
         if dist.get_rank() == 0:
             torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+        for name, value in (rank_files or {}).items():
+            torch.save(value, os.path.join(tmp, name))
         _save_tokenizer(tmp, model)
 
     path = checkpoint_path(exp_dir, iteration)

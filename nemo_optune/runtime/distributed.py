@@ -169,6 +169,20 @@ def gather_rows_over_dp(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, counts)]).to(local.device)
 
 
+def all_to_all_over_dp(send: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+    """All-to-all over the DP group: this rank's `send` rows, send_counts[r] of them to DP rank r
+    in rank order; returns the rows received, recv_counts[r] from DP rank r, in rank order."""
+    from megatron.core import parallel_state as mpu
+
+    if len(send_counts) == 1:
+        return send
+    received = torch.empty((sum(recv_counts), *send.shape[1:]), dtype=send.dtype, device=comm_device())
+    dist.all_to_all_single(
+        received, send.to(comm_device()), recv_counts, send_counts, group=mpu.get_data_parallel_group()
+    )
+    return received.to(send.device)
+
+
 def dp_share(indices: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, list[int]]:
     """This DP rank's balanced part of `indices`, and every DP rank's part size (for
     gather_rows_over_dp)."""

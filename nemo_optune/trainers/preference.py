@@ -1,9 +1,9 @@
 """The preference-tuning loop: OPTune, online DPO, offline DPO and HyPO in one trainer.
 
 One OPTune iteration (`PreferenceTrainer.iteration`), top to bottom:
-  1. select    - the rho*N pool prompts with the lowest key, globally (the pool is replicated)
+  1. select    - the rho*N pool prompts with the lowest key, globally (every rank has the keys)
   2. refresh   - K samples per selected prompt (balanced over DP), scored, paired best vs
-                 worst, reference log-probs cached, every rank's pool copy updated
+                 worst, reference log-probs cached, the pool updated (tokens at their owner)
   3. train     - weighted DPO over the whole pool, weights normalised over each global batch
   4. evaluate  - held-out reward and reverse KL, same noise at every evaluation
   5. checkpoint - when due, or when a stop request ends the run (fit)
@@ -68,7 +68,7 @@ class PreferenceTrainer:
         prompt_columns: dict[str, list] = {}  # the training prompts' other columns (reward keywords)
         if self.online:
             prompts, prompt_ids, long_prompts, prompt_columns = self.prompt_set("train", data.train_prompts, limit)
-            pool = PromptPool.empty(len(prompt_ids), g.max_new_tokens)
+            pool = PromptPool.empty(len(prompt_ids), g.max_new_tokens, layout.dp_rank, layout.dp)
             self.data_stats = {"long_prompts": long_prompts}
         else:
             assert cfg.data.offline_path, "config.validate requires data.offline_path for offline methods"
@@ -80,6 +80,8 @@ class PreferenceTrainer:
                 cfg.data.long_prompts,
                 min_records=t.global_batch_size,
                 apply_chat_template=cfg.data.apply_chat_template,
+                dp_rank=layout.dp_rank,
+                dp=layout.dp,
             )
             prompts, prompt_ids, pool = offline.prompts, offline.prompt_ids, offline.pool
             self.data_stats = {"long_prompts": offline.long_prompts, "identical_pairs": offline.identical_pairs}
@@ -337,8 +339,11 @@ class PreferenceTrainer:
         )
         per_rank = len(batch) // dp
         mine = slice(self.layout.dp_rank * per_rank, (self.layout.dp_rank + 1) * per_rank)
+        # Each rank trains its slice of the batch, whoever owns the rows: the split, and so the
+        # result, is that of a replicated pool; the rows come from their owners (one all-to-all).
+        rows = self.pool.fetch([batch[r * per_rank : (r + 1) * per_rank] for r in range(dp)])
         return preference_micro_batches(
-            self.pool.store,
+            rows,
             self.pool.prompt_ids,
             batch[mine],
             weights[mine],
@@ -481,7 +486,7 @@ class PreferenceTrainer:
         """Everything besides model and optimizer that the next iteration depends on.
         (All sampling and data-order randomness is derived from seeds and the iteration.)"""
         return {
-            "pool": self.pool.store.state_dict(),
+            "pool": self.pool.store.state_dict(tokens=False),  # the token rows: pool.checkpoint_files
             "history": self.history,
             "responses_generated": self.responses_generated,
             "initial": self.initial,
@@ -500,6 +505,7 @@ class PreferenceTrainer:
             self.state_dict(),
             keep_last=self.cfg.exp_manager.keep_last,
             method=self.cfg.method,
+            rank_files=self.pool.checkpoint_files(),
         )
         self.checkpoint_seconds.append(time.perf_counter() - start)
 
@@ -508,6 +514,7 @@ class PreferenceTrainer:
         done = len(state["history"])
         require_iterations_cover(self.cfg.trainer.iterations, done, path)
         self.pool.store.load_state_dict(state["pool"])
+        self.pool.load_checkpoint_files(path)
         self.history = state["history"]
         self.responses_generated = state["responses_generated"]
         self.initial = state["initial"]

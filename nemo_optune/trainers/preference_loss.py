@@ -19,7 +19,7 @@ def global_batch_weights(
     """(raw weights [B], valid [B] as float, sum of valid weights) over the WHOLE global batch.
 
     The sum is the normaliser every micro-batch on every DP rank divides by, so the loss is
-    the global weighted mean whatever the micro-batch split (every rank holds the pool)."""
+    the global weighted mean whatever the micro-batch split (every rank holds the pool's scalars)."""
     weights = alg.reward_gap_weights(
         pool.chosen_rewards[batch], pool.rejected_rewards[batch], weighting, weight_beta, weight_cap
     )

@@ -1,9 +1,12 @@
 """The pool a preference trainer trains on, and how OPTune keeps it fresh: select the worst
 prompts, regenerate them, score, pair, cache their reference log-probs, and replace them in
-every rank's pool copy. Online DPO selects every prompt every iteration; offline pools are
-never regenerated, only given their reference log-probs."""
+the pool (scalars on every rank, token rows at their owner: data/pool.py). Online DPO
+selects every prompt every iteration; offline pools are never regenerated, only given their
+reference log-probs."""
 
 import dataclasses
+import glob
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -11,13 +14,13 @@ import torch
 
 from nemo_optune import algorithms as alg
 from nemo_optune.config import RootConfig
-from nemo_optune.data.pool import PromptPool
+from nemo_optune.data.pool import TOKEN_FIELDS, PromptPool, exchange_rows, owner_of
 from nemo_optune.data.prompts import Prompt
 from nemo_optune.data.tokenizer import Tokenizer
 from nemo_optune.generation.base import RolloutEngine, SamplingParams, completion_counts, ended_on_stop
 from nemo_optune.rewards.resilient import RewardSourceError
 from nemo_optune.rewards.sources import RewardSources
-from nemo_optune.runtime.distributed import Layout, dp_share, gather_rows_over_dp
+from nemo_optune.runtime.distributed import Layout, all_to_all_over_dp, dp_share, gather_rows_over_dp
 from nemo_optune.runtime.experiment import PhaseTimer
 from nemo_optune.runtime.seeds import mix_seed
 from nemo_optune.trainers.preference_loss import pair_sequences
@@ -35,9 +38,12 @@ class RefreshStats:
     reward_by_source: dict = dataclasses.field(default_factory=dict)  # mean of each source over the new samples
 
 
+POOL_TOKEN_FILES = "pool_tokens_dp*.pt"  # a training checkpoint's token rows, one file per DP rank
+
+
 class PreferencePool:
-    """The pool's entries (`store`, replicated on every rank), the prompts they are for, and
-    how to refresh them."""
+    """The pool's entries (`store`: this DP rank's shard), the prompts they are for, and how to
+    refresh them."""
 
     def __init__(
         self,
@@ -63,8 +69,9 @@ class PreferencePool:
     # ---------------------------------------------------------------- select
     def select(self, it: int, window: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(pool indices to regenerate, ascending; the rho used) among the iteration's `window` of
-        the pool; identical on every rank (replicated pool). A window with entries never
-        generated (the first iteration, or the first pass of windows) is generated whole."""
+        the pool; identical on every rank (it reads only the scalars, which every rank has). A
+        window with entries never generated (the first iteration, or the first pass of windows)
+        is generated whole."""
         if (self.store.refreshed_at[window] < 0).any():
             return window.sort().values, 1.0
         # Equal keys go to the stalest pair, then the lower pool index: late in training most
@@ -88,7 +95,8 @@ class PreferencePool:
         self, it: int, selected: torch.Tensor, sampling: SamplingParams, timer: PhaseTimer, generated: torch.Tensor
     ) -> RefreshStats:
         """K samples per selected prompt (balanced over DP ranks), scored, paired best vs
-        worst, reference log-probs cached, then every rank's pool copy gets every new pair.
+        worst, reference log-probs cached, then every rank gets every new pair's scalars and
+        each owner its new token rows.
         Scoring and its checks come before any pool write: a failure leaves the pool as it was.
         This rank's samples are counted into `generated` (completion_counts)."""
         mine, counts = dp_share(selected, self.layout)
@@ -132,7 +140,11 @@ class PreferencePool:
             with timer.phase("reference"):
                 new["ref_chosen_logps"], new["ref_rejected_logps"] = self.reference_logprobs(prompts, new)
         with timer.phase("exchange"):
+            tokens = [new.pop(name) for name in TOKEN_FIELDS]
             gathered = {name: gather_rows_over_dp(value, counts) for name, value in new.items()}
+            owners = owner_of(selected, len(self.store), self.layout.dp)
+            owned = [selected[owners == r] for r in range(self.layout.dp)]
+            tokens = exchange_rows(tokens, selected, owned, self.layout.dp_rank, all_to_all_over_dp)
         dropped = int(gathered.pop("non_finite").sum())
         if dropped and self.cfg.reward.non_finite == "error":
             raise RewardSourceError(
@@ -140,6 +152,7 @@ class PreferencePool:
                 f"(reward.non_finite=error; =drop leaves them out); the prompt pool was not updated"
             )
         self.store.update(selected, gathered)
+        self.store.update(owned[self.layout.dp_rank], dict(zip(TOKEN_FIELDS, tokens)))
         return RefreshStats(
             regenerated=len(selected),
             ties_dropped=int(len(selected) - gathered["valid"].sum()),
@@ -161,3 +174,31 @@ class PreferencePool:
         ref_c, ref_r = self.reference_logprobs([self.prompt_ids[i] for i in mine.tolist()], self.store.rows(mine))
         self.store.ref_chosen_logps.copy_(gather_rows_over_dp(ref_c, counts))
         self.store.ref_rejected_logps.copy_(gather_rows_over_dp(ref_r, counts))
+
+    # ------------------------------------------------ token rows across ranks
+    def fetch(self, want: list[torch.Tensor]) -> PromptPool:
+        """Collective over DP: a view of the pool holding the token rows of want[dp_rank] (ids
+        for every DP rank, the same list on all), fetched from their owners."""
+        rows = exchange_rows(
+            [getattr(self.store, name) for name in TOKEN_FIELDS],
+            torch.arange(len(self.store)),
+            want,
+            self.layout.dp_rank,
+            all_to_all_over_dp,
+        )
+        return self.store.with_tokens(want[self.layout.dp_rank], dict(zip(TOKEN_FIELDS, rows)))
+
+    def checkpoint_files(self) -> dict[str, dict]:
+        """This rank's files in a training checkpoint: its token rows with their prompt ids,
+        written by the first rank of each DP rank's model-parallel group (the scalars go into
+        trainer_state.pt). Loadable at any DP size: load_checkpoint_files."""
+        if self.layout.tp_rank or self.layout.pp_rank:
+            return {}
+        name = POOL_TOKEN_FILES.replace("*", f"{self.layout.dp_rank:05d}")
+        return {name: {"held": self.store.held, **{k: getattr(self.store, k) for k in TOKEN_FIELDS}}}
+
+    def load_checkpoint_files(self, directory: str) -> None:
+        """The token rows this rank owns, from every DP rank's file of a checkpoint; memory-mapped,
+        so only those rows are read into memory."""
+        for path in sorted(glob.glob(os.path.join(directory, POOL_TOKEN_FILES))):
+            self.store.load_tokens(torch.load(path, mmap=True, weights_only=True))
