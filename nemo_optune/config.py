@@ -77,6 +77,11 @@ class OPTuneConfig:
     weight_cap: Optional[float] = 10.0
     sft_weight: float = 0.0  # optional NLL term on the chosen response
     cache_reference_logprobs: bool = True
+    # Regenerated first, within rho's count (ours, beyond the paper): pairs whose K rewards
+    # tied (no preference: they train nothing while kept), and pairs sampled more than
+    # max_pair_age iterations ago (null: no age limit).
+    ties_first: bool = False
+    max_pair_age: Optional[int] = None
     adaptive_rho: AdaptiveRhoConfig = field(default_factory=AdaptiveRhoConfig)
 
 
@@ -398,6 +403,7 @@ DOMAINS: dict[type, dict[str, Domain]] = {
         "weight_beta": Domain(0, note="a negative value weighs the least reliable pairs most"),
         "weight_cap": POSITIVE,
         "sft_weight": NON_NEGATIVE,
+        "max_pair_age": COUNT,
     },
     HyPOConfig: {
         "kl_weight": NON_NEGATIVE,
@@ -508,6 +514,8 @@ READ_BY = {
     "model.optune.selection_key": ONLINE_METHODS,
     "model.optune.samples_per_prompt": ONLINE_METHODS,
     "model.optune.adaptive_rho": ONLINE_METHODS,
+    "model.optune.ties_first": ONLINE_METHODS,
+    "model.optune.max_pair_age": ONLINE_METHODS,
     "model.hypo": ("hypo",),
     "trainer.iterations": PREFERENCE_METHODS,  # sft: sft.steps, sft.batch_size, sft.lr
     "trainer.global_batch_size": PREFERENCE_METHODS,

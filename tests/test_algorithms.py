@@ -114,6 +114,32 @@ def test_select_prompts_strategies():
         alg.select_prompts("best", 1, c, r, "chosen", g)
 
 
+def test_tied_and_old_pairs_go_first_within_the_count():
+    c = torch.tensor([0.9, 0.2, 0.5, 0.7, 1.0])
+    r = torch.tensor([0.1, 0.2, 0.4, 0.0, 1.0])
+    valid = torch.tensor([True, False, True, True, False])  # 1 and 4: their K rewards tied
+    ages = torch.tensor([3, 1, 9, 2, 12])  # iterations since each pair was sampled
+    g = torch.Generator().manual_seed(0)
+    assert alg.regenerate_first(valid, ages, False, None) is None
+    assert alg.regenerate_first(valid, ages, True, None).tolist() == [False, True, False, False, True]
+    assert alg.regenerate_first(valid, ages, False, 8).tolist() == [False, False, True, False, True]
+    first = alg.regenerate_first(valid, ages, True, 8)
+    assert first.tolist() == [False, True, True, False, True]
+    keys = alg.first_in_line(c, first)
+    assert torch.equal(keys, torch.tensor([0.9, float("-inf"), float("-inf"), 0.7, float("-inf")]))
+    assert alg.first_in_line(c, None) is c
+    # mean keys .5 .2 .45 .35 1.0: the tied pair 4 (key 1.0) goes first, then the lowest key (1)
+    assert alg.select_prompts("lowest", 2, c, r, "mean", g).tolist() == [1, 3]
+    tied = alg.regenerate_first(valid, ages, True, None)
+    assert alg.select_prompts("lowest", 2, c, r, "mean", g, tied).tolist() == [1, 4]
+    assert alg.select_prompts("lowest", 3, c, r, "mean", g, tied).tolist() == [1, 3, 4]
+    # count below the marked entries: the lower index first among them
+    assert alg.select_prompts("lowest", 2, c, r, "chosen", g, first).tolist() == [1, 2]
+    assert alg.select_prompts(
+        "smallest_gap", 1, c, r, "chosen", g, alg.regenerate_first(valid, ages, False, 10)
+    ).tolist() == [4]
+
+
 @pytest.mark.parametrize("n,world", [(10, 3), (7, 4), (2, 4), (128, 2), (0, 2)])
 def test_balanced_shard(n, world):
     idx = torch.arange(100, 100 + n)

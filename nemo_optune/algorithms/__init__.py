@@ -14,7 +14,9 @@ from nemo_optune.algorithms.pairing import best_worst_pairs
 from nemo_optune.algorithms.rloo_kl import rloo_kl_loss, rloo_kl_loss_sum
 from nemo_optune.algorithms.selection import (
     balanced_shard,
+    first_in_line,
     num_selected,
+    regenerate_first,
     select_lowest,
     select_prompts,
     select_random,
@@ -27,9 +29,11 @@ __all__ = [
     "best_worst_pairs",
     "dpo_loss",
     "dpo_margin",
+    "first_in_line",
     "ipo_loss",
     "num_selected",
     "preference_loss",
+    "regenerate_first",
     "reward_gap_weights",
     "rloo_kl_loss",
     "rloo_kl_loss_sum",

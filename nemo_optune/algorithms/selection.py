@@ -16,6 +16,25 @@ def selection_keys(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
     raise ValueError(f"unknown selection key {key!r} (chosen | mean | gap)")
 
 
+def first_in_line(keys: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
+    """Keys with the entries marked in `first` set to -inf, so the lowest-key selection takes
+    them before any other (among themselves: the lower index first); None: keys unchanged."""
+    return keys if first is None else keys.masked_fill(first, float("-inf"))
+
+
+def regenerate_first(
+    valid: torch.Tensor, ages: torch.Tensor, ties_first: bool, max_age: int | None
+) -> torch.Tensor | None:
+    """Which stored pairs go first in OPTune's selection (ours, beyond the paper): with
+    `ties_first` a pair without a preference (valid False: its K rewards tied), which trains
+    nothing while it stays; with `max_age` a pair sampled more than max_age iterations ago
+    (`ages`), whose margin the policy has long separated. None when neither applies."""
+    first = ~valid if ties_first else torch.zeros_like(valid)
+    if max_age is not None:
+        first = first | (ages > max_age)
+    return first if (ties_first or max_age is not None) else None
+
+
 def num_selected(num_prompts: int, rho: float) -> int:
     """ceil(rho * N) in [1, N]; the epsilon keeps 0.5 * 256 at 128, not 129, under float noise."""
     return max(1, min(num_prompts, math.ceil(rho * num_prompts - 1e-9)))
@@ -39,14 +58,15 @@ def select_prompts(
     rejected_rewards: torch.Tensor,
     key: str,
     generator: torch.Generator,
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """lowest: OPTune (worst data first); smallest_gap: least informative pairs first;
-    random: uniform; all: every prompt (online DPO)."""
+    random: uniform; all: every prompt (online DPO). lowest and smallest_gap take the entries
+    marked in `first` before the others (first_in_line)."""
     n = chosen_rewards.shape[0]
-    if strategy == "lowest":
-        return select_lowest(selection_keys(chosen_rewards, rejected_rewards, key), count)
-    if strategy == "smallest_gap":
-        return select_lowest(selection_keys(chosen_rewards, rejected_rewards, "gap"), count)
+    if strategy in ("lowest", "smallest_gap"):
+        keys = selection_keys(chosen_rewards, rejected_rewards, key if strategy == "lowest" else "gap")
+        return select_lowest(first_in_line(keys, first), count)
     if strategy == "random":
         return select_random(n, count, generator)
     if strategy == "all":

@@ -240,13 +240,19 @@ class MegatronGPTOPTuneModel:
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             tokens = mb["tokens"].to(self.device)
-            labels = torch.roll(tokens, shifts=-1, dims=1) if with_labels else None
             if "pack_layout" in mb:  # packed pairs: own positions and mask (data/packing.py)
                 mask = packed_attention_mask(mb["pack_layout"].to(self.device), tokens.shape[1])
-                out = self._packed_forward(model, tokens, mb["positions"].to(self.device), mask, labels)
+                positions = mb["positions"].to(self.device)
+
+                def forward():
+                    return self._packed_forward(model, tokens, positions, mask)
             else:
-                positions = torch.arange(tokens.shape[1], device=self.device).unsqueeze(0)
-                out = model(tokens, positions.expand_as(tokens), self._causal_mask(tokens.shape[1]), labels=labels)
+                positions = torch.arange(tokens.shape[1], device=self.device).unsqueeze(0).expand_as(tokens)
+
+                def forward():
+                    return model(tokens, positions, self._causal_mask(tokens.shape[1]))
+
+            out = self._response_nll(model, forward, tokens, mb["loss_mask"]) if with_labels else forward()
 
             def loss_func(output_tensor):
                 loss, metrics = output_fn(mb, output_tensor)
@@ -265,9 +271,37 @@ class MegatronGPTOPTuneModel:
             forward_only=forward_only,
         )
 
+    def _response_nll(
+        self, model, forward: Callable[[], torch.Tensor], tokens: torch.Tensor, loss_mask
+    ) -> torch.Tensor:
+        """`forward()`'s per-token NLL [b, s] of the next tokens on the last stage (zero off
+        `loss_mask`), its hidden states on the others. The output layer and megatron's
+        vocab-parallel cross entropy run only at the loss mask's positions: at a real
+        vocabulary (49k) the [tokens, V] logits of every prompt position cost as much as a
+        few transformer layers and are never used."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+        from megatron.core.utils import unwrap_model
+
+        gpt = unwrap_model(model)
+        if not gpt.post_process:
+            return forward()
+        rows, cols = loss_mask.to(self.device).nonzero(as_tuple=True)
+
+        def only_masked(_module, args, kwargs):  # hidden states [s, b, h] -> [n, 1, h]
+            return (args[0][cols, rows].unsqueeze(1), *args[1:]), kwargs
+
+        handle = gpt.output_layer.register_forward_pre_hook(only_masked, with_kwargs=True)
+        try:
+            logits = forward()  # no labels: megatron returns the logits, [1, n, V / TP]
+        finally:
+            handle.remove()
+        labels = torch.roll(tokens, shifts=-1, dims=1)[rows, cols]
+        nll = vocab_parallel_cross_entropy(logits, labels.unsqueeze(0)).squeeze(0)
+        return torch.zeros(tokens.shape, dtype=nll.dtype, device=nll.device).index_put((rows, cols), nll)
+
     @staticmethod
     def _packed_forward(
-        model, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None
+        model, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """A forward of rows with their own token positions and attention mask. megatron's GPT
         applies RoPE at 0..s-1 whatever position_ids say, so for the call each attention layer
@@ -280,7 +314,7 @@ class MegatronGPTOPTuneModel:
         cache = KVCache(tokens.shape[0], tokens.shape[1])
         with cached_attention(unwrap_model(model), cache, plain_linears=False):
             cache.set_positions(positions)
-            return model(tokens, positions, attention_mask, labels=labels)
+            return model(tokens, positions, attention_mask)
 
     def _require_weights(self) -> None:
         """Every forward goes through here: uninitialised weights must not silently compute."""

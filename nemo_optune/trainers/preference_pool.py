@@ -85,8 +85,17 @@ class PreferencePool:
                 alg.selection_keys(chosen, rejected, self.opt.selection_key), a.target, a.rho_min, a.rho_max
             )
         generator = torch.Generator().manual_seed(mix_seed(self.cfg.trainer.seed, it, 0xC0FFEE))
+        first = alg.regenerate_first(
+            self.store.valid[window], it - self.store.refreshed_at[window], self.opt.ties_first, self.opt.max_pair_age
+        )
         selected = alg.select_prompts(
-            self.opt.selection, alg.num_selected(len(window), rho), chosen, rejected, self.opt.selection_key, generator
+            self.opt.selection,
+            alg.num_selected(len(window), rho),
+            chosen,
+            rejected,
+            self.opt.selection_key,
+            generator,
+            first,
         )
         return window[selected].sort().values, rho
 
