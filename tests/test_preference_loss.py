@@ -432,3 +432,46 @@ def test_micro_batch_size_is_a_cap_that_splits_a_rank_share_evenly(share, cap, s
     from nemo_optune.data.batching import micro_batch_size_for
 
     assert micro_batch_size_for(share, cap) == size
+
+
+@pytest.mark.parametrize(
+    "valid,size,kept",
+    [
+        ([1, 0, 0, 1, 0, 0, 0, 0], 2, [0, 3]),  # two valid pairs: one micro-batch of 2
+        ([0, 1, 0, 1, 1, 0, 0, 0], 2, [0, 1, 3, 4]),  # three: two micro-batches, topped up with the first tied
+        ([0, 0, 0, 0], 2, [0, 1]),  # none: one micro-batch, so the rank still takes part
+        ([1, 1, 1, 1], 4, [0, 1, 2, 3]),
+        ([0, 0, 1, 0, 0, 0], 4, [0, 1, 2, 3]),
+    ],
+)
+def test_tied_pairs_are_left_out_in_whole_micro_batches(valid, size, kept):
+    from nemo_optune.data.batching import pairs_to_train
+
+    assert pairs_to_train(torch.tensor(valid, dtype=torch.float), size).tolist() == kept
+
+
+def test_leaving_tied_pairs_out_changes_neither_loss_nor_gradient():
+    """The trained subset gives the whole share's loss and gradient: a tied pair weighs 0."""
+    from nemo_optune import algorithms as alg
+    from nemo_optune.data.batching import pairs_to_train
+
+    torch.manual_seed(0)
+    n, beta = 8, 0.1
+    logps = torch.randn(2 * n, requires_grad=True)
+    ref = torch.randn(2 * n)
+    valid = torch.tensor([0, 1, 0, 0, 1, 0, 0, 0], dtype=torch.float)
+    weights = torch.rand(n)
+    total = float((weights * valid).sum())
+
+    def loss(rows: torch.Tensor) -> torch.Tensor:
+        margin = alg.dpo_margin(logps[rows], logps[n + rows], ref[rows], ref[n + rows])
+        return alg.weighted_mean(alg.preference_loss(margin, beta, "dpo"), weights[rows], valid[rows], total)
+
+    whole = loss(torch.arange(n))
+    (grad_whole,) = torch.autograd.grad(whole, logps)
+    kept = pairs_to_train(valid, 2)
+    assert len(kept) == 2
+    part = loss(kept)
+    (grad_part,) = torch.autograd.grad(part, logps)
+    torch.testing.assert_close(part, whole)
+    torch.testing.assert_close(grad_part, grad_whole)

@@ -62,6 +62,18 @@ def micro_batch_size_for(share: int, cap: int) -> int:
     return max(size for size in range(1, min(share, cap) + 1) if share % size == 0)
 
 
+def pairs_to_train(valid: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+    """Positions (ascending) of a rank's share of a global batch to train: every pair with a
+    training signal (`valid` > 0), topped up with pairs without one (tied rewards) to whole
+    micro-batches of `micro_batch_size`, at least one so that every rank takes part in the step.
+    A pair without signal adds exactly 0 to the loss and the gradient; late in training most
+    pairs are tied, and leaving out whole micro-batches of them saves their forward and backward."""
+    with_signal = valid > 0
+    count = max(1, -(-int(with_signal.sum()) // micro_batch_size)) * micro_batch_size
+    signal_first = torch.argsort((~with_signal).to(torch.int8), stable=True)
+    return signal_first[: min(count, len(valid))].sort().values
+
+
 def token_budget_groups(
     lengths: torch.Tensor, max_rows: int, token_budget: int, rows_per_item: int = 1
 ) -> list[torch.Tensor]:

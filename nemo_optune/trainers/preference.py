@@ -19,7 +19,13 @@ from collections.abc import Sequence
 import torch
 
 from nemo_optune.config import ONLINE_METHODS, RootConfig, as_dict
-from nemo_optune.data.batching import iteration_batches, iteration_window, records_left_untrained
+from nemo_optune.data.batching import (
+    iteration_batches,
+    iteration_window,
+    micro_batch_size_for,
+    pairs_to_train,
+    records_left_untrained,
+)
 from nemo_optune.data.micro_batch import PairMicroBatch
 from nemo_optune.data.offline_pool import build_offline_pool
 from nemo_optune.data.pool import PromptPool, build_sequences
@@ -342,12 +348,15 @@ class PreferenceTrainer:
         # Each rank trains its slice of the batch, whoever owns the rows: the split, and so the
         # result, is that of a replicated pool; the rows come from their owners (one all-to-all).
         rows = self.pool.fetch([batch[r * per_rank : (r + 1) * per_rank] for r in range(dp)])
+        share = torch.arange(per_rank)
+        if self.online_kl is None:  # HyPO's KL term needs every prompt of the share
+            share = pairs_to_train(valid[mine], micro_batch_size_for(per_rank, t.micro_batch_size))
         return preference_micro_batches(
             rows,
             self.pool.prompt_ids,
-            batch[mine],
-            weights[mine],
-            valid[mine],
+            batch[mine][share],
+            weights[mine][share],
+            valid[mine][share],
             weight_total,
             t.micro_batch_size,
             self.width,
