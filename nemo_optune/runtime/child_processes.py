@@ -34,26 +34,23 @@ EXIT_PARENT_GONE = 1
 # Looked up now, not in the forked child (no dlopen between fork and the child's first steps).
 _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
-_state = threading.local()  # depth: shielded() nesting in this thread (a forked child copies it)
-_forker = {"pid": None}  # the pid that forks (set just before each fork; the child reads its copy)
+# In the thread inside shielded(): depth (nesting) and pid; a forked child starts with a copy.
+_state = threading.local()
 
 
 def _die_with_parent() -> None:
-    """In a child forked inside shielded(): SIGKILL when the forking thread's process goes."""
+    """In a child forked inside shielded(): SIGKILL when the thread that forked it ends (its
+    process dying included)."""
     if getattr(_state, "depth", 0) == 0 or _prctl is None:
         return
     _state.depth = 0  # the child's own children are not a rank's helpers
     if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         return
-    if os.getppid() != _forker["pid"]:  # the parent died before prctl: no death signal will come
+    if os.getppid() != _state.pid:  # the parent died before prctl: no death signal will come
         os._exit(EXIT_PARENT_GONE)
 
 
-def _note_forker() -> None:
-    _forker["pid"] = os.getpid()
-
-
-os.register_at_fork(before=_note_forker, after_in_child=_die_with_parent)
+os.register_at_fork(after_in_child=_die_with_parent)
 
 
 def _no_results_manager() -> None:
@@ -73,7 +70,7 @@ def shielded():
     still recorded as always (by another thread, or on unblocking)."""
     stops = {getattr(signal, name) for name in STOP_SIGNALS}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
-    _state.depth = getattr(_state, "depth", 0) + 1
+    _state.depth, _state.pid = getattr(_state, "depth", 0) + 1, os.getpid()
     try:
         yield
     finally:
