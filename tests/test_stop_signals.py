@@ -178,8 +178,9 @@ def test_a_stop_signal_under_a_launcher_saves_a_complete_checkpoint(stop, sft_ch
 @pytest.mark.parametrize("victim", ["rank1", "launcher"])
 def test_no_process_of_the_run_outlives_a_killed_rank_or_launcher(victim, sft_checkpoint, tmp_path):
     """After a periodic save (megatron's writer has run), SIGKILL rank 1 or the launcher:
-    every process of the run is gone within 10 s (a Manager and a resource tracker per rank
-    used to stay)."""
+    every process of the run goes (a Manager and a resource tracker per rank used to stay for
+    good). Measured: 8.7 s after rank 1's kill at load 50 on 2 cores, the launcher last; the
+    bound is torchrun's own: it waits up to --shutdown-timeout (30 s) for the other workers."""
     exp, log = tmp_path / "exp", tmp_path / "run.log"
     run = _start(LAUNCH, exp, log, sft_checkpoint)
     seen = _processes(run)
@@ -188,7 +189,7 @@ def test_no_process_of_the_run_outlives_a_killed_rank_or_launcher(victim, sft_ch
         rank1 = [w for w in workers if w.environ().get("RANK") == "1"]
         assert len(workers) == 2 and len(rank1) == 1, workers
         (rank1[0] if victim == "rank1" else seen[0]).kill()
-        assert _wait_gone(seen, timeout=10) == [], f"still running: {[p.cmdline() for p in seen if not _gone(p)]}"
+        assert _wait_gone(seen, timeout=30) == [], f"still running: {[p.cmdline() for p in seen if not _gone(p)]}"
     finally:
         if run.poll() is None:
             run.kill()
