@@ -22,15 +22,22 @@ import psutil
 from nemo_optune.config import STOP_SIGNALS
 from nemo_optune.runtime.preemption import EXIT_STOPPED
 
+_stopping = {"signals": 0}  # stop signals passed on to the workers so far
+
 
 def _pass_on(number, frame) -> None:
     """Hand the signal to the workers (the agent's children) and return to waiting for them.
-    Before the workers exist (rendezvous) there is nothing to save: torchrun's handling."""
+    With no workers: after an earlier stop signal they have exited (e.g. srun's
+    --kill-on-bad-exit SIGTERM once another node's launcher exited 3): nothing to do; before
+    they exist (rendezvous) there is nothing to save: torchrun's handling."""
     from torch.distributed.elastic.multiprocessing.api import _terminate_process_handler
 
     workers = psutil.Process().children()
     if not workers:
+        if _stopping["signals"]:
+            return
         _terminate_process_handler(number, frame)
+    _stopping["signals"] += 1
     name = signal.Signals(number).name
     print(f"[launch] {name}: passed on to {len(workers)} worker(s); waiting for them to save and exit", file=sys.stderr)
     for worker in workers:
