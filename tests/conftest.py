@@ -46,7 +46,11 @@ SLOW = {
     "test_sigkill_then_resume_is_bit_identical[tp2-checkpoint-iter2]",
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp1-SIGTERM-generation-iter1-rank0]",
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp2-SIGTERM-generation-iter1-rank0]",
+    # the default tier's TP1 stop (a signal to every process after a periodic save, again while
+    # saving) costs the same; test_cluster_ops' max_time stop saves with checkpoint_every=0
+    "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp1-SIGUSR1-training-iter2-then-again-while-saving]",
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp2-SIGUSR1-training-iter2-then-again-while-saving]",
+    "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp2-SIGTERM-training-iter2-after-a-save-then-again-while-saving]",
     "test_layout_matches_single_process[tp2pp2]",
     # packing is compared with unpacked pairs at TP1 by test_trainer_behaviour
     "test_layout_matches_single_process[tp2pp2_packed]",

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 
+import psutil
 import torch
 import torch.multiprocessing as mp
 
@@ -17,8 +18,7 @@ def _free_port() -> int:
 
 
 def _env(rank: int, world: int, port: int) -> None:
-    # Own process group: megatron's checkpoint writer starts a multiprocessing Manager
-    # process, which a SIGKILLed rank would leave behind; the harness kills the whole group.
+    # Own process group: whatever a SIGKILLed rank leaves behind, the harness kills the group.
     os.setsid()
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
@@ -27,9 +27,10 @@ def _env(rank: int, world: int, port: int) -> None:
 
 
 def _install_signals(events, state, rank: int) -> None:
-    """Send this process signals at `events` = [(point, iteration index, signal name, ranks or
-    None for all)], each once; point in generation | training | checkpoint (shards written, not
-    yet published). SIGKILL ends the process there."""
+    """Send this process and its children (as Slurm signals every process of a step) signals at
+    `events` = [(point, iteration index, signal name, ranks or None for all)], each once; point
+    in generation | training | checkpoint (shards written, not yet published). SIGKILL ends the
+    process there."""
     from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
     from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
     from nemo_optune.runtime import checkpoint
@@ -41,7 +42,8 @@ def _install_signals(events, state, rank: int) -> None:
             point, iteration, name, _ = event
             if here == point and state["iteration"] == iteration:
                 pending.remove(event)
-                os.kill(os.getpid(), getattr(signal, name))
+                for process in [*psutil.Process().children(recursive=True), psutil.Process()]:
+                    process.send_signal(getattr(signal, name))
 
     generate, train_step, rng_state = (
         MegatronInProcessEngine.generate,

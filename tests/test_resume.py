@@ -56,38 +56,47 @@ def test_sigkill_then_resume_is_bit_identical(kill_at, uninterrupted, sft_checkp
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path / "checkpoints"))
 
 
-# (signal, point, iteration index, ranks it reaches: None = all, as Slurm sends it)
+# (signal, point, iteration index, ranks it reaches with their helper processes: None = all, as
+# Slurm sends it), and exp_manager.checkpoint_every
 STOPS = {
-    "SIGTERM-generation-iter1-rank0": [("generation", 0, "SIGTERM", [0])],
+    "SIGTERM-generation-iter1-rank0": ([("generation", 0, "SIGTERM", [0])], 0),
     # A second signal while the stop's checkpoint is being written changes nothing.
-    "SIGUSR1-training-iter2-then-again-while-saving": [
-        ("training", 1, "SIGUSR1", None),
-        ("checkpoint", 1, "SIGUSR1", None),
-    ],
+    "SIGUSR1-training-iter2-then-again-while-saving": (
+        [("training", 1, "SIGUSR1", None), ("checkpoint", 1, "SIGUSR1", None)],
+        0,
+    ),
+    # After a periodic save, when megatron's writer has run once (it kept a Manager process
+    # that the signal killed, failing the stop's save): a preemption or time limit.
+    "SIGTERM-training-iter2-after-a-save-then-again-while-saving": (
+        [("training", 1, "SIGTERM", None), ("checkpoint", 1, "SIGTERM", None)],
+        1,
+    ),
 }
 
 
 @pytest.mark.parametrize("stop", STOPS, ids=list(STOPS))
 def test_a_stop_signal_saves_and_the_rerun_ends_bit_identical(stop, uninterrupted, sft_checkpoint, tmp_path):
     """At TP1 and TP2: the signal (at TP2, to one rank or to both) stops every rank at the end
-    of that iteration with a checkpoint, though checkpoint_every=0 asks for none before the
+    of that iteration with a checkpoint, also when checkpoint_every=0 asks for none before the
     end; the same command resumes and ends bit-identical to the uninterrupted run."""
     world, layout, ref, _ = uninterrupted
+    events, every = STOPS[stop]
     overrides = (
         RUN
         + layout
         + [
             f"model.restore_from_path={sft_checkpoint}",
             f"exp_manager.exp_dir={tmp_path}",
-            "exp_manager.checkpoint_every=0",
+            f"exp_manager.checkpoint_every={every}",
         ]
     )
-    stopped = run_layout(world, overrides, str(tmp_path / "stopped.pt"), signals=STOPS[stop])
-    _, iteration, name, _ = STOPS[stop][0]
+    stopped = run_layout(world, overrides, str(tmp_path / "stopped.pt"), signals=events)
+    _, iteration, name, _ = events[0]
     done = iteration + 1
     assert stopped["summary"]["stopped_by"] == name
     assert len(stopped["summary"]["iterations"]) == done
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == [f"iter_{done:06d}"]
+    saved = list(range(every, done + 1, every)) if every else [done]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [f"iter_{i:06d}" for i in saved[-2:]]  # keep_last=2
     got = run_layout(world, overrides, str(tmp_path / "resumed.pt"))
     assert got["summary"]["resumed_from"].endswith(f"iter_{done:06d}") and got["summary"]["stopped_by"] is None
     _assert_identical(got, ref)

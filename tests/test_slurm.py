@@ -263,7 +263,7 @@ def test_torchrun_script_runs_to_the_end(uninterrupted):
     assert "[slurm] done" in uninterrupted["out"]
     start, end = _records(uninterrupted["state"], "srun.jsonl")
     assert [(t["procid"], t["node"]) for t in start["tasks"]] == [(0, "node1"), (1, "node2")]  # one per node
-    assert start["command"][:5] == ["torchrun", "--nnodes", "2", "--nproc_per_node", "2"]
+    assert start["command"][:6] == ["python", "-m", "nemo_optune.launch", "--nnodes", "2", "--nproc_per_node"]
     _assert_srun_ended_well(end, uninterrupted["out"])
     assert _records(uninterrupted["state"], "requeue.jsonl") == []
     summary = json.load(open(os.path.join(uninterrupted["exp"], "summary.json")))
@@ -319,14 +319,14 @@ def test_requeued_run_ends_bit_identical_to_the_uninterrupted_one(preempted, uni
 
 @pytest.mark.slow  # a fourth 4-process launch (~25 s on 2 cores): make test-slow
 def test_torchrun_script_stops_on_sigusr1_and_requeues(sft_checkpoint, tmp_path):
-    """SIGUSR1 reaches torchrun (which handles it: --signals-to-handle) and its workers; the
-    workers save and exit 3, torchrun exits 1, the script reads the stop from summary.json."""
+    """SIGUSR1 reaches the launcher (nemo_optune.launch, which passes it on and waits) and its
+    workers; the workers save and exit 3, and so does the launcher; the script requeues."""
     exp, state, job = str(tmp_path / "exp"), str(tmp_path / "slurm"), _job_id_with_free_port()
     env = batch_env(state, exp, job, tasks_per_node=1, GPUS_PER_NODE=2, MASTER_PORT=_free_port())
     sent = []
     code, out = run_batch(TORCHRUN, env, _overrides(sft_checkpoint), on_line=_signal_at_first_iteration(sent))
     assert sent and code == 3, out[-4000:]
-    assert "the run ended with status 3" in out  # torchrun said 1 (or 143): summary.json says stopped
+    assert "[launch] the workers saved a checkpoint and stopped (exit 3)" in out
     assert _records(state, "srun.jsonl")[-1]["signals_forwarded"] == ["SIGUSR1"]
     summary = json.load(open(os.path.join(exp, "summary.json")))
     assert summary["layout"] == LAYOUT and summary["stopped_by"] in STOP_REASONS

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nemo_optune.runtime.child_processes import checkpoint_writers
 from nemo_optune.runtime.distributed import first_failure
 from nemo_optune.runtime.experiment import atomic_output
 
@@ -95,7 +96,8 @@ def _publish(directory: str, write, kind: str, architecture: dict, method: str |
     if error:
         raise CheckpointError(f"cannot create checkpoint directory {tmp} ({error})")
     try:
-        write(tmp)
+        with checkpoint_writers():  # no stop signal kills megatron's writer processes; they die with the rank
+            write(tmp)
     except Exception as err:  # disk full, permissions, a failing writer: every rank must hear of it
         error = err
     error = _first_error(error)

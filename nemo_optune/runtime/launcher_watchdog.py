@@ -4,15 +4,15 @@ torchrun starts every worker in its own session, so a SIGKILLed torchrun (or a n
 crashed) leaves its ranks running: they finish the run into the experiment directory that the
 user believes is dead, and race any rerun. A daemon thread polls os.getppid(): when the parent
 dies the kernel re-parents the rank (to init or to a subreaper), its parent pid changes, and the
-rank stops, with its whole process group when it leads one (megatron's checkpoint writer starts
-a multiprocessing Manager child that would otherwise linger).
+rank stops, with its whole process group when it leads one.
 
 Why not prctl(PR_SET_PDEATHSIG) as well: the death signal fires when the parent *thread* that
 forked the rank exits, not when the parent process dies, so a launcher that starts workers from
 a helper thread (torchrun's process contexts, slurmstepd, a future version of either) would kill
-a healthy run; it also kills this process only, not the Manager child in its group. A change of
-parent pid happens only when the whole parent process is gone, so polling it never fires
-falsely; the price is up to one poll interval of delay, which is nothing next to a training step.
+a healthy run (a rank's own helpers, forked by the thread that outlives them, do use it:
+child_processes). A change of parent pid happens only when the whole parent process is gone, so
+polling it never fires falsely; the price is up to one poll interval of delay, which is nothing
+next to a training step.
 """
 
 import multiprocessing
@@ -58,7 +58,7 @@ def _stop(launcher_pid: int) -> None:
         )
     except Exception:  # stderr may be a pipe the dead launcher held: stop regardless
         pass
-    if os.getpgrp() == os.getpid():  # we lead our group: take its children (Manager, workers) along
+    if os.getpgrp() == os.getpid():  # we lead our group: take its children along
         os.killpg(os.getpgrp(), signal.SIGKILL)
     os._exit(1)
 
