@@ -121,3 +121,52 @@ def test_more_iterations_on_resume_keep_the_schedule_horizon(sft_checkpoint, tmp
     extended = run_experiment(load_config("optune_tiny", base + ["trainer.iterations=3"]))
     assert [i["lr"] for i in extended["iterations"][:2]] == [i["lr"] for i in first["iterations"]]
     assert extended["iterations"][2]["lr"] == pytest.approx(3e-5)  # past the original horizon of 4 steps
+
+
+# One iteration of 32 optimizer steps (64 prompts, global batch 2) regenerated in 4 chunks of 16
+# prompts, a step checkpoint every 8 steps: stops land inside the iteration.
+MID = TINY + [
+    "trainer.iterations=1",
+    "trainer.global_batch_size=2",
+    "trainer.micro_batch_size=2",
+    "generation.rollout_chunk_prompts=16",
+    "exp_manager.checkpoint_every_steps=8",
+    "exp_manager.keep_last=2",
+    "trainer.lr_warmup_steps=4",
+    "trainer.lr_decay=cosine",
+    "trainer.min_lr=3e-5",
+]
+
+
+@pytest.fixture(scope="module", params=["tp1", "tp2"])
+def uninterrupted_midstep(request, sft_checkpoint, tmp_path_factory):
+    layout = [] if request.param == "tp1" else TP2
+    world = 1 if request.param == "tp1" else 2
+    exp = tmp_path_factory.mktemp(f"midstep_{request.param}")
+    overrides = MID + layout + [f"model.restore_from_path={sft_checkpoint}", f"exp_manager.exp_dir={exp}"]
+    return world, layout, run_layout(world, overrides, str(exp / "result.pt"))
+
+
+def test_stops_inside_an_iteration_resume_bit_identical(uninterrupted_midstep, sft_checkpoint, tmp_path):
+    """SIGTERM during the 2nd generation chunk stops after that chunk; the same command resumes
+    there, and SIGTERM before the 10th optimizer step stops after it (one step, then the save);
+    the third start ends bit-identical to the uninterrupted run, its iteration record too."""
+    world, layout, ref = uninterrupted_midstep
+    overrides = MID + layout + [f"model.restore_from_path={sft_checkpoint}", f"exp_manager.exp_dir={tmp_path}"]
+    checkpoints = tmp_path / "checkpoints"
+    stops = [("generation:1", "iter_000000_gen_000002"), ("training:9", "iter_000000_step_000010")]
+    for n, (point, newest) in enumerate(stops):
+        stopped = run_layout(world, overrides, str(tmp_path / f"stop{n}.pt"), signals=[(point, 0, "SIGTERM", None)])
+        assert stopped["summary"]["stopped_by"] == "SIGTERM" and stopped["summary"]["iterations"] == []
+        assert sorted(os.listdir(checkpoints))[-1] == newest
+    assert sorted(os.listdir(checkpoints)) == ["iter_000000_step_000008", "iter_000000_step_000010"]  # keep_last
+    got = run_layout(world, overrides, str(tmp_path / "resumed.pt"))
+    assert got["summary"]["resumed_from"].endswith("iter_000000_step_000010") and got["summary"]["stopped_by"] is None
+    _assert_identical(got, ref)
+    untimed = ("seconds", "throughput", "memory")
+    record, ref_record = got["summary"]["iterations"][0], ref["summary"]["iterations"][0]
+    assert {k: v for k, v in record.items() if k not in untimed} == {
+        k: v for k, v in ref_record.items() if k not in untimed
+    }
+    assert record["optimizer_steps"] == 32
+    assert got["summary"]["responses_generated"] == ref["summary"]["responses_generated"]

@@ -84,14 +84,15 @@ class PreferencePool:
         return window[selected].sort().values, rho
 
     # ------------------------------------------- generate, score, pair, replace
-    def regenerate(
-        self, it: int, selected: torch.Tensor, sampling: SamplingParams, timer: PhaseTimer, generated: torch.Tensor
-    ) -> RefreshStats:
-        """K samples per selected prompt (balanced over DP ranks), scored, paired best vs
-        worst, reference log-probs cached, then every rank's pool copy gets every new pair.
-        Scoring and its checks come before any pool write: a failure leaves the pool as it was.
-        This rank's samples are counted into `generated` (completion_counts)."""
-        mine, counts = dp_share(selected, self.layout)
+    def regenerate_chunk(
+        self, it: int, chunk: torch.Tensor, sampling: SamplingParams, timer: PhaseTimer, generated: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """K samples per prompt of `chunk` (part of the selection, balanced over DP ranks),
+        scored, paired best vs worst, reference log-probs cached, then exchanged: (every new
+        row, on every rank; this rank's per-source reward columns). The pool is not written
+        (`apply` does, once every chunk is done): a failure leaves it as it was. This rank's
+        samples are counted into `generated` (completion_counts)."""
+        mine, counts = dp_share(chunk, self.layout)
         K = self.opt.samples_per_prompt
         prompts = [self.prompt_ids[i] for i in mine.tolist()]
         with timer.phase("generation"):
@@ -133,18 +134,25 @@ class PreferencePool:
                 new["ref_chosen_logps"], new["ref_rejected_logps"] = self.reference_logprobs(prompts, new)
         with timer.phase("exchange"):
             gathered = {name: gather_rows_over_dp(value, counts) for name, value in new.items()}
-        dropped = int(gathered.pop("non_finite").sum())
+        dropped = int(gathered["non_finite"].sum())
         if dropped and self.cfg.reward.non_finite == "error":
             raise RewardSourceError(
                 f"the reward source returned {dropped} non-finite rewards at iteration {it + 1} "
                 f"(reward.non_finite=error; =drop leaves them out); the prompt pool was not updated"
             )
-        self.store.update(selected, gathered)
+        return gathered, by_source
+
+    def apply(self, selected: torch.Tensor, rows: dict[str, torch.Tensor], by_source: torch.Tensor) -> RefreshStats:
+        """Every rank's pool copy gets the new `rows` of `selected` (regenerate_chunk's, joined);
+        `by_source`: this rank's reward columns of them. Collective."""
+        rows = dict(rows)
+        dropped = int(rows.pop("non_finite").sum())
+        self.store.update(selected, rows)
         return RefreshStats(
             regenerated=len(selected),
-            ties_dropped=int(len(selected) - gathered["valid"].sum()),
+            ties_dropped=int(len(selected) - rows["valid"].sum()),
             non_finite_rewards=dropped,
-            responses=len(selected) * K,
+            responses=len(selected) * self.opt.samples_per_prompt,
             reward_by_source=self.reward.means_over_dp(by_source),
         )
 
