@@ -56,22 +56,25 @@ def test_sigkill_then_resume_is_bit_identical(kill_at, uninterrupted, sft_checkp
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path / "checkpoints"))
 
 
-# (signal, point, iteration index, ranks it reaches: None = all, as Slurm sends it)
+# (signal, point, iteration index, ranks it reaches: None = all, as Slurm sends it), and the
+# checkpoint the stop writes at the next safe point
 STOPS = {
-    "SIGTERM-generation-iter1-rank0": [("generation", 0, "SIGTERM", [0])],
+    # 64 prompts: one generation chunk; the stop comes after it
+    "SIGTERM-generation-iter1-rank0": ([("generation", 0, "SIGTERM", [0])], "iter_000000_gen_000001"),
     # A second signal while the stop's checkpoint is being written changes nothing.
-    "SIGUSR1-training-iter2-then-again-while-saving": [
-        ("training", 1, "SIGUSR1", None),
-        ("checkpoint", 1, "SIGUSR1", None),
-    ],
+    "SIGUSR1-training-iter2-then-again-while-saving": (
+        [("training", 1, "SIGUSR1", None), ("checkpoint", 1, "SIGUSR1", None)],
+        "iter_000001_step_000001",
+    ),
 }
 
 
 @pytest.mark.parametrize("stop", STOPS, ids=list(STOPS))
 def test_a_stop_signal_saves_and_the_rerun_ends_bit_identical(stop, uninterrupted, sft_checkpoint, tmp_path):
-    """At TP1 and TP2: the signal (at TP2, to one rank or to both) stops every rank at the end
-    of that iteration with a checkpoint, though checkpoint_every=0 asks for none before the
-    end; the same command resumes and ends bit-identical to the uninterrupted run."""
+    """At TP1 and TP2: the signal (at TP2, to one rank or to both) stops every rank at the next
+    safe point (after the generation chunk or optimizer step) with a checkpoint, though
+    checkpoint_every=0 asks for none before the end; the same command resumes and ends
+    bit-identical to the uninterrupted run."""
     world, layout, ref, _ = uninterrupted
     overrides = (
         RUN
@@ -82,14 +85,14 @@ def test_a_stop_signal_saves_and_the_rerun_ends_bit_identical(stop, uninterrupte
             "exp_manager.checkpoint_every=0",
         ]
     )
-    stopped = run_layout(world, overrides, str(tmp_path / "stopped.pt"), signals=STOPS[stop])
-    _, iteration, name, _ = STOPS[stop][0]
-    done = iteration + 1
+    events, checkpoint = STOPS[stop]
+    stopped = run_layout(world, overrides, str(tmp_path / "stopped.pt"), signals=events)
+    _, iteration, name, _ = events[0]
     assert stopped["summary"]["stopped_by"] == name
-    assert len(stopped["summary"]["iterations"]) == done
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == [f"iter_{done:06d}"]
+    assert len(stopped["summary"]["iterations"]) == iteration  # stopped inside that iteration
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [checkpoint]
     got = run_layout(world, overrides, str(tmp_path / "resumed.pt"))
-    assert got["summary"]["resumed_from"].endswith(f"iter_{done:06d}") and got["summary"]["stopped_by"] is None
+    assert got["summary"]["resumed_from"].endswith(checkpoint) and got["summary"]["stopped_by"] is None
     _assert_identical(got, ref)
 
 

@@ -631,8 +631,7 @@ class PreferenceTrainer:
             )
         self.lr_total_steps = state["lr_total_steps"]
         self.position = self.load_position(state.get("position"), path)  # absent before mid-iteration checkpoints
-        where = f" and {stopped_point(path, done)}" if self.position is not None else ""
-        self.log.print(f"[resume] from {path}: {done} iterations done{where}")
+        self.log.print(f"[resume] from {path}: {done} iterations done ({stopped_point(path, done)})")
 
     def load_position(self, state: dict | None, path: str) -> Position | None:
         """This rank's Position from position_state's; a checkpoint taken inside an iteration
@@ -689,12 +688,16 @@ class PreferenceTrainer:
 
 
 def stopped_point(checkpoint: str, iterations_done: int) -> str:
-    """Where a checkpoint stands, in words: 'iteration 3 done', 'iteration 4, 12 training batches'."""
+    """Where a checkpoint stands, in words: 'after iteration 3', 'inside iteration 4, after training batch 12'."""
     parts = os.path.basename(os.path.normpath(checkpoint)).split("_")
     if len(parts) < 4:
-        return f"iteration {iterations_done} done"
-    what = {"gen": "generation chunks", "ref": "reference pass", "step": "training batches"}[parts[2]]
-    return f"iteration {iterations_done + 1}, {int(parts[3])} {what}"
+        return f"after iteration {iterations_done}"
+    what = {
+        "gen": f"generation chunk {int(parts[3])}",
+        "ref": "its reference pass",
+        "step": f"training batch {int(parts[3])}",
+    }
+    return f"inside iteration {iterations_done + 1}, after {what[parts[2]]}"
 
 
 def per_second(count: float, seconds: float) -> float | None:
