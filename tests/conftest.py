@@ -45,8 +45,8 @@ SLOW = {
     "test_sigkill_then_resume_is_bit_identical[tp2-training-iter3]",
     "test_sigkill_then_resume_is_bit_identical[tp2-checkpoint-iter2]",
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp1-SIGTERM-generation-iter1-rank0]",
-    # test_stops_inside_an_iteration_resume_bit_identical[tp1] stops during training at TP1;
-    # the second signal while saving is covered by this test's TP2 twin
+    # test_stops_inside_an_iteration_resume_bit_identical[tp1] stops during generation and
+    # training at TP1, with a second signal while the stop's checkpoint is written
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp1-SIGUSR1-training-iter2-then-again-while-saving]",
     "test_stops_inside_an_iteration_resume_bit_identical[tp2]",  # its TP1 twin is default
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp2-SIGTERM-generation-iter1-rank0]",

@@ -152,14 +152,20 @@ def uninterrupted_midstep(request, sft_checkpoint, tmp_path_factory):
 
 def test_stops_inside_an_iteration_resume_bit_identical(uninterrupted_midstep, sft_checkpoint, tmp_path):
     """SIGTERM during the 2nd generation chunk stops after that chunk; the same command resumes
-    there, and SIGTERM before the 10th optimizer step stops after it (one step, then the save);
-    the third start ends bit-identical to the uninterrupted run, its iteration record too."""
+    there, and SIGTERM before the 10th optimizer step stops after it (one step, then the save;
+    a second SIGTERM during that save changes nothing); the third start ends bit-identical to
+    the uninterrupted run, its iteration record too."""
     world, layout, ref = uninterrupted_midstep
     overrides = MID + layout + [f"model.restore_from_path={sft_checkpoint}", f"exp_manager.exp_dir={tmp_path}"]
     checkpoints = tmp_path / "checkpoints"
-    stops = [("generation:1", "iter_000000_gen_000002"), ("training:9", "iter_000000_step_000010")]
-    for n, (point, newest) in enumerate(stops):
-        stopped = run_layout(world, overrides, str(tmp_path / f"stop{n}.pt"), signals=[(point, 0, "SIGTERM", None)])
+    # The second start saves step 8 (checkpoint_every_steps), then the stop's step 10, during which
+    # (its 2nd save) SIGTERM comes again: noted, the save finishes.
+    stops = [
+        ([("generation:1", 0, "SIGTERM", None)], "iter_000000_gen_000002"),
+        ([("training:9", 0, "SIGTERM", None), ("checkpoint:1", 0, "SIGTERM", None)], "iter_000000_step_000010"),
+    ]
+    for n, (events, newest) in enumerate(stops):
+        stopped = run_layout(world, overrides, str(tmp_path / f"stop{n}.pt"), signals=events)
         assert stopped["summary"]["stopped_by"] == "SIGTERM" and stopped["summary"]["iterations"] == []
         assert sorted(os.listdir(checkpoints))[-1] == newest
     assert sorted(os.listdir(checkpoints)) == ["iter_000000_step_000008", "iter_000000_step_000010"]  # keep_last
