@@ -189,6 +189,8 @@ class GenerationConfig:
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 10
     micro_batch_size: int = 256  # sequences per generation forward on one DP rank
+    # Selected prompts regenerated per chunk (all DP ranks); a safe point (stop, checkpoint) follows each
+    rollout_chunk_prompts: int = 4096
     # Held-out evaluation samples from the policy itself (temperature 1, no top-p/top-k), so
     # its reverse-KL estimate is unbiased; this many samples per held-out prompt.
     eval_samples_per_prompt: int = 2
@@ -304,7 +306,9 @@ class ExpManagerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     report: bool = True  # write report.png
     checkpoint_every: int = 2  # iterations between checkpoints (and always at the end); 0 = end only
-    keep_last: int = 2  # checkpoints kept
+    checkpoint_every_steps: int = 0  # also inside an iteration, every N optimizer steps; 0 = off
+    checkpoint_every_seconds: float = 0.0  # also inside an iteration, every N wall seconds; 0 = off
+    keep_last: int = 2  # checkpoints kept, mid-iteration ones included
     resume_if_exists: bool = True  # continue from the newest checkpoint in exp_dir
     resume_from: Optional[str] = None  # or from this checkpoint directory
     overwrite: bool = False  # allow a config that differs from the run already in exp_dir
@@ -438,6 +442,7 @@ DOMAINS: dict[type, dict[str, Domain]] = {
         "max_new_tokens": COUNT,
         "micro_batch_size": COUNT,
         "eval_samples_per_prompt": COUNT,
+        "rollout_chunk_prompts": COUNT,
     },
     HFRewardConfig: {"batch_tokens": COUNT, "max_length": Domain(2)},
     HTTPRewardConfig: {"batch_size": COUNT, "connect_timeout_seconds": POSITIVE, "dead_server_seconds": NON_NEGATIVE},
@@ -459,7 +464,12 @@ DOMAINS: dict[type, dict[str, Domain]] = {
         "seed": NON_NEGATIVE,
     },
     GenerateConfig: {"samples_per_prompt": COUNT, "seed": NON_NEGATIVE},
-    ExpManagerConfig: {"checkpoint_every": Domain(0, note="0 = at the end only"), "keep_last": COUNT},
+    ExpManagerConfig: {
+        "checkpoint_every": Domain(0, note="0 = at the end only"),
+        "checkpoint_every_steps": Domain(0, note="0 = off"),
+        "checkpoint_every_seconds": Domain(0, note="0 = off"),
+        "keep_last": COUNT,
+    },
     ServerConfig: {
         "port": Domain(0, 65535, note="0 = any free port"),
         "max_batch_tokens": COUNT,

@@ -45,6 +45,12 @@ SLOW = {
     "test_sigkill_then_resume_is_bit_identical[tp2-training-iter3]",
     "test_sigkill_then_resume_is_bit_identical[tp2-checkpoint-iter2]",
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp1-SIGTERM-generation-iter1-rank0]",
+    # test_stops_inside_an_iteration_resume_bit_identical[tp1] stops during generation and
+    # training at TP1, with a second signal while the stop's checkpoint is written, and resumes
+    # there bit-identical; a SIGKILL's resume from an earlier checkpoint: tp1-checkpoint-iter2
+    "test_sigkill_then_resume_is_bit_identical[tp1-generation-iter2]",
+    "test_sigkill_then_resume_is_bit_identical[tp1-training-iter3]",
+    "test_stops_inside_an_iteration_resume_bit_identical[tp2]",  # its TP1 twin is default
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp2-SIGTERM-generation-iter1-rank0]",
     # the default tier's TP1 stop (a signal to every process after a periodic save, again while
     # saving) costs the same; test_cluster_ops' max_time stop saves with checkpoint_every=0

@@ -29,18 +29,23 @@ def _env(rank: int, world: int, port: int) -> None:
 def _install_signals(events, state, rank: int) -> None:
     """Send this process and its children (as Slurm signals every process of a step) signals at
     `events` = [(point, iteration index, signal name, ranks or None for all)], each once; point
-    in generation | training | checkpoint (shards written, not yet published). SIGKILL ends the
-    process there."""
+    in generation | training | checkpoint (shards written, not yet published), at its first call
+    in that iteration, or `point:k` at its k-th (from 0). SIGKILL ends the process there."""
     from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
     from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
     from nemo_optune.runtime import checkpoint
 
     pending = [e for e in events if e[3] is None or rank in e[3]]
 
+    calls: dict = {}  # (point, iteration) -> calls so far
+
     def signal_if(here: str):
+        key = (here, state["iteration"])
+        calls[key] = calls.get(key, 0) + 1
         for event in list(pending):
             point, iteration, name, _ = event
-            if here == point and state["iteration"] == iteration:
+            point, _, k = point.partition(":")
+            if here == point and state["iteration"] == iteration and calls[key] == int(k or 0) + 1:
                 pending.remove(event)
                 for process in [*psutil.Process().children(recursive=True), psutil.Process()]:
                     process.send_signal(getattr(signal, name))
@@ -73,9 +78,9 @@ def _worker(rank, world, port, overrides, out_path, capture_iteration, signals):
         state.update(iteration=it, trainer=self)
         return iteration(self, it)
 
-    def train_hook(self, it, window, timer, generated):
+    def train_hook(self, it, window, pos, timer):
         state.update(step=0)
-        return train_on_pool(self, it, window, timer, generated)
+        return train_on_pool(self, it, window, pos, timer)
 
     def grad_hook(self):
         norm = reduce_and_clip(self)

@@ -27,16 +27,20 @@ def test_max_time_saves_and_stops_then_the_same_command_resumes(sft_checkpoint, 
             "exp_manager.checkpoint_every=0",
         ]
     )
-    # One second is used up before the first safe point: the run stops after iteration 1.
+    # One second is used up before the first safe point: the run stops after the first generation chunk.
     out = subprocess.run(run + ["trainer.max_time=00:00:00:01"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == EXIT_STOPPED, out.stderr[-2000:]
-    assert "[stop] max_time: checkpoint of iteration 1 written; exiting with status 3" in out.stdout
-    assert os.listdir(tmp_path / "checkpoints") == ["iter_000001"]
+    assert (
+        "[stop] max_time: checkpoint iter_000000_gen_000001 written (inside iteration 1, after generation chunk 1); "
+        "exiting with status 3" in out.stdout
+    )
+    assert os.listdir(tmp_path / "checkpoints") == ["iter_000000_gen_000001"]
     again = subprocess.run(
         run + ["trainer.max_time=01:00:00:00"], capture_output=True, text=True, cwd=ROOT, timeout=300
     )
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "[resume] from" in again.stdout and "[iter 3/3]" in again.stdout and "[iter 1/3]" not in again.stdout
+    assert "0 iterations done (inside iteration 1, after generation chunk 1)" in again.stdout
+    assert "[iter 3/3]" in again.stdout
 
 
 def test_stop_requests_record_signals_and_the_budget():

@@ -40,6 +40,8 @@ ZERO_OK = NEGATIVE_OK | {
     "sft.seed",
     "generate.seed",
     "exp_manager.checkpoint_every",
+    "exp_manager.checkpoint_every_steps",
+    "exp_manager.checkpoint_every_seconds",
     "server.port",
     "server.max_wait_ms",
     "server.graceful_shutdown_seconds",

@@ -57,30 +57,35 @@ def test_sigkill_then_resume_is_bit_identical(kill_at, uninterrupted, sft_checkp
 
 
 # (signal, point, iteration index, ranks it reaches with their helper processes: None = all, as
-# Slurm sends it), and exp_manager.checkpoint_every
+# Slurm sends it), exp_manager.checkpoint_every, and the checkpoints left (keep_last=2): the
+# last one is the stop's, written at the next safe point
 STOPS = {
-    "SIGTERM-generation-iter1-rank0": ([("generation", 0, "SIGTERM", [0])], 0),
+    # 64 prompts: one generation chunk; the stop comes after it
+    "SIGTERM-generation-iter1-rank0": ([("generation", 0, "SIGTERM", [0])], 0, ["iter_000000_gen_000001"]),
     # A second signal while the stop's checkpoint is being written changes nothing.
     "SIGUSR1-training-iter2-then-again-while-saving": (
         [("training", 1, "SIGUSR1", None), ("checkpoint", 1, "SIGUSR1", None)],
         0,
+        ["iter_000001_step_000001"],
     ),
     # After a periodic save, when megatron's writer has run once (it kept a Manager process
     # that the signal killed, failing the stop's save): a preemption or time limit.
     "SIGTERM-training-iter2-after-a-save-then-again-while-saving": (
         [("training", 1, "SIGTERM", None), ("checkpoint", 1, "SIGTERM", None)],
         1,
+        ["iter_000001", "iter_000001_step_000001"],
     ),
 }
 
 
 @pytest.mark.parametrize("stop", STOPS, ids=list(STOPS))
 def test_a_stop_signal_saves_and_the_rerun_ends_bit_identical(stop, uninterrupted, sft_checkpoint, tmp_path):
-    """At TP1 and TP2: the signal (at TP2, to one rank or to both) stops every rank at the end
-    of that iteration with a checkpoint, also when checkpoint_every=0 asks for none before the
-    end; the same command resumes and ends bit-identical to the uninterrupted run."""
+    """At TP1 and TP2: the signal (at TP2, to one rank or to both) stops every rank at the next
+    safe point (after the generation chunk or optimizer step) with a checkpoint, also when
+    checkpoint_every=0 asks for none before the end; the same command resumes and ends
+    bit-identical to the uninterrupted run."""
     world, layout, ref, _ = uninterrupted
-    events, every = STOPS[stop]
+    events, every, checkpoints = STOPS[stop]
     overrides = (
         RUN
         + layout
@@ -92,13 +97,11 @@ def test_a_stop_signal_saves_and_the_rerun_ends_bit_identical(stop, uninterrupte
     )
     stopped = run_layout(world, overrides, str(tmp_path / "stopped.pt"), signals=events)
     _, iteration, name, _ = events[0]
-    done = iteration + 1
     assert stopped["summary"]["stopped_by"] == name
-    assert len(stopped["summary"]["iterations"]) == done
-    saved = list(range(every, done + 1, every)) if every else [done]
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == [f"iter_{i:06d}" for i in saved[-2:]]  # keep_last=2
+    assert len(stopped["summary"]["iterations"]) == iteration  # stopped inside that iteration
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == checkpoints
     got = run_layout(world, overrides, str(tmp_path / "resumed.pt"))
-    assert got["summary"]["resumed_from"].endswith(f"iter_{done:06d}") and got["summary"]["stopped_by"] is None
+    assert got["summary"]["resumed_from"].endswith(checkpoints[-1]) and got["summary"]["stopped_by"] is None
     _assert_identical(got, ref)
 
 
@@ -133,3 +136,58 @@ def test_more_iterations_on_resume_keep_the_schedule_horizon(sft_checkpoint, tmp
     extended = run_experiment(load_config("optune_tiny", base + ["trainer.iterations=3"]))
     assert [i["lr"] for i in extended["iterations"][:2]] == [i["lr"] for i in first["iterations"]]
     assert extended["iterations"][2]["lr"] == pytest.approx(3e-5)  # past the original horizon of 4 steps
+
+
+# One iteration of 32 optimizer steps (64 prompts, global batch 2) regenerated in 4 chunks of 16
+# prompts, a step checkpoint every 8 steps: stops land inside the iteration.
+MID = TINY + [
+    "trainer.iterations=1",
+    "trainer.global_batch_size=2",
+    "trainer.micro_batch_size=2",
+    "generation.rollout_chunk_prompts=16",
+    "exp_manager.checkpoint_every_steps=8",
+    "exp_manager.keep_last=2",
+    "trainer.lr_warmup_steps=4",
+    "trainer.lr_decay=cosine",
+    "trainer.min_lr=3e-5",
+]
+
+
+@pytest.fixture(scope="module", params=["tp1", "tp2"])
+def uninterrupted_midstep(request, sft_checkpoint, tmp_path_factory):
+    layout = [] if request.param == "tp1" else TP2
+    world = 1 if request.param == "tp1" else 2
+    exp = tmp_path_factory.mktemp(f"midstep_{request.param}")
+    overrides = MID + layout + [f"model.restore_from_path={sft_checkpoint}", f"exp_manager.exp_dir={exp}"]
+    return world, layout, run_layout(world, overrides, str(exp / "result.pt"))
+
+
+def test_stops_inside_an_iteration_resume_bit_identical(uninterrupted_midstep, sft_checkpoint, tmp_path):
+    """SIGTERM during the 2nd generation chunk stops after that chunk; the same command resumes
+    there, and SIGTERM before the 10th optimizer step stops after it (one step, then the save;
+    a second SIGTERM during that save changes nothing); the third start ends bit-identical to
+    the uninterrupted run, its iteration record too."""
+    world, layout, ref = uninterrupted_midstep
+    overrides = MID + layout + [f"model.restore_from_path={sft_checkpoint}", f"exp_manager.exp_dir={tmp_path}"]
+    checkpoints = tmp_path / "checkpoints"
+    # The second start saves step 8 (checkpoint_every_steps), then the stop's step 10, during which
+    # (its 2nd save) SIGTERM comes again: noted, the save finishes.
+    stops = [
+        ([("generation:1", 0, "SIGTERM", None)], "iter_000000_gen_000002"),
+        ([("training:9", 0, "SIGTERM", None), ("checkpoint:1", 0, "SIGTERM", None)], "iter_000000_step_000010"),
+    ]
+    for n, (events, newest) in enumerate(stops):
+        stopped = run_layout(world, overrides, str(tmp_path / f"stop{n}.pt"), signals=events)
+        assert stopped["summary"]["stopped_by"] == "SIGTERM" and stopped["summary"]["iterations"] == []
+        assert sorted(os.listdir(checkpoints))[-1] == newest
+    assert sorted(os.listdir(checkpoints)) == ["iter_000000_step_000008", "iter_000000_step_000010"]  # keep_last
+    got = run_layout(world, overrides, str(tmp_path / "resumed.pt"))
+    assert got["summary"]["resumed_from"].endswith("iter_000000_step_000010") and got["summary"]["stopped_by"] is None
+    _assert_identical(got, ref)
+    untimed = ("seconds", "throughput", "memory")
+    record, ref_record = got["summary"]["iterations"][0], ref["summary"]["iterations"][0]
+    assert {k: v for k, v in record.items() if k not in untimed} == {
+        k: v for k, v in ref_record.items() if k not in untimed
+    }
+    assert record["optimizer_steps"] == 32
+    assert got["summary"]["responses_generated"] == ref["summary"]["responses_generated"]

@@ -125,7 +125,9 @@ class CPUOptimizer:
             optim_state_to_sharding_state,
         )
 
-        if is_loading:  # a template to load into: zeros where the moments will go
+        # Loading: a template to load into. Saving before the first step (a checkpoint inside the
+        # first iteration): the moments AdamW's first step would create, the same zeros and step 0.
+        if is_loading or not self.torch_opt.state:
             for p in self.params:
                 self.torch_opt.state[p] = {
                     "step": torch.tensor(0.0),

@@ -33,7 +33,10 @@ from nemo_optune.runtime.experiment import atomic_output
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 TOKENIZER_DIR = "tokenizer"
-_ITER_DIR = re.compile(r"^iter_(\d{6})$")
+# iter_NNNNNN after N iterations; iter_NNNNNN_{gen,ref,step}_MMMMMM inside iteration N+1, after M
+# generation chunks / the reference pass / M training batches (docs/checkpoints.md).
+_ITER_DIR = re.compile(r"^iter_(\d{6})(?:_(gen|ref|step)_(\d{6}))?$")
+_PARTS = ("gen", "ref", "step")  # the order of an iteration's safe points
 
 
 class CheckpointError(RuntimeError):
@@ -252,8 +255,11 @@ def checkpoints_root(exp_dir: str) -> str:
     return os.path.join(exp_dir, "checkpoints")
 
 
-def checkpoint_path(exp_dir: str, iteration: int) -> str:
-    return os.path.join(checkpoints_root(exp_dir), f"iter_{iteration:06d}")
+def checkpoint_path(exp_dir: str, iteration: int, part: tuple[str, int] | None = None) -> str:
+    """iter_NNNNNN after `iteration` iterations; with `part` = (gen | ref | step, M), a safe point
+    inside the next iteration."""
+    name = f"iter_{iteration:06d}" + (f"_{part[0]}_{part[1]:06d}" if part else "")
+    return os.path.join(checkpoints_root(exp_dir), name)
 
 
 def save_training_checkpoint(
@@ -264,10 +270,11 @@ def save_training_checkpoint(
     keep_last: int,
     method: str | None = None,
     rank_files: dict | None = None,
+    part: tuple[str, int] | None = None,
 ) -> str:
-    """Model, optimizer, RNG and trainer state after `iteration`, and this rank's `rank_files`
-    ({file name: object}); then keep the newest `keep_last` checkpoints. Collective. Returns
-    the published path."""
+    """Model, optimizer, RNG and trainer state after `iteration` (and `part` of the next, see
+    checkpoint_path), and this rank's `rank_files` ({file name: object}); then keep the newest
+    `keep_last` checkpoints. Collective. Returns the published path."""
     from megatron.core import dist_checkpointing
 
     def write(tmp: str) -> None:
@@ -280,7 +287,7 @@ def save_training_checkpoint(
             torch.save(value, os.path.join(tmp, name))
         _save_tokenizer(tmp, model)
 
-    path = checkpoint_path(exp_dir, iteration)
+    path = checkpoint_path(exp_dir, iteration, part)
     _publish(path, write, "training", model.architecture(), method)
     prune_checkpoints(checkpoints_root(exp_dir), keep_last)
     return path
@@ -305,16 +312,24 @@ def load_training_checkpoint(directory: str, model) -> dict:
 
 
 def iterations_done(checkpoint: str) -> int | None:
-    """N of a training checkpoint directory iter_NNNNNN, None for other names."""
+    """The whole iterations N a training checkpoint directory iter_NNNNNN[_PART_MMMMMM] holds,
+    None for other names."""
     match = _ITER_DIR.match(os.path.basename(os.path.normpath(checkpoint)))
     return int(match.group(1)) if match else None
+
+
+def _order(name: str) -> tuple[int, int, int]:
+    match = _ITER_DIR.match(name)
+    assert match is not None
+    iteration, part, count = match.groups()
+    return int(iteration), _PARTS.index(part) + 1 if part else 0, int(count or 0)
 
 
 def list_checkpoints(root: str) -> list[str]:
     """Published training checkpoints under `root`, oldest first (`.tmp` leftovers are not)."""
     if not os.path.isdir(root):
         return []
-    return [os.path.join(root, n) for n in sorted(os.listdir(root)) if _ITER_DIR.match(n)]
+    return [os.path.join(root, n) for n in sorted((n for n in os.listdir(root) if _ITER_DIR.match(n)), key=_order)]
 
 
 def newest_intact_checkpoint(exp_dir: str, architecture: dict, warn) -> str | None:

@@ -3,10 +3,11 @@
 Slurm preempts or time-limits a job by sending a signal (SIGTERM, or the one chosen with
 `--signal`) and, after a grace period, SIGKILL. The handlers here only record the signal: they
 never raise, so a checkpoint being written is never interrupted half-way (a second signal is
-noted and changes nothing). At the end of every iteration, the safe point, all ranks agree
-(one all-reduce) whether to stop; if so each rank saves the checkpoint and the process exits
-with EXIT_STOPPED, and the same command resumes. `trainer.max_time` stops the same way when
-the next iteration and its save would not fit in what is left of the budget.
+noted and changes nothing). At every safe point (after an optimizer step, a generation chunk,
+an iteration) all ranks agree (one all-reduce) whether to stop; if so each rank saves the
+checkpoint and the process exits with EXIT_STOPPED, and the same command resumes.
+`trainer.max_time` stops the same way when the stretch to the next safe point and its save
+would not fit in what is left of the budget.
 """
 
 import signal
@@ -36,7 +37,7 @@ class StopRequests:
         if self.signal_name is None:
             self.signal_name = name
             print(
-                f"[stop] {name} received: saving a checkpoint at the end of this iteration, then exiting "
+                f"[stop] {name} received: saving a checkpoint at the next safe point (step or generation chunk), then exiting "
                 f"with status {EXIT_STOPPED}",
                 file=sys.stderr,
                 flush=True,
@@ -58,13 +59,20 @@ class StopRequests:
     def reason_to_stop(self, next_iteration_seconds: float) -> str | None:
         """Collective, at a safe point: 'SIGTERM' (the signal's name), 'max_time' or None, the
         same on every rank (a signal that reached one rank stops all)."""
+        return self.agree(next_iteration_seconds, False)[0]
+
+    def agree(self, next_seconds: float, save_due: bool) -> tuple[str | None, bool]:
+        """Collective, at a safe point: (reason_to_stop, whether any rank finds a wall-clock
+        checkpoint due), in one all-reduce; `next_seconds`: up to the next safe point and its save."""
         code = 1 if self.signal_name else 0
-        if self.max_time is not None and time.perf_counter() - self.start + next_iteration_seconds > self.max_time:
+        if self.max_time is not None and time.perf_counter() - self.start + next_seconds > self.max_time:
             code = 2
-        flag = torch.tensor([code], dtype=torch.long, device=comm_device())
+        flag = torch.tensor([code, int(save_due)], dtype=torch.long, device=comm_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        code = int(flag[0])
+        code, save = int(flag[0]), bool(flag[1])
         if code == 0:
-            return None
-        return (self.signal_name or "a stop signal (on another rank)") if REASONS[code] == "signal" else "max_time"
+            return None, save
+        return (self.signal_name or "a stop signal (on another rank)") if REASONS[
+            code
+        ] == "signal" else "max_time", save

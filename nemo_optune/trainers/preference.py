@@ -7,16 +7,24 @@ One OPTune iteration (`PreferenceTrainer.iteration`), top to bottom:
   3. train     - weighted DPO over the whole pool, weights normalised over each global batch
   4. evaluate  - held-out reward and reverse KL, same noise at every evaluation
   5. checkpoint - when due, or when a stop request ends the run (fit)
+Safe points (`safe_point`) follow every generation chunk of 2., the reference pass and every
+optimizer step of 3., and the iteration: all ranks agree there whether a stop request ends the
+run or a checkpoint is due; a checkpoint inside an iteration holds its `Position`, so a resumed
+run goes on bit-identical to one never stopped (docs/checkpoints.md).
 Online DPO is the same loop with rho = 1 and no weighting. Offline DPO skips 1-2 (the pool is
 a fixed data set); HyPO is offline DPO plus, per global batch, k policy samples per prompt
 for the RLOO reverse-KL term. The pieces: trainers/preference_pool.py (select, refresh),
 trainers/preference_loss.py (batches and loss), trainers/hypo_kl.py (online KL samples).
 """
 
+import dataclasses
+import os
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 from nemo_optune.config import ONLINE_METHODS, RootConfig, as_dict
 from nemo_optune.data.batching import (
@@ -36,7 +44,7 @@ from nemo_optune.generation.factory import build_engine, refit_engine
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 from nemo_optune.rewards.resilient import RewardSourceError
 from nemo_optune.rewards.sources import RewardSources, is_scoring_rank
-from nemo_optune.runtime.checkpoint import load_training_checkpoint, save_training_checkpoint
+from nemo_optune.runtime.checkpoint import CheckpointError, load_training_checkpoint, save_training_checkpoint
 from nemo_optune.runtime.distributed import Layout, dp_share, sum_over_dp
 from nemo_optune.runtime.exp_dir import require_iterations_cover
 from nemo_optune.runtime.experiment import ExperimentLog, PhaseTimer, peak_gpu_memory_mb, peak_rss_mb
@@ -59,6 +67,41 @@ from nemo_optune.trainers.preference_pool import PreferencePool, RefreshStats
 TIMED_PHASES = ("selection", "generation", "scoring", "reference", "exchange", "training")
 HELD_OUT_SEED = 0xE7A1
 SAMPLES_PER_EVALUATION = 3  # held-out prompts whose first response goes to samples.jsonl
+
+
+@dataclasses.dataclass
+class Position:
+    """How far an iteration has got: what a checkpoint inside it saves besides the model,
+    optimizer, RNG and pool. Fields in PER_RANK differ between ranks (saved for each rank);
+    the others are the same on every rank."""
+
+    iteration: int
+    generated: torch.Tensor  # completion_counts of this rank's new responses
+    seconds: defaultdict  # the iteration's PhaseTimer seconds so far, this rank's
+    selected: torch.Tensor | None = None  # the prompts to regenerate (online methods)
+    rho: float | None = None
+    chunks_done: int = 0  # generation chunks generated, scored, reference-scored and exchanged
+    rows: dict | None = None  # their new pairs' scalars (every rank has all), not yet in the pool
+    owned: dict | None = None  # their token rows of the prompts this rank owns, with their "ids"
+    by_source: torch.Tensor | None = None  # this rank's per-source rewards of them
+    refresh: RefreshStats | None = None  # set once the new rows are in the pool
+    reference_done: bool = False  # the whole pool's reference pass, when this iteration has one
+    batches_done: int = 0  # training batches done (trained, or skipped without signal)
+    totals: torch.Tensor | None = None  # this rank's metric sums of those batches
+    grad_norms: list = dataclasses.field(default_factory=list)
+    skipped: int = 0
+    tokens: int = 0  # this rank's trained tokens
+
+
+PER_RANK = ("generated", "seconds", "owned", "by_source", "totals", "tokens")
+
+
+class Stopped(Exception):
+    """Raised at a safe point once a stop request's checkpoint is written; fit ends the run."""
+
+    def __init__(self, reason: str, checkpoint: str):
+        super().__init__(reason)
+        self.reason, self.checkpoint = reason, checkpoint
 
 
 class PreferenceTrainer:
@@ -177,6 +220,13 @@ class PreferenceTrainer:
         self.heldout_completions: dict = {}
         self.heldout_samples: list[dict] = []
         self.checkpoint_seconds: list[float] = []
+        self.position: Position | None = None  # the running iteration's (None between iterations)
+        # Safe-point bookkeeping (set by fit): stop requests, the longest stretch between two safe
+        # points (trainer.max_time's estimate), when and at which optimizer step the last save was.
+        self.stop = StopRequests([], None, time.perf_counter())
+        self.last_safe_point = self.last_save = 0.0
+        self.longest_gap = 0.0
+        self.steps_at_save = 0
 
     def prompt_set(
         self, split: str, task_prompts: list[Prompt], limit: int
@@ -200,31 +250,34 @@ class PreferenceTrainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop: StopRequests | None = None) -> dict:
-        """The iterations; after each one (the safe point) all ranks agree whether a stop signal
+        """The iterations; at every safe point (safe_point) all ranks agree whether a stop signal
         or trainer.max_time ends the run early, with a checkpoint."""
         start = time.perf_counter()
+        if stop is not None:
+            self.stop = stop
         if self.initial is None:
             self.initial = self.evaluate()
             self.log.samples(0, self.heldout_samples)
         initial, _ = self.initial
         self.log.print(f"[{self.cfg.method}] layout={self.layout.as_dict()} held-out reward at start {initial:.4f}")
+        self.last_safe_point = self.last_save = time.perf_counter()
+        self.steps_at_save = self.model.optimizer_steps
         iterations, stopped_by = self.cfg.trainer.iterations, None
-        for it in range(len(self.history), iterations):
-            record = self.iteration(it)
-            self.history.append(record)
-            self.log.print(iteration_line(record, iterations))
-            self.log.scalars(it + 1, record)
-            if stop is not None and it + 1 < iterations:
-                note_phase("stop check")
-                stopped_by = stop.reason_to_stop(self.next_iteration_estimate())
-            if self.checkpoint_due(it + 1) or stopped_by:
-                self.save_checkpoint()  # 5.
-            if stopped_by:
-                self.log.print(
-                    f"[stop] {stopped_by}: checkpoint of iteration {it + 1} written; exiting with status "
-                    f"{EXIT_STOPPED}, the same command resumes"
-                )
-                break
+        try:
+            for it in range(len(self.history), iterations):
+                record = self.iteration(it)
+                self.history.append(record)
+                self.position = None
+                self.log.print(iteration_line(record, iterations))
+                self.log.scalars(it + 1, record)
+                self.safe_point(None, due=self.checkpoint_due(it + 1), check_stop=it + 1 < iterations)  # 5.
+        except Stopped as stopped:
+            stopped_by = stopped.reason
+            self.log.print(
+                f"[stop] {stopped_by}: checkpoint {os.path.basename(stopped.checkpoint)} written "
+                f"({stopped_point(stopped.checkpoint, len(self.history))}); exiting with status {EXIT_STOPPED}, "
+                f"the same command resumes"
+            )
         last = [r for r in self.history if r["heldout_reward"] is not None][-1:] or [
             {"heldout_reward": initial, "heldout_kl": 0.0}
         ]
@@ -244,22 +297,30 @@ class PreferenceTrainer:
         }
 
     def iteration(self, it: int) -> dict:
-        """One iteration, phase by phase; fit checkpoints after it (the safe point)."""
+        """One iteration, phase by phase, from where `position` says it stands (a resumed run);
+        a safe point follows each generation chunk, the reference pass and each training batch."""
         note_phase("iteration start", it + 1)
+        pos = self.position
+        if pos is None or pos.iteration != it:
+            generated = torch.zeros(self.cfg.generation.max_new_tokens + 2, dtype=torch.float64)  # completion_counts
+            pos = self.position = Position(it, generated, defaultdict(float))
         timer = PhaseTimer()
-        generated = torch.zeros(self.cfg.generation.max_new_tokens + 2, dtype=torch.float64)  # completion_counts
+        timer.seconds = pos.seconds  # a resumed iteration's record counts the time spent before the stop
         window = iteration_window(
             len(self.pool.store), self.cfg.trainer.prompts_per_iteration, it, self.cfg.trainer.seed
         )
-        refresh, rho = RefreshStats(), None
+        refresh = RefreshStats()
         if self.online:
-            selected, rho = self.select(it, window, timer)  # 1.
-            refresh = self.regenerate(it, selected, timer, generated)  # 2.
-        self.refresh_reference(it, timer)  # 2. (offline pools: once)
-        train = self.train(it, window, timer, generated)  # 3.
+            if pos.selected is None:
+                pos.selected, pos.rho = self.select(it, window, timer)  # 1.
+            refresh = self.regenerate(it, pos, timer)  # 2.
+        self.refresh_reference(it, pos, timer)  # 2. (offline pools: once)
+        train = self.train(it, window, pos, timer)  # 3.
         eval_start = time.perf_counter()
         heldout = self.evaluate_iteration(it) if self.evaluation_due(it) else (None, None)  # 4.
-        return self.iteration_record(it, timer, generated, refresh, rho, train, heldout, eval_start)
+        if pos.selected is not None:
+            self.log.append_jsonl("selections.jsonl", {"iteration": it + 1, "regenerated": pos.selected.tolist()})
+        return self.iteration_record(it, timer, pos.generated, refresh, pos.rho, train, heldout, eval_start)
 
     # ---------------------------------------------------- 1. select, 2. refresh
     def select(self, it: int, window: torch.Tensor, timer: PhaseTimer) -> tuple[torch.Tensor, float | None]:
@@ -267,57 +328,69 @@ class PreferenceTrainer:
         with timer.phase("selection"):
             return self.pool.select(it, window)
 
-    def regenerate(self, it: int, selected: torch.Tensor, timer: PhaseTimer, generated: torch.Tensor) -> RefreshStats:
-        """New samples for `selected`, scored and paired into the pool; logged to selections.jsonl."""
-        refresh = self.pool.regenerate(it, selected, sampling_params(self.cfg), timer, generated)
-        self.responses_generated += refresh.responses
-        self.log.append_jsonl("selections.jsonl", {"iteration": it + 1, "regenerated": selected.tolist()})
-        return refresh
+    def regenerate(self, it: int, pos: Position, timer: PhaseTimer) -> RefreshStats:
+        """New samples for `pos.selected`, generation.rollout_chunk_prompts prompts at a time
+        (a safe point after each chunk), then scored and paired into the pool. The samples do not
+        depend on the chunking: their noise is a function of (seed, iteration, prompt)."""
+        if pos.refresh is None:
+            assert pos.selected is not None
+            chunks = pos.selected.split(self.cfg.generation.rollout_chunk_prompts)
+            for c in range(pos.chunks_done, len(chunks)):
+                rows, owned, by_source = self.pool.regenerate_chunk(
+                    it, chunks[c], sampling_params(self.cfg), timer, pos.generated
+                )
+                if pos.rows is None or pos.owned is None or pos.by_source is None:
+                    pos.rows, pos.owned, pos.by_source = rows, owned, by_source
+                else:
+                    pos.rows = {name: torch.cat([pos.rows[name], value]) for name, value in rows.items()}
+                    pos.owned = {name: torch.cat([pos.owned[name], value]) for name, value in owned.items()}
+                    pos.by_source = torch.cat([pos.by_source, by_source])
+                pos.chunks_done = c + 1
+                self.safe_point(("gen", c + 1))
+            assert pos.rows is not None and pos.owned is not None and pos.by_source is not None
+            with timer.phase("exchange"):
+                pos.refresh = self.pool.apply(pos.selected, pos.rows, pos.owned, pos.by_source)
+            pos.rows = pos.owned = pos.by_source = None
+            self.responses_generated += pos.refresh.responses
+        return pos.refresh
 
-    def refresh_reference(self, it: int, timer: PhaseTimer) -> None:
+    def refresh_reference(self, it: int, pos: Position, timer: PhaseTimer) -> None:
         """Reference log-probs of the whole pool: offline pools once; without caching, every iteration."""
-        if (it == 0 and not self.online) or not self.cfg.model.optune.cache_reference_logprobs:
+        due = (it == 0 and not self.online) or not self.cfg.model.optune.cache_reference_logprobs
+        if due and not pos.reference_done:
             with timer.phase("reference"):
                 self.pool.refresh_all_reference_logprobs()
+            pos.reference_done = True
+            self.safe_point(("ref", 1))
 
     # ------------------------------------------------------------- 3. train
-    def train(self, it: int, window: torch.Tensor, timer: PhaseTimer, generated: torch.Tensor) -> dict:
+    def train(self, it: int, window: torch.Tensor, pos: Position, timer: PhaseTimer) -> dict:
         """The engine steps aside, the policy trains on `window`, the engine takes the new weights."""
         self.engine.release()  # an external engine's memory, for training (in-process: nothing)
-        train = self.train_on_pool(it, window, timer, generated)
+        train = self.train_on_pool(it, window, pos, timer)
         train.update(refit_engine(self.engine, self.model))  # external engines: the new weights (+ timings)
         return train
 
-    def train_on_pool(self, it: int, window: torch.Tensor, timer: PhaseTimer, generated: torch.Tensor) -> dict:
-        """The iteration's optimizer steps over `window`; HyPO's online samples are counted into
-        `generated` (completion_counts)."""
-        t, store = self.cfg.trainer, self.pool.store
-        totals = torch.zeros(len(METRICS), device=self.model.device)
-        grad_norms, skipped = [], 0
-        tokens = 0  # this rank's trained tokens: prompt + response of every sequence, no padding
+    def train_on_pool(self, it: int, window: torch.Tensor, pos: Position, timer: PhaseTimer) -> dict:
+        """The iteration's optimizer steps over `window`, from batch `pos.batches_done` on, a safe
+        point after each; HyPO's online samples are counted into `pos.generated` (completion_counts)."""
+        t = self.cfg.trainer
+        if pos.totals is None:
+            pos.totals = torch.zeros(len(METRICS), device=self.model.device)
         batches = [
             window[b] for b in iteration_batches(len(window), t.global_batch_size, t.epochs_per_iteration, it, t.seed)
         ]
-        for b, batch in enumerate(self.progress.iterate("training", batches, unit="step")):
+        todo = self.progress.iterate("training", batches[pos.batches_done :], unit="step")
+        for b, batch in enumerate(todo, start=pos.batches_done):
             micro_batches, weight_total = self.micro_batches(batch)
             if weight_total == 0 and self.online_kl is None:
-                skipped += 1  # a batch of tied / identical pairs carries no signal
-                continue
-            mine = torch.cat([mb["indices"] for mb in micro_batches])
-            prompt_tokens = sum(len(self.pool.prompt_ids[i]) for i in mine.tolist())
-            tokens += 2 * prompt_tokens + int(store.chosen_lengths[mine].sum() + store.rejected_lengths[mine].sum())
-            if self.online_kl is not None:
-                samples = self.online_kl.add_to(
-                    micro_batches, mine, mix_seed(t.seed, it, b), self.cfg.generation.max_new_tokens, timer
-                )
-                self.responses_generated += len(samples.response_lengths) * self.layout.dp
-                generated += completion_counts(samples, self.tokenizer)
-                tokens += self.online_kl.k * prompt_tokens + int(samples.response_lengths.sum())
-            with timer.phase("training"):
-                metrics, grad_norm = self.model.train_step(micro_batches, self.loss_fn)
-            grad_norms.append(grad_norm)
-            totals += metric_sums(metrics, self.model.device)
-        sums = dict(zip(METRICS, self.model.global_metric_sums(totals).tolist()))
+                pos.skipped += 1  # a batch of tied / identical pairs carries no signal
+            else:
+                self.train_step(it, b, micro_batches, pos, timer)
+            pos.batches_done = b + 1
+            self.safe_point(("step", b + 1))
+        sums = dict(zip(METRICS, self.model.global_metric_sums(pos.totals).tolist()))
+        grad_norms = pos.grad_norms
         steps = max(1, len(grad_norms))
         pairs = max(1.0, sums["pairs"])
         chosen, rejected = sums["reward_chosen"] / pairs, sums["reward_rejected"] / pairs
@@ -329,12 +402,32 @@ class PreferenceTrainer:
             # TRL's rewards/* and logps/*: means over the iteration's valid pairs
             "implicit_rewards": {"chosen": chosen, "rejected": rejected, "margins": chosen - rejected},
             "policy_logps": {"chosen": sums["logp_chosen"] / pairs, "rejected": sums["logp_rejected"] / pairs},
-            "training_tokens": int(sum_over_dp(torch.tensor([tokens], dtype=torch.float64))),
+            "training_tokens": int(sum_over_dp(torch.tensor([pos.tokens], dtype=torch.float64))),
             "grad_norm": sum(grad_norms) / steps,
             "lr": self.lr_at_step(max(0, self.model.optimizer_steps - 1)),
             "optimizer_steps": len(grad_norms),
-            "batches_without_signal": skipped,
+            "batches_without_signal": pos.skipped,
         }
+
+    def train_step(self, it: int, b: int, micro_batches: list[PairMicroBatch], pos: Position, timer: PhaseTimer):
+        """One optimizer step on global batch `b`, its metrics and tokens added to `pos`."""
+        assert pos.totals is not None
+        store = self.pool.store
+        mine = torch.cat([mb["indices"] for mb in micro_batches])
+        prompt_tokens = sum(len(self.pool.prompt_ids[i]) for i in mine.tolist())
+        # this rank's trained tokens: prompt + response of every sequence, no padding
+        pos.tokens += 2 * prompt_tokens + int(store.chosen_lengths[mine].sum() + store.rejected_lengths[mine].sum())
+        if self.online_kl is not None:
+            samples = self.online_kl.add_to(
+                micro_batches, mine, mix_seed(self.cfg.trainer.seed, it, b), self.cfg.generation.max_new_tokens, timer
+            )
+            self.responses_generated += len(samples.response_lengths) * self.layout.dp
+            pos.generated += completion_counts(samples, self.tokenizer)
+            pos.tokens += self.online_kl.k * prompt_tokens + int(samples.response_lengths.sum())
+        with timer.phase("training"):
+            metrics, grad_norm = self.model.train_step(micro_batches, self.loss_fn)
+        pos.grad_norms.append(grad_norm)
+        pos.totals += metric_sums(metrics, self.model.device)
 
     def micro_batches(self, batch: torch.Tensor) -> tuple[list[PairMicroBatch], float]:
         """This rank's micro-batches of a global batch, and the batch's weight total (the
@@ -492,7 +585,8 @@ class PreferenceTrainer:
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """Everything besides model and optimizer that the next iteration depends on.
+        """Everything besides model and optimizer that the rest of the run depends on: inside an
+        iteration also its Position (every rank's part gathered here: a collective).
         (All sampling and data-order randomness is derived from seeds and the iteration.)"""
         return {
             "pool": self.pool.store.state_dict(tokens=False),  # the token rows: pool.checkpoint_files
@@ -502,12 +596,29 @@ class PreferenceTrainer:
             "optimizer_steps": self.model.optimizer_steps,  # the LR schedule's position
             "lr_total_steps": self.lr_total_steps,  # and its horizon
             "config": as_dict(self.cfg),
+            "position": self.position_state(),
         }
 
-    def save_checkpoint(self) -> None:
+    def position_state(self) -> dict | None:
+        """The running iteration's Position: shared fields once, PER_RANK ones of every rank
+        (on the CPU), and the layout they belong to. Collective."""
+        if self.position is None:
+            return None
+        fields = {f.name: getattr(self.position, f.name) for f in dataclasses.fields(self.position)}
+        mine = {}
+        for name in PER_RANK:
+            value = getattr(self.position, name)
+            mine[name] = value.cpu() if isinstance(value, torch.Tensor) else value
+            del fields[name]
+        ranks: list = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+        return {**fields, "ranks": ranks, "layout": self.layout.as_dict()}
+
+    def save_checkpoint(self, part: tuple[str, int] | None = None) -> str:
+        """A training checkpoint after the iterations in history (and `part` of the next). Collective."""
         note_phase("checkpoint save")
         start = time.perf_counter()
-        save_training_checkpoint(
+        path = save_training_checkpoint(
             self.cfg.exp_manager.exp_dir,
             len(self.history),
             self.model,
@@ -515,8 +626,11 @@ class PreferenceTrainer:
             keep_last=self.cfg.exp_manager.keep_last,
             method=self.cfg.method,
             rank_files=self.pool.checkpoint_files(),
+            part=part,
         )
         self.checkpoint_seconds.append(time.perf_counter() - start)
+        self.last_save, self.steps_at_save = time.perf_counter(), self.model.optimizer_steps
+        return path
 
     def resume(self, path: str) -> None:
         state = load_training_checkpoint(path, self.model)
@@ -534,13 +648,54 @@ class PreferenceTrainer:
                 f"its horizon of {state['lr_total_steps']} optimizer steps (later steps use trainer.min_lr)"
             )
         self.lr_total_steps = state["lr_total_steps"]
-        self.log.print(f"[resume] from {path}: {done} iterations done")
+        self.position = self.load_position(state.get("position"), path)  # absent before mid-iteration checkpoints
+        self.log.print(f"[resume] from {path}: {done} iterations done ({stopped_point(path, done)})")
 
-    def next_iteration_estimate(self) -> float:
-        """Seconds the next iteration and its checkpoint may take: the longest so far (for
-        trainer.max_time, which must not be overrun)."""
-        longest = max(r["seconds"]["total"] + r["seconds"]["eval"] for r in self.history)
-        return longest + max(self.checkpoint_seconds, default=0.0)
+    def load_position(self, state: dict | None, path: str) -> Position | None:
+        """This rank's Position from position_state's; a checkpoint taken inside an iteration
+        resumes only under the layout that wrote it (its per-rank parts are per DP rank)."""
+        if state is None:
+            return None
+        state = dict(state)
+        ranks, layout = state.pop("ranks"), state.pop("layout")
+        if layout != self.layout.as_dict():
+            raise CheckpointError(
+                f"{path}: written inside iteration {state['iteration'] + 1} under layout {layout}; resume it "
+                f"under that layout (this run: {self.layout.as_dict()}), or from an iteration's checkpoint "
+                f"(iter_NNNNNN) via exp_manager.resume_from"
+            )
+        mine = ranks[dist.get_rank()]
+        if mine["totals"] is not None:
+            mine["totals"] = mine["totals"].to(self.model.device)
+        return Position(**state, **mine)
+
+    def next_safe_point_estimate(self) -> float:
+        """Seconds up to the next safe point and its checkpoint: the longest stretch between
+        two safe points so far and the longest save (for trainer.max_time, which must not be overrun)."""
+        return self.longest_gap + max(self.checkpoint_seconds, default=0.0)
+
+    def safe_point(self, part: tuple[str, int] | None, due: bool = False, check_stop: bool = True) -> None:
+        """After a generation chunk, the reference pass or a training batch (`part`: the
+        checkpoint's name, checkpoint_path), or an iteration (None). All ranks agree in one
+        collective whether a stop request ends the run and whether exp_manager.checkpoint_every_seconds
+        has passed; a checkpoint is written when so, when `due`, or every
+        exp_manager.checkpoint_every_steps optimizer steps. On a stop, raises Stopped after the save."""
+        e, now = self.cfg.exp_manager, time.perf_counter()
+        self.longest_gap = max(self.longest_gap, now - self.last_safe_point)
+        steps = self.model.optimizer_steps
+        every_steps = e.checkpoint_every_steps
+        by_steps = every_steps > 0 and steps != self.steps_at_save and steps % every_steps == 0
+        by_time = e.checkpoint_every_seconds > 0 and now - self.last_save >= e.checkpoint_every_seconds
+        stopped_by = None
+        if check_stop:
+            note_phase("stop check")
+            stopped_by, by_time = self.stop.agree(self.next_safe_point_estimate(), by_time)
+        else:
+            by_time = False  # no agreement (the run's last checkpoint follows anyway)
+        path = self.save_checkpoint(part) if due or by_steps or by_time or stopped_by else ""
+        self.last_safe_point = time.perf_counter()
+        if stopped_by:
+            raise Stopped(stopped_by, path)
 
     def checkpoint_due(self, iterations_done: int) -> bool:
         every = self.cfg.exp_manager.checkpoint_every
@@ -548,6 +703,19 @@ class PreferenceTrainer:
 
     def summary(self, result: dict) -> dict:
         return {"method": self.cfg.method, "config": as_dict(self.cfg), "layout": self.layout.as_dict(), **result}
+
+
+def stopped_point(checkpoint: str, iterations_done: int) -> str:
+    """Where a checkpoint stands, in words: 'after iteration 3', 'inside iteration 4, after training batch 12'."""
+    parts = os.path.basename(os.path.normpath(checkpoint)).split("_")
+    if len(parts) < 4:
+        return f"after iteration {iterations_done}"
+    what = {
+        "gen": f"generation chunk {int(parts[3])}",
+        "ref": "its reference pass",
+        "step": f"training batch {int(parts[3])}",
+    }
+    return f"inside iteration {iterations_done + 1}, after {what[parts[2]]}"
 
 
 def per_second(count: float, seconds: float) -> float | None:

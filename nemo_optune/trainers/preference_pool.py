@@ -100,15 +100,16 @@ class PreferencePool:
         return window[selected].sort().values, rho
 
     # ------------------------------------------- generate, score, pair, replace
-    def regenerate(
-        self, it: int, selected: torch.Tensor, sampling: SamplingParams, timer: PhaseTimer, generated: torch.Tensor
-    ) -> RefreshStats:
-        """K samples per selected prompt (balanced over DP ranks), scored, paired best vs
-        worst, reference log-probs cached, then every rank gets every new pair's scalars and
-        each owner its new token rows.
-        Scoring and its checks come before any pool write: a failure leaves the pool as it was.
-        This rank's samples are counted into `generated` (completion_counts)."""
-        mine, counts = dp_share(selected, self.layout)
+    def regenerate_chunk(
+        self, it: int, chunk: torch.Tensor, sampling: SamplingParams, timer: PhaseTimer, generated: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        """K samples per prompt of `chunk` (part of the selection, balanced over DP ranks),
+        scored, paired best vs worst, reference log-probs cached, then exchanged: (every new
+        pair's scalars, on every rank; the new token rows of the prompts this rank owns, with
+        their "ids"; this rank's per-source reward columns). The pool is not written (`apply`
+        does, once every chunk is done): a failure leaves it as it was. This rank's samples are
+        counted into `generated` (completion_counts)."""
+        mine, counts = dp_share(chunk, self.layout)
         K = self.opt.samples_per_prompt
         prompts = [self.prompt_ids[i] for i in mine.tolist()]
         with timer.phase("generation"):
@@ -151,22 +152,32 @@ class PreferencePool:
         with timer.phase("exchange"):
             tokens = [new.pop(name) for name in TOKEN_FIELDS]
             gathered = {name: gather_rows_over_dp(value, counts) for name, value in new.items()}
-            owners = owner_of(selected, len(self.store), self.layout.dp)
-            owned = [selected[owners == r] for r in range(self.layout.dp)]
-            tokens = exchange_rows(tokens, selected, owned, self.layout.dp_rank, all_to_all_over_dp)
-        dropped = int(gathered.pop("non_finite").sum())
+            owners = owner_of(chunk, len(self.store), self.layout.dp)
+            owned = [chunk[owners == r] for r in range(self.layout.dp)]
+            tokens = exchange_rows(tokens, chunk, owned, self.layout.dp_rank, all_to_all_over_dp)
+        dropped = int(gathered["non_finite"].sum())
         if dropped and self.cfg.reward.non_finite == "error":
             raise RewardSourceError(
                 f"the reward source returned {dropped} non-finite rewards at iteration {it + 1} "
                 f"(reward.non_finite=error; =drop leaves them out); the prompt pool was not updated"
             )
-        self.store.update(selected, gathered)
-        self.store.update(owned[self.layout.dp_rank], dict(zip(TOKEN_FIELDS, tokens)))
+        return gathered, {"ids": owned[self.layout.dp_rank], **dict(zip(TOKEN_FIELDS, tokens))}, by_source
+
+    def apply(
+        self, selected: torch.Tensor, rows: dict[str, torch.Tensor], owned: dict[str, torch.Tensor], by_source
+    ) -> RefreshStats:
+        """The pool gets the new pairs of `selected` (regenerate_chunk's, joined): their `rows`
+        of scalars on every rank, the `owned` token rows on their owner; `by_source`: this
+        rank's reward columns of them. Collective."""
+        rows, owned = dict(rows), dict(owned)
+        dropped = int(rows.pop("non_finite").sum())
+        self.store.update(selected, rows)
+        self.store.update(owned.pop("ids"), owned)
         return RefreshStats(
             regenerated=len(selected),
-            ties_dropped=int(len(selected) - gathered["valid"].sum()),
+            ties_dropped=int(len(selected) - rows["valid"].sum()),
             non_finite_rewards=dropped,
-            responses=len(selected) * K,
+            responses=len(selected) * self.opt.samples_per_prompt,
             reward_by_source=self.reward.means_over_dp(by_source),
         )
 

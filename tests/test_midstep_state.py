@@ -1,0 +1,91 @@
+"""Checkpoints inside an iteration: the Position's round trip through a checkpoint's trainer
+state, and the order of checkpoint names. (Stops and bit-identical resumes: test_resume.py.)"""
+
+import dataclasses
+import os
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from parallel_harness import _free_port
+
+from nemo_optune.runtime.checkpoint import CheckpointError, checkpoint_path, iterations_done, list_checkpoints
+from nemo_optune.trainers.preference import Position, PreferenceTrainer, stopped_point
+from nemo_optune.trainers.preference_pool import RefreshStats
+
+
+@pytest.fixture
+def one_rank():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _position() -> Position:
+    g = torch.Generator().manual_seed(5)
+    rows = {"chosen_tokens": torch.randint(0, 9, (6, 4), generator=g), "valid": torch.rand(6, generator=g) > 0.5}
+    seconds = defaultdict(float, generation=1.5, scoring=0.25)
+    return Position(
+        iteration=2,
+        generated=torch.rand(12, generator=g, dtype=torch.float64),
+        seconds=seconds,
+        selected=torch.tensor([1, 4, 7, 9, 12, 30]),
+        rho=0.5,
+        chunks_done=3,
+        rows=rows,
+        by_source=torch.rand(18, 2, generator=g),
+        refresh=RefreshStats(regenerated=6, ties_dropped=1, responses=24, reward_by_source={"task": 0.25}),
+        reference_done=True,
+        batches_done=11,
+        totals=torch.rand(9, generator=g),
+        grad_norms=[0.5, 0.25],
+        skipped=1,
+        tokens=321,
+    )
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return a == b
+
+
+def test_a_position_round_trips_through_a_saved_trainer_state(one_rank, tmp_path):
+    trainer = SimpleNamespace(
+        position=_position(),
+        layout=SimpleNamespace(as_dict=lambda: {"tp": 1, "pp": 1, "dp": 1}),
+        model=SimpleNamespace(device=torch.device("cpu")),
+    )
+    torch.save(PreferenceTrainer.position_state(trainer), tmp_path / "trainer_state.pt")
+    state = torch.load(tmp_path / "trainer_state.pt", weights_only=False)
+    back = PreferenceTrainer.load_position(trainer, state, "CKPT")
+    for field in dataclasses.fields(Position):
+        assert _equal(getattr(back, field.name), getattr(trainer.position, field.name)), field.name
+    assert back.seconds["reference"] == 0.0  # still a defaultdict: phases not yet timed count from 0
+
+    trainer.layout = SimpleNamespace(as_dict=lambda: {"tp": 2, "pp": 1, "dp": 1})
+    with pytest.raises(CheckpointError, match=r"CKPT: written inside iteration 3 under layout .*'tp': 1"):
+        PreferenceTrainer.load_position(trainer, state, "CKPT")
+
+
+def test_checkpoints_inside_an_iteration_sort_between_iterations(tmp_path):
+    names = [
+        checkpoint_path(str(tmp_path), 1),
+        checkpoint_path(str(tmp_path), 1, ("gen", 2)),
+        checkpoint_path(str(tmp_path), 1, ("gen", 10)),
+        checkpoint_path(str(tmp_path), 1, ("ref", 1)),
+        checkpoint_path(str(tmp_path), 1, ("step", 3)),
+        checkpoint_path(str(tmp_path), 1, ("step", 12)),
+        checkpoint_path(str(tmp_path), 2),
+    ]
+    for path in reversed(names):
+        os.makedirs(path)
+    os.makedirs(checkpoint_path(str(tmp_path), 2, ("gen", 1)) + ".tmp")  # an unfinished save is none
+    assert list_checkpoints(str(tmp_path / "checkpoints")) == names
+    assert [iterations_done(n) for n in names] == [1, 1, 1, 1, 1, 1, 2]
+    assert stopped_point(names[5], 1) == "inside iteration 2, after training batch 12"
+    assert stopped_point(names[6], 2) == "after iteration 2"
