@@ -65,19 +65,16 @@ def best_seconds(fns: dict, repeats: int) -> dict:
     return best
 
 
-def random_policy_case(overrides: list[str], num_prompts: int, new: int, tmp: str):
-    """(cfg, its trainer, a policy with random weights, prompts, per-prompt seeds) of a case: the
-    optune_tiny recipe with `overrides`, its training prompts cycled to num_prompts. (The
-    trainer's own policy is built empty, for an SFT checkpoint to fill.)"""
+def recipe_trainer(recipe: str, overrides: list[str], new: int, tmp: str):
+    """(cfg, its PreferenceTrainer) of `recipe` with `overrides`, generating `new` tokens."""
     from nemo_optune.config import load_config
     from nemo_optune.data.task_data import build_task_data
-    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
     from nemo_optune.runtime.experiment import ExperimentLog
     from nemo_optune.trainers.common import setup
     from nemo_optune.trainers.preference import PreferenceTrainer
 
     cfg = load_config(
-        "optune_tiny",
+        recipe,
         overrides
         + [
             f"exp_manager.exp_dir={tmp}/exp",
@@ -86,9 +83,18 @@ def random_policy_case(overrides: list[str], num_prompts: int, new: int, tmp: st
             f"generation.max_new_tokens={new}",
         ],
     )
-    trainer = PreferenceTrainer(
+    return cfg, PreferenceTrainer(
         cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False)
     )
+
+
+def random_policy_case(overrides: list[str], num_prompts: int, new: int, tmp: str):
+    """(cfg, its trainer, a policy with random weights, prompts, per-prompt seeds) of a case: the
+    optune_tiny recipe with `overrides`, its training prompts cycled to num_prompts. (The
+    trainer's own policy is built empty, for an SFT checkpoint to fill.)"""
+    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
+
+    cfg, trainer = recipe_trainer("optune_tiny", overrides, new, tmp)
     # Random weights (the trainer's policy is built empty, for the SFT checkpoint to fill).
     model = MegatronGPTOPTuneModel(
         cfg.model,
@@ -105,26 +111,7 @@ def random_policy_case(overrides: list[str], num_prompts: int, new: int, tmp: st
 def real_policy_case(model_dir: str, overrides: list[str], num_prompts: int, new: int, tmp: str):
     """As random_policy_case, with the weights of the HF directory model_dir and the demo_real
     recipe's instruction prompts (chat template applied)."""
-    from nemo_optune.config import load_config
-    from nemo_optune.data.task_data import build_task_data
-    from nemo_optune.runtime.experiment import ExperimentLog
-    from nemo_optune.trainers.common import setup
-    from nemo_optune.trainers.preference import PreferenceTrainer
-
-    cfg = load_config(
-        "demo_real",
-        overrides
-        + [
-            f"model.restore_from_path={model_dir}",
-            f"exp_manager.exp_dir={tmp}/exp",
-            "exp_manager.tensorboard=false",
-            "exp_manager.report=false",
-            f"generation.max_new_tokens={new}",
-        ],
-    )
-    trainer = PreferenceTrainer(
-        cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False)
-    )
+    cfg, trainer = recipe_trainer("demo_real", overrides + [f"model.restore_from_path={model_dir}"], new, tmp)
     trainer.model.load_policy(model_dir)
     ids = trainer.pool.prompt_ids
     return cfg, trainer, trainer.model, [ids[i % len(ids)] for i in range(num_prompts)], list(range(num_prompts))
