@@ -18,6 +18,11 @@ from nemo_optune.trainers.preference_pool import RefreshStats
 
 @pytest.fixture
 def one_rank():
+    """A world of one process (an earlier in-process run in this worker may have left its own)."""
+    if dist.is_initialized():
+        assert dist.get_world_size() == 1
+        yield
+        return
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
@@ -35,6 +40,7 @@ def _position() -> Position:
         rho=0.5,
         chunks_done=3,
         rows=rows,
+        owned={"ids": torch.tensor([1, 4]), "chosen_tokens": torch.randint(0, 9, (2, 4), generator=g)},
         by_source=torch.rand(18, 2, generator=g),
         refresh=RefreshStats(regenerated=6, ties_dropped=1, responses=24, reward_by_source={"task": 0.25}),
         reference_done=True,

@@ -97,7 +97,11 @@ def test_batch_loss_equals_the_hand_computed_weighted_dpo_loss(trainer):
 def _loss_and_grads(trainer, batch, micro_batch_size):
     trainer.cfg.trainer.micro_batch_size = micro_batch_size
     micro_batches, _ = trainer.micro_batches(batch)
-    assert len(micro_batches) == -(-len(batch) // micro_batch_size)
+    trained = set(torch.cat([mb["indices"] for mb in micro_batches]).tolist())
+    with_signal = batch[trainer.pool.store.valid[batch] > 0]
+    assert set(with_signal.tolist()) <= trained  # every pair with a signal is trained
+    # tied pairs only top micro-batches up (pairs_to_train)
+    assert len(micro_batches) == max(1, -(-len(with_signal) // micro_batch_size))
     trainer.model.prepare_for_training_step()
     metrics = trainer.model.get_loss_and_metrics(micro_batches, trainer.loss_fn)
     return float(sum(m["loss"] for m in metrics)), [p.grad.clone() for p in trainer.model.policy.parameters()]

@@ -267,7 +267,6 @@ class PreferenceTrainer:
             for it in range(len(self.history), iterations):
                 record = self.iteration(it)
                 self.history.append(record)
-                self.position = None
                 self.log.print(iteration_line(record, iterations))
                 self.log.scalars(it + 1, record)
                 self.safe_point(None, due=self.checkpoint_due(it + 1), check_stop=it + 1 < iterations)  # 5.
@@ -320,7 +319,9 @@ class PreferenceTrainer:
         heldout = self.evaluate_iteration(it) if self.evaluation_due(it) else (None, None)  # 4.
         if pos.selected is not None:
             self.log.append_jsonl("selections.jsonl", {"iteration": it + 1, "regenerated": pos.selected.tolist()})
-        return self.iteration_record(it, timer, pos.generated, refresh, pos.rho, train, heldout, eval_start)
+        record = self.iteration_record(it, timer, pos.generated, refresh, pos.rho, train, heldout, eval_start)
+        self.position = None  # done: the next call starts the next iteration afresh
+        return record
 
     # ---------------------------------------------------- 1. select, 2. refresh
     def select(self, it: int, window: torch.Tensor, timer: PhaseTimer) -> tuple[torch.Tensor, float | None]:
