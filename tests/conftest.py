@@ -57,6 +57,14 @@ SLOW = {
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp1-SIGUSR1-training-iter2-then-again-while-saving]",
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp2-SIGUSR1-training-iter2-then-again-while-saving]",
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp2-SIGTERM-training-iter2-after-a-save-then-again-while-saving]",
+    # test_stops_inside_an_iteration_resume_bit_identical[tp1] signals every process after a
+    # periodic save (step 8) and again while the stop's checkpoint is written
+    "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp1-SIGTERM-training-iter2-after-a-save-then-again-while-saving]",
+    # test_parallel's tp2 run generates with the cached engine at TP2 and equals one process
+    "test_tp2_pp2_match_tp1[model.tensor_model_parallel_size=2]",
+    # test_real_model compares the generate CLI's greedy tokens with transformers on SmolLM2,
+    # from UltraChat-shaped rows (a prompt beside the chat)
+    "test_greedy_generation_equals_transformers[hf-1]",
     "test_layout_matches_single_process[tp2pp2]",
     # packing is compared with unpacked pairs at TP1 by test_trainer_behaviour
     "test_layout_matches_single_process[tp2pp2_packed]",

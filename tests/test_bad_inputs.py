@@ -457,19 +457,35 @@ def test_full_disk_during_a_checkpoint_keeps_the_earlier_one(tmp_path, monkeypat
         ),
     ],
 )
-def test_cli_prints_one_line_and_exits_2(tmp_path, args, line):
-    """The launcher itself, as a user runs it: exactly one line on stderr, status 2."""
+def test_cli_prints_one_line_and_exits_2(tmp_path, capsys, args, line):
+    """The launchers' entry point: exactly one line on stderr, status 2, nothing written
+    (test_cli_launcher_refuses_in_its_own_process runs the launcher itself)."""
+    from nemo_optune.cli import run_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main([f"exp_manager.exp_dir={tmp_path}", *args])
+    assert (exit_info.value.code, capsys.readouterr().err.strip().splitlines()) == (2, [line])
+    assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+def test_cli_launcher_refuses_in_its_own_process(tmp_path):
+    """The launcher as a user runs it: the same one line from a fresh interpreter (no stray
+    warnings or import messages on stderr)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "train_optune.py"), f"exp_manager.exp_dir={tmp_path}", *args],
+        [sys.executable, os.path.join(ROOT, "examples", "train_optune.py"), f"exp_manager.exp_dir={tmp_path}"]
+        + ["model.optune.rho=0"],
         capture_output=True,
         text=True,
         env=env,
         cwd=ROOT,
         timeout=120,
     )
-    assert (out.returncode, out.stderr.strip().splitlines()) == (2, [line])
-    assert not os.listdir(tmp_path)  # refused before anything was written
+    assert (out.returncode, out.stderr.strip().splitlines()) == (
+        2,
+        ["error: config key model.optune.rho: must be in (0, 1], got 0.0"],
+    )
+    assert not os.listdir(tmp_path)
 
 
 def test_a_shape_not_divisible_by_the_layout_names_the_key():

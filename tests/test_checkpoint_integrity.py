@@ -17,54 +17,58 @@ from nemo_optune.config import load_config
 from nemo_optune.run import run_experiment
 from nemo_optune.runtime.checkpoint import MANIFEST, list_checkpoints
 
-
 # ------------------------------------------------------- publishing (2 ranks, gloo)
-def _publish_worker(rank, world, port, directory, failing_rank, out_dir):
+# (failing rank, checkpoint name): both cases in one pair of processes (spawning is the cost)
+PUBLISH_CASES = [(None, "iter_000001"), (1, "iter_000002")]
+
+
+def _publish_worker(rank, world, port, root):
     import torch.distributed as dist
 
     from nemo_optune.runtime import checkpoint
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    for failing_rank, name in PUBLISH_CASES:
 
-    def write(tmp):
-        with open(os.path.join(tmp, f"shard_rank{rank}.bin"), "wb") as f:
-            f.write(bytes([rank]) * (1000 + rank))
-        if rank == failing_rank:
-            raise OSError(28, "No space left on device")
+        def write(tmp, failing_rank=failing_rank):
+            with open(os.path.join(tmp, f"shard_rank{rank}.bin"), "wb") as f:
+                f.write(bytes([rank]) * (1000 + rank))
+            if rank == failing_rank:
+                raise OSError(28, "No space left on device")
 
-    try:
-        checkpoint._publish(directory, write, "model", {"num_layers": 2})
-        outcome = "published"
-    except checkpoint.CheckpointError as err:
-        outcome = f"error: {err}"
-    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-        f.write(outcome)
+        try:
+            checkpoint._publish(os.path.join(root, name), write, "model", {"num_layers": 2})
+            outcome = "published"
+        except checkpoint.CheckpointError as err:
+            outcome = f"error: {err}"
+        with open(os.path.join(root, f"{name}_rank{rank}.txt"), "w") as f:
+            f.write(outcome)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("failing_rank", [None, 1])
-def test_a_checkpoint_is_published_only_after_every_rank_wrote_it(tmp_path, failing_rank):
-    directory = str(tmp_path / "iter_000001")
-    mp.spawn(_publish_worker, args=(2, _free_port(), directory, failing_rank, str(tmp_path)), nprocs=2)
-    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
-    assert not os.path.exists(directory + ".tmp")
-    if failing_rank is None:
-        assert outcomes == ["published", "published"]
-        manifest = json.loads((tmp_path / "iter_000001" / MANIFEST).read_text())
-        assert manifest["kind"] == "model" and manifest["architecture"] == {"num_layers": 2}
-        for rank in range(2):  # both ranks' shards, hashed by whichever rank, exactly
-            data = bytes([rank]) * (1000 + rank)
-            assert manifest["files"][f"shard_rank{rank}.bin"] == {
-                "size": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-    else:  # rank 0 wrote its part, rank 1 failed: nobody publishes, both say so
-        assert not os.path.exists(directory)
-        for outcome in outcomes:
-            assert (
-                outcome.startswith("error: writing checkpoint")
-                and "failed on rank 1: [Errno 28] No space left on device" in outcome
-            )
+def test_a_checkpoint_is_published_only_after_every_rank_wrote_it(tmp_path):
+    mp.spawn(_publish_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    for failing_rank, name in PUBLISH_CASES:
+        directory = tmp_path / name
+        outcomes = [(tmp_path / f"{name}_rank{r}.txt").read_text() for r in range(2)]
+        assert not os.path.exists(f"{directory}.tmp")
+        if failing_rank is None:
+            assert outcomes == ["published", "published"]
+            manifest = json.loads((directory / MANIFEST).read_text())
+            assert manifest["kind"] == "model" and manifest["architecture"] == {"num_layers": 2}
+            for rank in range(2):  # both ranks' shards, hashed by whichever rank, exactly
+                data = bytes([rank]) * (1000 + rank)
+                assert manifest["files"][f"shard_rank{rank}.bin"] == {
+                    "size": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+        else:  # rank 0 wrote its part, rank 1 failed: nobody publishes, both say so
+            assert not os.path.exists(directory)
+            for outcome in outcomes:
+                assert (
+                    outcome.startswith("error: writing checkpoint")
+                    and "failed on rank 1: [Errno 28] No space left on device" in outcome
+                )
 
 
 # ----------------------------------------------------- loading damaged checkpoints

