@@ -126,6 +126,13 @@ def profile_table(fn, rows: int = 25) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def policy_case(name: str, model_dir: str | None, overrides: list[str], num_prompts: int, new: int, tmp: str):
+    """The case's policy and prompts: SmolLM2 from model_dir (REAL_CASES) or random weights."""
+    if name in REAL_CASES:
+        return real_policy_case(model_dir, overrides, num_prompts, new, tmp)
+    return random_policy_case(overrides, num_prompts, new, tmp)
+
+
 def run_case(name: str, engines: list[str], repeats: int, model_dir: str | None = None, profile: bool = False) -> dict:
     import torch
 
@@ -135,10 +142,7 @@ def run_case(name: str, engines: list[str], repeats: int, model_dir: str | None 
     overrides, num_prompts, samples, new, mbs = CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
         case_overrides = overrides + [f"generation.micro_batch_size={mbs}"]
-        if name in REAL_CASES:
-            cfg, trainer, model, prompts, seeds = real_policy_case(model_dir, case_overrides, num_prompts, new, tmp)
-        else:
-            cfg, trainer, model, prompts, seeds = random_policy_case(case_overrides, num_prompts, new, tmp)
+        cfg, trainer, model, prompts, seeds = policy_case(name, model_dir, case_overrides, num_prompts, new, tmp)
         tok = trainer.tokenizer
         params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=new)
         rows = num_prompts * samples

@@ -37,7 +37,7 @@ CASES = {
 
 def run_case(name: str, repeats: int, model_dir: str | None = None) -> dict:
     import torch
-    from generation import REAL_CASES, best_seconds, random_policy_case, real_policy_case  # benchmarks/generation.py
+    from generation import best_seconds, policy_case  # benchmarks/generation.py
 
     from nemo_optune.generation.base import SamplingParams
     from nemo_optune.generation.factory import build_engine, refit_engine
@@ -46,10 +46,7 @@ def run_case(name: str, repeats: int, model_dir: str | None = None) -> dict:
     overrides, num_prompts, samples, new = CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
         case_overrides = overrides + ["generation.micro_batch_size=512", "generation.engine=vllm"]
-        if name in REAL_CASES:
-            cfg, trainer, model, prompts, seeds = real_policy_case(model_dir, case_overrides, num_prompts, new, tmp)
-        else:
-            cfg, trainer, model, prompts, seeds = random_policy_case(case_overrides, num_prompts, new, tmp)
+        cfg, trainer, model, prompts, seeds = policy_case(name, model_dir, case_overrides, num_prompts, new, tmp)
         tok = trainer.tokenizer
         params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=new)
         rows = num_prompts * samples

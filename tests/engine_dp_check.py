@@ -14,7 +14,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from test_engine_contract import GREEDY, PAD, STOP, VOCAB, WIDTH, _Tokenizer
+from test_engine_contract import GREEDY, PAD, STOP, _tiny_model, _Tokenizer
 
 PROMPTS = [[3 + (i % 12), 4 + (i * 5) % 11, 5 + (i * 3) % 10, 2][: 2 + i % 3] + [2] for i in range(12)]
 
@@ -40,25 +40,13 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    from nemo_optune.config import GenerationConfig, ModelConfig, RootConfig
+    from nemo_optune.config import GenerationConfig, RootConfig
     from nemo_optune.generation.factory import build_engine, refit_engine
     from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
-    from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
-    from nemo_optune.models.hf_spec import tiny_llama_spec
     from nemo_optune.runtime import distributed
 
-    layout = distributed.initialize(args.tp, 1, seed=0)
-    model_cfg = ModelConfig(num_attention_heads=2, num_query_groups=1, tensor_model_parallel_size=args.tp)
-    model = MegatronGPTOPTuneModel(
-        model_cfg,
-        tiny_llama_spec(model_cfg, VOCAB, STOP, WIDTH),
-        layout,
-        seed=0,
-        lr=0.0,
-        weight_decay=0.0,
-        grad_clip=0.0,
-        with_reference=False,
-    )
+    model = _tiny_model(args.tp)
+    layout = model.layout
     cfg = RootConfig(generation=GenerationConfig(engine=args.engine, micro_batch_size=64, refit_bucket_mb=1))
     engine = build_engine(cfg, model, _Tokenizer())
     reference = MegatronInProcessEngine(model, [STOP], PAD, micro_batch_size=64)

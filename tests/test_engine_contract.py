@@ -74,14 +74,15 @@ def _config(engine: str):
     )
 
 
-def _tiny_model():
+def _tiny_model(tp: int = 1):
+    """The contract's tiny Llama policy at tensor parallelism tp (tests/engine_dp_check.py: 2)."""
     from nemo_optune.config import ModelConfig
     from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
     from nemo_optune.models.hf_spec import tiny_llama_spec
     from nemo_optune.runtime import distributed
 
-    layout = distributed.initialize(1, 1, seed=0)
-    cfg = ModelConfig(num_attention_heads=2, num_query_groups=1)
+    layout = distributed.initialize(tp, 1, seed=0)
+    cfg = ModelConfig(num_attention_heads=2, num_query_groups=1, tensor_model_parallel_size=tp)
     return MegatronGPTOPTuneModel(
         cfg,
         tiny_llama_spec(cfg, VOCAB, STOP, WIDTH),
