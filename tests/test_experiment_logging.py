@@ -204,8 +204,9 @@ def test_wandb_offline_logs_the_metrics_and_a_resumed_run_continues_it(wandb_run
         }.items():
             assert logged[name] == pytest.approx(record[key][sub]), name
 
-    # the requeued job (one more iteration) resumes the checkpoint and the same W&B run
-    out = run_piped(
+    # the requeued job (one more iteration), this time on a terminal, resumes the checkpoint and
+    # the same W&B run, with a progress bar per phase
+    out = run_on_terminal(
         TINY
         + [
             f"exp_manager.exp_dir={exp}",
@@ -216,28 +217,16 @@ def test_wandb_offline_logs_the_metrics_and_a_resumed_run_continues_it(wandb_run
         tmp,
     )
     assert "[resume]" in out and "[iter 3/3]" in out
+    assert {m.group(1) for m in BAR.finditer(out)} == {"generation", "training", "evaluation"}, out[-3000:]
+    assert "rows/s" in out or "s/rows" in out  # rate and ETA: [elapsed<remaining, rate]
+    assert re.search(r"\[\d\d:\d\d<", out)
+    assert re.search(r"\[iter 3/3\] heldout .* eval \d+\.\d\ds\r?\n", out)  # the metrics line stays whole
     ids, history = wandb_history(exp)
     assert ids == [run_id, run_id] and sorted(history) == [1, 2, 3] and "train/loss" in history[3]
     with open(os.path.join(exp, "run_info.json")) as f:
         first, second = json.load(f)["starts"]
     assert first["resume"] is None and second["resume"] and second["wandb"]["id"] == run_id
     assert second["config"]["trainer"]["iterations"] == 3
-
-
-def test_a_terminal_gets_a_bar_per_phase(sft_checkpoint, tmp_path):
-    out = run_on_terminal(
-        TINY
-        + [
-            "trainer.iterations=1",
-            f"exp_manager.exp_dir={tmp_path / 'exp'}",
-            f"model.restore_from_path={sft_checkpoint}",
-        ],
-        tmp_path,
-    )
-    assert {m.group(1) for m in BAR.finditer(out)} == {"generation", "training", "evaluation"}, out[-3000:]
-    assert "rows/s" in out or "s/rows" in out  # rate and ETA: [elapsed<remaining, rate]
-    assert re.search(r"\[\d\d:\d\d<", out)
-    assert re.search(r"\[iter 1/1\] heldout .* eval \d+\.\d\ds\r?\n", out)  # the metrics line stays whole
 
 
 # ----------------------------------------------------------------- pieces
