@@ -65,6 +65,9 @@ SLOW = {
     # test_real_model compares the generate CLI's greedy tokens with transformers on SmolLM2,
     # from UltraChat-shaped rows (a prompt beside the chat)
     "test_greedy_generation_equals_transformers[hf-1]",
+    # four processes on two cores: TP2 and PP2 each load, match transformers and export in the default tier
+    "test_layouts_match_transformers_and_export_exactly[tp2pp2]",
+    "test_cli_checkpoint_at_tp2_exports_at_another_layout[tp2pp2]",
     "test_layout_matches_single_process[tp2pp2]",
     # packing is compared with unpacked pairs at TP1 by test_trainer_behaviour
     "test_layout_matches_single_process[tp2pp2_packed]",

@@ -302,44 +302,50 @@ def _run(world: int, phases: list, result_path: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def layouts(hf_models, tmp_path_factory):
-    """{layout: (results, export root)}. TP2 then PP2 in the same two processes (spawning is
-    most of the cost); PP2 imports what TP2 exported. The CLI converts llama to a checkpoint
-    at TP2 and that checkpoint back to HF at PP2 and at TP2xPP2 (resharded on load)."""
-    root = tmp_path_factory.mktemp("layouts")
+def layouts_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("layouts")
+
+
+@pytest.fixture(scope="module")
+def two_process_layouts(hf_models, layouts_root):
+    """{layout: (results, export root)} for TP2 then PP2 in the same two processes (spawning is
+    most of the cost); PP2 imports what TP2 exported. The CLI converts llama to a checkpoint at
+    TP2 and that checkpoint back to HF at PP2 (resharded on load): "cli" is that directory."""
+    root = layouts_root
     originals = {name: hf_dir for name, (hf_dir, _) in hf_models.items()}
-    ckpt = str(root / "llama_ckpt")
     two = _run(
         2,
         [
-            ("tp2", 2, 1, originals, str(root / "tp2"), ("megatron", originals["llama"], ckpt)),
+            ("tp2", 2, 1, originals, str(root / "tp2"), ("megatron", originals["llama"], str(root / "llama_ckpt"))),
             (
                 "pp2",
                 1,
                 2,
                 {name: str(root / "tp2" / name) for name in originals},
                 str(root / "pp2"),
-                ("hf", ckpt, str(root / "llama_cli")),
+                ("hf", str(root / "llama_ckpt"), str(root / "llama_cli")),
             ),
         ],
         str(root / "two.pt"),
     )
+    out = {layout: (results, str(root / layout)) for layout, results in two.items()}
+    out["cli"] = str(root / "llama_cli")
+    return out
+
+
+@pytest.fixture(scope="module")
+def four_process_layouts(hf_models, layouts_root, two_process_layouts):
+    """TP2 x PP2 (four processes: the slow tier) from the originals, and the CLI's TP2 llama
+    checkpoint exported at TP2 x PP2."""
+    root = layouts_root
+    originals = {name: hf_models[name][0] for name in ("llama_tied", "qwen2")}
     four = _run(
         4,
-        [
-            (
-                "tp2pp2",
-                2,
-                2,
-                {name: originals[name] for name in ("llama_tied", "qwen2")},
-                str(root / "tp2pp2"),
-                ("hf", ckpt, str(root / "llama_cli4")),
-            )
-        ],
+        [("tp2pp2", 2, 2, originals, str(root / "tp2pp2"), ("hf", str(root / "llama_ckpt"), str(root / "llama_cli4")))],
         str(root / "four.pt"),
     )
-    out = {layout: (results, str(root / layout)) for layout, results in {**two, **four}.items()}
-    out["cli"] = (str(root / "llama_cli"), str(root / "llama_cli4"))
+    out = {layout: (results, str(root / layout)) for layout, results in four.items()}
+    out["cli"] = str(root / "llama_cli4")
     return out
 
 
@@ -385,8 +391,9 @@ def test_export_loads_in_transformers_with_every_tensor_equal(name, hf_models, t
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2pp2"])
-def test_layouts_match_transformers_and_export_exactly(layout, hf_models, tp1, layouts):
-    results, export_root = layouts[layout]
+def test_layouts_match_transformers_and_export_exactly(layout, hf_models, tp1, request):
+    processes = "four_process_layouts" if layout == "tp2pp2" else "two_process_layouts"
+    results, export_root = request.getfixturevalue(processes)[layout]
     names = [n for n in results if n != "convert_rc"]
     assert names and results["convert_rc"] == 0
     for name in names:
@@ -401,9 +408,9 @@ def test_layouts_match_transformers_and_export_exactly(layout, hf_models, tp1, l
         assert results[name]["norm"] == pytest.approx(ref_measured["norm"], rel=1e-5)
 
 
-def test_cli_checkpoint_at_tp2_exports_at_pp2_and_tp2pp2(hf_models, layouts):
-    for directory in layouts["cli"]:
-        _assert_loads_equal(directory, hf_models["llama"][1]["state"])
+@pytest.mark.parametrize("processes", ["two_process_layouts", "four_process_layouts"], ids=["pp2", "tp2pp2"])
+def test_cli_checkpoint_at_tp2_exports_at_another_layout(hf_models, processes, request):
+    _assert_loads_equal(request.getfixturevalue(processes)["cli"], hf_models["llama"][1]["state"])
 
 
 def test_bf16_checkpoint_round_trips_exactly(tmp_path):
