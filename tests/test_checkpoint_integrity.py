@@ -8,9 +8,8 @@ import os
 import shutil
 
 import pytest
-import torch.multiprocessing as mp
 from conftest import TINY
-from parallel_harness import _free_port
+from parallel_harness import _free_port, _spawn
 
 from nemo_optune.cli import run_main as main
 from nemo_optune.config import load_config
@@ -47,7 +46,7 @@ def _publish_worker(rank, world, port, root):
 
 
 def test_a_checkpoint_is_published_only_after_every_rank_wrote_it(tmp_path):
-    mp.spawn(_publish_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    _spawn(_publish_worker, (2, _free_port(), str(tmp_path)), 2)
     for failing_rank, name in PUBLISH_CASES:
         directory = tmp_path / name
         outcomes = [(tmp_path / f"{name}_rank{r}.txt").read_text() for r in range(2)]

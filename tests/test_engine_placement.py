@@ -7,11 +7,10 @@ Cheap: the placement is a pure function (any grid); the collective part runs 4 g
 the TensorRT-LLM adapter on its signature-exact fake (tests/test_trtllm_adapter.py)."""
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from parallel_harness import _free_port, preloaded_context
 
 from nemo_optune.generation.placement import place_engines
 
@@ -177,17 +176,11 @@ def _worker(rank, port, root, out):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> tuple[list[dict], str]:
     """Each rank's records ({kind: ...}) of one 4-process run (spawning is most of the cost)."""
     root = str(tmp_path_factory.mktemp("engines"))
-    ctx = mp.get_context("spawn")
+    ctx = preloaded_context()
     out = ctx.Queue()
     port = _free_port()
     processes = [ctx.Process(target=_worker, args=(r, port, root, out)) for r in range(WORLD)]
