@@ -62,14 +62,19 @@ def _equal(a, b) -> bool:
 
 
 def test_a_position_round_trips_through_a_saved_trainer_state(one_rank, tmp_path):
+    """trainer_state.pt's part and the new token rows' file (position_files) give the Position back."""
     trainer = SimpleNamespace(
         position=_position(),
-        layout=SimpleNamespace(as_dict=lambda: {"tp": 1, "pp": 1, "dp": 1}),
+        layout=SimpleNamespace(as_dict=lambda: {"tp": 1, "pp": 1, "dp": 1}, dp_rank=0, tp_rank=0, pp_rank=0),
         model=SimpleNamespace(device=torch.device("cpu")),
     )
-    torch.save(PreferenceTrainer.position_state(trainer), tmp_path / "trainer_state.pt")
+    state = PreferenceTrainer.position_state(trainer)
+    assert "owned" not in state and "owned" not in state["ranks"][0]  # the token rows stay out of it
+    torch.save(state, tmp_path / "trainer_state.pt")
+    for name, value in PreferenceTrainer.position_files(trainer).items():
+        torch.save(value, tmp_path / name)
     state = torch.load(tmp_path / "trainer_state.pt", weights_only=False)
-    back = PreferenceTrainer.load_position(trainer, state, "CKPT")
+    back = PreferenceTrainer.load_position(trainer, state, str(tmp_path))
     for field in dataclasses.fields(Position):
         assert _equal(getattr(back, field.name), getattr(trainer.position, field.name)), field.name
     assert back.seconds["reference"] == 0.0  # still a defaultdict: phases not yet timed count from 0
@@ -77,6 +82,17 @@ def test_a_position_round_trips_through_a_saved_trainer_state(one_rank, tmp_path
     trainer.layout = SimpleNamespace(as_dict=lambda: {"tp": 2, "pp": 1, "dp": 1})
     with pytest.raises(CheckpointError, match=r"CKPT: written inside iteration 3 under layout .*'tp': 1"):
         PreferenceTrainer.load_position(trainer, state, "CKPT")
+
+
+def test_only_the_first_model_parallel_rank_writes_the_new_token_rows():
+    position = _position()
+    files = [
+        PreferenceTrainer.position_files(
+            SimpleNamespace(position=position, layout=SimpleNamespace(dp_rank=3, tp_rank=tp, pp_rank=pp))
+        )
+        for tp, pp in ((0, 0), (1, 0), (0, 1))
+    ]
+    assert files == [{"position_tokens_dp00003.pt": position.owned}, {}, {}]
 
 
 def test_checkpoints_inside_an_iteration_sort_between_iterations(tmp_path):

@@ -180,6 +180,8 @@ def test_stops_inside_an_iteration_resume_bit_identical(uninterrupted_midstep, s
         stopped = run_layout(world, overrides, str(tmp_path / f"stop{n}.pt"), signals=events)
         assert stopped["summary"]["stopped_by"] == "SIGTERM" and stopped["summary"]["iterations"] == []
         assert sorted(os.listdir(checkpoints))[-1] == newest
+        # the new token rows of the chunks done, until the last chunk: in a file per DP rank
+        assert ("position_tokens_dp00000.pt" in os.listdir(checkpoints / newest)) == ("_gen_" in newest)
     assert sorted(os.listdir(checkpoints)) == ["iter_000000_step_000008", "iter_000000_step_000010"]  # keep_last
     got = run_layout(world, overrides, str(tmp_path / "resumed.pt"))
     assert got["summary"]["resumed_from"].endswith("iter_000000_step_000010") and got["summary"]["stopped_by"] is None
