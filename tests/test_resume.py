@@ -153,10 +153,9 @@ MID = TINY + [
 ]
 
 
-@pytest.fixture(scope="module", params=["tp1", "tp2"])
+@pytest.fixture(scope="module", params=["tp1", "tp2", "dp2"])  # dp2: a token file per DP rank
 def uninterrupted_midstep(request, sft_checkpoint, tmp_path_factory):
-    layout = [] if request.param == "tp1" else TP2
-    world = 1 if request.param == "tp1" else 2
+    world, layout = {"tp1": (1, []), "tp2": (2, TP2), "dp2": (2, [])}[request.param]
     exp = tmp_path_factory.mktemp(f"midstep_{request.param}")
     overrides = MID + layout + [f"model.restore_from_path={sft_checkpoint}", f"exp_manager.exp_dir={exp}"]
     return world, layout, run_layout(world, overrides, str(exp / "result.pt"))
@@ -181,7 +180,9 @@ def test_stops_inside_an_iteration_resume_bit_identical(uninterrupted_midstep, s
         assert stopped["summary"]["stopped_by"] == "SIGTERM" and stopped["summary"]["iterations"] == []
         assert sorted(os.listdir(checkpoints))[-1] == newest
         # the new token rows of the chunks done, until the last chunk: in a file per DP rank
-        assert ("position_tokens_dp00000.pt" in os.listdir(checkpoints / newest)) == ("_gen_" in newest)
+        per_dp_rank = {f"position_tokens_dp{r:05d}.pt" for r in range(1 if layout == TP2 else world)}
+        written = per_dp_rank & set(os.listdir(checkpoints / newest))
+        assert written == (per_dp_rank if "_gen_" in newest else set()), written
     assert sorted(os.listdir(checkpoints)) == ["iter_000000_step_000008", "iter_000000_step_000010"]  # keep_last
     got = run_layout(world, overrides, str(tmp_path / "resumed.pt"))
     assert got["summary"]["resumed_from"].endswith("iter_000000_step_000010") and got["summary"]["stopped_by"] is None
