@@ -12,6 +12,15 @@ exits 1 when the ranks exit 3. Whether the ranks got the signal too (Slurm signa
 process of the step) or only the launcher (kill, a terminal), they stop once: a rank notes a
 repeated signal and carries on saving. SIGQUIT (and whatever --signals-to-handle adds) keeps
 torchrun's handling: pass it on, wait --shutdown-timeout, then SIGKILL.
+
+When a worker fails (exits with a status other than 0 or 3, or dies of a signal) and no stop
+signal came, the others get SIGTERM and, FAILURE_GRACE_SECONDS later, SIGKILL, instead of
+torchrun's 30 s: with a peer gone no collective, hence no checkpoint, can complete. A survivor
+in a collective sees the loss at once and is gone well within the grace (the SIGTERM ends it
+once its own error path has put the default handlers back); one busy away from collectives (a
+generation chunk at DP>1) or hung in one records the SIGTERM as a stop request and would wait
+the whole 30 s for a save that cannot happen. After a stop signal, and when ranks exit 3 (a
+stop they agreed on), their save keeps torchrun's time.
 """
 
 import signal
@@ -23,6 +32,7 @@ from nemo_optune.config import STOP_SIGNALS
 from nemo_optune.runtime.preemption import EXIT_STOPPED
 
 _stopping = {"signals": 0}  # stop signals passed on to the workers so far
+FAILURE_GRACE_SECONDS = 3
 
 
 def _pass_on(number, frame) -> None:
@@ -47,6 +57,22 @@ def _pass_on(number, frame) -> None:
             pass
 
 
+def _short_grace_after_a_failure() -> None:
+    """Wrap torchrun's worker teardown (SubprocessContext._close: on the first failed worker, on
+    the agent's shutdown) so that the survivors of a failed worker get FAILURE_GRACE_SECONDS."""
+    from torch.distributed.elastic.multiprocessing.api import SubprocessContext
+
+    close = SubprocessContext._close
+
+    def _close(self, death_sig, timeout=30):
+        failed = any(failure.exitcode != EXIT_STOPPED for failure in self._failures.values())
+        if failed and not _stopping["signals"]:
+            timeout = min(timeout, FAILURE_GRACE_SECONDS)
+        close(self, death_sig, timeout)
+
+    SubprocessContext._close = _close  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
     from torch.distributed.run import parse_args, run
@@ -58,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for name in STOP_SIGNALS:
         signal.signal(getattr(signal, name), _pass_on)
+    _short_grace_after_a_failure()
     try:
         record(run)(args)
     except ChildFailedError as err:

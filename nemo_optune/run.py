@@ -96,6 +96,14 @@ def dry_run(cfg: RootConfig) -> dict:
     records = pool_records(cfg)
     if records is not None:  # host memory, not GPU: tokens sharded over DP, scalars on every rank
         rows["prompt pool (host RAM per DP rank)"] = pool_bytes_per_rank(records, g.max_new_tokens, dp) / GIB
+        if cfg.method in ONLINE_METHODS:
+            # An iteration's new pairs wait beside the pool until its last generation chunk (a
+            # checkpoint inside the iteration saves them): up to its whole window, generated
+            # whole in the first iteration.
+            window = min(records, t.prompts_per_iteration or records)
+            rows["new pairs of an iteration (host RAM per DP rank)"] = (
+                pool_bytes_per_rank(window, g.max_new_tokens, dp) / GIB
+            )
     if rank == 0:
         print(
             print_estimate(

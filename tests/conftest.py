@@ -51,6 +51,8 @@ SLOW = {
     "test_sigkill_then_resume_is_bit_identical[tp1-generation-iter2]",
     "test_sigkill_then_resume_is_bit_identical[tp1-training-iter3]",
     "test_stops_inside_an_iteration_resume_bit_identical[tp2]",  # its TP1 twin is default
+    "test_stops_inside_an_iteration_resume_bit_identical[dp2]",  # its TP1 twin is default
+    "test_a_stop_after_the_reference_pass_resumes_bit_identical",  # HyPO, 3 spawned runs (35 s)
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp2-SIGTERM-generation-iter1-rank0]",
     # the default tier's TP1 stop (a signal to every process after a periodic save, again while
     # saving) costs the same; test_cluster_ops' max_time stop saves with checkpoint_every=0

@@ -29,11 +29,13 @@ def _env(rank: int, world: int, port: int) -> None:
 def _install_signals(events, state, rank: int) -> None:
     """Send this process and its children (as Slurm signals every process of a step) signals at
     `events` = [(point, iteration index, signal name, ranks or None for all)], each once; point
-    in generation | training | checkpoint (shards written, not yet published), at its first call
-    in that iteration, or `point:k` at its k-th (from 0). SIGKILL ends the process there."""
+    in generation | training | reference (the whole pool's pass) | checkpoint (shards written,
+    not yet published), at its first call in that iteration, or `point:k` at its k-th (from 0).
+    SIGKILL ends the process there."""
     from nemo_optune.generation.megatron_engine import MegatronInProcessEngine
     from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
     from nemo_optune.runtime import checkpoint
+    from nemo_optune.trainers.preference_pool import PreferencePool
 
     pending = [e for e in events if e[3] is None or rank in e[3]]
 
@@ -58,6 +60,8 @@ def _install_signals(events, state, rank: int) -> None:
     MegatronInProcessEngine.generate = lambda self, *a, **k: (signal_if("generation"), generate(self, *a, **k))[1]
     MegatronGPTOPTuneModel.train_step = lambda self, *a, **k: (signal_if("training"), train_step(self, *a, **k))[1]
     checkpoint._rng_state = lambda: (signal_if("checkpoint"), rng_state())[1]
+    reference = PreferencePool.refresh_all_reference_logprobs
+    PreferencePool.refresh_all_reference_logprobs = lambda self: (signal_if("reference"), reference(self))[1]
 
 
 def _worker(rank, world, port, overrides, out_path, capture_iteration, signals):

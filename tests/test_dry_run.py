@@ -124,7 +124,8 @@ def test_the_7b_recipes_fit_80_gb_gpus_in_both_layouts(recipe, model, layout, wo
 
 def test_the_pool_row_falls_as_data_parallelism_grows(tmp_path, monkeypatch):
     """The pool's token rows are sharded over DP: the host memory the dry run reports per rank
-    is the sharded store's real bytes (tests/test_pool_shards.py) and falls with DP."""
+    is the sharded store's real bytes (tests/test_pool_shards.py) and falls with DP; so do an
+    iteration's new pairs."""
     from nemo_optune.config import load_config
     from nemo_optune.data.pool import pool_bytes_per_rank
     from nemo_optune.run import run_experiment
@@ -133,8 +134,11 @@ def test_the_pool_row_falls_as_data_parallelism_grows(tmp_path, monkeypatch):
     for world in (1, 2, 4):
         monkeypatch.setenv("WORLD_SIZE", str(world))
         cfg = load_config("optune_tiny", ["trainer.dry_run=true", f"exp_manager.exp_dir={tmp_path}/x"])
-        row = run_experiment(cfg)["dry_run"]["prompt pool (host RAM per DP rank)"]
+        rows = run_experiment(cfg)["dry_run"]
+        row = rows["prompt pool (host RAM per DP rank)"]
         expected = pool_bytes_per_rank(cfg.data.num_train_prompts, cfg.generation.max_new_tokens, world)
         assert row == pytest.approx(expected / 2**30)
+        # the first iteration generates the whole pool, held beside it until its last chunk
+        assert rows["new pairs of an iteration (host RAM per DP rank)"] == row
         per_rank.append(row)
     assert per_rank[0] > per_rank[1] > per_rank[2]

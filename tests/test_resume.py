@@ -154,10 +154,9 @@ MID = TINY + [
 ]
 
 
-@pytest.fixture(scope="module", params=["tp1", "tp2"])
+@pytest.fixture(scope="module", params=["tp1", "tp2", "dp2"])  # dp2: a token file per DP rank
 def uninterrupted_midstep(request, sft_checkpoint, tmp_path_factory):
-    layout = [] if request.param == "tp1" else TP2
-    world = 1 if request.param == "tp1" else 2
+    world, layout = {"tp1": (1, []), "tp2": (2, TP2), "dp2": (2, [])}[request.param]
     exp = tmp_path_factory.mktemp(f"midstep_{request.param}")
     overrides = MID + layout + [f"model.restore_from_path={sft_checkpoint}", f"exp_manager.exp_dir={exp}"]
     return world, layout, run_layout(world, overrides, str(exp / "result.pt"))
@@ -181,14 +180,48 @@ def test_stops_inside_an_iteration_resume_bit_identical(uninterrupted_midstep, s
         stopped = run_layout(world, overrides, str(tmp_path / f"stop{n}.pt"), signals=events)
         assert stopped["summary"]["stopped_by"] == "SIGTERM" and stopped["summary"]["iterations"] == []
         assert sorted(os.listdir(checkpoints))[-1] == newest
+        # the new token rows of the chunks done, until the last chunk: in a file per DP rank
+        per_dp_rank = {f"position_tokens_dp{r:05d}.pt" for r in range(1 if layout == TP2 else world)}
+        written = per_dp_rank & set(os.listdir(checkpoints / newest))
+        assert written == (per_dp_rank if "_gen_" in newest else set()), written
     assert sorted(os.listdir(checkpoints)) == ["iter_000000_step_000008", "iter_000000_step_000010"]  # keep_last
     got = run_layout(world, overrides, str(tmp_path / "resumed.pt"))
     assert got["summary"]["resumed_from"].endswith("iter_000000_step_000010") and got["summary"]["stopped_by"] is None
+    _assert_identical_records(got, ref)
+    assert got["summary"]["iterations"][0]["optimizer_steps"] == 32
+
+
+def _assert_identical_records(got: dict, ref: dict) -> None:
+    """_assert_identical, and every iteration record equal but for its timings and memory."""
     _assert_identical(got, ref)
     untimed = ("seconds", "throughput", "memory")
-    record, ref_record = got["summary"]["iterations"][0], ref["summary"]["iterations"][0]
-    assert {k: v for k, v in record.items() if k not in untimed} == {
-        k: v for k, v in ref_record.items() if k not in untimed
-    }
-    assert record["optimizer_steps"] == 32
+    for record, ref_record in zip(got["summary"]["iterations"], ref["summary"]["iterations"], strict=True):
+        assert {k: v for k, v in record.items() if k not in untimed} == {
+            k: v for k, v in ref_record.items() if k not in untimed
+        }
     assert got["summary"]["responses_generated"] == ref["summary"]["responses_generated"]
+
+
+def test_a_stop_after_the_reference_pass_resumes_bit_identical(sft_checkpoint, tmp_path):
+    """HyPO (offline pairs): the whole pool's reference pass of iteration 1 is a safe point of
+    its own. SIGTERM during it stops right after it (iter_000000_ref_000001); the same command
+    resumes there, trains (with HyPO's online samples) and ends bit-identical to the
+    uninterrupted run."""
+    from nemo_optune.data.make_offline_preferences import main as make_preferences
+
+    make_preferences(["--out", str(tmp_path / "prefs.jsonl"), *TINY])
+    base = TINY + [
+        "method=hypo",
+        f"data.offline_path={tmp_path / 'prefs.jsonl'}",
+        "model.optune.weighting=none",
+        f"model.restore_from_path={sft_checkpoint}",
+        "trainer.iterations=1",
+    ]
+    ref = run_layout(1, base + [f"exp_manager.exp_dir={tmp_path / 'straight'}"], str(tmp_path / "straight.pt"))
+    overrides = base + [f"exp_manager.exp_dir={tmp_path / 'run'}"]
+    stopped = run_layout(1, overrides, str(tmp_path / "stopped.pt"), signals=[("reference", 0, "SIGTERM", None)])
+    assert stopped["summary"]["stopped_by"] == "SIGTERM" and stopped["summary"]["iterations"] == []
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["iter_000000_ref_000001"]
+    got = run_layout(1, overrides, str(tmp_path / "resumed.pt"))
+    assert got["summary"]["resumed_from"].endswith("iter_000000_ref_000001") and got["summary"]["stopped_by"] is None
+    _assert_identical_records(got, ref)

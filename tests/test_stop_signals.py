@@ -163,10 +163,10 @@ def test_a_stop_signal_under_a_launcher_saves_a_complete_checkpoint(stop, sft_ch
         summary = json.loads((exp / "summary.json").read_text())
         assert summary["stopped_by"] == name
         done = len(summary["iterations"])
-        names = sorted(os.listdir(exp / "checkpoints"))
-        assert names[-1] == f"iter_{done:06d}" and not any(n.endswith(".tmp") for n in names), names
+        names = sorted(os.listdir(exp / "checkpoints"))  # the stop's is the newest, at a safe point
+        assert names[-1].startswith(f"iter_{done:06d}") and not any(n.endswith(".tmp") for n in names), names
         _assert_complete(exp / "checkpoints" / names[-1])
-        assert f"[stop] {name}: checkpoint of iteration {done} written" in _tail(log, 100000)
+        assert f"[stop] {name}: checkpoint {names[-1]} written" in _tail(log, 100000)
     finally:
         if run.poll() is None:
             run.kill()
@@ -175,21 +175,23 @@ def test_a_stop_signal_under_a_launcher_saves_a_complete_checkpoint(stop, sft_ch
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("victim", ["rank1", "launcher"])
+@pytest.mark.parametrize("victim", ["rank1", "rank1-rank0-hung", "launcher"])
 def test_no_process_of_the_run_outlives_a_killed_rank_or_launcher(victim, sft_checkpoint, tmp_path):
     """After a periodic save (megatron's writer has run), SIGKILL rank 1 or the launcher:
-    every process of the run goes (a Manager and a resource tracker per rank used to stay for
-    good). Measured: 8.7 s after rank 1's kill at load 50 on 2 cores, the launcher last; the
-    bound is torchrun's own: it waits up to --shutdown-timeout (30 s) for the other workers."""
+    every process of the run is gone within 10 s (a Manager and a resource tracker per rank
+    used to stay for good). rank1-rank0-hung: rank 0 is SIGSTOPped first, as a survivor busy
+    away from collectives (a generation chunk at DP>1) or hung in one that would not see its
+    peer's loss: torchrun gave it 30 s (--shutdown-timeout), the launcher FAILURE_GRACE_SECONDS."""
     exp, log = tmp_path / "exp", tmp_path / "run.log"
     run = _start(LAUNCH, exp, log, sft_checkpoint)
     seen = _processes(run)
     try:
-        workers = psutil.Process(run.pid).children()
-        rank1 = [w for w in workers if w.environ().get("RANK") == "1"]
-        assert len(workers) == 2 and len(rank1) == 1, workers
-        (rank1[0] if victim == "rank1" else seen[0]).kill()
-        assert _wait_gone(seen, timeout=30) == [], f"still running: {[p.cmdline() for p in seen if not _gone(p)]}"
+        workers = {w.environ().get("RANK"): w for w in psutil.Process(run.pid).children()}
+        assert sorted(workers) == ["0", "1"], workers
+        if victim == "rank1-rank0-hung":
+            workers["0"].suspend()
+        (seen[0] if victim == "launcher" else workers["1"]).kill()
+        assert _wait_gone(seen, timeout=10) == [], f"still running: {[p.cmdline() for p in seen if not _gone(p)]}"
     finally:
         if run.poll() is None:
             run.kill()

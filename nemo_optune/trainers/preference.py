@@ -93,7 +93,9 @@ class Position:
     tokens: int = 0  # this rank's trained tokens
 
 
-PER_RANK = ("generated", "seconds", "owned", "by_source", "totals", "tokens")
+PER_RANK = ("generated", "seconds", "by_source", "totals", "tokens")
+# Position.owned, the bulk (new token rows), stays sharded: one file per DP rank, as the pool's.
+POSITION_TOKEN_FILE = "position_tokens_dp{:05d}.pt"
 
 
 class Stopped(Exception):
@@ -601,11 +603,12 @@ class PreferenceTrainer:
         }
 
     def position_state(self) -> dict | None:
-        """The running iteration's Position: shared fields once, PER_RANK ones of every rank
-        (on the CPU), and the layout they belong to. Collective."""
+        """The running iteration's Position but its `owned` rows (position_files): shared fields
+        once, PER_RANK ones of every rank (on the CPU), and the layout they belong to. Collective."""
         if self.position is None:
             return None
         fields = {f.name: getattr(self.position, f.name) for f in dataclasses.fields(self.position)}
+        del fields["owned"]
         mine = {}
         for name in PER_RANK:
             value = getattr(self.position, name)
@@ -614,6 +617,14 @@ class PreferenceTrainer:
         ranks: list = [None] * dist.get_world_size()
         dist.all_gather_object(ranks, mine)
         return {**fields, "ranks": ranks, "layout": self.layout.as_dict()}
+
+    def position_files(self) -> dict[str, dict]:
+        """The running iteration's new token rows of this DP rank (Position.owned), written by the
+        first rank of its model-parallel group, like the pool's rows (pool.checkpoint_files)."""
+        layout, owned = self.layout, self.position.owned if self.position else None
+        if owned is None or layout.tp_rank or layout.pp_rank:
+            return {}
+        return {POSITION_TOKEN_FILE.format(layout.dp_rank): owned}
 
     def save_checkpoint(self, part: tuple[str, int] | None = None) -> str:
         """A training checkpoint after the iterations in history (and `part` of the next). Collective."""
@@ -626,7 +637,7 @@ class PreferenceTrainer:
             self.state_dict(),
             keep_last=self.cfg.exp_manager.keep_last,
             method=self.cfg.method,
-            rank_files=self.pool.checkpoint_files(),
+            rank_files={**self.pool.checkpoint_files(), **self.position_files()},
             part=part,
         )
         self.checkpoint_seconds.append(time.perf_counter() - start)
@@ -668,6 +679,9 @@ class PreferenceTrainer:
         mine = ranks[dist.get_rank()]
         if mine["totals"] is not None:
             mine["totals"] = mine["totals"].to(self.model.device)
+        owned = os.path.join(path, POSITION_TOKEN_FILE.format(self.layout.dp_rank))
+        if "owned" not in mine:  # in trainer_state.pt in checkpoints of before position_files
+            mine["owned"] = torch.load(owned, weights_only=True) if os.path.exists(owned) else None
         return Position(**state, **mine)
 
     def next_safe_point_estimate(self) -> float:
