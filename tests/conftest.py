@@ -37,57 +37,42 @@ def sft_checkpoint(tmp_path_factory):
 
 
 # The slow tier (make test-slow), kept out of CI's 15 minutes on 2 cores. The default tier
-# covers every kill point, every layout kind (TP, PP, DP) and a stop signal with its
-# bit-identical resume at least once, and runs the Slurm scripts' logic under the stand-in with
-# a fake trainer; these are the remaining combinations and the Slurm scripts' real 4-process runs.
+# covers every kill point and stop safe point with its bit-identical resume at TP1, stops inside
+# an iteration at TP2 and DP2 too, every layout (TP, PP, DP, TP x PP) of OPTune and HyPO, and
+# runs the Slurm scripts' logic under the stand-in with a fake trainer; these are the TP2 twins
+# of the kill and stop points, more engine and real-model layouts and the Slurm scripts' real
+# 4-process runs.
 SLOW = {
-    "test_sigkill_then_resume_is_bit_identical[tp2-generation-iter2]",  # its TP1 twin is default
+    # the TP2 twins of test_resume's TP1 kill and stop points (the mid-iteration stops run at TP2
+    # and DP2 in the default tier)
+    "test_sigkill_then_resume_is_bit_identical[tp2-generation-iter2]",
     "test_sigkill_then_resume_is_bit_identical[tp2-training-iter3]",
     "test_sigkill_then_resume_is_bit_identical[tp2-checkpoint-iter2]",
-    "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp1-SIGTERM-generation-iter1-rank0]",
-    # test_stops_inside_an_iteration_resume_bit_identical[tp1] stops during generation and
-    # training at TP1, with a second signal while the stop's checkpoint is written, and resumes
-    # there bit-identical; a SIGKILL's resume from an earlier checkpoint: tp1-checkpoint-iter2
-    "test_sigkill_then_resume_is_bit_identical[tp1-generation-iter2]",
-    "test_sigkill_then_resume_is_bit_identical[tp1-training-iter3]",
-    "test_stops_inside_an_iteration_resume_bit_identical[tp2]",  # its TP1 twin is default
-    "test_stops_inside_an_iteration_resume_bit_identical[dp2]",  # its TP1 twin is default
-    "test_a_stop_after_the_reference_pass_resumes_bit_identical",  # HyPO, 3 spawned runs (35 s)
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp2-SIGTERM-generation-iter1-rank0]",
-    # the default tier's TP1 stop (a signal to every process after a periodic save, again while
-    # saving) costs the same; test_cluster_ops' max_time stop saves with checkpoint_every=0
-    "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp1-SIGUSR1-training-iter2-then-again-while-saving]",
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp2-SIGUSR1-training-iter2-then-again-while-saving]",
     "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp2-SIGTERM-training-iter2-after-a-save-then-again-while-saving]",
-    # test_stops_inside_an_iteration_resume_bit_identical[tp1] signals every process after a
-    # periodic save (step 8) and again while the stop's checkpoint is written
-    "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp1-SIGTERM-training-iter2-after-a-save-then-again-while-saving]",
-    # test_parallel's tp2 run generates with the cached engine at TP2 and equals one process
+    # a stop after a generation chunk and a repeated one while saving: the mid-iteration test
+    "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp1-SIGTERM-generation-iter1-rank0]",
+    "test_a_stop_signal_saves_and_the_rerun_ends_bit_identical[tp1-SIGUSR1-training-iter2-then-again-while-saving]",
+    # test_parallel's tp2 and pp2 runs generate with the cached engine and equal one process
     "test_tp2_pp2_match_tp1[model.tensor_model_parallel_size=2]",
+    "test_tp2_pp2_match_tp1[model.pipeline_model_parallel_size=2]",
     # test_real_model compares the generate CLI's greedy tokens with transformers on SmolLM2,
-    # from UltraChat-shaped rows (a prompt beside the chat)
+    # from UltraChat-shaped rows (a prompt beside the chat); TP2 loading is covered by
+    # test_hf_models' layouts, NeMo 2 loading by test_nemo2
     "test_greedy_generation_equals_transformers[hf-1]",
-    # four processes on two cores: TP2 and PP2 each load, match transformers and export in the default tier
+    "test_greedy_generation_equals_transformers[hf-2]",
+    "test_greedy_generation_equals_transformers[nemo2-2]",
+    "test_greedy_generation_equals_transformers[2]",  # tests/test_real_model.py: SmolLM2 at TP2
+    "test_one_optune_iteration_of_the_demo_recipe",
+    "test_optune_from_a_model_directory_and_back_to_hugging_face[nemo2]",
+    # four processes: TP2 and PP2 each load, match transformers and export in the default tier
     "test_layouts_match_transformers_and_export_exactly[tp2pp2]",
     "test_cli_checkpoint_at_tp2_exports_at_another_layout[tp2pp2]",
-    "test_layout_matches_single_process[tp2pp2]",
-    # packing is compared with unpacked pairs at TP1 by test_trainer_behaviour
-    "test_layout_matches_single_process[tp2pp2_packed]",
-    "test_hypo_layout_matches_single_process[tp2]",
-    # the sharded pool at DP2 is checked by the online dp2 layout and tests/test_pool_shards.py
-    "test_hypo_layout_matches_single_process[dp2]",
-    "test_greedy_generation_equals_transformers[nemo2-2]",
     "test_torchrun_script_runs_to_the_end",
     "test_srun_script_stops_on_sigusr1_saves_and_requeues",
     "test_requeued_srun_job_resumes_and_runs_to_the_end_with_ranks_from_slurm",
     "test_requeued_run_ends_bit_identical_to_the_uninterrupted_one",
-    "test_greedy_generation_equals_transformers[2]",  # tests/test_real_model.py: SmolLM2 at TP2
-    # TP2 loading is covered by test_hf_models' layouts, NeMo 2 loading by test_nemo2
-    "test_greedy_generation_equals_transformers[hf-2]",
-    "test_optune_from_a_model_directory_and_back_to_hugging_face[nemo2]",
-    # the trainer's PP2 generation (the cached engine) is compared with one process by test_parallel
-    "test_tp2_pp2_match_tp1[model.pipeline_model_parallel_size=2]",
-    "test_one_optune_iteration_of_the_demo_recipe",
     # tests/test_data_sources.py: the default tier runs parquet shards and a mixture
     "test_optune_from_save_to_disk_and_through_the_reward_server_equals_the_task_run",
 }
