@@ -63,7 +63,7 @@ SLOW = {
     "test_greedy_generation_equals_transformers[hf-1]",
     "test_greedy_generation_equals_transformers[hf-2]",
     "test_greedy_generation_equals_transformers[nemo2-2]",
-    "test_greedy_generation_equals_transformers[2]",  # tests/test_real_model.py: SmolLM2 at TP2
+    "test_greedy_generation_equals_transformers[pp2]",  # tests/test_real_model.py: SmolLM2 at PP2
     "test_one_optune_iteration_of_the_demo_recipe",
     "test_optune_from_a_model_directory_and_back_to_hugging_face[nemo2]",
     # four processes: TP2 and PP2 each load, match transformers and export in the default tier

@@ -119,6 +119,19 @@ def _whole_pool_on_rank0(trainer) -> dict:
     return trainer.pool.fetch([everything] + [everything[:0]] * (dp - 1)).state_dict()
 
 
+def hypo_overrides(root, sft_checkpoint: str, tiny: list[str]) -> list[str]:
+    """HyPO on the task's offline pairs (written to root/prefs.jsonl) from the SFT checkpoint."""
+    from nemo_optune.data.make_offline_preferences import main as make_preferences
+
+    make_preferences(["--out", os.path.join(root, "prefs.jsonl"), *tiny])
+    return tiny + [
+        "method=hypo",
+        f"data.offline_path={os.path.join(root, 'prefs.jsonl')}",
+        "model.optune.weighting=none",
+        f"model.restore_from_path={sft_checkpoint}",
+    ]
+
+
 def run_layout(
     world: int, overrides: list[str], out_path: str, capture_iteration: int = 1, kill_at=None, signals=()
 ) -> dict | None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import TINY
-from parallel_harness import run_layout
+from parallel_harness import hypo_overrides, run_layout
 
 from nemo_optune.data.pool import pool_bytes_per_rank
 
@@ -75,16 +75,8 @@ def test_layout_matches_single_process(name, single, tmp_path):
 @pytest.fixture(scope="module")
 def hypo_single(sft_checkpoint, tmp_path_factory):
     """HyPO (offline pairs + online samples for the KL term) in one process."""
-    from nemo_optune.data.make_offline_preferences import main as make_preferences
-
     root = tmp_path_factory.mktemp("hypo")
-    make_preferences(["--out", str(root / "prefs.jsonl"), *TINY])
-    base = TINY + [
-        "method=hypo",
-        f"data.offline_path={root / 'prefs.jsonl'}",
-        "model.optune.weighting=none",
-        f"model.restore_from_path={sft_checkpoint}",
-    ]
+    base = hypo_overrides(str(root), sft_checkpoint, TINY)
     return base, run_layout(1, base + [f"exp_manager.exp_dir={root / 'run'}"], str(root / "result.pt"))
 
 

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from conftest import TINY
-from parallel_harness import loss_at_layout, run_layout
+from parallel_harness import hypo_overrides, loss_at_layout, run_layout
 
 # Warm-up + cosine decay: a resumed run must also pick the learning-rate schedule up where it was.
 RUN = TINY + [
@@ -207,16 +207,7 @@ def test_a_stop_after_the_reference_pass_resumes_bit_identical(sft_checkpoint, t
     its own. SIGTERM during it stops right after it (iter_000000_ref_000001); the same command
     resumes there, trains (with HyPO's online samples) and ends bit-identical to the
     uninterrupted run."""
-    from nemo_optune.data.make_offline_preferences import main as make_preferences
-
-    make_preferences(["--out", str(tmp_path / "prefs.jsonl"), *TINY])
-    base = TINY + [
-        "method=hypo",
-        f"data.offline_path={tmp_path / 'prefs.jsonl'}",
-        "model.optune.weighting=none",
-        f"model.restore_from_path={sft_checkpoint}",
-        "trainer.iterations=1",
-    ]
+    base = hypo_overrides(str(tmp_path), sft_checkpoint, TINY) + ["trainer.iterations=1"]
     ref = run_layout(1, base + [f"exp_manager.exp_dir={tmp_path / 'straight'}"], str(tmp_path / "straight.pt"))
     overrides = base + [f"exp_manager.exp_dir={tmp_path / 'run'}"]
     stopped = run_layout(1, overrides, str(tmp_path / "stopped.pt"), signals=[("reference", 0, "SIGTERM", None)])

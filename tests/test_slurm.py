@@ -13,6 +13,7 @@ pyxis options srun gets and the exit-status and requeue protocol.
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -35,6 +36,9 @@ LAYOUT = {"tp": 2, "pp": 1, "dp": 2, "world_size": 4}
 # RNG states, common state, the pool's token rows. (metadata files and trainer_state.pt hold
 # paths and the config; the pool's scalars are compared as tensors.)
 COMPARED = ("__", "rng_rank", "common.pt", "pool_tokens")
+# A stop's checkpoint: at the next safe point inside an iteration (after a generation chunk, the
+# reference pass or an optimizer step), or at an iteration's end.
+STOP_CHECKPOINT = re.compile(r"iter_\d{6}(_(gen|ref|step)_\d{6})?")
 
 
 def _port_is_free(port: int) -> bool:
@@ -280,7 +284,9 @@ def test_srun_script_stops_on_sigusr1_saves_and_requeues(preempted):
     assert end["signals_forwarded"] == ["SIGUSR1"]
     done = len(preempted["stopped"]["iterations"])
     assert preempted["stopped"]["stopped_by"] in STOP_REASONS and 1 <= done < ITERATIONS
-    assert preempted["checkpoints"] == [f"iter_{done:06d}"]  # checkpoint_every=0: the stop's
+    assert len(preempted["checkpoints"]) == 1  # checkpoint_every=0: the stop's, at the next safe point
+    assert STOP_CHECKPOINT.fullmatch(preempted["checkpoints"][0]), preempted["checkpoints"]
+    assert preempted["checkpoints"][0].startswith(f"iter_{done:06d}")  # inside (or at the end of) iteration done + 1
 
 
 def test_requeued_srun_job_resumes_and_runs_to_the_end_with_ranks_from_slurm(preempted):
@@ -310,7 +316,8 @@ def test_requeued_run_ends_bit_identical_to_the_uninterrupted_one(preempted, uni
         assert [i[key] for i in got["iterations"]] == [i[key] for i in ref["iterations"]], key
     got_hashes, got_pool = _checkpoint(preempted["exp"], ITERATIONS)
     ref_hashes, ref_pool = _checkpoint(uninterrupted["exp"], ITERATIONS)
-    assert len(ref_hashes) == 4 + 4 + 1  # 4 shard files at TP2 x DP2, 4 RNG files, common.pt
+    # 4 shard files at TP2 x DP2, 4 RNG files, common.pt, the pool's token rows of each DP rank
+    assert len(ref_hashes) == 4 + 4 + 1 + 2
     assert got_hashes == ref_hashes
     assert got_pool.keys() == ref_pool.keys()
     for name, value in ref_pool.items():
@@ -331,7 +338,8 @@ def test_torchrun_script_stops_on_sigusr1_and_requeues(sft_checkpoint, tmp_path)
     summary = json.load(open(os.path.join(exp, "summary.json")))
     assert summary["layout"] == LAYOUT and summary["stopped_by"] in STOP_REASONS
     done = len(summary["iterations"])
-    assert os.listdir(os.path.join(exp, "checkpoints")) == [f"iter_{done:06d}"]
+    (checkpoint,) = os.listdir(os.path.join(exp, "checkpoints"))
+    assert STOP_CHECKPOINT.fullmatch(checkpoint) and checkpoint.startswith(f"iter_{done:06d}"), checkpoint
     assert [r["job_id"] for r in _records(state, "requeue.jsonl")] == [str(job)]
 
 
