@@ -62,7 +62,7 @@ lint: $(LINT_STAMP)
 injected-bugs: $(STAMP)
 	PY=$(PY) scripts/injected_bugs.sh
 
-# The slow tier (tests/conftest.py SLOW): more layouts and kill/stop points, the Slurm scripts' real runs (~6 min).
+# The slow tier (tests/conftest.py SLOW): TP2 kill/stop twins, more layouts, the Slurm scripts' real runs (~10 min).
 test-slow: $(STAMP)
 	$(PY) -m pytest -q tests -m slow $(ARGS)
 
