@@ -65,8 +65,9 @@ def best_seconds(fns: dict, repeats: int) -> dict:
     return best
 
 
-def recipe_trainer(recipe: str, overrides: list[str], new: int, tmp: str):
-    """(cfg, its PreferenceTrainer) of `recipe` with `overrides`, generating `new` tokens."""
+def recipe_trainer(recipe: str, overrides: list[str], new: int | None, tmp: str):
+    """(cfg, its PreferenceTrainer) of `recipe` with `overrides`, quiet, its experiment directory
+    under `tmp`, generating `new` tokens (None: the recipe's)."""
     from nemo_optune.config import load_config
     from nemo_optune.data.task_data import build_task_data
     from nemo_optune.runtime.experiment import ExperimentLog
@@ -80,8 +81,8 @@ def recipe_trainer(recipe: str, overrides: list[str], new: int, tmp: str):
             f"exp_manager.exp_dir={tmp}/exp",
             "exp_manager.tensorboard=false",
             "exp_manager.report=false",
-            f"generation.max_new_tokens={new}",
-        ],
+        ]
+        + ([f"generation.max_new_tokens={new}"] if new is not None else []),
     )
     return cfg, PreferenceTrainer(
         cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False)

@@ -29,28 +29,12 @@ def worker(model_dir: str, repeats: int) -> dict:
 
     # nemo_optune first: the helpers below put this tree on sys.path, the worker's tree is PYTHONPATH's.
     import nemo_optune
-    from nemo_optune.config import load_config
-    from nemo_optune.data.task_data import build_task_data
-    from nemo_optune.runtime.experiment import ExperimentLog
-    from nemo_optune.trainers.common import setup
-    from nemo_optune.trainers.preference import PreferenceTrainer
 
-    from generation import best_seconds  # isort: skip
+    from generation import best_seconds, recipe_trainer  # isort: skip
     from train_step import fill_pool  # isort: skip
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(
-            "demo_real",
-            [
-                f"model.restore_from_path={model_dir}",
-                f"exp_manager.exp_dir={tmp}/exp",
-                "exp_manager.tensorboard=false",
-                "exp_manager.report=false",
-            ],
-        )
-        trainer = PreferenceTrainer(
-            cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False)
-        )
+        cfg, trainer = recipe_trainer("demo_real", [f"model.restore_from_path={model_dir}"], None, tmp)
         trainer.model.load_policy(model_dir)
         trainer.model.sync_reference_to_policy()
         batch = torch.arange(cfg.trainer.global_batch_size)

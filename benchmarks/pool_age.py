@@ -10,7 +10,6 @@ a pair still moves the policy: near 0 once the policy separates it).
 """
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> None:
@@ -25,35 +25,24 @@ def main() -> None:
     parser.add_argument("exp_dir")
     parser.add_argument("--bins", default="1,4,8,16,32", help="upper edges of the age bins (the last is open)")
     args = parser.parse_args()
-    checkpoints = sorted(glob.glob(os.path.join(args.exp_dir, "checkpoints", "iter_*")))
+    from nemo_optune.runtime.checkpoint import checkpoints_root, list_checkpoints
+
+    checkpoints = list_checkpoints(checkpoints_root(args.exp_dir))
     if not checkpoints:
         raise SystemExit(f"error: {args.exp_dir}: no checkpoints/iter_* there")
 
     import torch
 
     from nemo_optune import algorithms as alg
-    from nemo_optune.config import load_config
-    from nemo_optune.data.task_data import build_task_data
-    from nemo_optune.runtime.experiment import ExperimentLog
-    from nemo_optune.trainers.common import setup
-    from nemo_optune.trainers.preference import PreferenceTrainer
     from nemo_optune.trainers.preference_loss import pair_sequences
+
+    from generation import recipe_trainer  # isort: skip
 
     with open(os.path.join(args.exp_dir, "config.json")) as f:
         saved = json.load(f)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(
-            saved["method"],  # the recipe of that name (optune, online_dpo)
-            [
-                f"model.restore_from_path={saved['model']['restore_from_path']}",
-                f"exp_manager.exp_dir={tmp}",
-                "exp_manager.tensorboard=false",
-                "exp_manager.report=false",
-            ],
-        )
-        trainer = PreferenceTrainer(
-            cfg, setup(cfg), build_task_data(cfg.data), ExperimentLog("", enabled=False, tensorboard=False)
-        )
+        model = f"model.restore_from_path={saved['model']['restore_from_path']}"
+        cfg, trainer = recipe_trainer(saved["method"], [model], None, tmp)  # the recipe of that name
         trainer.resume(checkpoints[-1])
     store, pool = trainer.pool.store, trainer.pool
     n = len(store)
