@@ -47,12 +47,12 @@ def test_stop_requests_record_signals_and_the_budget():
     previous = signal.getsignal(signal.SIGUSR1)
     stop = StopRequests(["SIGUSR1"], max_time_seconds=100.0, start=time.perf_counter())
     try:
-        assert stop.reason_to_stop(next_iteration_seconds=10.0) is None
-        assert stop.reason_to_stop(next_iteration_seconds=200.0) == "max_time"
+        assert stop.agree(10.0, False)[0] is None
+        assert stop.agree(200.0, False)[0] == "max_time"
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGUSR1)  # again: noted, nothing raised
-        assert stop.reason_to_stop(next_iteration_seconds=10.0) == "SIGUSR1"
-        assert stop.reason_to_stop(next_iteration_seconds=200.0) == "max_time"  # the budget outranks a signal
+        assert stop.agree(10.0, False)[0] == "SIGUSR1"
+        assert stop.agree(200.0, False)[0] == "max_time"  # the budget outranks a signal
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGUSR1) is previous

@@ -137,7 +137,7 @@ def test_pool_exchange_and_stop_agreement_on_the_gpu_path(monkeypatch):
         gathered = {name: gather_rows_over_dp(value, [3, 3]) for name, value in rows.items()}
         held_out = sum_over_dp(torch.tensor([1.0, 2.0], dtype=torch.float64))
         stop = StopRequests([], max_time_seconds=None, start=0.0)
-        assert stop.reason_to_stop(0.0) is None
+        assert stop.agree(0.0, False)[0] is None
         assert nccl.calls.count("all_gather") == 2 and nccl.calls.count("all_reduce") == 2
     assert all(mode.device_of(t) == CPU for t in [*gathered.values(), held_out])  # the pool stays on the CPU
     assert torch.equal(gathered["tokens"], torch.cat([rows["tokens"]] * 2))

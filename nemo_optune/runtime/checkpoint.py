@@ -318,11 +318,19 @@ def iterations_done(checkpoint: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def checkpoint_part(checkpoint: str) -> tuple[str, int] | None:
+    """The (gen | ref | step, M) of a checkpoint inside an iteration (checkpoint_path's `part`),
+    None for an iteration's checkpoint iter_NNNNNN."""
+    match = _ITER_DIR.match(os.path.basename(os.path.normpath(checkpoint)))
+    assert match is not None, checkpoint
+    _, part, count = match.groups()
+    return (part, int(count)) if part else None
+
+
 def _order(name: str) -> tuple[int, int, int]:
-    match = _ITER_DIR.match(name)
-    assert match is not None
-    iteration, part, count = match.groups()
-    return int(iteration), _PARTS.index(part) + 1 if part else 0, int(count or 0)
+    part, done = checkpoint_part(name), iterations_done(name)
+    assert done is not None
+    return (done, _PARTS.index(part[0]) + 1, part[1]) if part else (done, 0, 0)
 
 
 def list_checkpoints(root: str) -> list[str]:

@@ -56,14 +56,11 @@ class StopRequests:
             signal.signal(number, handler)
         self.previous = {}
 
-    def reason_to_stop(self, next_iteration_seconds: float) -> str | None:
-        """Collective, at a safe point: 'SIGTERM' (the signal's name), 'max_time' or None, the
-        same on every rank (a signal that reached one rank stops all)."""
-        return self.agree(next_iteration_seconds, False)[0]
-
     def agree(self, next_seconds: float, save_due: bool) -> tuple[str | None, bool]:
-        """Collective, at a safe point: (reason_to_stop, whether any rank finds a wall-clock
-        checkpoint due), in one all-reduce; `next_seconds`: up to the next safe point and its save."""
+        """Collective, at a safe point: (the reason to stop: 'SIGTERM' (the signal's name),
+        'max_time' or None, the same on every rank: a signal that reached one rank stops all;
+        whether any rank finds a wall-clock checkpoint due), in one all-reduce; `next_seconds`:
+        up to the next safe point and its save."""
         code = 1 if self.signal_name else 0
         if self.max_time is not None and time.perf_counter() - self.start + next_seconds > self.max_time:
             code = 2

@@ -44,7 +44,12 @@ from nemo_optune.generation.factory import build_engine, refit_engine
 from nemo_optune.models.gpt_optune import MegatronGPTOPTuneModel
 from nemo_optune.rewards.resilient import RewardSourceError
 from nemo_optune.rewards.sources import RewardSources, is_scoring_rank
-from nemo_optune.runtime.checkpoint import CheckpointError, load_training_checkpoint, save_training_checkpoint
+from nemo_optune.runtime.checkpoint import (
+    CheckpointError,
+    checkpoint_part,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 from nemo_optune.runtime.distributed import Layout, dp_share, sum_over_dp
 from nemo_optune.runtime.exp_dir import require_iterations_cover
 from nemo_optune.runtime.experiment import ExperimentLog, PhaseTimer, peak_gpu_memory_mb, peak_rss_mb
@@ -722,15 +727,12 @@ class PreferenceTrainer:
 
 def stopped_point(checkpoint: str, iterations_done: int) -> str:
     """Where a checkpoint stands, in words: 'after iteration 3', 'inside iteration 4, after training batch 12'."""
-    parts = os.path.basename(os.path.normpath(checkpoint)).split("_")
-    if len(parts) < 4:
+    part = checkpoint_part(checkpoint)
+    if part is None:
         return f"after iteration {iterations_done}"
-    what = {
-        "gen": f"generation chunk {int(parts[3])}",
-        "ref": "its reference pass",
-        "step": f"training batch {int(parts[3])}",
-    }
-    return f"inside iteration {iterations_done + 1}, after {what[parts[2]]}"
+    kind, count = part
+    what = {"gen": f"generation chunk {count}", "ref": "its reference pass", "step": f"training batch {count}"}
+    return f"inside iteration {iterations_done + 1}, after {what[kind]}"
 
 
 def per_second(count: float, seconds: float) -> float | None:
