@@ -6,7 +6,7 @@ import time
 
 import torch.distributed as dist
 
-from nemo_optune.config import ONLINE_METHODS, RootConfig, as_dict, max_time_seconds, unread_keys
+from nemo_optune.config import ONLINE_METHODS, RootConfig, as_dict, max_time_seconds, sort_task_in_use, unread_keys
 from nemo_optune.data.task_data import build_task_data
 from nemo_optune.runtime import distributed, exp_dir
 from nemo_optune.runtime.checkpoint import newest_intact_checkpoint
@@ -54,6 +54,35 @@ def pool_records(cfg: RootConfig) -> int | None:
         return None
 
 
+def measured_width(cfg: RootConfig, data, restore: str, tokenizer, limit_width: int) -> tuple[int, str]:
+    """The run's row width without data.max_prompt_tokens: as the trainer does, the longest
+    prompt it will read (the model's tokenizer; no weights) + max_new_tokens, at most the
+    model's limit. Where the prompts or the tokenizer cannot be read here, the limit (an upper
+    bound, said in the title) and why."""
+    from nemo_optune.data.preferences import read_preferences
+    from nemo_optune.data.prompts import encode_prompt, fit_prompt
+    from nemo_optune.data.records import DataError
+    from nemo_optune.trainers.common import read_prompts, rows_width
+
+    d, limit = cfg.data, limit_width - cfg.generation.max_new_tokens
+    upper_bound = " (an upper bound, the model's limit: set data.max_prompt_tokens, or {})"
+    if tokenizer is None:
+        return limit_width, upper_bound.format(f"give {restore} its tokenizer files to measure the prompts")
+    try:
+        ids = read_prompts(cfg, "heldout", data.heldout_prompts, tokenizer, limit)[1]
+        if cfg.method in ONLINE_METHODS:
+            ids += read_prompts(cfg, "train", data.train_prompts, tokenizer, limit)[1]
+        else:
+            for r in read_preferences(str(d.offline_path)):
+                fitted = fit_prompt(
+                    encode_prompt(r.prompt, tokenizer, d.apply_chat_template, r.where), limit, d.long_prompts, r.where
+                )
+                ids += [fitted] if fitted is not None else []
+    except (DataError, OSError) as err:  # e.g. data files not on this machine: the estimate still helps
+        return limit_width, upper_bound.format(f"make the prompts readable here: {err}")
+    return rows_width(limit_width, ids, cfg.generation.max_new_tokens), " (the longest prompt read + max_new_tokens)"
+
+
 def dry_run(cfg: RootConfig) -> dict:
     """The config is valid (checked by now); the model's spec comes from model.restore_from_path
     (a directory with just config.json will do), else from model.*; it is checked against the
@@ -62,17 +91,21 @@ def dry_run(cfg: RootConfig) -> dict:
     from nemo_optune.data.pool import pool_bytes_per_rank
     from nemo_optune.models.hf_spec import check_sequence_length
     from nemo_optune.models.memory import GIB, per_gpu_estimate, print_estimate
-    from nemo_optune.models.sources import dry_run_spec
+    from nemo_optune.models.sources import dry_run_model
     from nemo_optune.rewards.sources import RewardSources
     from nemo_optune.trainers.common import builtin_spec, check_layout, quiet_megatron_warnings, sequence_width
 
     quiet_megatron_warnings()
 
     m, t, g = cfg.model, cfg.trainer, cfg.generation
-    task = build_task_data(cfg.data).task
+    data = build_task_data(cfg.data)
+    task = data.task
     restore = m.restore_from_path
-    spec = dry_run_spec(restore) if restore else builtin_spec(cfg, task)
+    spec, tokenizer = dry_run_model(restore) if restore else (builtin_spec(cfg, task), None)
     width = sequence_width(cfg, task, spec if restore else None)
+    width_note = ""
+    if restore and not cfg.data.max_prompt_tokens and not sort_task_in_use(cfg) and cfg.method != "sft":
+        width, width_note = measured_width(cfg, data, restore, tokenizer, width)
     rank, _, world = distributed.world_from_env()
     tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
     check_layout(spec, tp, pp, restore or "the built-in model")
@@ -109,7 +142,7 @@ def dry_run(cfg: RootConfig) -> dict:
             print_estimate(
                 rows,
                 f"[dry run] {spec.family} model, TP={tp} PP={pp} DP={dp} (world {world}), "
-                f"{width} positions, per GPU on the most loaded pipeline stage:",
+                f"{width} positions{width_note}, per GPU on the most loaded pipeline stage:",
             ),
             flush=True,
         )

@@ -142,3 +142,36 @@ def test_the_pool_row_falls_as_data_parallelism_grows(tmp_path, monkeypatch):
         assert rows["new pairs of an iteration (host RAM per DP rank)"] == row
         per_rank.append(row)
     assert per_rank[0] > per_rank[1] > per_rank[2]
+
+
+def test_without_a_prompt_limit_the_estimate_is_at_the_longest_prompt_read(tmp_path, capsys):
+    """real_model leaves data.max_prompt_tokens null: a run's rows are as wide as the longest
+    prompt it reads + generation.max_new_tokens, so the dry run measures the same with the
+    model's tokenizer, not the model's limit of positions (thousands: estimates of terabytes)."""
+    from test_hf_training import make_hf_model
+
+    from nemo_optune.cli import run_main as main
+    from nemo_optune.data.tokenizer import HFTokenizer
+
+    prompts = ["Name a colour.", "Write one short sentence about the sea, the wind and the boats."]
+    model = str(tmp_path / "hf")
+    make_hf_model(model, prompts * 20)
+    rows = "".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n" for p in prompts)
+    (tmp_path / "p.jsonl").write_text(rows)
+    longest = max(len(HFTokenizer(model).apply_chat_template([{"role": "user", "content": p}])) for p in prompts)
+    common = [
+        "--config-name",
+        "real_model",
+        f"model.restore_from_path={model}",
+        "generation.max_new_tokens=8",
+        "trainer.dry_run=true",
+        f"exp_manager.exp_dir={tmp_path / 'exp'}",
+    ]
+    common.append(f"data.heldout_prompts_path={tmp_path / 'p.jsonl'}")
+    main([*common, f"data.train_prompts_path={tmp_path / 'p.jsonl'}"])
+    assert f"{longest + 8} positions (the longest prompt read + max_new_tokens)" in capsys.readouterr().out
+    assert longest + 8 < 64  # the tiny model's limit: what the estimate used before
+    main([*common, f"data.train_prompts_path={tmp_path / 'gone.jsonl'}"])  # data not on this machine
+    out = capsys.readouterr().out
+    assert "64 positions (an upper bound, the model's limit: set data.max_prompt_tokens" in out
+    assert "gone.jsonl: cannot open data file" in out

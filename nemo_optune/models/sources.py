@@ -73,11 +73,12 @@ def model_and_tokenizer(path: str):
     return spec, tokenizer
 
 
-def dry_run_spec(path: str) -> ModelSpec:
-    """The spec alone: a directory holding just a config.json will do (no weights needed)."""
+def dry_run_model(path: str):
+    """(ModelSpec, tokenizer or None) without weights: a directory holding just a config.json
+    (and maybe tokenizer files) will do."""
     if os.path.isfile(os.path.join(path, "config.json")):
-        return read_hf_spec(path)
-    return model_and_tokenizer(path)[0]
+        return hf_model_and_tokenizer(path)
+    return model_and_tokenizer(path)
 
 
 def load_weights(path: str, model, from_training: bool = False) -> None:

@@ -5,6 +5,7 @@ import os
 import torch
 
 from nemo_optune.config import RootConfig, check_model_layout, sort_task_in_use
+from nemo_optune.data.prompts import Prompt, PromptSet, configured_prompts, encode_prompt_set
 from nemo_optune.data.sort_task import SortTask
 from nemo_optune.data.task_data import Task
 from nemo_optune.data.tokenizer import Tokenizer
@@ -80,6 +81,22 @@ def max_prompt_tokens(cfg: RootConfig, task, spec=None) -> int:
 
 def sequence_width(cfg: RootConfig, task, spec=None) -> int:
     return max_prompt_tokens(cfg, task, spec) + cfg.generation.max_new_tokens
+
+
+def rows_width(limit_width: int, prompt_ids: list[list[int]], max_new_tokens: int) -> int:
+    """Rows as wide as the longest prompt read (+ max_new_tokens), not the limit's width: a
+    model's limit can be thousands of positions."""
+    return min(limit_width, max(map(len, prompt_ids), default=0) + max_new_tokens)
+
+
+def read_prompts(
+    cfg: RootConfig, split: str, task_prompts: list[Prompt], tokenizer: Tokenizer, limit: int
+) -> tuple[list[Prompt], list[list[int]], int, dict[str, list]]:
+    """(prompts, token ids, how many were over the limit, the kept prompts' other columns) of
+    data.{split}_prompts_path / data.{split}_sources, or of the task's prompts."""
+    read = configured_prompts(cfg.data, split) or PromptSet(task_prompts, ["task"] * len(task_prompts))
+    texts, ids, too_long, kept = encode_prompt_set(read.prompts, read.where, tokenizer, cfg.data, limit)
+    return texts, ids, too_long, read.take(kept).columns
 
 
 def sampling_params(cfg: RootConfig) -> SamplingParams:

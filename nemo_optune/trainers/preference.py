@@ -37,7 +37,7 @@ from nemo_optune.data.batching import (
 from nemo_optune.data.micro_batch import PairMicroBatch
 from nemo_optune.data.offline_pool import build_offline_pool
 from nemo_optune.data.pool import PromptPool, build_sequences
-from nemo_optune.data.prompts import Prompt, PromptSet, configured_prompts, encode_prompt_set
+from nemo_optune.data.prompts import Prompt
 from nemo_optune.data.task_data import TaskData
 from nemo_optune.generation.base import SamplingParams, completion_counts, completion_stats, ended_on_stop
 from nemo_optune.generation.factory import build_engine, refit_engine
@@ -58,7 +58,13 @@ from nemo_optune.runtime.lr_schedule import learning_rate
 from nemo_optune.runtime.preemption import EXIT_STOPPED, StopRequests
 from nemo_optune.runtime.progress import PhaseProgress
 from nemo_optune.runtime.seeds import mix_seed
-from nemo_optune.trainers.common import max_prompt_tokens, model_and_tokenizer, sampling_params
+from nemo_optune.trainers.common import (
+    max_prompt_tokens,
+    model_and_tokenizer,
+    read_prompts,
+    rows_width,
+    sampling_params,
+)
 from nemo_optune.trainers.hypo_kl import OnlineKLSamples
 from nemo_optune.trainers.preference_loss import (
     METRICS,
@@ -123,7 +129,9 @@ class PreferenceTrainer:
         prompts: Sequence[Prompt]
         prompt_columns: dict[str, list] = {}  # the training prompts' other columns (reward keywords)
         if self.online:
-            prompts, prompt_ids, long_prompts, prompt_columns = self.prompt_set("train", data.train_prompts, limit)
+            prompts, prompt_ids, long_prompts, prompt_columns = read_prompts(
+                cfg, "train", data.train_prompts, tok, limit
+            )
             pool = PromptPool.empty(len(prompt_ids), g.max_new_tokens, layout.dp_rank, layout.dp)
             self.data_stats = {"long_prompts": long_prompts}
         else:
@@ -141,11 +149,10 @@ class PreferenceTrainer:
             )
             prompts, prompt_ids, pool = offline.prompts, offline.prompt_ids, offline.pool
             self.data_stats = {"long_prompts": offline.long_prompts, "identical_pairs": offline.identical_pairs}
-        self.heldout_prompts, self.heldout_ids, _, self.heldout_columns = self.prompt_set(
-            "heldout", data.heldout_prompts, limit
+        self.heldout_prompts, self.heldout_ids, _, self.heldout_columns = read_prompts(
+            cfg, "heldout", data.heldout_prompts, tok, limit
         )
-        # Rows as wide as the longest prompt read, not the limit (a model's can be thousands of positions).
-        self.width = min(self.width, max(map(len, prompt_ids + self.heldout_ids)) + g.max_new_tokens)
+        self.width = rows_width(self.width, prompt_ids + self.heldout_ids, g.max_new_tokens)
         # Built before any policy model: a bad function or reward model directory fails fast.
         # Only the rank that scores for its model-parallel group loads a reward model.
         self.reward = RewardSources(cfg.reward, data.task, load=is_scoring_rank())
@@ -234,15 +241,6 @@ class PreferenceTrainer:
         self.last_safe_point = self.last_save = 0.0
         self.longest_gap = 0.0
         self.steps_at_save = 0
-
-    def prompt_set(
-        self, split: str, task_prompts: list[Prompt], limit: int
-    ) -> tuple[list[Prompt], list[list[int]], int, dict[str, list]]:
-        """(prompts, token ids, how many were over the limit, the kept prompts' other columns) of
-        data.{split}_prompts_path / data.{split}_sources, or of the task's prompts."""
-        read = configured_prompts(self.cfg.data, split) or PromptSet(task_prompts, ["task"] * len(task_prompts))
-        texts, ids, too_long, kept = encode_prompt_set(read.prompts, read.where, self.tokenizer, self.cfg.data, limit)
-        return texts, ids, too_long, read.take(kept).columns
 
     def lr_at_step(self, step: int) -> float:
         t = self.cfg.trainer
