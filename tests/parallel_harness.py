@@ -4,17 +4,12 @@ the run, or send it stop signals, at a chosen point, to test resumption."""
 
 import os
 import signal
-import socket
 
 import psutil
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from nemo_optune.runtime.distributed import free_port as _free_port
 
 
 def _env(rank: int, world: int, port: int) -> None:

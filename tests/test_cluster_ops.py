@@ -116,3 +116,14 @@ def test_a_lost_rank_makes_the_other_exit_naming_it_within_the_timeout(sft_check
     assert code == 1 and waited < timeout, (code, waited, error)
     assert error.startswith("error: rank 0: lost rank 1 (no heartbeat), during "), error
     print(f"rank 0 exited {waited:.1f} s after rank 1 was killed: {error}")
+
+
+def test_rendezvous_ports_are_drawn_below_the_ephemeral_range():
+    """A port the OS hands out (bind to 0) is ephemeral: gloo's own outgoing connections can be
+    given it before the store binds it (EADDRINUSE, seen in the suite). free_port draws below."""
+    from nemo_optune.runtime.distributed import EPHEMERAL_PORTS, free_port
+
+    low = int(open(EPHEMERAL_PORTS).read().split()[0]) if os.path.exists(EPHEMERAL_PORTS) else 32768
+    ports = {free_port() for _ in range(20)}
+    assert all(10000 <= p < low for p in ports), ports
+    assert len(ports) > 1  # drawn, not one fixed port for every run

@@ -25,6 +25,8 @@ import pytest
 import torch
 from conftest import ROOT, TINY
 
+from nemo_optune.runtime.distributed import free_port
+
 STANDIN = os.path.join(ROOT, "tests", "slurm_standin")
 FAKE_TRAINER = os.path.join(STANDIN, "fake_trainer")
 MULTINODE = os.path.join(ROOT, "examples", "slurm", "optune_multinode.sbatch")
@@ -50,13 +52,7 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _job_id_with_free_port() -> int:
+def _job_id_withfree_port() -> int:
     """A job id whose port, 29500 + id % 1000 as the scripts derive it, is free here."""
     for _ in range(200):
         job = random.randrange(100_000, 1_000_000)
@@ -214,7 +210,7 @@ def uninterrupted(sft_checkpoint, tmp_path_factory):
     node (2 agents, c10d rendezvous on 127.0.0.1), 2 workers each. Also the reference of the
     preempted srun job (the same config: a launcher does not change the numbers)."""
     root = tmp_path_factory.mktemp("slurm_torchrun")
-    exp, state, job = str(root / "exp"), str(root / "slurm"), _job_id_with_free_port()
+    exp, state, job = str(root / "exp"), str(root / "slurm"), _job_id_withfree_port()
     env = batch_env(state, exp, job, tasks_per_node=1, GPUS_PER_NODE=2)
     code, out = run_batch(TORCHRUN, env, _overrides(sft_checkpoint))
     return {"code": code, "out": out, "exp": exp, "state": state, "job": job}
@@ -226,11 +222,11 @@ def preempted(sft_checkpoint, tmp_path_factory):
     --signal=B:USR1@600 does); then, as Slurm starts the requeued job, the same script and
     command again with SLURM_RESTART_COUNT=1."""
     root = tmp_path_factory.mktemp("slurm_srun")
-    exp, state, job = str(root / "exp"), str(root / "slurm"), _job_id_with_free_port()
+    exp, state, job = str(root / "exp"), str(root / "slurm"), _job_id_withfree_port()
     sent = []
     first = run_batch(
         MULTINODE,
-        batch_env(state, exp, job, MASTER_PORT=_free_port()),
+        batch_env(state, exp, job, MASTER_PORT=free_port()),
         _overrides(sft_checkpoint),
         on_line=_signal_at_first_iteration(sent),
     )
@@ -245,7 +241,7 @@ def preempted(sft_checkpoint, tmp_path_factory):
     requeues = _records(state, "requeue.jsonl")
     second = run_batch(
         MULTINODE,
-        batch_env(state, exp, job, MASTER_PORT=_free_port(), SLURM_RESTART_COUNT=1),
+        batch_env(state, exp, job, MASTER_PORT=free_port(), SLURM_RESTART_COUNT=1),
         _overrides(sft_checkpoint),
     )
     return {
@@ -328,8 +324,8 @@ def test_requeued_run_ends_bit_identical_to_the_uninterrupted_one(preempted, uni
 def test_torchrun_script_stops_on_sigusr1_and_requeues(sft_checkpoint, tmp_path):
     """SIGUSR1 reaches the launcher (nemo_optune.launch, which passes it on and waits) and its
     workers; the workers save and exit 3, and so does the launcher; the script requeues."""
-    exp, state, job = str(tmp_path / "exp"), str(tmp_path / "slurm"), _job_id_with_free_port()
-    env = batch_env(state, exp, job, tasks_per_node=1, GPUS_PER_NODE=2, MASTER_PORT=_free_port())
+    exp, state, job = str(tmp_path / "exp"), str(tmp_path / "slurm"), _job_id_withfree_port()
+    env = batch_env(state, exp, job, tasks_per_node=1, GPUS_PER_NODE=2, MASTER_PORT=free_port())
     sent = []
     code, out = run_batch(TORCHRUN, env, _overrides(sft_checkpoint), on_line=_signal_at_first_iteration(sent))
     assert sent and code == 3, out[-4000:]
@@ -389,7 +385,7 @@ def test_mounts_without_a_container_is_refused(tmp_path):
 
 def _defaults_env(state: str, exp: str, tasks_per_node: int, **extra) -> dict:
     """A batch environment with none of the scripts' own settings (RECIPE, TP, PP): their defaults."""
-    env = batch_env(state, exp, _job_id_with_free_port(), tasks_per_node=tasks_per_node, **extra)
+    env = batch_env(state, exp, _job_id_withfree_port(), tasks_per_node=tasks_per_node, **extra)
     for key in ("RECIPE", "TP", "PP"):
         del env[key]
     return env
@@ -409,7 +405,7 @@ def test_the_srun_scripts_defaults_pass_their_dry_run(tmp_path):
 def test_both_scripts_defaults_pass_their_dry_run_at_their_sbatch_shape(script, tmp_path):
     """2 nodes x 8 GPUs (the scripts' #SBATCH lines), RECIPE, TP, PP, GPUS_PER_NODE left unset."""
     srun = script == MULTINODE
-    env = _defaults_env(str(tmp_path / "slurm"), str(tmp_path / "exp"), 8 if srun else 1, MASTER_PORT=_free_port())
+    env = _defaults_env(str(tmp_path / "slurm"), str(tmp_path / "exp"), 8 if srun else 1, MASTER_PORT=free_port())
     code, out = run_batch(script, env, ["trainer.dry_run=true"], timeout=600)
     assert code == 0 and "[dry run] llama model, TP=1 PP=1 DP=16 (world 16)" in out, out[-3000:]
 

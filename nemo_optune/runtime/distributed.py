@@ -5,6 +5,7 @@ import datetime
 import os
 import random
 import socket
+import time
 
 import numpy as np
 import torch
@@ -120,8 +121,29 @@ def initialize(tp: int, pp: int, seed: int, collective_timeout_seconds: float = 
     )
 
 
+EPHEMERAL_PORTS = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free local port for a rendezvous store, drawn below the OS's ephemeral range. A port the
+    OS picks (bind to 0) is an ephemeral one: between its release and the store's bind, gloo's
+    own outgoing connections (or another run's) may be handed it, and the store fails with
+    EADDRINUSE."""
+    try:
+        with open(EPHEMERAL_PORTS) as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default
+    draw = random.Random(os.getpid() ^ time.time_ns())  # not the seeded global generator
+    for _ in range(64):
+        port = draw.randrange(10000, max(ephemeral_low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    with socket.socket() as s:  # nothing free below the range: what the OS gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
