@@ -9,7 +9,7 @@ import psutil
 import torch
 import torch.multiprocessing as mp
 
-from nemo_optune.runtime.distributed import free_port as _free_port
+from nemo_optune.runtime.distributed import free_port
 
 
 def _env(rank: int, world: int, port: int) -> None:
@@ -133,9 +133,9 @@ def run_layout(
     """Run to the end (or to a stop that `signals` cause, see _install_signals) and return rank
     0's results; with `kill_at` = (point, iteration), expect that SIGKILL and return None."""
     if kill_at is None:
-        _spawn(_worker, (world, _free_port(), overrides, out_path, capture_iteration, list(signals)), world)
+        _spawn(_worker, (world, free_port(), overrides, out_path, capture_iteration, list(signals)), world)
         return torch.load(out_path, weights_only=False)
-    args = (world, _free_port(), overrides, out_path, capture_iteration, [(*kill_at, "SIGKILL", None)])
+    args = (world, free_port(), overrides, out_path, capture_iteration, [(*kill_at, "SIGKILL", None)])
     try:
         _spawn(_worker, args, world)
     except mp.ProcessExitedException as err:
@@ -207,5 +207,5 @@ def _loss_worker(rank, world, port, overrides, checkpoint, out_path):
 
 
 def loss_at_layout(world: int, overrides: list[str], checkpoint: str, out_path: str) -> dict:
-    _spawn(_loss_worker, (world, _free_port(), overrides, checkpoint, out_path), world)
+    _spawn(_loss_worker, (world, free_port(), overrides, checkpoint, out_path), world)
     return torch.load(out_path, weights_only=False)

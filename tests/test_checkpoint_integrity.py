@@ -9,12 +9,13 @@ import shutil
 
 import pytest
 from conftest import TINY
-from parallel_harness import _free_port, _spawn
+from parallel_harness import _spawn
 
 from nemo_optune.cli import run_main as main
 from nemo_optune.config import load_config
 from nemo_optune.run import run_experiment
 from nemo_optune.runtime.checkpoint import MANIFEST, list_checkpoints
+from nemo_optune.runtime.distributed import free_port
 
 # ------------------------------------------------------- publishing (2 ranks, gloo)
 # (failing rank, checkpoint name): both cases in one pair of processes (spawning is the cost)
@@ -46,7 +47,7 @@ def _publish_worker(rank, world, port, root):
 
 
 def test_a_checkpoint_is_published_only_after_every_rank_wrote_it(tmp_path):
-    _spawn(_publish_worker, (2, _free_port(), str(tmp_path)), 2)
+    _spawn(_publish_worker, (2, free_port(), str(tmp_path)), 2)
     for failing_rank, name in PUBLISH_CASES:
         directory = tmp_path / name
         outcomes = [(tmp_path / f"{name}_rank{r}.txt").read_text() for r in range(2)]

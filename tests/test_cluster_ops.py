@@ -69,9 +69,9 @@ def test_a_bad_max_time_names_the_key(value):
 def test_a_lost_rank_makes_the_other_exit_naming_it_within_the_timeout(sft_checkpoint, tmp_path):
     """Two ranks started as srun starts them (no agent that would kill the survivor); rank 1 is
     SIGKILLed during iteration 2. Rank 0 must not wait: it exits non-zero, naming rank 1."""
-    from parallel_harness import _free_port
+    from nemo_optune.runtime.distributed import free_port
 
-    port, timeout = _free_port(), 20
+    port, timeout = free_port(), 20
     procs = []
     for rank in range(2):
         env = {

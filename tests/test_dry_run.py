@@ -166,8 +166,8 @@ def test_without_a_prompt_limit_the_estimate_is_at_the_longest_prompt_read(tmp_p
         "generation.max_new_tokens=8",
         "trainer.dry_run=true",
         f"exp_manager.exp_dir={tmp_path / 'exp'}",
+        f"data.heldout_prompts_path={tmp_path / 'p.jsonl'}",
     ]
-    common.append(f"data.heldout_prompts_path={tmp_path / 'p.jsonl'}")
     main([*common, f"data.train_prompts_path={tmp_path / 'p.jsonl'}"])
     assert f"{longest + 8} positions (the longest prompt read + max_new_tokens)" in capsys.readouterr().out
     assert longest + 8 < 64  # the tiny model's limit: what the estimate used before

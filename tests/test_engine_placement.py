@@ -10,9 +10,10 @@ import os
 
 import pytest
 import torch
-from parallel_harness import _free_port, preloaded_context
+from parallel_harness import preloaded_context
 
 from nemo_optune.generation.placement import place_engines
+from nemo_optune.runtime.distributed import free_port
 
 WORLD, TP = 4, 2  # two DP replicas of two TP ranks: groups [0, 1] and [2, 3]
 STOP, PAD, NEW = 3, 0, 4
@@ -182,7 +183,7 @@ def ranks(tmp_path_factory) -> tuple[list[dict], str]:
     root = str(tmp_path_factory.mktemp("engines"))
     ctx = preloaded_context()
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     processes = [ctx.Process(target=_worker, args=(r, port, root, out)) for r in range(WORLD)]
     for p in processes:
         p.start()

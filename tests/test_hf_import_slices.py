@@ -13,7 +13,9 @@ import json
 import os
 
 import torch
-from parallel_harness import _env, _free_port, _spawn
+from parallel_harness import _env, _spawn
+
+from nemo_optune.runtime.distributed import free_port
 
 SHAPE = dict(
     hidden_size=64,
@@ -183,7 +185,7 @@ def _worker(rank, world, port, root, result_dir):
 def test_each_rank_reads_only_its_share_of_every_tensor(tmp_path):
     for case, (config, _, files) in CASES.items():
         _write_checkpoint(str(tmp_path / case), config, files)
-    _spawn(_worker, (2, _free_port(), str(tmp_path), str(tmp_path)), 2)
+    _spawn(_worker, (2, free_port(), str(tmp_path), str(tmp_path)), 2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     for case, (config, (tp, pp), _) in CASES.items():

@@ -10,10 +10,11 @@ import os
 
 import pytest
 import torch
-from parallel_harness import _env, _free_port, _spawn
+from parallel_harness import _env, _spawn
 
 from nemo_optune.models.hf_mapping import hf_names, hf_to_megatron, megatron_to_hf
 from nemo_optune.models.hf_spec import hf_config_from_spec, spec_from_architecture, spec_from_hf_config
+from nemo_optune.runtime.distributed import free_port
 
 TOKENS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
 MASK = torch.zeros(2, 12)
@@ -297,7 +298,7 @@ def _layout_worker(rank, world, port, phases, result_path):
 
 
 def _run(world: int, phases: list, result_path: str) -> dict:
-    _spawn(_layout_worker, (world, _free_port(), phases, result_path), world)
+    _spawn(_layout_worker, (world, free_port(), phases, result_path), world)
     return torch.load(result_path, weights_only=False)
 
 

@@ -218,12 +218,14 @@ def _layout_worker(rank, world, port, overrides, checkpoint, prompts, out_path):
 
 @pytest.mark.parametrize("layout", ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2"])
 def test_tp2_pp2_match_tp1(tiny, sft_checkpoint, tmp_path, layout):
-    from parallel_harness import _free_port, _spawn
+    from parallel_harness import _spawn
+
+    from nemo_optune.runtime.distributed import free_port
 
     trainer, prompts, _ = tiny
     seeds = list(range(len(prompts)))
     overrides = TINY + [f"exp_manager.exp_dir={tmp_path / 'exp'}", layout, "generation.micro_batch_size=4"]
-    _spawn(_layout_worker, (2, _free_port(), overrides, sft_checkpoint, prompts, str(tmp_path / "out.pt")), 2)
+    _spawn(_layout_worker, (2, free_port(), overrides, sft_checkpoint, prompts, str(tmp_path / "out.pt")), 2)
     got = torch.load(tmp_path / "out.pt", weights_only=False)
     for name, params in (("greedy", GREEDY), ("sampled", SAMPLED)):
         ref = trainer.engine.generate(prompts, 2, params, seeds)

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import TINY
-from parallel_harness import _free_port
 
 from nemo_optune.runtime.checkpoint import CheckpointError, checkpoint_path, iterations_done, list_checkpoints
+from nemo_optune.runtime.distributed import free_port
 from nemo_optune.trainers.preference import Position, PreferenceTrainer, stopped_point
 from nemo_optune.trainers.preference_pool import RefreshStats
 
@@ -24,7 +24,7 @@ def one_rank():
         assert dist.get_world_size() == 1
         yield
         return
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 

@@ -11,8 +11,10 @@ import pytest
 import torch
 import yaml
 from nemo2_layout import write_nemo2_checkpoint
-from parallel_harness import _env, _free_port, _spawn
+from parallel_harness import _env, _spawn
 from test_hf_models import random_transformers_model
+
+from nemo_optune.runtime.distributed import free_port
 
 TOKENS = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(5))
 SHAPE = dict(
@@ -160,7 +162,7 @@ def _layout_worker(rank, world, port, cases, result_dir):
 def layouts(cases, tmp_path_factory):
     """Rank 0's results at TP2 and PP2 (the same two processes), and every rank's error."""
     root = tmp_path_factory.mktemp("layouts")
-    _spawn(_layout_worker, (2, _free_port(), cases, str(root)), 2)
+    _spawn(_layout_worker, (2, free_port(), cases, str(root)), 2)
     return [torch.load(root / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
 

@@ -263,9 +263,11 @@ def _placement_worker(rank, world, port, out_dir):
 def test_rewards_are_scored_once_per_model_parallel_group_and_failures_stop_every_rank(tmp_path):
     """TP2 x DP2: ranks 0 and 2 score their DP share, ranks 1 and 3 receive it; when rank 2's
     source fails, all four ranks raise its error (none waits in a later collective)."""
-    from parallel_harness import _free_port, _spawn
+    from parallel_harness import _spawn
 
-    _spawn(_placement_worker, (4, _free_port(), tmp_path), 4)
+    from nemo_optune.runtime.distributed import free_port
+
+    _spawn(_placement_worker, (4, free_port(), tmp_path), 4)
     assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0", "rank2"]
     assert all((tmp_path / name).read_text() == "3\n" for name in ("rank0", "rank2"))  # one call of 3 pairs each
     results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(4)]
